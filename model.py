@@ -5,6 +5,22 @@ import torch
 
 
 # ----------------------------------------------------------------------------------------------
+# Patches: images and latents become token rows in raster order, features in (p, q, c) order
+
+def patchify(x, p):
+    """[C, H, W] -> [(H/p)*(W/p), p*p*C], rows in raster order, features ordered (p, q, c)."""
+    C, H, W = x.shape
+    x = x.reshape(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0)
+    return x.reshape((H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens, h, w, p, C):
+    """Inverse of patchify: [h*w, p*p*C] -> [C, h*p, w*p]."""
+    x = tokens.reshape(h, w, p, p, C).permute(4, 0, 2, 1, 3)
+    return x.reshape(C, h * p, w * p)
+
+
+# ----------------------------------------------------------------------------------------------
 # Who may attend to whom inside a pack
 
 CAUSAL, FULL, NOISE = 0, 1, 2
