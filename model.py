@@ -1,7 +1,69 @@
 """nanobagel model: BAGEL (Qwen2 Mixture-of-Transformers + SigLIP NaViT + FLUX VAE), from scratch."""
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one object for every size
+
+@dataclass
+class BagelConfig:
+    # Qwen2 MoT language model
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    intermediate_size: int = 18944
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    # SigLIP NaViT (layers actually built: the release drops the last of 27)
+    vit_hidden_size: int = 1152
+    vit_num_layers: int = 26
+    vit_num_heads: int = 16
+    vit_intermediate_size: int = 4304
+    vit_patch_size: int = 14
+    vit_max_patches_per_side: int = 70
+    vit_layer_norm_eps: float = 1e-6
+    # latents: 2x2 patches of 16-channel FLUX latents, 64x64 latent tokens at most (1024 px)
+    latent_channels: int = 16
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    # FLUX autoencoder
+    vae_ch: int = 128
+    vae_ch_mult: tuple = (1, 2, 4, 4)
+    vae_num_res_blocks: int = 2
+    vae_scale_factor: float = 0.3611
+    vae_shift_factor: float = 0.1159
+    # training switches that change the forward
+    freeze_und: bool = False      # official freeze_und: und tokens give context but no gradient
+    attn_backend: str = "sdpa"    # "sdpa" (exact dense mask), "flex" (GPU block mask), "nsa"
+    nsa: dict | None = None       # NSA keyword arguments (nsa.NSA) when attn_backend == "nsa"
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @property
+    def latent_dim(self):  # values per latent token
+        return self.latent_patch_size ** 2 * self.latent_channels
+
+
+def bagel_7b(**kw):
+    """BAGEL-7B-MoT: Qwen2.5-7B width, both experts; 14,607,260,128 parameters with the two fixed tables."""
+    return BagelConfig(**kw)
+
+
+def bagel_tiny(**kw):
+    """The test-sized model of tests/fixtures/bagel_tiny (and configs/tiny.py)."""
+    shape = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                 vit_hidden_size=32, vit_num_layers=2, vit_num_heads=2, vit_intermediate_size=64,
+                 vae_ch=32, vae_ch_mult=(1, 1, 2, 1))
+    return BagelConfig(**{**shape, **kw})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,3 +134,481 @@ def dense_mask(layout: SpanLayout):
     """[L, L] boolean mask, True = may attend. Exact; for SDPA on CPU and for tests."""
     idx = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
     return visible(layout, idx[:, None], idx[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention: the only place that knows about masks. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]
+
+def sdpa(q, k, v, mask):
+    """Exact attention with a dense boolean mask [N, N] (True = may attend); GQA by head groups."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def make_llm_attention(backend, layout, order):
+    """Attention over a pack whose tokens sit in `order` (order[i] = original position of row i)."""
+    if backend == "sdpa":
+        mask = dense_mask(layout)[order][:, order]
+        return lambda q, k, v: sdpa(q, k, v, mask)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+        N = order.numel()
+
+        def mask_mod(b, h, qi, ki):
+            return visible(layout, order[qi], order[ki])
+        block_mask = create_block_mask(mask_mod, None, None, N, N, device=order.device)
+        return lambda q, k, v: flex(q, k, v, block_mask)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def make_vit_attention(backend, image_lens, device):
+    """Bidirectional attention inside each image of a packed set of ViT images."""
+    lens = torch.tensor(image_lens, dtype=torch.long, device=device)
+    image_of = torch.repeat_interleave(torch.arange(len(image_lens), device=device), lens)
+    if backend == "sdpa" or image_of.numel() == 0:
+        mask = image_of[:, None] == image_of[None, :]
+        return lambda q, k, v: sdpa(q, k, v, mask)
+    from torch.nn.attention.varlen import varlen_attn
+    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(lens.max())
+    return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)
+
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask):
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    o = _compiled_flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=block_mask, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # in float32, as Qwen2 does, then back to the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Rotary:
+    """Qwen2 RoPE (rotate-half) at given integer positions; cos/sin computed in float32."""
+    def __init__(self, head_dim, theta, positions, dtype):
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def __call__(self, x):  # x [N, H, D] at the positions given at construction
+        return x * self.cos + rotate_half(x) * self.sin
+
+
+def sincos_2d(dim, side):
+    """Fixed 2D sin-cos table [side*side, dim] indexed row*side+col; first half encodes the column."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coord = torch.arange(side, dtype=torch.float64)
+    col, row = coord.repeat(side), coord.repeat_interleave(side)
+
+    def one_d(pos):
+        out = pos[:, None] * omega[None, :]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    return torch.cat([one_d(col), one_d(row)], dim=1).float()
+
+
+def timestep_features(t, dim=256, max_period=10000):
+    """DiT sinusoid of t in [0, 1] (not scaled by 1000), [cos, sin] order."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen2 Mixture-of-Transformers: every layer holds an understanding and a generation expert
+
+class Expert(nn.Module):
+    """One expert's weights of one decoder layer: attention projections with QK-norm and a SwiGLU MLP."""
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        C, D, eps = cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, D
+        self.attn_norm = RMSNorm(C, eps)
+        self.q_proj = nn.Linear(C, cfg.num_heads * D)
+        self.k_proj = nn.Linear(C, cfg.num_kv_heads * D)
+        self.v_proj = nn.Linear(C, cfg.num_kv_heads * D)
+        self.q_norm = RMSNorm(D, eps)
+        self.k_norm = RMSNorm(D, eps)
+        self.o_proj = nn.Linear(cfg.num_heads * D, C, bias=False)
+        self.mlp_norm = RMSNorm(C, eps)
+        self.gate_proj = nn.Linear(C, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(C, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, C, bias=False)
+
+    def qkv(self, x):
+        h = self.attn_norm(x)
+        q = self.q_norm(self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim)))
+        k = self.k_norm(self.k_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v = self.v_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return h, q, k, v
+
+    def mlp(self, x):
+        h = self.mlp_norm(x)
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DecoderLayer(nn.Module):
+    """Tokens arrive sorted: the first n_und use the understanding expert, the rest the generation expert.
+    Each sub-layer runs per expert on its slice; attention runs once over all tokens."""
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.und, self.gen = Expert(cfg), Expert(cfg)
+        if cfg.attn_backend == "nsa":
+            from nsa import NSA
+            self.nsa = NSA(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, **(cfg.nsa or {}))
+
+    def forward(self, x, n, ctx):
+        frozen = (lambda t: t.detach()) if self.cfg.freeze_und else (lambda t: t)
+        hu, qu, ku, vu = self.und.qkv(x[:n])
+        hg, qg, kg, vg = self.gen.qkv(x[n:])
+        q = torch.cat([frozen(qu), qg])
+        k = torch.cat([frozen(ku), kg])
+        v = torch.cat([frozen(vu), vg])
+        if self.cfg.attn_backend == "nsa":
+            o = ctx.nsa(self.nsa, torch.cat([hu, hg]), q, k, v)
+        else:
+            o = ctx.attend(ctx.rope(q), ctx.rope(k), v)
+        o = o.flatten(1)
+        x = x + torch.cat([frozen(self.und.o_proj(o[:n])), self.gen.o_proj(o[n:])])
+        return x + torch.cat([frozen(self.und.mlp(x[:n])), self.gen.mlp(x[n:])])
+
+
+# ----------------------------------------------------------------------------------------------
+# SigLIP NaViT vision encoder: Linear patch embedding, learned 70x70 positions, pre-LN layers
+
+class ViTLayer(nn.Module):
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        C, eps = cfg.vit_hidden_size, cfg.vit_layer_norm_eps
+        self.num_heads = cfg.vit_num_heads
+        self.norm1 = nn.LayerNorm(C, eps=eps)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(C, C) for _ in range(4))
+        self.norm2 = nn.LayerNorm(C, eps=eps)
+        self.fc1 = nn.Linear(C, cfg.vit_intermediate_size)
+        self.fc2 = nn.Linear(cfg.vit_intermediate_size, C)
+
+    def forward(self, x, attend):
+        h = self.norm1(x)
+        q, k, v = (p(h).unflatten(-1, (self.num_heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        x = x + self.out_proj(attend(q, k, v).flatten(1))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        C, p = cfg.vit_hidden_size, cfg.vit_patch_size
+        self.patch_embed = nn.Linear(3 * p * p, C)  # over (p, q, c)-ordered patches
+        self.pos_embed = nn.Embedding(cfg.vit_max_patches_per_side ** 2, C)
+        self.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.vit_num_layers))
+        self.post_norm = nn.LayerNorm(C, eps=cfg.vit_layer_norm_eps)
+
+    def forward(self, patches, pos_ids, attend):
+        x = self.patch_embed(patches) + self.pos_embed(pos_ids)
+        for layer in self.layers:
+            x = layer(x, attend)
+        return self.post_norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX autoencoder (frozen in training; FLUX key names kept so ae.safetensors loads as is)
+
+def group_norm(C):
+    return nn.GroupNorm(32, C, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of the feature map."""
+    def __init__(self, C):
+        super().__init__()
+        self.norm = group_norm(C)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(C, C, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, stride=2)
+
+    def forward(self, x):  # pad right and bottom by one, then a stride-2 conv
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def mid_block(C):
+    return nn.ModuleDict(dict(block_1=ResnetBlock(C, C), attn_1=AttnBlock(C), block_2=ResnetBlock(C, C)))
+
+
+def run_mid(mid, x):
+    return mid.block_2(mid.attn_1(mid.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = ch
+        for i, mult in enumerate(ch_mult):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * mult, ch * mult)
+                                        for j in range(num_res_blocks))
+            cin = ch * mult
+            if i != len(ch_mult) - 1:
+                level.downsample = Downsample(cin)
+            self.down.append(level)
+        self.mid = mid_block(cin)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 2 * z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = run_mid(self.mid, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        cin = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
+        self.mid = mid_block(cin)
+        levels = []
+        for i in reversed(range(len(ch_mult))):  # up[i] belongs to ch_mult[i]; built from the deepest
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else ch * ch_mult[i], ch * ch_mult[i])
+                                        for j in range(num_res_blocks + 1))
+            cin = ch * ch_mult[i]
+            if i != 0:
+                level.upsample = Upsample(cin)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        args = (cfg.vae_ch, cfg.vae_ch_mult, cfg.vae_num_res_blocks, cfg.latent_channels)
+        self.encoder, self.decoder = Encoder(*args), Decoder(*args)
+        self.scale, self.shift = cfg.vae_scale_factor, cfg.vae_shift_factor
+
+    def moments(self, x):
+        """Posterior mean and log-variance of images x [B, 3, H, W] in [-1, 1]."""
+        return self.encoder(x).chunk(2, dim=1)
+
+    def encode(self, x, eps):
+        """Sampled, scaled latent; eps is the posterior noise (the same shape as the latent)."""
+        mean, logvar = self.moments(x)
+        return self.scale * (mean + torch.exp(0.5 * logvar) * eps - self.shift)
+
+    def decode(self, z):
+        return self.decoder(z / self.scale + self.shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# BAGEL
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))
+
+    def forward(self, t):
+        return self.mlp(timestep_features(t).to(self.mlp[0].weight.dtype))
+
+
+class Connector(nn.Module):
+    """ViT features -> LLM width: fc1, GELU-tanh, fc2."""
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cin, cout), nn.Linear(cout, cout)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def flow_timesteps(timestep_raw, shift):
+    """t = sigmoid(raw) (logit-normal), then the shift s*t / (1 + (s-1)*t); raw = -inf gives t = 0."""
+    t = torch.sigmoid(timestep_raw)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class Context:
+    """What every decoder layer needs about the pack: rotary tables and the attention function."""
+    def __init__(self, rope, attend, nsa=None):
+        self.rope, self.attend, self.nsa = rope, attend, nsa
+
+
+class Bagel(nn.Module):
+    """The trainable BAGEL: MoT LLM, ViT, connector and latent heads (the VAE is separate and frozen)."""
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, C)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm_und, self.norm_gen = RMSNorm(C, cfg.rms_norm_eps), RMSNorm(C, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.vit = ViT(cfg)
+        self.connector = Connector(cfg.vit_hidden_size, C)
+        self.time_embedder = TimestepEmbedder(C)
+        self.vae2llm = nn.Linear(cfg.latent_dim, C)
+        self.llm2vae = nn.Linear(C, cfg.latent_dim)
+        # fixed 2D sin-cos tables, rebuilt at init (not trained, not saved)
+        self.register_buffer("vit_pos_table", sincos_2d(C, cfg.vit_max_patches_per_side), persistent=False)
+        self.register_buffer("latent_pos_table", sincos_2d(C, cfg.max_latent_size), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Fresh weights (after meta-device construction + to_empty): normal linears, unit norms, zero biases,
+        zero llm2vae as the official code, and the fixed tables recomputed."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.llm2vae.weight)
+        nn.init.zeros_(self.llm2vae.bias)
+        self.vit_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.vit_max_patches_per_side))
+        self.latent_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.max_latent_size))
+        for layer in self.layers:
+            if hasattr(layer, "nsa"):
+                layer.nsa.reset_parameters()
+
+    def embed(self, pack, timestep_shift):
+        """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token."""
+        cfg, dtype = self.cfg, self.embed_tokens.weight.dtype
+        x = self.embed_tokens.weight.new_zeros(pack.num_tokens, cfg.hidden_size)
+        x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))
+        vit_lens = pack.vit_lens
+        attend = make_vit_attention("sdpa" if cfg.attn_backend == "sdpa" else "varlen", vit_lens, x.device)
+        # The ViT runs on every pack, even with no images, so every rank enters the same FSDP modules.
+        vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
+        vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)
+        x = x.index_put((pack.vit_indexes,), vit_emb)
+        p = cfg.latent_patch_size
+        x0 = torch.cat([patchify(z, p) for z in pack.vae_latents]) if pack.vae_latents else \
+            x.new_zeros(0, cfg.latent_dim, dtype=torch.float32)
+        tokens_per_image = torch.tensor([h * w for h, w in pack.vae_grids], dtype=torch.long, device=x.device)
+        t = flow_timesteps(pack.vae_timestep_raw.repeat_interleave(tokens_per_image), timestep_shift)
+        x0 = x0.float()
+        x_t = (1 - t[:, None]) * x0 + t[:, None] * pack.vae_noise.float()
+        vae_emb = self.vae2llm(x_t.to(dtype)) + self.time_embedder(t) + \
+            self.latent_pos_table[pack.latent_pos_ids].to(dtype)
+        x = x.index_put((pack.vae_indexes,), vae_emb)
+        return x, dict(vit_out=vit_out, t=t, x_t=x_t, target=pack.vae_noise.float() - x0)
+
+    def forward(self, pack, timestep_shift=1.0, inspect=False):
+        """Per-token losses of a pack: {"ce": [Nce], "mse": [Nmse]} (sums and means belong to train.py).
+        With inspect=True also the intermediate tensors, in pack order (for tests)."""
+        cfg = self.cfg
+        x, aux = self.embed(pack, timestep_shift)
+        L = pack.num_tokens
+        # MoT routing, once per pack: und tokens first, then the latent (gen) tokens, each in pack order.
+        is_gen = torch.zeros(L, dtype=torch.bool, device=x.device)
+        is_gen[pack.vae_indexes] = True
+        order = torch.cat([(~is_gen).nonzero()[:, 0], is_gen.nonzero()[:, 0]])
+        n = L - pack.vae_indexes.numel()
+        where = torch.empty_like(order)
+        where[order] = torch.arange(L, device=order.device)  # where[i]: row of pack position i
+        layout = span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device=x.device)
+        positions = pack.position_ids[order]
+        rope = Rotary(cfg.head_dim, cfg.rope_theta, positions, x.dtype)
+        if cfg.attn_backend == "nsa":
+            def run_nsa(module, h, q, k, v):  # NSA works in pack order
+                o = module(h[where], q[where], k[where], v[where], layout, rope_at, pack.position_ids)
+                return o[order]
+            rope_at = lambda t, pos: Rotary(cfg.head_dim, cfg.rope_theta, pos, t.dtype)(t)
+            ctx = Context(rope, None, run_nsa)
+        else:
+            ctx = Context(rope, make_llm_attention(cfg.attn_backend, layout, order))
+        x_in, x = x, x[order]
+        layer_outs = []
+        for layer in self.layers:
+            x = layer(x, n, ctx)
+            if inspect:
+                layer_outs.append(x[where])
+        h_und = self.norm_und(x[:n])
+        h = torch.cat([h_und.detach() if cfg.freeze_und else h_und, self.norm_gen(x[n:])])
+        logits = self.lm_head(h[where[pack.ce_indexes]])
+        ce = F.cross_entropy(logits.float(), pack.ce_labels, reduction="none")
+        pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
+        noised = torch.isin(pack.vae_indexes, pack.mse_indexes)
+        mse = (pred - aux["target"][noised]).pow(2).mean(-1)
+        out = dict(ce=ce, mse=mse)
+        if inspect:
+            out.update(aux, input_embeds=x_in, layer_outs=layer_outs, hidden=h[where], mse_pred=pred)
+        return out
