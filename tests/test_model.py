@@ -1,0 +1,210 @@
+"""model.py + convert.py against the golden outputs of the official BAGEL code (tests/fixtures/bagel_tiny),
+driven by its cases.json, plus routing, masking and size checks."""
+import json
+
+import pytest
+import torch
+
+import convert
+import data
+import model
+from test_data_pack import FIX, fixture_samples, load_fixture
+
+ACT = dict(atol=1e-4, rtol=1e-4)      # activations, ViT, mse_pred, VAE (fixture README)
+LOSS = dict(atol=2e-5, rtol=1e-5)     # per-token and mean losses
+GRAD = dict(atol=1e-6, rtol=1e-4)
+
+
+def load_tiny(folder=FIX / "checkpoint", **kw):
+    """The fixture checkpoint, with the constants its README says the release files do not carry."""
+    fc = json.loads((FIX / "fixture_config.json").read_text())
+    v, b = fc["vae"], fc["bagel"]
+    return convert.load_official(
+        str(folder), vae_ch=v["ch"], vae_ch_mult=tuple(v["ch_mult"]),
+        vae_num_res_blocks=v["num_res_blocks"], vae_scale_factor=v["scale_factor"],
+        vae_shift_factor=v["shift_factor"], latent_patch_size=b["latent_patch_size"],
+        max_latent_size=b["max_latent_size"], vit_max_patches_per_side=b["vit_max_num_patch_per_side"],
+        **kw)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    torch.manual_seed(0)
+    bagel, vae, cfg = load_tiny()
+    cases, tensors, expected, meta, special = load_fixture()
+    packs = {c["name"]: data.pack_samples(fixture_samples(c, tensors), special, cfg.max_latent_size,
+                                          cfg.vit_max_patches_per_side) for c in cases["cases"]}
+    return bagel, vae, cfg, cases, tensors, expected, packs
+
+
+def case_names():
+    return [c["name"] for c in json.loads((FIX / "cases.json").read_text())["cases"]]
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_forward_and_gradients_match_official(golden, name):
+    bagel, _, cfg, cases, _, E, packs = golden
+    case = next(c for c in cases["cases"] if c["name"] == name)
+    pack = packs[name]
+    has = lambda key: f"{name}.{key}" in E
+    bagel.zero_grad()
+    out = bagel(pack, timestep_shift=case["timestep_shift"], inspect=True)
+    torch.testing.assert_close(out["input_embeds"], E[f"{name}.input_embeds"], **ACT)
+    for k in range(cfg.num_layers - 1):
+        torch.testing.assert_close(out["layer_outs"][k], E[f"{name}.layer_out.{k}"], **ACT)
+    torch.testing.assert_close(out["hidden"], E[f"{name}.hidden"], **ACT)
+    if has("vit_out"):
+        torch.testing.assert_close(out["vit_out"], E[f"{name}.vit_out"], **ACT)
+    if has("vae_t"):
+        torch.testing.assert_close(out["t"], E[f"{name}.vae_t"], **ACT)
+        torch.testing.assert_close(out["x_t"], E[f"{name}.vae_x_t"], **ACT)
+    torch.testing.assert_close(out["ce"], E[f"{name}.ce_per_token"], **LOSS)
+    loss = out["ce"].mean()
+    torch.testing.assert_close(out["ce"].mean(), E[f"{name}.ce"], **LOSS)
+    if has("mse"):
+        torch.testing.assert_close(out["mse_pred"], E[f"{name}.mse_pred"], **ACT)
+        torch.testing.assert_close(out["target"][torch.isin(pack.vae_indexes, pack.mse_indexes)],
+                                   E[f"{name}.mse_target"], **ACT)
+        torch.testing.assert_close(out["mse"], E[f"{name}.mse_per_token"], **LOSS)
+        torch.testing.assert_close(out["mse"].mean(), E[f"{name}.mse"], **LOSS)
+        loss = loss + out["mse"].mean()
+    torch.testing.assert_close(loss, E[f"{name}.loss"], **LOSS)
+    loss.backward()
+    ours = {theirs: mine for mine, theirs in convert.official_names(cfg).items()}
+    params = dict(bagel.named_parameters())
+    prefix = f"{name}.grad."
+    grads = [k for k in E if k.startswith(prefix)]
+    assert grads
+    for key in grads:
+        p = params[ours[key[len(prefix):]]]
+        g = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(g, E[key], **GRAD, msg=lambda m: f"{key}: {m}")
+
+
+def test_vae_matches_official(golden):
+    _, vae, _, cases, T, E, _ = golden
+    vc = cases["vae_case"]
+    with torch.no_grad():
+        mean, logvar = vae.moments(T[vc["image"]])
+        latent = vae.encode(T[vc["image"]], T[vc["posterior_eps"]])
+        decoded = vae.decode(latent)
+    for ours, key in [(mean, "enc_mean"), (logvar, "enc_logvar"), (latent, "latent"), (decoded, "decoded")]:
+        torch.testing.assert_close(ours, E[f"vae.{key}"], **ACT)
+
+
+def mm_pack(golden):
+    """The case with the most kinds of spans (noise spans and several samples), chosen by content."""
+    *_, cases, _, _, packs = golden
+    return max(packs.values(), key=lambda p: (p.mse_indexes.numel() > 0, len(p.sample_lens), p.num_tokens))
+
+
+def test_routing_gen_expert_touches_only_latent_tokens(golden):
+    bagel, _, _, _, _, _, _ = golden
+    pack = mm_pack(golden)
+    with torch.no_grad():
+        base = bagel(pack, inspect=True)["hidden"]
+        saved = [p.clone() for p in bagel.layers[0].gen.parameters()]
+        for p in bagel.layers[0].gen.mlp_norm.parameters():
+            p.mul_(1.5)
+        changed = bagel(pack, inspect=True)["hidden"]
+        for p, s in zip(bagel.layers[0].gen.parameters(), saved):
+            p.copy_(s)
+    diff = (changed - base).abs().amax(-1) > 1e-6
+    is_latent = torch.zeros(pack.num_tokens, dtype=torch.bool)
+    is_latent[pack.vae_indexes] = True
+    # latent tokens change; a non-latent token may only change if it can see a clean latent (attention)
+    assert diff[is_latent].all()
+    layout = model.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes)
+    sees_latent = (model.dense_mask(layout) & is_latent[None, :]).any(1)
+    assert not diff[~is_latent & ~sees_latent].any()
+
+
+def test_masks_no_cross_sample_and_noise_invisible(golden):
+    """Perturb one span's input embeddings: only tokens allowed to see it may change."""
+    bagel, _, _, _, _, _, _ = golden
+    pack = mm_pack(golden)
+    layout = model.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes)
+    mask = model.dense_mask(layout)
+    starts = torch.tensor([0] + pack.split_lens).cumsum(0).tolist()
+    for s, n, mode in zip(starts, pack.split_lens, pack.split_modes):
+        span = torch.zeros(pack.num_tokens, dtype=torch.bool)
+        span[s:s + n] = True
+        x, _ = bagel.embed(pack, 1.0)
+        bump = torch.zeros_like(x)
+        bump[span] = 1.0
+        with torch.no_grad():
+            base = run_layers(bagel, pack, x)
+            moved = run_layers(bagel, pack, x + bump)
+        changed = (moved - base).abs().amax(-1) > 1e-6
+        # a token may change only if it can see the span (directly, or through tokens that see it)
+        reach = span.clone()
+        for _ in range(bagel.cfg.num_layers):
+            reach = reach | (mask & reach[None, :]).any(1)
+        assert not changed[~reach].any(), (mode, s)
+        if mode == "noise":  # noised latents are invisible to every other span
+            assert not changed[~span].any()
+        assert changed[span].all()
+
+
+def run_layers(bagel, pack, x):
+    """Decoder stack on given input embeddings, via the real forward with embed() swapped out."""
+    real = bagel.embed
+    bagel.embed = lambda p, s: (x, real(p, s)[1])
+    try:
+        return bagel(pack, inspect=True)["hidden"]
+    finally:
+        del bagel.embed
+
+
+def test_gradients_reach_both_experts(golden):
+    bagel, *_ = golden
+    pack = mm_pack(golden)
+    bagel.zero_grad()
+    out = bagel(pack)
+    (out["ce"].sum() + out["mse"].sum()).backward()
+    for layer in bagel.layers:
+        for expert in (layer.und, layer.gen):
+            for p in expert.parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_freeze_und_blocks_gradient_to_understanding_path(golden):
+    bagel, *_ = golden
+    pack = mm_pack(golden)
+    bagel.zero_grad()
+    bagel.cfg.freeze_und = True
+    try:
+        out = bagel(pack)
+        (out["ce"].sum() + out["mse"].sum()).backward()
+    finally:
+        bagel.cfg.freeze_und = False
+    for layer in bagel.layers:
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in layer.und.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.gen.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in bagel.vit.parameters())
+    assert bagel.llm2vae.weight.grad.abs().sum() > 0
+
+
+def test_7b_parameter_count_on_meta():
+    with torch.device("meta"):
+        m = model.Bagel(model.bagel_7b())
+    n = sum(p.numel() for p in m.parameters()) + m.vit_pos_table.numel() + m.latent_pos_table.numel()
+    assert n == 14_607_260_128
+
+
+def test_convert_errors_name_the_problem(tmp_path, golden):
+    import shutil
+    src = FIX / "checkpoint"
+    bad = tmp_path / "ckpt"
+    shutil.copytree(src, bad)
+    with pytest.raises(convert.CheckpointError, match="shape"):
+        load_tiny(bad, num_layers=2, intermediate_size=96)
+    (bad / "ae.safetensors").write_bytes((src / "ae.safetensors").read_bytes()[:1000])
+    with pytest.raises(convert.CheckpointError, match="ae.safetensors"):
+        load_tiny(bad)
+    (bad / "ema.safetensors").unlink()
+    with pytest.raises(convert.CheckpointError, match="missing .*ema.safetensors"):
+        load_tiny(bad)
+    with pytest.raises(convert.CheckpointError, match="not a folder"):
+        load_tiny(tmp_path / "nowhere")
+
