@@ -154,17 +154,41 @@ def load_official(folder, cfg: BagelConfig = None, device="cpu", dtype=torch.flo
     return model, vae, cfg
 
 
-def config_dict(cfg: BagelConfig):
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+# ----------------------------------------------------------------------------------------------
+# The nanobagel layout: config.json (BagelConfig fields), model.safetensors (our names), optional
+# ema.safetensors, vae.safetensors (FLUX names), and tokenizer.json when known.
+
+def save_nanobagel(folder, model, vae, cfg, ema_state=None):
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    if ema_state is not None:
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(folder, "ema.safetensors"))
+    save_file(vae.state_dict(), os.path.join(folder, "vae.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+
+
+def load_nanobagel(folder, weights="model", device="cpu", dtype=torch.float32):
+    """(Bagel, AutoEncoder, cfg) from a nanobagel folder; weights="ema" takes the EMA weights."""
+    raw = read_json(os.path.join(folder, "config.json"))
+    known = {f.name for f in fields(BagelConfig)}
+    if set(raw) - known:
+        raise CheckpointError(f"{folder}/config.json: unknown field {sorted(set(raw) - known)[0]}")
+    cfg = BagelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    with torch.device("meta"):
+        model, vae = Bagel(cfg), AutoEncoder(cfg)
+    model.to_empty(device=device).to(dtype)
+    vae.to_empty(device=device).to(dtype)
+    model.init_weights()
+    for module, name in ((model, f"{weights}.safetensors"), (vae, "vae.safetensors")):
+        path = os.path.join(folder, name)
+        params = dict(module.named_parameters())
+        copy_into(params, open_safetensors(path), {k: k for k in params}, path)
+    return model, vae, cfg
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "official":
         sys.exit(__doc__)
-    from safetensors.torch import save_file
-    model, vae, cfg = load_official(sys.argv[2])
-    os.makedirs(sys.argv[3], exist_ok=True)
-    save_file(model.state_dict(), os.path.join(sys.argv[3], "model.safetensors"))
-    save_file(vae.state_dict(), os.path.join(sys.argv[3], "vae.safetensors"))
-    with open(os.path.join(sys.argv[3], "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    save_nanobagel(sys.argv[3], *load_official(sys.argv[2]))
