@@ -159,12 +159,14 @@ def load_official(folder, cfg: BagelConfig = None, device="cpu", dtype=torch.flo
 # ema.safetensors, vae.safetensors (FLUX names), and tokenizer.json when known.
 
 def save_nanobagel(folder, model, vae, cfg, ema_state=None):
+    """model and vae: modules or their state dicts."""
     from safetensors.torch import save_file
+    state = lambda m: m if isinstance(m, dict) else m.state_dict()
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state(model).items()}, os.path.join(folder, "model.safetensors"))
     if ema_state is not None:
         save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(folder, "ema.safetensors"))
-    save_file(vae.state_dict(), os.path.join(folder, "vae.safetensors"))
+    save_file({k: v.contiguous() for k, v in state(vae).items()}, os.path.join(folder, "vae.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
 
