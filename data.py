@@ -1,12 +1,45 @@
-"""nanobagel data: samples (lists of items) -> packed multimodal sequences (Pack) for model.py.
+"""nanobagel data: datasets -> samples (lists of items) -> packed multimodal sequences (Pack) for model.py.
+
+What train.py uses (everything else is the machinery behind it):
+
+    tok = data.load_tokenizer(checkpoint_folder)      # or data.tiny_tokenizer() for the built-in dataset
+    sources = [data.Source("shapes"),                  # built-in procedural dataset, nothing to download
+               data.Source("train.jsonl", format="messages", weight=2.0, data_folder="images/"),
+               data.Source("t2i/", format="t2i"), data.Source("edit/", format="edit"),
+               data.Source("llava.jsonl", format="vlm")]
+    loader = data.Loader(sources, tok, packing_length=16384, rank=rank, world_size=world_size, seed=0)
+    pack = loader.next_pack()                          # -> Pack (model.forward consumes it), forever
+    state = loader.state_dict()                        # JSON-able dict; a fresh Loader(...).load_state_dict(state)
+    loader.stats                                       #   then yields the identical next packs
+                                                       # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
 
 Read top to bottom:
   1. Pack + pack_samples: the exact official BAGEL layout of a list of samples (the contract, notes/PACK.md)
+  2. Tokenizer: tokenizers' tokenizer.json plus BAGEL's four special tokens; a tiny one built on the fly
+  3. Images: decode (with guards), the official resize rule, [-1, 1] tensors
+  4. Samples: a conversation in the OpenAI "messages" shape -> items, CFG condition dropout, the random draws
+  5. Readers: rows from json / jsonl / parquet / arrow files; the messages, official T2I / edit / VLM formats
+  6. The built-in dataset: coloured shapes with captions, questions and edit instructions
+  7. Loader: sharding, weighted sources, a true first-fit packer, bad-input accounting, exact resume
 """
+import base64
+import bisect
+import hashlib
+import io
+import json
+import logging
 import math
+import os
+import random
 from dataclasses import dataclass, fields
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+import pyarrow.parquet as pq
 import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import patchify
 
@@ -45,6 +78,7 @@ class Pack:
     ce_labels: torch.Tensor      # Long[Nce]
     ce_weights: torch.Tensor     # Float[Nce] 1/sqrt(len(ids)+1) per text-loss token, 1.0 special-token loss
     mse_indexes: torch.Tensor    # Long[Nmse] latent tokens of noised images
+    sample_keys: list = None     # where each sample came from, [source, epoch, row] (Loader); None for ad-hoc packs
 
     @property
     def num_tokens(self):
@@ -178,3 +212,737 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
         vae_noise=cat(vae_noise, 64, dtype=torch.float32),
         ce_indexes=long(ce_indexes), ce_labels=long(ce_labels),
         ce_weights=torch.tensor(ce_weights, dtype=torch.float32), mse_indexes=cat(mse_indexes))
+
+
+def sample_len(items):
+    """LLM positions a sample takes in a pack (what packing_length bounds): text ids + 2, image tokens + 2 markers."""
+    n = 0
+    for it in items:
+        if it.get("drop"):
+            continue
+        if it["type"] == "text":
+            n += len(it["ids"]) + 2
+        elif it["type"] == "vit_image":
+            n += (it["pixels"].shape[1] // 14) * (it["pixels"].shape[2] // 14) + 2
+        else:
+            h, w = vae_grid(it)
+            n += h * w + 2
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokenizer. BAGEL has no chat template: every text segment is <|im_start|> ids <|im_end|> (pack_samples adds the
+# two), every image <|vision_start|> ... <|vision_end|>. The four special tokens are found by name.
+
+SPECIAL_TOKENS = {"im_start": "<|im_start|>", "im_end": "<|im_end|>",
+                  "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
+
+
+class TextTokenizer:
+    """A tokenizers.Tokenizer plus the ids of BAGEL's four special tokens (`special`, as pack_samples wants it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = {}
+        for key, name in SPECIAL_TOKENS.items():
+            i = tokenizer.token_to_id(name)
+            if i is None:
+                raise ValueError(f"tokenizer has no {name} token; BAGEL needs {list(SPECIAL_TOKENS.values())}")
+            self.special[key] = i
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path):
+    """tokenizer.json of a checkpoint folder (or the file itself), e.g. the Qwen2 one shipped with BAGEL-7B-MoT."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return TextTokenizer(Tokenizer.from_file(file))
+
+
+def tiny_tokenizer(vocab_size=512):
+    """Byte-level BPE trained on the built-in dataset's sentences: any text encodes, the shapes vocabulary in few
+    tokens, a vocabulary small enough for a tiny model. Deterministic; the special tokens take ids 0..3."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(shapes_corpus(), trainer)
+    return TextTokenizer(tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Images
+
+class BadSample(Exception):
+    """A bad input row: the loader skips it, counts it under `reason` and logs it with the row."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
+
+
+def rgb(img):
+    """RGB, with transparency composited onto white (official pil_img2rgb)."""
+    if img.mode == "RGBA" or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        white = Image.new("RGB", img.size, (255, 255, 255))
+        white.paste(img, mask=img.split()[3])
+        return white
+    return img.convert("RGB")
+
+
+def open_image(ref, folder, max_pixels):
+    """ref: a PIL image | bytes | {"bytes", "path"} (a Hugging Face image cell) | "data:...;base64,..." | a path
+    (relative to `folder`). Refuses images over max_pixels before decoding them (decompression bombs)."""
+    if isinstance(ref, Image.Image):
+        return rgb(ref)
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, str) and ref.startswith("data:"):
+        try:
+            ref = base64.b64decode(ref.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError) as e:
+            raise BadSample("bad_base64", str(e)[:80])
+    if isinstance(ref, str):
+        src = os.path.join(folder or "", ref)
+        if not os.path.isfile(src):
+            raise BadSample("missing_file", src)
+    elif isinstance(ref, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(ref)
+    else:
+        raise BadSample("bad_image_ref", type(ref).__name__)
+    try:
+        img = Image.open(src)
+        if img.width * img.height > max_pixels:
+            raise BadSample("oversized_image", f"{img.width}x{img.height} > {max_pixels} pixels")
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise BadSample("oversized_image", str(e)[:80])
+    except (OSError, SyntaxError, ValueError) as e:  # unidentified, truncated, corrupt
+        raise BadSample("corrupt_image", str(e)[:80])
+    return rgb(img)
+
+
+def resize_size(w, h, min_size, max_size, stride, max_pixels):
+    """Official MaxLongEdgeMinShortEdgeResize: long side <= max_size, short side >= min_size, both rounded to
+    multiples of stride, at most max_pixels; the later rule wins, so max_size has the last word."""
+    def scaled(w, h, scale):
+        return (max(stride, round(round(w * scale) / stride) * stride),
+                max(stride, round(round(h * scale) / stride) * stride))
+    scale = max(min(max_size / max(w, h), 1.0), min_size / min(w, h))
+    w, h = scaled(w, h, scale)
+    if w * h > max_pixels:
+        w, h = scaled(w, h, max_pixels / (w * h))  # (sic: the official code scales the sides by the area ratio)
+    if max(w, h) > max_size:
+        w, h = scaled(w, h, max_size / max(w, h))
+    return w, h
+
+
+def image_tensor(img, size, stride, max_pixels):
+    """PIL RGB -> [3, H, W] in [-1, 1], resized bicubic per resize_size; size = (min side, max side)."""
+    w, h = resize_size(img.width, img.height, size[0], size[1], stride, max_pixels)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BICUBIC)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()
+    return x.div_(255).sub_(0.5).div_(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Samples. Every reader produces a conversation: a list of parts (role, "text", str) | (role, "image", ref),
+# roles system / user / assistant. build_sample turns it into items (LMMS Engine conventions, which are the
+# official BAGEL plans) and makes every random draw the sample needs from the sample's own generator.
+
+ROLES = ("system", "user", "assistant")
+
+
+def parse_messages(messages):
+    """OpenAI "messages" (a list, or its JSON string) -> parts. Images: {"type": "image_url", "image_url": {"url"}}
+    or {"type": "image", "image": ...}; a missing url/image means the row's next entry in its images column."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise BadSample("malformed_json", f"messages: {e}")
+    if not isinstance(messages, list) or not messages:
+        raise BadSample("empty_messages")
+    parts = []
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise BadSample("unknown_role", repr(role)[:40])
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise BadSample("malformed_row", f"content of a {role} message is {type(content).__name__}")
+        for c in content:
+            kind = c.get("type") if isinstance(c, dict) else None
+            if kind == "text" and isinstance(c.get("text"), str):
+                parts.append((role, "text", c["text"]))
+            elif kind == "image_url":
+                url = c.get("image_url")
+                parts.append((role, "image", url.get("url") if isinstance(url, dict) else url))
+            elif kind == "image":
+                parts.append((role, "image", c.get("image")))
+            else:
+                raise BadSample("unknown_content_type", repr(kind)[:40])
+    if not parts:
+        raise BadSample("empty_messages")
+    return parts
+
+
+def text_item(ids, loss=False, cfg=False):
+    return {"type": "text", "ids": ids, "loss": loss, "special_token_loss": False, "special_token_label": None,
+            "cfg": cfg}
+
+
+def vae_item(pixels, loss, cfg=False):
+    return {"type": "vae_image", "latent": None, "pixels": pixels, "loss": loss, "timestep_raw": None,
+            "noise": None, "posterior_eps": None, "cfg": cfg}
+
+
+def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout=(0.1, 0.3, 0.3)):
+    """Items of one conversation:
+    - system/user text: no loss; assistant text: CE on its ids and the closing <|im_end|>.
+    - an assistant image is generated: a noised VAE target (MSE); when more follows it also gets a clean VAE + ViT
+      copy, so later turns see it (official multi-step edits).
+    - a user/system image is understood: ViT; in a sample that generates an image it first goes in as a clean VAE
+      condition (editing).
+    - CFG condition dropout, only in samples that generate an image (official enable_cfg): user text, clean VAE and
+      ViT conditions are dropped with probabilities dropout = (text, vit, vae).
+    Random draws, all from `gen`, in sequence order: the CFG decisions, then per VAE image timestep_raw ~ N(0, 1)
+    and flow noise (noised ones), and the VAE posterior eps."""
+    generates = any(role == "assistant" and kind == "image" for role, kind, _ in parts)
+    items = []
+    for i, (role, kind, value) in enumerate(parts):
+        if kind == "text":
+            items.append(text_item(tok.encode(value), loss=role == "assistant", cfg=generates and role == "user"))
+            continue
+        img = load_image(value)
+        vae = image_tensor(img, vae_size, 16, max_pixels) if generates else None
+        if role == "assistant":
+            items.append(vae_item(vae, loss=True))
+            if i == len(parts) - 1:
+                continue
+        if generates:
+            items.append(vae_item(vae, loss=False, cfg=True))
+        items.append({"type": "vit_image", "pixels": image_tensor(img, vit_size, 14, max_pixels), "cfg": generates})
+    if not any(it.get("loss") for it in items):
+        raise BadSample("no_targets", "nothing to learn: no assistant text or image")
+    probs = {"text": dropout[0], "vit_image": dropout[1], "vae_image": dropout[2]}
+    for it in items:
+        if it.pop("cfg") and torch.rand((), generator=gen).item() < probs[it["type"]]:
+            it["drop"] = True
+    for it in items:
+        if it["type"] == "vae_image" and not it.get("drop"):
+            h, w = vae_grid(it)
+            if it["loss"]:
+                it["timestep_raw"] = torch.randn((), generator=gen).item()
+                it["noise"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+            it["posterior_eps"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Readers. Rows gives random access to the rows (dicts) of a file or a folder of files; Source turns a row of
+# its format into parts:
+#   messages  {"messages": [...] or its JSON string, optional "images": [bytes | {"bytes", "path"} | path]}
+#   t2i       official T2I parquet: {"image": bytes, "captions": JSON string of {name: caption}}
+#   edit      official edit parquet: {"image_list": [bytes], "instruction_list": [[str]]}
+#   vlm       official VLM jsonl (LLaVA): {"image": path | [paths], "conversations": [{"from", "value"}]}
+#   shapes    the built-in dataset (section 6), no files
+
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
+COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["image_list", "instruction_list"],
+           "vlm": ["conversations"]}
+
+
+def open_file_rows(file):
+    """-> (number of rows, row starts of blocks read together, get(i) -> dict, column names or None)."""
+    if file.endswith(".jsonl"):
+        offsets, pos = [], 0
+        with open(file, "rb") as f:
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        fh = open(file, "rb")
+
+        def get(i):
+            fh.seek(offsets[i])
+            try:
+                row = json.loads(fh.readline())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadSample("malformed_json", str(e)[:80])
+            return row
+        return len(offsets), np.arange(len(offsets) + 1), get, None
+    if file.endswith(".json"):
+        try:
+            with open(file) as f:
+                rows = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON: {e}")
+        if not isinstance(rows, list):
+            raise ValueError(f"{file}: a .json data file must hold a list of rows, not a {type(rows).__name__}")
+        return len(rows), np.arange(len(rows) + 1), rows.__getitem__, None
+    if file.endswith(".parquet"):
+        pf = pq.ParquetFile(file)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        cache = {}  # one row group at a time: rows are visited row group by row group
+
+        def get(i):
+            g = int(np.searchsorted(starts, i, side="right")) - 1
+            if g not in cache:
+                cache.clear()
+                cache[g] = pf.read_row_group(g)
+            return cache[g].slice(i - int(starts[g]), 1).to_pylist()[0]
+        return int(starts[-1]), starts, get, pf.schema_arrow.names
+    if file.endswith(".arrow"):  # Arrow IPC: the file format, or the stream format Hugging Face datasets write
+        try:
+            table = pa.ipc.open_file(pa.memory_map(file)).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_stream(pa.memory_map(file)).read_all()
+        return table.num_rows, np.arange(table.num_rows + 1), lambda i: table.slice(i, 1).to_pylist()[0], \
+            table.schema.names
+    raise ValueError(f"{file}: unknown data file type (expected one of {EXTENSIONS})")
+
+
+class Rows:
+    """The rows of one data file or of every data file in a folder (sorted by name), as one indexable list."""
+
+    def __init__(self, path):
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(EXTENSIONS))
+            if not self.files:
+                raise ValueError(f"no {'/'.join(EXTENSIONS)} files in {path}")
+        elif os.path.isfile(path):
+            self.files = [path]
+        else:
+            raise FileNotFoundError(f"data path does not exist: {path}")
+        self.getters, self.columns, starts, blocks = [], None, [0], []
+        for file in self.files:
+            n, file_blocks, get, columns = open_file_rows(file)
+            blocks.append(starts[-1] + file_blocks[:-1])
+            self.getters.append(get)
+            self.columns = self.columns or columns
+            starts.append(starts[-1] + n)
+        self.starts = np.array(starts, dtype=np.int64)
+        self.block_starts = np.concatenate(blocks + [self.starts[-1:]])  # last entry: the total
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def locate(self, i):
+        f = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return f, i - int(self.starts[f])
+
+    def where(self, i):
+        f, j = self.locate(i)
+        return f"{self.files[f]} row {j}"
+
+    def __getitem__(self, i):
+        f, j = self.locate(i)
+        row = self.getters[f](j)
+        if not isinstance(row, dict):
+            raise BadSample("malformed_row", f"a row is a {type(row).__name__}, not an object")
+        return row
+
+
+def pick(options, gen):
+    return options[int(torch.randint(len(options), (), generator=gen))]
+
+
+class Source:
+    """One dataset: a file or folder in one format, its sampling weight, and its image sizes (min side, max side)
+    for the VAE and the ViT. Image paths are relative to data_folder (default: the data's own folder).
+    Defaults follow the official data config (VAE 512-1024, ViT 378-980); the built-in "shapes" dataset uses
+    image_size for both unless told otherwise."""
+
+    def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
+                 vit_size=None, max_pixels=14 * 14 * 9 * 1024, num_rows=10000, image_size=64, seed=0):
+        self.format = format or ("shapes" if path == "shapes" else "messages")
+        if self.format not in ("messages", "t2i", "edit", "vlm", "shapes"):
+            raise ValueError(f"unknown source format {self.format!r}")
+        if not weight > 0:
+            raise ValueError(f"source {path}: weight must be > 0, got {weight}")
+        self.path, self.weight, self.name, self.max_pixels = path, weight, name or str(path), max_pixels
+        if self.format == "shapes":
+            self.rows, self.num_rows, self.image_size, self.seed = None, num_rows, image_size, seed
+            self.folder = None
+            self.block_starts = np.arange(num_rows + 1)
+            self.vae_size = vae_size or (image_size, image_size)
+            self.vit_size = vit_size or (image_size // 14 * 14,) * 2
+            return
+        self.vae_size, self.vit_size = vae_size or (512, 1024), vit_size or (378, 980)
+        self.rows = Rows(path)
+        self.num_rows, self.block_starts = len(self.rows), self.rows.block_starts
+        self.folder = data_folder or (path if os.path.isdir(path) else os.path.dirname(path))
+        if self.num_rows == 0:
+            raise ValueError(f"source {self.name}: no rows")
+        columns = self.rows.columns
+        if columns is None:  # json/jsonl: look at the first row
+            try:
+                columns = list(self.rows[0])
+            except BadSample:
+                columns = None
+        missing = [c for c in COLUMNS[self.format] if columns is not None and c not in columns]
+        if missing:
+            raise ValueError(f"source {self.name} ({self.format}): missing column(s) {missing}; found {columns}")
+
+    def __len__(self):
+        return self.num_rows
+
+    def where(self, row):
+        return f"shapes row {row}" if self.rows is None else self.rows.where(row)
+
+    def read(self, row, gen):
+        """Row -> parts (role, kind, value); image values are refs for open_image."""
+        if self.format == "shapes":
+            return shapes_parts(self.seed, row, self.image_size)
+        r = self.rows[row]
+        try:
+            return getattr(self, "read_" + self.format)(r, gen)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a row of the wrong shape
+            raise BadSample("malformed_row", f"{type(e).__name__}: {e}"[:80])
+
+    def read_messages(self, r, gen):
+        parts = parse_messages(r["messages"])
+        images = r.get("images", r.get("image"))
+        images = list(images) if isinstance(images, (list, tuple, np.ndarray)) else [] if images is None else [images]
+        out, k = [], 0
+        for role, kind, value in parts:
+            if kind == "image" and value is None:  # the row's next image
+                if k >= len(images):
+                    raise BadSample("missing_image", "more image items than entries in the images column")
+                value, k = images[k], k + 1
+            out.append((role, kind, value))
+        return out
+
+    def read_t2i(self, r, gen):
+        captions = r["captions"]
+        captions = json.loads(captions) if isinstance(captions, str) else captions
+        captions = list(captions.values()) if isinstance(captions, dict) else captions
+        captions = [c for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
+            raise BadSample("malformed_row", "no caption")
+        return [("user", "text", pick(captions, gen)), ("assistant", "image", r["image"])]
+
+    def read_edit(self, r, gen):
+        """Official edit plan: a random window of 1-2 steps from image start to image end; with probability 0.5 a
+        2-step window is one concatenated instruction and only the final image."""
+        images, instructions = r["image_list"], r["instruction_list"]
+        if len(images) < 2 or len(instructions) < len(images) - 1:
+            raise BadSample("malformed_row", f"{len(images)} images, {len(instructions)} instruction lists")
+        say = lambda k: pick(instructions[k - 1], gen) if isinstance(instructions[k - 1], list) else instructions[k - 1]
+        start = pick(range(len(images) - 1), gen)
+        end = pick(range(start + 1, min(start + 3, len(images))), gen)
+        parts = [("user", "image", images[start])]
+        if end - start > 1 and torch.rand((), generator=gen).item() < 0.5:
+            text = " ".join(say(k).rstrip(".") + "." for k in range(start + 1, end + 1))
+            return parts + [("user", "text", text), ("assistant", "image", images[end])]
+        for k in range(start + 1, end + 1):
+            parts += [("user", "text", say(k)), ("assistant", "image", images[k])]
+        return parts
+
+    def read_vlm(self, r, gen):
+        """LLaVA conversations: human turns are user text with <image> placeholders, gpt turns assistant text."""
+        if "video" in r:
+            raise BadSample("unsupported", "video rows")
+        images = r.get("image")
+        images = [] if images is None else images if isinstance(images, list) else [images]
+        parts, k = [], 0
+        for turn in r["conversations"]:
+            who, value = turn["from"], turn["value"]
+            if who == "gpt":
+                parts.append(("assistant", "text", value))
+                continue
+            if who not in ("human", "system"):
+                raise BadSample("unknown_role", repr(who)[:40])
+            pieces = value.split("<image>")
+            for j, text in enumerate(pieces):
+                if text.strip():
+                    parts.append(("user" if who == "human" else "system", "text", text.strip()))
+                if j < len(pieces) - 1:
+                    if k >= len(images):
+                        raise BadSample("image_count_mismatch", f"more <image> tags than the {len(images)} images")
+                    parts.append(("user", "image", images[k]))
+                    k += 1
+        if k != len(images):
+            raise BadSample("image_count_mismatch", f"{k} <image> tags for {len(images)} images")
+        return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The built-in dataset: one or two coloured shapes on black, as text-to-image ("a red circle above a blue
+# square"), understanding ("what colour is the circle?" "red") and editing ("make the square green") samples.
+# Row r of seed s is always the same scene and task, so it needs no files and is exactly reproducible.
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40),
+           "purple": (160, 60, 200), "white": (240, 240, 240)}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two")
+
+
+def draw_shapes(scene, size):
+    """scene: [(shape, colour, (x, y) centre as fractions of the side)] -> PIL image."""
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    d, r = ImageDraw.Draw(img), size * 0.18
+    for shape, colour, (x, y) in scene:
+        x, y, c = x * size, y * size, COLOURS[colour]
+        if shape == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=c)
+        elif shape == "square":
+            d.rectangle([x - r, y - r, x + r, y + r], fill=c)
+        else:
+            d.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=c)
+    return img
+
+
+def describe(scene, rng):
+    if len(scene) == 1:
+        return f"a {scene[0][1]} {scene[0][0]}"
+    (s1, c1, p1), (s2, c2, _) = scene
+    vertical = p1[0] == 0.5  # scene[0] is above or left of scene[1]
+    if rng.random() < 0.5:
+        return f"a {c1} {s1} {'above' if vertical else 'left of'} a {c2} {s2}"
+    return f"a {c2} {s2} {'below' if vertical else 'right of'} a {c1} {s1}"
+
+
+def shapes_parts(seed, row, size, draw=True):
+    """Row -> parts (role, kind, value) with PIL images; draw=False leaves images out (for the corpus)."""
+    rng = random.Random(f"shapes/{seed}/{row}")
+    n = 1 if rng.random() < 0.3 else 2
+    shapes, colours = rng.sample(SHAPES, n), rng.sample(sorted(COLOURS), n)
+    cells = [(0.5, 0.5)] if n == 1 else rng.choice([[(0.5, 0.27), (0.5, 0.73)], [(0.27, 0.5), (0.73, 0.5)]])
+    scene = list(zip(shapes, colours, cells))
+    image = lambda sc: draw_shapes(sc, size) if draw else None
+    task = rng.choices(["t2i", "vqa", "edit"], weights=[0.4, 0.3, 0.3])[0]
+    if task == "t2i":
+        return [("user", "text", describe(scene, rng)), ("assistant", "image", image(scene))]
+    if task == "vqa":
+        shape, colour, cell = rng.choice(scene)
+        qa = [(f"what colour is the {shape}?", colour), (f"which shape is {colour}?", f"the {shape}"),
+              ("how many shapes are there?", NUMBERS[n]), ("describe the image.", describe(scene, rng))]
+        if n == 2:
+            other = scene[1] if scene[0][0] == shape else scene[0]
+            rel = ("above", "below") if cell[0] == 0.5 else ("left of", "right of")
+            qa.append((f"where is the {shape}?", f"{rel[scene[0][0] != shape]} the {other[0]}"))
+        question, answer = rng.choice(qa)
+        return [("user", "image", image(scene)), ("user", "text", question), ("assistant", "text", answer)]
+    k = rng.randrange(n)
+    shape, colour, cell = scene[k]
+    edits = ["recolour", "reshape"] + (["remove"] if n == 2 else [])
+    edit = rng.choice(edits)
+    if edit == "recolour":
+        new = rng.choice([c for c in sorted(COLOURS) if c not in colours])
+        text, target = f"make the {shape} {new}", scene[:k] + [(shape, new, cell)] + scene[k + 1:]
+    elif edit == "reshape":
+        new = rng.choice([s for s in SHAPES if s not in shapes])
+        text, target = f"turn the {shape} into a {new}", scene[:k] + [(new, colour, cell)] + scene[k + 1:]
+    else:
+        text, target = f"remove the {shape}", scene[:k] + scene[k + 1:]
+    return [("user", "image", image(scene)), ("user", "text", text), ("assistant", "image", image(target))]
+
+
+def shapes_corpus(rows=2000):
+    """The sentences of the first rows of the built-in dataset (what tiny_tokenizer is trained on)."""
+    return [v for r in range(rows) for _, kind, v in shapes_parts(0, r, 0, draw=False) if kind == "text"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Loader: the samples of weighted sources, sharded per rank, packed first-fit.
+#
+# Order. Each source has its own row order per epoch: a seeded permutation of its blocks (parquet row groups, else
+# single rows), rows permuted within a block, cut into world_size contiguous shards; a source that runs out
+# starts its next epoch. Which source gives the next sample is a seeded weighted draw, the n-th draw of a rank
+# seeded by (seed, rank, n).
+# Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
+# dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source name, epoch, row).
+# So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
+# the keys of the buffered samples, which load_state_dict rebuilds by reading their rows again.
+# Packing. Up to open_packs packs are open; a sample goes into the first open pack it fits (packing_length
+# bounds every LLM position of a pack); if none has room and all slots are taken, the fullest open pack is
+# emitted to make room; a pack is emitted at once when even the smallest sample seen so far no longer fits.
+
+log = logging.getLogger("nanobagel.data")
+
+
+class Loader:
+    def __init__(self, sources, tokenizer, packing_length=16384, open_packs=8, max_latent_size=64, vit_side=70,
+                 text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,
+                 max_image_pixels=2 ** 26, max_bad_streak=1000, rank=0, world_size=1, seed=0):
+        if not sources:
+            raise ValueError("no data sources")
+        if len({s.name for s in sources}) != len(sources):
+            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
+        for s in sources:
+            if s.vae_size[1] > 16 * max_latent_size or s.vit_size[1] > 14 * vit_side:
+                raise ValueError(f"source {s.name}: images up to {s.vae_size[1]} px (VAE) / {s.vit_size[1]} px (ViT) "
+                                 f"exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.sources, self.tok, self.P, self.K = sources, tokenizer, packing_length, open_packs
+        self.max_latent_size, self.vit_side, self.max_image_pixels = max_latent_size, vit_side, max_image_pixels
+        self.dropout = (text_cond_dropout_prob, vit_cond_dropout_prob, vae_cond_dropout_prob)
+        self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
+        self.cum_weights = np.cumsum([s.weight for s in sources]).tolist()
+        self.shard_cache = {}
+        self.reset()
+        for s, src in enumerate(sources):  # systemic problems fail here, not hours into a run
+            shard = self.shard(s, 0)
+            if len(shard) == 0:
+                raise ValueError(f"source {src.name}: {len(src)} rows leave rank {rank} of {world_size} nothing")
+            errors = []
+            for row in shard[:8]:
+                try:
+                    self.build([s, 0, int(row)])
+                    break
+                except BadSample as e:
+                    errors.append(f"{src.where(int(row))}: {e}")
+            else:
+                raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
+                                 "\n  ".join(errors))
+
+    def reset(self):
+        self.positions = [[0, 0] for _ in self.sources]  # [epoch, cursor into this rank's shard]
+        self.draws, self.min_cost = 0, None
+        self.open, self.ready = [], []  # packs: {"keys", "samples", "used"}
+        self.bad_streak = [0] * len(self.sources)
+        self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
+
+    def shard(self, s, epoch):
+        """This rank's rows of source s in epoch `epoch`, in order."""
+        if (s, epoch) not in self.shard_cache:
+            starts = self.sources[s].block_starts
+            rng = np.random.default_rng([self.seed, s, epoch])
+            if len(starts) - 1 == starts[-1]:  # one row per block
+                order = rng.permutation(int(starts[-1]))
+            else:
+                order = np.concatenate([starts[b] + rng.permutation(int(starts[b + 1] - starts[b]))
+                                        for b in rng.permutation(len(starts) - 1)])
+            n = len(order)
+            self.shard_cache = {(s2, e): v for (s2, e), v in self.shard_cache.items() if s2 != s}
+            self.shard_cache[(s, epoch)] = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
+        return self.shard_cache[(s, epoch)]
+
+    def next_key(self):
+        u = random.Random(f"{self.seed}/{self.rank}/{self.draws}").random() * self.cum_weights[-1]
+        self.draws += 1
+        s = min(bisect.bisect_right(self.cum_weights, u), len(self.sources) - 1)
+        epoch, cursor = self.positions[s]
+        shard = self.shard(s, epoch)
+        row = int(shard[cursor])
+        self.positions[s] = [epoch + 1, 0] if cursor + 1 == len(shard) else [epoch, cursor + 1]
+        return [s, epoch, row]
+
+    def build(self, key):
+        """key [source, epoch, row] -> (items, LLM positions). Raises BadSample."""
+        s, epoch, row = key
+        src = self.sources[s]
+        digest = hashlib.blake2b(f"{self.seed}/{src.name}/{epoch}/{row}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        parts = src.read(row, gen)
+        load = lambda ref: open_image(ref, src.folder, self.max_image_pixels)
+        items = build_sample(parts, load, self.tok, src.vae_size, src.vit_size, src.max_pixels, gen, self.dropout)
+        cost = sample_len(items)
+        if cost > self.P:
+            raise BadSample("too_long", f"{cost} positions > packing_length {self.P}")
+        return items, cost
+
+    def next_sample(self):
+        while True:
+            key = self.next_key()
+            s = key[0]
+            try:
+                items, cost = self.build(key)
+                self.bad_streak[s] = 0
+                return key, items, cost
+            except BadSample as e:
+                skipped = self.counts["skipped"]
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                if skipped[e.reason] <= 20 or skipped[e.reason] % 1000 == 0:
+                    log.warning("data: skipped %s (source %s, epoch %d): %s [%d %s so far]", self.sources[s].where(
+                        key[2]), self.sources[s].name, key[1], e, skipped[e.reason], e.reason)
+                self.bad_streak[s] += 1
+                if self.bad_streak[s] >= self.max_bad_streak:
+                    raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
+                                       f"the last: {e}")
+
+    def place(self, key, items, cost):
+        target = next((p for p in self.open if p["used"] + cost <= self.P), None)  # first fit
+        if target is None:
+            if len(self.open) == self.K:  # make room: the fullest open pack goes out
+                self.emit(max(self.open, key=lambda p: p["used"]))
+            target = {"keys": [], "samples": [], "used": 0}
+            self.open.append(target)
+        target["keys"].append(key)
+        target["samples"].append(items)
+        target["used"] += cost
+        if self.P - target["used"] < self.min_cost:  # full: no sample seen so far would fit any more
+            self.emit(target)
+
+    def emit(self, p):
+        self.open.remove(p)
+        self.ready.append(p)
+
+    def next_pack(self) -> Pack:
+        while not self.ready:
+            key, items, cost = self.next_sample()
+            self.counts["samples"] += 1
+            self.min_cost = cost if self.min_cost is None else min(self.min_cost, cost)
+            self.place(key, items, cost)
+        p = self.ready.pop(0)
+        self.counts["packs"] += 1
+        self.counts["tokens"] += p["used"]
+        pack = pack_samples(p["samples"], self.tok.special, self.max_latent_size, self.vit_side)
+        pack.sample_keys = p["keys"]
+        return pack
+
+    @property
+    def stats(self):
+        c = self.counts
+        return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
+                "fill": c["tokens"] / (c["packs"] * self.P) if c["packs"] else 0.0, "skipped": dict(c["skipped"]),
+                "epochs": {src.name: pos[0] for src, pos in zip(self.sources, self.positions)}}
+
+    def state_dict(self):
+        """Everything that decides the next packs, as plain JSON-able Python."""
+        return json.loads(json.dumps({
+            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "sources": [s.name for s in self.sources], "positions": self.positions, "draws": self.draws,
+            "min_cost": self.min_cost, "open": [p["keys"] for p in self.open],
+            "ready": [p["keys"] for p in self.ready], "bad_streak": self.bad_streak, "counts": self.counts}))
+
+    def load_state_dict(self, state):
+        mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "sources": [s.name for s in self.sources]}
+        theirs = {k: state[k] for k in mine}
+        if theirs != mine:
+            raise ValueError(f"loader state is for {theirs}, this loader is {mine}")
+        self.reset()
+        state = json.loads(json.dumps(state))
+        self.positions, self.draws, self.min_cost = state["positions"], state["draws"], state["min_cost"]
+        self.bad_streak, self.counts = state["bad_streak"], state["counts"]
+
+        def rebuild(keys):
+            p = {"keys": keys, "samples": [], "used": 0}
+            for key in keys:
+                try:
+                    items, cost = self.build(key)
+                except BadSample as e:
+                    raise RuntimeError(f"cannot rebuild buffered sample {key} "
+                                       f"({self.sources[key[0]].where(key[2])}): {e}; has the data changed?")
+                p["samples"].append(items)
+                p["used"] += cost
+            return p
+        self.open = [rebuild(k) for k in state["open"]]
+        self.ready = [rebuild(k) for k in state["ready"]]
