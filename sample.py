@@ -1,0 +1,354 @@
+"""nanobagel sampling: text-to-image, editing and understanding from a checkpoint, with a KV cache.
+
+    python sample.py --ckpt out/tiny --prompt "a red circle" --out x.png
+    python sample.py --ckpt out/tiny --prompts "a red circle" "a blue square" --out grid.png   # one PNG grid
+    python sample.py --ckpt BAGEL-7B --prompt "make the sky pink" --image in.png --out edit.png
+    python sample.py --ckpt BAGEL-7B --prompt "What is in the picture?" --image in.png --understand
+
+Inference follows the official BAGEL inferencer (notes in /work/shared/reference/bagel_official.md §9):
+  1. KV cache: context items (text causal; an input image as clean VAE latents at t = 0 through the generation
+     expert, then as ViT tokens; each image one position id) are prefilled once; new tokens see all of them.
+  2. Images: Euler steps of the flow from t = 1 (noise) to 0 (data) on shifted timesteps, with classifier-free
+     guidance from two more caches: without the last text (text CFG) and with the text only (image CFG).
+  3. Text: greedy or temperature decoding, one token at a time against the cache.
+  4. Front ends: generate_image, answer, sample_grid (train.py's sample grids) and the command line.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from model import Context, Rotary, dense_mask, sdpa, span_layout, unpatchify
+
+# Official inference settings (app.py / inference.ipynb). Editing also guides with the source image.
+T2I = dict(num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+           cfg_renorm_type="global", cfg_renorm_min=0.0)
+EDIT = dict(T2I, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+VAE_SIZE, VIT_SIZE = (512, 1024), (224, 980)   # (min side, max side) of input images, official inference transforms
+MAX_PIXELS = 14 * 14 * 9 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. KV cache. Context tokens never see later tokens, so their keys and values never change: compute them once.
+
+class KVCache:
+    """Per layer: keys (after RoPE) and values of every context token; pos: the RoPE position of the next item."""
+    def __init__(self, num_layers):
+        self.k, self.v, self.pos = [None] * num_layers, [None] * num_layers, 0
+
+    def __len__(self):
+        return 0 if self.k[0] is None else self.k[0].shape[0]
+
+    def copy(self):  # branches share a prefix; cached tensors are never written in place
+        c = KVCache(0)
+        c.k, c.v, c.pos = list(self.k), list(self.v), self.pos
+        return c
+
+
+def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
+    """Decoder stack on new tokens x [n, C] that see every cached token, and each other where mask [n, n] says
+    (True = may attend; None = all). is_gen [n] picks the expert, positions [n] the RoPE ids. Returns the hidden
+    states after the final norms [n, C]; keep=True appends the tokens' keys/values to the cache."""
+    cfg = model.cfg
+    if cfg.attn_backend == "nsa":
+        raise NotImplementedError("sampling a model trained with NSA attention needs an NSA KV cache; not written")
+    order = torch.cat([(~is_gen).nonzero()[:, 0], is_gen.nonzero()[:, 0]])  # DecoderLayer: und tokens first
+    n_und = int((~is_gen).sum())
+    if mask is not None:  # cached tokens are all visible
+        mask = mask[order][:, order]
+        mask = torch.cat([mask.new_ones(len(order), len(cache)), mask], dim=1)
+    rope = Rotary(cfg.head_dim, cfg.rope_theta, positions[order], x.dtype)
+    x = x[order]
+    for i, layer in enumerate(model.layers):
+        def attend(q, k, v, i=i):
+            if cache.k[i] is not None:
+                k, v = torch.cat([cache.k[i], k]), torch.cat([cache.v[i], v])
+            if keep:
+                cache.k[i], cache.v[i] = k, v
+            return sdpa(q, k, v, mask)
+        x = layer(x, n_und, Context(rope, attend))
+    h = torch.cat([model.norm_und(x[:n_und]), model.norm_gen(x[n_und:])])
+    return h[torch.argsort(order)]
+
+
+def prefill(model, cache, items, special):
+    """Append context items (text, clean vae_image latents, vit_image; data.py's item vocabulary) to the cache, laid
+    out exactly as in training. Returns their hidden states [n, C] in sequence order."""
+    if any(it["type"] == "vae_image" and it.get("loss") for it in items):
+        raise ValueError("a noised image is never context: it is sampled (velocity), not prefilled")
+    cfg, device = model.cfg, model.embed_tokens.weight.device
+    pack = data.pack_samples([items], special, cfg.max_latent_size, cfg.vit_max_patches_per_side).to(device)
+    x, _ = model.embed(pack, 1.0)  # clean latents: t = 0
+    is_gen = torch.zeros(pack.num_tokens, dtype=torch.bool, device=device)
+    is_gen[pack.vae_indexes] = True
+    mask = dense_mask(span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device))
+    positions = pack.position_ids + cache.pos
+    h = run_tokens(model, cache, x, is_gen, positions, mask, keep=True)
+    cache.pos = int(positions.max()) + 1  # text advances by one per token, an image by one
+    return h
+
+
+def feed_token(model, cache, token):
+    """One text token after the cache (kept): its next-token logits [vocab] in float32."""
+    device = model.embed_tokens.weight.device
+    x = model.embed_tokens(torch.tensor([token], device=device))
+    h = run_tokens(model, cache, x, torch.zeros(1, dtype=torch.bool, device=device),
+                   torch.tensor([cache.pos], device=device), keep=True)
+    cache.pos += 1
+    return model.lm_head(h[0]).float()
+
+
+def velocity(model, cache, x_t, t, grid, special):
+    """Flow velocity [h*w, 64] of the latent tokens x_t [h*w, 64] at time t, as an image generated after the cache:
+    <|vision_start|> latents <|vision_end|> at one position id, bidirectional, not kept (nothing sees noise)."""
+    cfg, device, dtype = model.cfg, x_t.device, model.embed_tokens.weight.dtype
+    n = grid[0] * grid[1]
+    markers = model.embed_tokens(torch.tensor([special["vision_start"], special["vision_end"]], device=device))
+    pos_ids = data.grid_pos_ids(*grid, cfg.max_latent_size).to(device)
+    t = torch.full((n,), float(t), device=device)
+    latents = model.vae2llm(x_t.to(dtype)) + model.time_embedder(t) + model.latent_pos_table[pos_ids].to(dtype)
+    x = torch.cat([markers[:1], latents, markers[1:]])
+    is_gen = torch.ones(n + 2, dtype=torch.bool, device=device)
+    is_gen[0] = is_gen[-1] = False  # the markers are text tokens: understanding expert
+    h = run_tokens(model, cache, x, is_gen, torch.full((n + 2,), cache.pos, device=device))
+    return model.llm2vae(h[1:-1]).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Images: Euler flow-matching sampler with classifier-free guidance
+
+def flow_times(num_timesteps, shift):
+    """num_timesteps points from 1 to 0, shifted as in training: s*t / (1 + (s-1)*t)."""
+    t = torch.linspace(1, 0, num_timesteps, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).tolist()
+
+
+def guide(v, v_text=None, v_img=None, text_scale=1.0, img_scale=1.0, renorm="global", renorm_min=0.0):
+    """BAGEL's guidance of the full-context velocity v [n, 64]: text CFG v_text + s_text*(v - v_text), then image CFG
+    v_img + s_img*(that - v_img); the renorm caps the guided norm at v's ("global": the whole image, "channel": per
+    token, "text_channel": per token, on the text-CFG result before image CFG). A missing branch is skipped.
+    (The official code skips image CFG too when the text scale is 1; here the two are independent.)"""
+    if renorm not in ("global", "channel", "text_channel"):
+        raise ValueError(f"cfg_renorm_type must be global, channel or text_channel, not {renorm!r}")
+    if v_text is None and v_img is None:
+        return v
+
+    def capped(g, per_token):
+        norm = (lambda u: u.norm(dim=-1, keepdim=True)) if per_token else (lambda u: u.norm())
+        return g * (norm(v) / (norm(g) + 1e-8)).clamp(min=renorm_min, max=1.0)
+    g = v if v_text is None else v_text + text_scale * (v - v_text)
+    if renorm == "text_channel" and v_text is not None:
+        g = capped(g, per_token=True)
+    if v_img is not None:
+        g = v_img + img_scale * (g - v_img)
+    if renorm != "text_channel":
+        g = capped(g, per_token=renorm == "channel")
+    return g
+
+
+@torch.no_grad()
+def sample_latent(model, cache, grid, special, generator, cfg_text_cache=None, cfg_img_cache=None, num_timesteps=50,
+                  timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+                  cfg_renorm_type="global", cfg_renorm_min=0.0):
+    """Latent tokens [h*w, 64] of an image generated after the context in `cache`: num_timesteps - 1 Euler steps
+    x <- x - v*(t_i - t_{i+1}) from noise at t = 1. Guidance runs where cfg_interval[0] < t <= cfg_interval[1],
+    with a branch per cache given whose scale is not 1."""
+    device = model.embed_tokens.weight.device
+    x = torch.randn(grid[0] * grid[1], model.cfg.latent_dim, generator=generator).to(device)
+    ts = flow_times(num_timesteps, timestep_shift)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        guided = cfg_interval[0] < t <= cfg_interval[1]
+        v = velocity(model, cache, x, t, grid, special)
+        v_text = velocity(model, cfg_text_cache, x, t, grid, special) \
+            if guided and cfg_text_cache is not None and cfg_text_scale != 1.0 else None
+        v_img = velocity(model, cfg_img_cache, x, t, grid, special) \
+            if guided and cfg_img_cache is not None and cfg_img_scale != 1.0 else None
+        v = guide(v, v_text, v_img, cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min)
+        x = x - v * (t - t_next)
+    return x
+
+
+def encode_image(vae, pixels, generator):
+    """[3, H, W] in [-1, 1] -> scaled latent [16, H/8, W/8], the posterior sampled as in the official code."""
+    p = pixels[None].to(next(vae.parameters()))
+    eps = torch.randn(1, 16, p.shape[2] // 8, p.shape[3] // 8, generator=generator).to(p)
+    return vae.encode(p, eps)[0].float()
+
+
+def decode_image(vae, tokens, grid, cfg):
+    """Latent tokens [h*w, 64] -> PIL image of 16h x 16w pixels."""
+    z = unpatchify(tokens, grid[0], grid[1], cfg.latent_patch_size, cfg.latent_channels)
+    x = vae.decode(z[None].to(next(vae.parameters())))[0].float()
+    x = ((x * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
+
+def text_item(tokenizer, text):
+    return {"type": "text", "ids": tokenizer.encode(text)}
+
+
+def image_items(vae, img, generator, vae_size=VAE_SIZE, vit_size=VIT_SIZE, with_vae=True):
+    """An input image as context: a clean VAE latent (for editing) then ViT patches, each resized the official way."""
+    items = []
+    if with_vae:
+        pixels = data.image_tensor(img, vae_size, 16, MAX_PIXELS)
+        items.append({"type": "vae_image", "latent": encode_image(vae, pixels, generator), "loss": False})
+    items.append({"type": "vit_image", "pixels": data.image_tensor(img, vit_size, 14, MAX_PIXELS)})
+    return items
+
+
+@torch.no_grad()
+def generate_image(model, vae, tokenizer, prompt, image=None, image_size=(1024, 1024), seed=0, vae_size=VAE_SIZE,
+                   vit_size=VIT_SIZE, **settings):
+    """PIL image from a prompt (text-to-image), or an edit of `image` (PIL) by the prompt. image_size (H, W) is for
+    text-to-image (multiples of 16); an edit keeps the resized input's size. settings override T2I / EDIT."""
+    cfg, special = model.cfg, tokenizer.special
+    settings = dict(EDIT if image is not None else T2I, **settings)
+    generator = torch.Generator().manual_seed(seed)
+    cfg_text_cache = KVCache(cfg.num_layers)        # the context without the last text
+    cfg_img_cache = None
+    if image is not None:
+        items = image_items(vae, data.rgb(image), generator, vae_size, vit_size)
+        prefill(model, cfg_text_cache, items, special)
+        h, w = items[0]["latent"].shape[1] // 2, items[0]["latent"].shape[2] // 2
+        cfg_img_cache = KVCache(cfg.num_layers)     # the text only
+        prefill(model, cfg_img_cache, [text_item(tokenizer, prompt)], special)
+    else:
+        if image_size[0] % 16 or image_size[1] % 16:
+            raise ValueError(f"image_size {image_size} must be multiples of 16 (VAE 8 x latent patch 2)")
+        h, w = image_size[0] // 16, image_size[1] // 16
+    if max(h, w) > cfg.max_latent_size:
+        raise ValueError(f"{16 * h}x{16 * w} px is over the model's {16 * cfg.max_latent_size} px position table")
+    cache = cfg_text_cache.copy()
+    prefill(model, cache, [text_item(tokenizer, prompt)], special)
+    tokens = sample_latent(model, cache, (h, w), special, generator, cfg_text_cache, cfg_img_cache, **settings)
+    return decode_image(vae, tokens, (h, w), cfg)
+
+
+def make_grid(images, cols=None):
+    """Images side by side, `cols` per row (default: all in one row), on black."""
+    cols = cols or len(images)
+    rows = -(-len(images) // cols)
+    W, H = max(im.width for im in images), max(im.height for im in images)
+    grid = Image.new("RGB", (cols * W, rows * H))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * W, (i // cols) * H))
+    return grid
+
+
+@torch.no_grad()
+def sample_grid(model, vae, tokenizer, prompts, image_size=(1024, 1024), seed=0, cols=None, **settings):
+    """One PIL grid of text-to-image samples, prompt i drawn with seed + i (the same noise at every call, so grids
+    from successive training steps are comparable). train.py writes it to samples/step_XXXXXX.png."""
+    was_training = model.training
+    model.eval()
+    try:
+        images = [generate_image(model, vae, tokenizer, p, image_size=image_size, seed=seed + i, **settings)
+                  for i, p in enumerate(prompts)]
+    finally:
+        model.train(was_training)
+    return make_grid(images, cols)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Text: understanding
+
+@torch.no_grad()
+def generate_text(model, cache, special, max_new_tokens=256, temperature=0.0, generator=None):
+    """Token ids of the answer after the context: feed <|im_start|>, then take the argmax (temperature 0) or a
+    sample of softmax(logits / temperature) until <|im_end|>. The answer's tokens join the cache."""
+    token, out = special["im_start"], []
+    for _ in range(max_new_tokens):
+        logits = feed_token(model, cache, token).cpu()
+        if temperature > 0:
+            token = int(torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator))
+        else:
+            token = int(logits.argmax())
+        if token == special["im_end"]:
+            break
+        out.append(token)
+    return out
+
+
+@torch.no_grad()
+def answer(model, vae, tokenizer, prompt, images=(), max_new_tokens=256, temperature=0.0, seed=0, vit_size=VIT_SIZE):
+    """Text answer to a prompt about images (PIL): images as ViT tokens, then the prompt, as the official chat()."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = KVCache(model.cfg.num_layers)
+    for img in images:
+        prefill(model, cache, image_items(vae, data.rgb(img), generator, vit_size=vit_size, with_vae=False),
+                tokenizer.special)
+    prefill(model, cache, [text_item(tokenizer, prompt)], tokenizer.special)
+    ids = generate_text(model, cache, tokenizer.special, max_new_tokens, temperature, generator)
+    return tokenizer.decode(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Command line
+
+def load(ckpt, weights=None, device="cpu", dtype=torch.float32):
+    """(model, vae, cfg) from a nanobagel folder (config.json; EMA weights when present) or an official one."""
+    import convert
+    if os.path.isfile(os.path.join(ckpt, "config.json")):
+        weights = weights or ("ema" if os.path.isfile(os.path.join(ckpt, "ema.safetensors")) else "model")
+        model, vae, cfg = convert.load_nanobagel(ckpt, weights, device, dtype)
+    else:
+        model, vae, cfg = convert.load_official(ckpt, device=device, dtype=dtype)
+    return model.eval(), vae.eval(), cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="nanobagel: generate, edit or answer from a checkpoint")
+    ap.add_argument("--ckpt", required=True, help="nanobagel or official BAGEL checkpoint folder")
+    ap.add_argument("--prompt", help="one prompt")
+    ap.add_argument("--prompts", nargs="+", help="several prompts (or one file of prompts, one a line): one grid")
+    ap.add_argument("--image", help="input image: edited by the prompt, or asked about with --understand")
+    ap.add_argument("--understand", action="store_true", help="answer the prompt in text instead of drawing")
+    ap.add_argument("--out", default="sample.png")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, nargs="+", default=[1024], help="text-to-image size: S, or H W")
+    ap.add_argument("--steps", type=int, help="num_timesteps (points; model calls per branch = steps - 1)")
+    ap.add_argument("--shift", type=float, help="timestep_shift")
+    ap.add_argument("--cfg-text", type=float, help="cfg_text_scale")
+    ap.add_argument("--cfg-img", type=float, help="cfg_img_scale")
+    ap.add_argument("--cfg-interval", type=float, nargs=2, help="guidance only for t in (lo, hi]")
+    ap.add_argument("--renorm", choices=["global", "channel", "text_channel"], help="cfg_renorm_type")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--weights", choices=["model", "ema"], help="default: ema when the folder has it")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: the one in --ckpt), or 'tiny' (data.tiny_tokenizer)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = ap.parse_args(argv)
+    if bool(args.prompt) == bool(args.prompts):
+        ap.error("give exactly one of --prompt and --prompts")
+    prompts = [args.prompt] if args.prompt else args.prompts
+    if len(prompts) == 1 and os.path.isfile(prompts[0]) and not args.prompt:
+        with open(prompts[0]) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+
+    model, vae, cfg = load(args.ckpt, args.weights, args.device, getattr(torch, args.dtype))
+    tok = args.tokenizer or args.ckpt
+    tokenizer = data.tiny_tokenizer() if tok == "tiny" else data.load_tokenizer(tok)
+    image = data.open_image(args.image, None, MAX_PIXELS) if args.image else None
+    if args.understand:
+        for p in prompts:
+            print(answer(model, vae, tokenizer, p, [image] if image else [], args.max_new_tokens, args.temperature,
+                         args.seed))
+        return
+    settings = {k: v for k, v in dict(num_timesteps=args.steps, timestep_shift=args.shift,
+                                      cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img,
+                                      cfg_interval=args.cfg_interval, cfg_renorm_type=args.renorm).items()
+                if v is not None}
+    size = tuple(args.size) * (3 - len(args.size))
+    images = [generate_image(model, vae, tokenizer, p, image, size, args.seed + i, **settings)
+              for i, p in enumerate(prompts)]
+    make_grid(images).save(args.out)
+    print(f"wrote {args.out}: " + " | ".join(prompts))
+
+
+if __name__ == "__main__":
+    main()
