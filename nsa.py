@@ -1,0 +1,793 @@
+"""Native Sparse Attention (NSA) for BAGEL's packed multimodal sequences: Triton kernels and a torch reference.
+
+NSA (arXiv 2502.11089) replaces one softmax over all keys by three gated branches per query head:
+  o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa,   g = sigmoid(Linear(x)) viewed [L, H, 3]
+  - compressed: attention over keys/values pooled over windows of `kernel_size` tokens, stride `kernel_stride`;
+  - selected:   attention over the `topk` blocks of `block_size` tokens that the compressed attention
+                probabilities (summed over the query heads of a GQA group) rate highest;
+  - sliding:    attention over a window of `window_size` + 1 keys.
+For a causal single-span sequence this is exactly the reference library (XunhaoLai native-sparse-attention-
+triton, 9bea856; tests/fixtures/nsa_reference checks it). Everything below generalises it to BAGEL's packs.
+
+Visibility (model.visible): key j is visible to query i iff same sample and (j in i's span and (span not causal
+or j <= i)) or (j in an earlier non-noise span). Equivalently, with
+    hi(i)  = i for a causal span, else the last token of i's span        (the last key i may see)
+    nlo(i) = the first token of i's span                                 (noise keys must be at or after it)
+  visible(i, j)  <=>  sample_start(i) <= j <= hi(i)  and  (j is not noise or j >= nlo(i)).
+The kernels use only this form (per query: a key range and nlo; per key: a noise marker); the reference builds
+dense masks from model.visible, so each checks the other.
+
+The rules for the three branches:
+  - Compressed key c pools tokens [c*stride, c*stride + kernel_size) of its sample. It is visible to query i iff
+    ALL its tokens are visible to i. This is the library's rule in the causal case (the whole window at or before
+    i), and it is the only rule under which a pooled key never carries information i may not see: a window
+    reaching past hi(i) would leak the future, one touching another span's noised latents would leak them.
+    RoPE of a compressed key uses the position id of its window's first token (the library's choice).
+  - Selection: block b (tokens [b*block_size, (b+1)*block_size) of the sample) can be chosen by query i iff it
+    holds at least one token visible to i; its score is the library's overlap-weighted sum of i's compressed
+    probabilities; forced blocks (+inf) are blocks b < init_blocks and the local blocks
+    qb - local_blocks < b <= qb with qb = i's own block; zero-score ties go to the earlier block. Inside a chosen
+    block, keys are masked token by token with the visibility rule.
+  - Sliding window: the window_size + 1 keys ending at hi_w(i) = min(hi(i), i + window_size // 2), masked with the
+    visibility rule. For causal queries hi_w = i, the library's [i - w, i]. A query in a full or noise span sees
+    its span's future, so its window is centred on itself (w/2 on each side) and shifted left where it would
+    pass the span's end; a span of up to w/2 + 1 tokens is seen whole by all of its queries.
+  Gathered per KV block (group-centric, no padding of G to 16): the selected branch inverts the top-k lists so
+  that each program loads one KV block once and streams the (query, head) rows that chose it.
+
+Initialisation from a dense checkpoint (NSA.__init__): value pooling weights 0 (o_cmp = 0), key pooling = mean
+(so selection scores mean something), pe = 0, gate weight 0 (every gate 0.5). Then o = (o_slc + o_swa) / 2, which
+is dense attention exactly when the window and the top-k blocks cover every visible key (samples of at most
+min(window_size + 1, topk * block_size) tokens); `python nsa.py init` measures the gap on longer packs.
+"""
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from model import CAUSAL, NOISE, SpanLayout, dense_mask, span_layout
+
+BIG = 2 ** 30  # int32 sentinel, larger than any token index
+BIG_I32 = tl.constexpr(BIG)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces (both backends): compression, gate, positions
+
+def compressed_lengths(cu_seqlens, kernel_size, kernel_stride):
+    lens = cu_seqlens.long().diff()
+    return torch.where(lens >= kernel_size, (lens - kernel_size) // kernel_stride + 1, 0)
+
+
+def window_starts(cu_seqlens, kernel_size, kernel_stride):
+    """Packed index of the first token of every compressed window, [NC] int64."""
+    cu = cu_seqlens.long()
+    nc = compressed_lengths(cu, kernel_size, kernel_stride)
+    sample = torch.repeat_interleave(torch.arange(len(nc), device=cu.device), nc)
+    first_c = F.pad(nc.cumsum(0), (1, 0))[sample]
+    return cu[sample] + (torch.arange(len(sample), device=cu.device) - first_c) * kernel_stride
+
+
+def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=None):
+    """Pool x [L, H, D] over each sample's windows -> [NC, H, D]. pe [H, kernel_size, D] is added to every window
+    before pooling (keys only). weightedpool w [H, l]; linear w [H, l*D, D] (row j*D + d); avgpool w None."""
+    starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
+    win = x[starts[:, None] + torch.arange(kernel_size, device=x.device)]  # [NC, l, H, D]
+    if pe is not None:
+        win = win + pe.transpose(0, 1).to(win.dtype)
+    if compress_type == "avgpool":
+        return win.mean(1)
+    if compress_type == "weightedpool":
+        return torch.einsum("nlhd,hl->nhd", win, w.to(win.dtype))
+    if compress_type == "linear":
+        NC, l, H, D = win.shape
+        return torch.einsum("nhk,hkd->nhd", win.permute(0, 2, 1, 3).reshape(NC, H, l * D), w.to(win.dtype))
+    raise ValueError(f"unknown compress_type {compress_type!r}")
+
+
+def gate_values(x, weight, num_heads):
+    """sigmoid(x W^T) viewed [L, H, 3]: branch 0 compressed, 1 selected, 2 sliding."""
+    return torch.sigmoid(x @ weight.t()).view(-1, num_heads, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch reference: dense masks from model.visible, readable, any layout. Test oracle and CPU path.
+
+def _masked_attention(q, k, v, mask, scale):
+    """q [L, Hq, D], k/v [M, Hkv, D], mask [Hkv or 1, L, M] -> (o [L, Hq, D], probs [Hq, L, M]); empty rows give 0."""
+    G = q.shape[1] // k.shape[1]
+    s = torch.einsum("lhd,mhd->hlm", q.float(), k.float().repeat_interleave(G, 1)) * scale
+    s = s.masked_fill(~mask.repeat_interleave(G, 0) if mask.shape[0] > 1 else ~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    o = torch.einsum("hlm,mhd->lhd", p, v.float().repeat_interleave(G, 1))
+    return o.to(q.dtype), p
+
+
+def compressed_visibility(layout, kernel_size, kernel_stride):
+    """[L, NC]: compressed key c is visible to query i iff all tokens of its window are."""
+    vis = dense_mask(layout).float()
+    starts = window_starts(layout.cu_seqlens, kernel_size, kernel_stride)
+    member = torch.zeros(vis.shape[1], len(starts), device=vis.device)
+    member[starts[:, None] + torch.arange(kernel_size, device=vis.device), torch.arange(len(starts))[:, None]] = 1
+    return (vis @ member) == kernel_size
+
+
+def block_scores_ref(probs, layout, num_kv_heads, kernel_size, kernel_stride, block_size, init_blocks, local_blocks):
+    """probs [Hq, L, NC] -> (raw [Hkv, L, NB], score [Hkv, L, NB]) over each query's sample-relative blocks b < NB.
+    raw: probabilities summed over the group, weighted by how many stride-chunks window c shares with block b.
+    score: raw (+ a tiny earlier-block tie-break) on selectable blocks, +inf on forced ones, -inf elsewhere."""
+    L = probs.shape[1]
+    dev = probs.device
+    cu = layout.cu_seqlens.long()
+    NB = int(math.ceil(int(cu.diff().max()) / block_size))
+    rel_start = window_starts(cu, kernel_size, kernel_stride) - cu[:-1][
+        torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev),
+                                compressed_lengths(cu, kernel_size, kernel_stride))]
+    b0 = torch.arange(NB, device=dev) * block_size
+    overlap = (torch.minimum(rel_start[:, None] + kernel_size, b0 + block_size)
+               - torch.maximum(rel_start[:, None], b0)).clamp(min=0) // kernel_stride  # [NC, NB]
+    p = probs.view(num_kv_heads, -1, L, probs.shape[2]).sum(1)
+    raw = p @ overlap.to(p.dtype)
+    # selectable: the block holds a token visible to the query
+    idx = torch.arange(L, device=dev)
+    rel = idx - layout.sample_start
+    onehot = F.one_hot(rel // block_size, NB).float()  # key j -> its block within its sample
+    cand = (dense_mask(layout).float() @ onehot) > 0  # [L, NB]
+    qb = rel // block_size
+    b = torch.arange(NB, device=dev)
+    forced = (b[None] < init_blocks) | ((b[None] > qb[:, None] - local_blocks) & (b[None] <= qb[:, None]))
+    score = torch.where(forced, float("inf"), raw + 1e-30 / (1.0 + b))
+    score = torch.where(cand, score, float("-inf"))
+    return raw, score
+
+
+def select_blocks(score, topk):
+    """score [Hkv, L, NB] -> int32 [Hkv, L, min(topk, NB)]: chosen block ids ascending, then -1 padding."""
+    K = min(topk, score.shape[-1])
+    val, idx = score.topk(K, dim=-1)
+    idx = torch.where(val == float("-inf"), BIG, idx)
+    idx = idx.sort(-1).values
+    return torch.where(idx == BIG, -1, idx).to(torch.int32)
+
+
+def selected_mask(layout, idx, block_size):
+    """[Hkv, L, L]: visible keys inside the blocks listed in idx (sample-relative block ids, -1 = none)."""
+    rel_block = (torch.arange(idx.shape[1], device=idx.device) - layout.sample_start) // block_size
+    chosen = (idx.long()[:, :, :, None] == rel_block[None, None, None, :]).any(2)
+    return chosen & dense_mask(layout)[None]
+
+
+def window_mask(layout, window_size):
+    """[L, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, i + w // 2) (see the module docstring)."""
+    idx = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
+    hi = torch.where(layout.span_mode == CAUSAL, idx, layout.span_end - 1)
+    hi_w = torch.minimum(hi, idx + window_size // 2)
+    j = idx[None, :]
+    return dense_mask(layout) & (j <= hi_w[:, None]) & (j >= hi_w[:, None] - window_size)
+
+
+def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
+    """All three branches with dense masks. q [L, Hq, D] and k [L, Hkv, D] rotated, ck/cv [NC, Hkv, D]."""
+    cvis = compressed_visibility(layout, cfg["kernel_size"], cfg["kernel_stride"])
+    o_cmp, probs = _masked_attention(q, ck, cv, cvis[None], scale)
+    with torch.no_grad():
+        _, score = block_scores_ref(probs, layout, k.shape[1], cfg["kernel_size"], cfg["kernel_stride"],
+                                   cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
+        idx = select_blocks(score, cfg["topk"])
+    o_slc, _ = _masked_attention(q, k, v, selected_mask(layout, idx, cfg["block_size"]), scale)
+    o_swa, _ = _masked_attention(q, k, v, window_mask(layout, cfg["window_size"])[None], scale)
+    return o_cmp, o_slc, o_swa
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. Layouts: q/o [L, H, D], k/v [M, Hkv, D]; lse and delta [H, L] fp32 in log2 units.
+# Visibility enters each kernel as per-query int32 key ranges [klo, khi) and nlo, and per-key noise markers
+# (the first noise token a key covers, BIG if none): key c is visible iff klo <= c < khi and noise[c] >= nlo.
+
+@triton.jit
+def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale,
+              sqn, sqh, skn, skh, svn, svh, son, soh,
+              G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    kh = h // G
+    rq = pid * BQ + tl.arange(0, BQ)
+    qm = rq < N
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    klo = tl.load(KLO + rq, mask=qm, other=0)
+    khi = tl.load(KHI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
+    live = khi > klo
+    k_start = tl.min(tl.where(live, klo, NK))
+    k_end = tl.max(tl.where(live, khi, 0))
+    q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+    m_i = tl.full([BQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([BQ], tl.float32)
+    acc = tl.zeros([BQ, BD], tl.float32)
+    for start in range(k_start, k_end, BK):
+        rk = start + tl.arange(0, BK)
+        km = rk < k_end
+        k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        kn = tl.load(KNOISE + rk, mask=km, other=-1)
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+        s = tl.where(vis, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    ok = l_i > 0
+    o = acc / tl.where(ok, l_i, 1.0)[:, None]
+    tl.store(O + rq.to(tl.int64)[:, None] * son + h * soh + rd[None, :], o.to(O.dtype.element_ty), mask=qm[:, None] & dm[None, :])
+    tl.store(LSE + h.to(tl.int64) * N + rq, tl.where(ok, m_i + tl.log2(tl.where(ok, l_i, 1.0)), float("inf")), mask=qm)
+
+
+@triton.jit
+def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sm_scale,
+                 sqn, sqh, skn, skh, svn, svh,
+                 G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    kh = h // G
+    rq = pid * BQ + tl.arange(0, BQ)
+    qm = rq < N
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    klo = tl.load(KLO + rq, mask=qm, other=0)
+    khi = tl.load(KHI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
+    live = khi > klo
+    k_start = tl.min(tl.where(live, klo, NK))
+    k_end = tl.max(tl.where(live, khi, 0))
+    qo = rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :]
+    q = tl.load(Q + qo, mask=qm[:, None] & dm[None, :], other=0.0)
+    do = tl.load(DO + qo, mask=qm[:, None] & dm[None, :], other=0.0)
+    lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+    delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
+    dq = tl.zeros([BQ, BD], tl.float32)
+    for start in range(k_start, k_end, BK):
+        rk = start + tl.arange(0, BK)
+        km = rk < k_end
+        k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        kn = tl.load(KNOISE + rk, mask=km, other=-1)
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+        p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + qo, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, N, NK, qk_scale, sm_scale,
+                   sqn, sqh, skn, skh, svn, svh, sdkn, sdkh,
+                   G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                   QC: tl.constexpr):
+    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics
+    kt, kh, ch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(QT_LO + kt) + ch * QC
+    t1 = tl.minimum(tl.load(QT_HI + kt), t0 + QC)
+    rk = kt * BK + tl.arange(0, BK)
+    km = rk < NK
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    kn = tl.load(KNOISE + rk, mask=km, other=-1)
+    dk = tl.zeros([BK, BD], tl.float32)
+    dv = tl.zeros([BK, BD], tl.float32)
+    for t in range(t0, t1):
+        rq = t * BQ + tl.arange(0, BQ)
+        qm = rq < N
+        klo = tl.load(KLO + rq, mask=qm, other=0)
+        khi = tl.load(KHI + rq, mask=qm, other=0)
+        nlo = tl.load(NLO + rq, mask=qm, other=0)
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+        for g in range(G):
+            h = kh * G + g
+            qo = rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :]
+            q = tl.load(Q + qo, mask=qm[:, None] & dm[None, :], other=0.0)
+            do = tl.load(DO + qo, mask=qm[:, None] & dm[None, :], other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+            delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
+            p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
+    wm = km[:, None] & dm[None, :] & ((rk * 0 + t1) > t0)[:, None]
+    tl.atomic_add(DK + o, dk * sm_scale, mask=wm)
+    tl.atomic_add(DV + o, dv, mask=wm)
+
+
+@triton.jit
+def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, N, qk_scale,
+                  sqn, sqh, sckn, sckh, soh, son, NB_OUT,
+                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                  R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    # one program per (query tile of one sample, sample, kv head). Block tiles of BB = BK // R columns: the BK
+    # compressed keys starting R before the tile's first block cover the BB - 1 blocks written per tile.
+    qt, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    BB: tl.constexpr = BK // R
+    ss = tl.load(CU + b)
+    se = tl.load(CU + b + 1)
+    cbase = tl.load(CCU + b)
+    nc = tl.load(CCU + b + 1) - cbase
+    bbase = tl.load(BCU + b)
+    nb = tl.load(BCU + b + 1) - bbase
+    rq = ss + qt * BQ + tl.arange(0, BQ)
+    qm = rq < se
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    hi = tl.load(HI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
+    ckhi = tl.load(CKHI + rq, mask=qm, other=0) - cbase
+    qb = (rq - ss) // BS
+    hi_max = tl.max(tl.where(qm, hi, ss))
+    n_blocks = tl.where(qt * BQ < se - ss, tl.minimum(nb, (hi_max - ss) // BS + 1), 0)
+    cl = tl.arange(0, BK)
+    bl = tl.arange(0, BB)
+    delta = cl[:, None] - R - R * bl[None, :]
+    w = tl.minimum(KD, R - delta) - tl.maximum(0, -delta)
+    w = tl.where((w > 0) & (bl[None, :] < BB - 1), w, 0).to(tl.float32)
+    for b0 in range(0, n_blocks, BB - 1):
+        c_rel = (b0 - 1) * R + cl
+        cm = (c_rel >= 0) & (c_rel < nc)
+        cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
+        vis = cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo[:, None])
+        ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
+                     mask=cm[:, None] & dm[None, :], other=0.0)
+        acc = tl.zeros([BQ, BK], tl.float32)
+        for g in range(G):
+            h = kh * G + g
+            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+            acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
+        raw = tl.dot(acc, w, input_precision="ieee")
+        b_rel = b0 + bl
+        bv = (bl < BB - 1) & (b_rel < nb)
+        first = ss + b_rel * BS
+        top = tl.minimum(tl.minimum(first + BS, se)[None, :] - 1, hi[:, None])
+        clean = tl.load(BCLEAN + bbase + b_rel, mask=bv, other=BIG_I32)
+        cand = bv[None, :] & (first[None, :] <= hi[:, None]) & (
+            (clean[None, :] <= top) | (tl.maximum(first[None, :], nlo[:, None]) <= top))
+        forced = (b_rel[None, :] < INIT) | ((b_rel[None, :] > qb[:, None] - LOCAL) & (b_rel[None, :] <= qb[:, None]))
+        val = tl.where(forced, float("inf"), raw + 1e-30 / (1.0 + b_rel[None, :].to(tl.float32)))
+        val = tl.where(cand, val, float("-inf"))
+        tl.store(OUT + kh.to(tl.int64) * soh + rq.to(tl.int64)[:, None] * son + b_rel[None, :], val,
+                 mask=qm[:, None] & bv[None, :] & (b_rel[None, :] < NB_OUT))
+
+
+
+@triton.jit
+def _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    """Rows r0 .. r0+BM of a work item's gathered list: entry r // G (flat query * K_SLOTS + slot), head r % G."""
+    r = r0 + tl.arange(0, BM)
+    rm = r < n_rows
+    e = tl.load(QLIST + E + r // G, mask=rm, other=0)
+    i = e // K_SLOTS
+    hi = tl.load(HI + i, mask=rm, other=-1)
+    nlo = tl.load(NLO + i, mask=rm, other=BIG_I32)
+    return rm, i, e % K_SLOTS, r % G, hi, nlo
+
+
+@triton.jit
+def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
+             sqn, sqh, skn, skh, svn, svh,
+             K_SLOTS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+             BS: tl.constexpr):
+    # one program per work item (kv head, block's first token, block end, list offset, list length): load the
+    # block once, stream the (query, head) rows that chose it, softmax within the block, write per-slot
+    # partials o_s [L, H, K_SLOTS, D] and lse_s [L, H, K_SLOTS]; _slc_combine merges a row's slots.
+    wid = tl.program_id(0).to(tl.int64) * 5
+    kh = tl.load(WORK + wid)
+    tok0 = tl.load(WORK + wid + 1)
+    tok1 = tl.load(WORK + wid + 2)
+    E = tl.load(WORK + wid + 3)
+    n_rows = tl.load(WORK + wid + 4) * G
+    rk = tok0 + tl.arange(0, BS)
+    km = rk < tok1
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    kn = tl.load(KNOISE + rk, mask=km, other=-1)
+    for r0 in range(0, n_rows, BM):
+        rm, i, slot, g, hi, nlo = _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS, G, BM)
+        h = kh * G + g
+        i64 = i.to(tl.int64)
+        q = tl.load(Q + i64[:, None] * sqn + h[:, None] * sqh + rd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+        vis = km[None, :] & (rk[None, :] <= hi[:, None]) & (kn[None, :] >= nlo[:, None])
+        s = tl.where(vis, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m = tl.max(s, 1)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m_use[:, None])
+        l = tl.sum(p, 1)
+        ok = l > 0
+        o = tl.dot(p.to(v.dtype), v) / tl.where(ok, l, 1.0)[:, None]
+        row = (i64 * H + h) * K_SLOTS + slot
+        tl.store(OP + row[:, None] * D + rd[None, :], o.to(OP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+        tl.store(LP + row, tl.where(ok, m_use + tl.log2(tl.where(ok, l, 1.0)), float("-inf")), mask=rm)
+
+
+@triton.jit
+def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE, N, H, qk_scale, sm_scale,
+             sqn, sqh, skn, skh, svn, svh, sdkn, sdkh,
+             K_SLOTS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+             BS: tl.constexpr):
+    # same walk as _slc_fwd: dk/dv accumulate per block (fp32 atomics: a block's list may span work items),
+    # dq per (row, slot) partial, summed by _slc_combine.
+    wid = tl.program_id(0).to(tl.int64) * 5
+    kh = tl.load(WORK + wid)
+    tok0 = tl.load(WORK + wid + 1)
+    tok1 = tl.load(WORK + wid + 2)
+    E = tl.load(WORK + wid + 3)
+    n_rows = tl.load(WORK + wid + 4) * G
+    rk = tok0 + tl.arange(0, BS)
+    km = rk < tok1
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    kn = tl.load(KNOISE + rk, mask=km, other=-1)
+    dk = tl.zeros([BS, BD], tl.float32)
+    dv = tl.zeros([BS, BD], tl.float32)
+    for r0 in range(0, n_rows, BM):
+        rm, i, slot, g, hi, nlo = _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS, G, BM)
+        h = kh * G + g
+        i64 = i.to(tl.int64)
+        qo = i64[:, None] * sqn + h[:, None] * sqh + rd[None, :]
+        q = tl.load(Q + qo, mask=rm[:, None] & dm[None, :], other=0.0)
+        do = tl.load(DO + qo, mask=rm[:, None] & dm[None, :], other=0.0)
+        lse = tl.load(LSE + h.to(tl.int64) * N + i64, mask=rm, other=float("inf"))
+        delta = tl.load(DELTA + h.to(tl.int64) * N + i64, mask=rm, other=0.0)
+        vis = km[None, :] & (rk[None, :] <= hi[:, None]) & (kn[None, :] >= nlo[:, None])
+        p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+        row = (i64 * H + h) * K_SLOTS + slot
+        tl.store(DQP + row[:, None] * D + rd[None, :], dq.to(DQP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+    o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
+    tl.atomic_add(DK + o, dk * sm_scale, mask=km[:, None] & dm[None, :])
+    tl.atomic_add(DV + o, dv, mask=km[:, None] & dm[None, :])
+
+
+@triton.jit
+def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
+                 K_SLOTS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, GRAD: tl.constexpr):
+    # rows are (query, head) = query * H + head. Forward: merge the slots' softmaxes (o, lse); GRAD: sum dq.
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rm = row < NROWS
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    m = tl.full([BR], float("-inf"), tl.float32)
+    for s in range(K_SLOTS):
+        m = tl.maximum(m, tl.load(LP + row * K_SLOTS + s, mask=rm, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BR, BD], tl.float32)
+    l = tl.zeros([BR], tl.float32)
+    for s in range(K_SLOTS):
+        ls = tl.load(LP + row * K_SLOTS + s, mask=rm, other=float("-inf"))
+        x = tl.load(XP + (row * K_SLOTS + s)[:, None] * D + rd[None, :], mask=(rm & (ls > float("-inf")))[:, None] & dm[None, :], other=0.0)
+        if GRAD:
+            w = tl.where(ls > float("-inf"), 1.0, 0.0)
+        else:
+            w = tl.exp2(ls - m_use)
+        acc += w[:, None] * x.to(tl.float32)
+        l += w
+    if GRAD:
+        out = acc
+    else:
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(LSE + (row % H) * N + row // H, tl.where(l > 0, m_use + tl.log2(tl.where(l > 0, l, 1.0)), float("inf")), mask=rm)
+    tl.store(OUT + row[:, None] * D + rd[None, :], out.to(OUT.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plumbing
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tiles(name):
+    """Tile sizes: small under the CPU interpreter (tiny tests), tuned-by-hand on Hopper."""
+    if _interpret():
+        return dict(band_fwd=(16, 16, 1), band_dq=(16, 16, 1), band_dkdv=(16, 16, 1), qc=2, score=(16, 1), slc=(16, 1),
+                    slc_chunk=4)[name]
+    return dict(band_fwd=(128, 64, 8), band_dq=(64, 64, 4), band_dkdv=(64, 64, 4), qc=16, score=(64, 4), slc=(64, 4),
+                slc_chunk=256)[name]
+
+
+def _i32(t):
+    return t.to(torch.int32).contiguous()
+
+
+class Plan:
+    """Per-pack index tensors for the kernels (int32), built once per forward from a SpanLayout."""
+
+    def __init__(self, layout: SpanLayout, kernel_size, kernel_stride, block_size, window_size):
+        L = layout
+        dev = L.sample_start.device
+        N = L.sample_start.numel()
+        assert N < BIG, "pack too long for int32 token indices"
+        idx = torch.arange(N, device=dev)
+        cu = L.cu_seqlens.long()
+        lens = cu.diff()
+        B = len(lens)
+        sample = torch.repeat_interleave(torch.arange(B, device=dev), lens)
+        noise = L.span_mode == NOISE
+        hi = torch.where(L.span_mode == CAUSAL, idx, L.span_end - 1)
+        tok_noise = torch.where(noise, idx, BIG)
+        next_noise = tok_noise.flip(0).cummin(0).values.flip(0)  # first noise token at or after j
+        next_clean = torch.where(noise, BIG, idx).flip(0).cummin(0).values.flip(0)
+        # compressed keys
+        nc = compressed_lengths(cu, kernel_size, kernel_stride)
+        ccu = F.pad(nc.cumsum(0), (1, 0))
+        c_first = window_starts(cu, kernel_size, kernel_stride)
+        c_last = c_first + kernel_size - 1
+        c_noise = torch.where(next_noise[c_first] <= c_last, next_noise[c_first], BIG) if len(c_first) else c_first
+        rel_hi = hi - L.sample_start
+        n_vis = torch.where(rel_hi >= kernel_size - 1, (rel_hi - kernel_size + 1) // kernel_stride + 1, 0)
+        self.c_klo = ccu[sample]
+        self.c_khi = self.c_klo + torch.minimum(n_vis, nc[sample])
+        self.c_noise = c_noise
+        self.ccu = ccu
+        # sliding window: keys [w_lo, w_hi)
+        hi_w = torch.minimum(hi, idx + window_size // 2)
+        self.w_lo = torch.maximum(L.sample_start, hi_w - window_size)
+        self.w_hi = hi_w + 1
+        # selection blocks
+        nb = (lens + block_size - 1) // block_size
+        self.bcu = F.pad(nb.cumsum(0), (1, 0))
+        b_sample = torch.repeat_interleave(torch.arange(B, device=dev), nb)
+        self.b_first = cu[b_sample] + (torch.arange(len(b_sample), device=dev) - self.bcu[b_sample]) * block_size
+        self.b_end = torch.minimum(self.b_first + block_size, cu[b_sample + 1])
+        self.b_clean = torch.where(next_clean[self.b_first] < self.b_end, next_clean[self.b_first], BIG)
+        self.block_of_sample = self.bcu[sample]  # global id of each token's sample's first block
+        self.max_len = int(lens.max())
+        self.num_blocks = -(-self.max_len // block_size)
+        self.cu, self.hi, self.nlo, self.tok_noise, self.N, self.B = cu, hi, L.span_start, tok_noise, N, B
+        self.block_size = block_size
+        for name in ["c_klo", "c_khi", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
+                     "cu", "hi", "nlo", "tok_noise"]:
+            setattr(self, name, _i32(getattr(self, name)))
+
+
+def _key_tile_ranges(klo, khi, nk, BQ, BK):
+    """For each key tile, the hull [lo, hi) of query tiles with a row whose key range meets the tile."""
+    N = klo.numel()
+    T = -(-N // BQ)
+    live = khi > klo
+    lo = F.pad(torch.where(live, klo, BIG), (0, T * BQ - N), value=BIG).view(T, BQ).amin(1)
+    hi = F.pad(torch.where(live, khi, 0), (0, T * BQ - N), value=0).view(T, BQ).amax(1)
+    k0 = torch.arange(-(-nk // BK), device=klo.device) * BK
+    meet = (lo[None, :] < k0[:, None] + BK) & (hi[None, :] > k0[:, None])
+    any_ = meet.any(1)
+    first = meet.int().argmax(1)
+    last = T - meet.flip(1).int().argmax(1)
+    return _i32(torch.where(any_, first, 0)), _i32(torch.where(any_, last, 0))
+
+
+class _BandAttention(torch.autograd.Function):
+    """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i (compressed, window)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, klo, khi, nlo, knoise, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        N, H, D = q.shape
+        NK, KH, _ = k.shape
+        BD = triton.next_power_of_2(D)
+        o = torch.empty_like(q)
+        lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+        BQ, BK, W = _tiles("band_fwd")
+        _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, N, NK, scale * math.log2(math.e),
+                                           *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *o.stride()[:2],
+                                           G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
+        ctx.save_for_backward(q, k, v, o, lse, klo, khi, nlo, knoise)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _):
+        q, k, v, o, lse, klo, khi, nlo, knoise = ctx.saved_tensors
+        do = do.contiguous()
+        N, H, D = q.shape
+        NK, KH, _ = k.shape
+        BD = triton.next_power_of_2(D)
+        qk_scale = ctx.scale * math.log2(math.e)
+        delta = (o.float() * do.float()).sum(-1).t().contiguous()
+        dq = torch.empty_like(q)
+        BQ, BK, W = _tiles("band_dq")
+        _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale,
+                                              ctx.scale, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                                              G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
+        dk = torch.zeros(NK, KH, D, device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+        BQ, BK, W = _tiles("band_dkdv")
+        QC = _tiles("qc")
+        if NK:
+            qt_lo, qt_hi = _key_tile_ranges(klo, khi, NK, BQ, BK)
+            n_chunks = max(1, -(-int((qt_hi - qt_lo).max()) // QC))
+            _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
+                q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, ctx.scale,
+                *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
+                G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, QC=QC, num_warps=W)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
+                        local_blocks):
+    """Kernel twin of block_scores_ref's `score` (float32 [Hkv, L, NB])."""
+    N, H, D = q.shape
+    R, KD = block_size // kernel_stride, kernel_size // kernel_stride
+    assert block_size % kernel_stride == 0 and kernel_size % kernel_stride == 0 and KD - 1 <= R
+    assert R & (R - 1) == 0, "block_size / kernel_stride must be a power of two"
+    out = torch.full((num_kv_heads, N, plan.num_blocks), float("-inf"), device=q.device, dtype=torch.float32)
+    BQ, W = _tiles("score")
+    BK = R * (4 if _interpret() else 16)
+    ck = ck.contiguous()
+    _block_scores[(triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads)](
+        q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, plan.c_noise, plan.b_clean,
+        N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
+        G=H // num_kv_heads, D=D, BD=triton.next_power_of_2(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
+        INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
+    return out
+
+
+def _selection_work(idx, plan: Plan):
+    """Invert the top-k lists: for each (kv head, block) the flat entries query * K + slot that chose it, cut into
+    work items of at most `slc_chunk` entries: int32 [W, 5] = (kv head, first token, end token, offset, count)."""
+    KH, N, K = idx.shape
+    NBT = len(plan.b_first)
+    kh, i, s = (idx >= 0).nonzero(as_tuple=True)
+    key = kh * NBT + plan.block_of_sample.long()[i] + idx[kh, i, s].long()
+    order = torch.argsort(key, stable=True)
+    qlist = _i32((i * K + s)[order])
+    counts = torch.bincount(key, minlength=KH * NBT)
+    chunk = _tiles("slc_chunk")
+    n_chunks = (counts + chunk - 1) // chunk
+    cid = torch.repeat_interleave(torch.arange(KH * NBT, device=idx.device), n_chunks)
+    j = torch.arange(len(cid), device=idx.device) - (n_chunks.cumsum(0) - n_chunks)[cid]
+    start = (counts.cumsum(0) - counts)[cid] + j * chunk
+    gb = cid % NBT
+    work = torch.stack([cid // NBT, plan.b_first.long()[gb], plan.b_end.long()[gb], start,
+                        torch.minimum(counts[cid] - j * chunk, torch.full_like(j, chunk))], 1)
+    return qlist, _i32(work)
+
+
+class _SelectedAttention(torch.autograd.Function):
+    """Attention of each query over the visible tokens of its selected blocks, gathered per KV block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, plan, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        N, H, D = q.shape
+        KH = k.shape[1]
+        K = idx.shape[2]
+        BD = triton.next_power_of_2(D)
+        qlist, work = _selection_work(idx, plan)
+        op = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
+        lp = torch.full((N, H, K), float("-inf"), device=q.device, dtype=torch.float32)
+        BM, W = _tiles("slc")
+        qk_scale = scale * math.log2(math.e)
+        if len(work):
+            _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, qk_scale,
+                                   *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                                   K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+        o = torch.empty_like(q)
+        lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+        BR = 16
+        _slc_combine[(triton.cdiv(N * H, BR),)](op, lp, o, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=BR, GRAD=False)
+        ctx.save_for_backward(q, k, v, o, lse, lp, qlist, work)
+        ctx.plan, ctx.scale = plan, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, lp, qlist, work = ctx.saved_tensors
+        plan = ctx.plan
+        do = do.contiguous()
+        N, H, D = q.shape
+        KH = k.shape[1]
+        K = lp.shape[2]
+        BD = triton.next_power_of_2(D)
+        delta = (o.float() * do.float()).sum(-1).t().contiguous()
+        dqp = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
+        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+        BM, W = _tiles("slc")
+        if len(work):
+            _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
+                                   plan.tok_noise, N, H, ctx.scale * math.log2(math.e), ctx.scale,
+                                   *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
+                                   K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+        dq = torch.empty_like(q)
+        BR = 16
+        _slc_combine[(triton.cdiv(N * H, BR),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=BR, GRAD=True)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# The module
+
+class NSA(torch.nn.Module):
+    """NSA for one attention layer: compression parameters, intra-block key position bias and the branch gate.
+    The layer's own q/k/v/o projections and norms stay in the model; forward takes q, k (before RoPE) and v."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, block_size=64, compress_type="weightedpool",
+                 kernel_size=32, kernel_stride=16, topk=16, init_blocks=1, local_blocks=2, window_size=512,
+                 backend=None):
+        super().__init__()
+        assert num_heads % num_kv_heads == 0 and kernel_size % kernel_stride == 0 and block_size % kernel_stride == 0
+        assert topk >= init_blocks + local_blocks, "topk must cover the forced blocks"
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.cfg = dict(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, topk=topk,
+                        init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size)
+        self.compress_type = compress_type
+        self.backend = backend  # None: triton on CUDA, torch elsewhere; or force "torch" / "triton"
+        shape = {"weightedpool": (num_kv_heads, kernel_size),
+                 "linear": (num_kv_heads, kernel_size * head_dim, head_dim), "avgpool": None}[compress_type]
+        if shape is not None:
+            self.compress_key = torch.nn.Parameter(torch.empty(shape))
+            self.compress_value = torch.nn.Parameter(torch.empty(shape))
+        self.intra_block_pe = torch.nn.Parameter(torch.empty(num_kv_heads, kernel_size, head_dim))
+        self.gate = torch.nn.Linear(hidden_size, 3 * num_heads, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Near-dense start: key pooling = mean, value pooling = 0 (o_cmp = 0), pe = 0, every gate 0.5."""
+        if self.compress_type == "weightedpool":
+            self.compress_key.fill_(1.0 / self.cfg["kernel_size"])
+            self.compress_value.zero_()
+        elif self.compress_type == "linear":
+            l, D = self.cfg["kernel_size"], self.head_dim
+            self.compress_key.copy_(torch.eye(D).repeat(l, 1).expand(self.num_kv_heads, l * D, D) / l)
+            self.compress_value.zero_()
+        self.intra_block_pe.zero_()
+        self.gate.weight.zero_()
+
+    def forward(self, x, q, k, v, layout: SpanLayout, rope, position_ids=None):
+        """x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k before RoPE;
+        rope(t, positions) rotates a [n, H, D] tensor; position_ids [L] (default: index within the sample)."""
+        c = self.cfg
+        idx = torch.arange(q.shape[0], device=q.device)
+        pos = idx - layout.sample_start if position_ids is None else position_ids
+        w_k = getattr(self, "compress_key", None)
+        w_v = getattr(self, "compress_value", None)
+        ck = compress(k, w_k, layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type,
+                      self.intra_block_pe)
+        cv = compress(v, w_v, layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type)
+        ck = rope(ck, pos[window_starts(layout.cu_seqlens, c["kernel_size"], c["kernel_stride"])])
+        q, k = rope(q, pos), rope(k, pos)
+        scale = self.head_dim ** -0.5
+        backend = self.backend or ("triton" if q.is_cuda else "torch")
+        if backend == "torch":
+            o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
+        else:
+            o_cmp, o_slc, o_swa = nsa_triton(q, k, v, ck, cv, layout, c, scale)
+        g = gate_values(x, self.gate.weight, self.num_heads).to(o_cmp.dtype)
+        return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+
+
+def nsa_triton(q, k, v, ck, cv, layout, cfg, scale, plan=None):
+    """Kernel twin of nsa_reference: (o_cmp, o_slc, o_swa)."""
+    plan = plan or Plan(layout, cfg["kernel_size"], cfg["kernel_stride"], cfg["block_size"], cfg["window_size"])
+    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale)
+    with torch.no_grad():
+        score = block_scores_triton(q.contiguous(), ck, lse, plan, k.shape[1], cfg["kernel_stride"],
+                                    cfg["kernel_size"], cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
+        idx = select_blocks(score, cfg["topk"])
+    o_slc = _SelectedAttention.apply(q, k, v, idx, plan, scale)
+    o_swa, _ = _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale)
+    return o_cmp, o_slc, o_swa
