@@ -1,14 +1,31 @@
 """Checkpoint layouts in and out of nanobagel.
 
-Official BAGEL layout (a folder): ema.safetensors (the Bagel module), ae.safetensors (FLUX AE),
-llm_config.json (Qwen2 fields), vit_config.json (SigLIP fields).
+The same BAGEL weights come in three folder layouts:
+  official   ByteDance-Seed/BAGEL-7B-MoT: ema.safetensors (the Bagel module; official training checkpoints also
+             hold the raw weights in model.safetensors), ae.safetensors (FLUX AE), llm_config.json (Qwen2 fields),
+             vit_config.json (SigLIP fields, one layer more than built).
+  hf         lmms-lab/BAGEL-7B-MoT-ver.LE: config.json with nested llm_config / vit_config / vae_config, weights in
+             model.safetensors or in shards listed by model.safetensors.index.json; the official key names plus
+             the AE under vae_model.*.
+  nanobagel  config.json (BagelConfig fields), model.safetensors (our names), optional ema.safetensors (EMA),
+             vae.safetensors (FLUX names).
+Tokenizer files (tokenizer.json, vocab.json, ...) travel along, checked against the embedding rows.
 
-    python convert.py official path/to/BAGEL-7B-MoT out/nanobagel   # -> model.safetensors + vae.safetensors + config.json
+    python convert.py FOLDER OUT [--to official|hf|nanobagel] [--dtype bf16|fp32] [--ema]
 
-Loading is tensor by tensor from memory-mapped safetensors, so a 29 GB checkpoint never needs twice its size.
+FOLDER's layout is detected; --to defaults to nanobagel, or to official for a nanobagel FOLDER. --ema takes the
+EMA weights (ema.safetensors); without it the raw weights (model.safetensors), except in an official folder
+that has only ema.safetensors (the release). The official layout always writes ema.safetensors, the file its
+loaders read. --dtype casts the Bagel weights (default: keep); the AE keeps its dtype. Tensors stream one at a
+time from memory-mapped files to the output, so a 29 GB checkpoint is never held in memory, let alone twice.
 """
+import argparse
 import json
+import math
 import os
+import re
+import shutil
+import struct
 import sys
 from dataclasses import asdict, fields
 
@@ -54,7 +71,11 @@ GLOBAL = {
     "vit.post_norm.weight": "vit_model.vision_model.post_layernorm.weight",
     "vit.post_norm.bias": "vit_model.vision_model.post_layernorm.bias",
 }
+# The fixed sin-cos tables: buffers we rebuild, tensors the official and hf files carry (official inference
+# loads them from the file), always written as the exact table.
 FIXED_TABLES = {"vit_pos_table": "vit_pos_embed.pos_embed", "latent_pos_table": "latent_pos_embed.pos_embed"}
+HF_VAE_PREFIX = "vae_model."
+LAYOUTS = ("official", "hf", "nanobagel")
 
 
 def official_names(cfg: BagelConfig):
@@ -71,8 +92,37 @@ def official_names(cfg: BagelConfig):
     return names
 
 
+def meta_modules(cfg):
+    with torch.device("meta"):
+        return Bagel(cfg), AutoEncoder(cfg)
+
+
+def name_maps(layout, cfg):
+    """{file role: {ours: key in that file}} of a layout. Ours: Bagel parameter and table names, and
+    "vae.<FLUX name>" for the AE. Roles: "weights" and "vae" (hf keeps both in its one set of files)."""
+    bagel, vae = meta_modules(cfg)
+    ae = {f"vae.{k}": k for k, _ in vae.named_parameters()}
+    if layout == "nanobagel":
+        return {"weights": {k: k for k in bagel.state_dict()}, "vae": ae}
+    official = {**official_names(cfg), **FIXED_TABLES}
+    if layout == "official":
+        return {"weights": official, "vae": ae}
+    return {"weights": {**official, **{ours: HF_VAE_PREFIX + k for ours, k in ae.items()}}}
+
+
+def expected_shapes(cfg):
+    bagel, vae = meta_modules(cfg)
+    shapes = {k: tuple(v.shape) for k, v in [*bagel.named_parameters(), *bagel.named_buffers()]}
+    return shapes | {f"vae.{k}": tuple(v.shape) for k, v in vae.named_parameters()}
+
+
+def fixed_table(cfg, name):
+    side = {"vit_pos_table": cfg.vit_max_patches_per_side, "latent_pos_table": cfg.max_latent_size}[name]
+    return sincos_2d(cfg.hidden_size, side)
+
+
 # ----------------------------------------------------------------------------------------------
-# Reading
+# Reading: safetensors files, configs, layout detection
 
 class CheckpointError(ValueError):
     pass
@@ -81,25 +131,17 @@ class CheckpointError(ValueError):
 def read_json(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"missing {path}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def official_config(folder, **overrides):
-    """BagelConfig from llm_config.json + vit_config.json (+ the constants the official loaders hard-code).
-    The AE shape is not in the release files; pass vae_* overrides for a non-7B AE."""
-    llm, vit = read_json(os.path.join(folder, "llm_config.json")), read_json(os.path.join(folder, "vit_config.json"))
-    if vit.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or llm.get("hidden_act", "silu") != "silu":
-        raise CheckpointError("unsupported activation in the config files")
-    cfg = dict(vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"], num_layers=llm["num_hidden_layers"],
-               num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"],
-               intermediate_size=llm["intermediate_size"], rope_theta=float(llm["rope_theta"]),
-               rms_norm_eps=llm["rms_norm_eps"],
-               vit_hidden_size=vit["hidden_size"], vit_num_layers=vit["num_hidden_layers"] - 1,  # vit_select_layer -2
-               vit_num_heads=vit["num_attention_heads"], vit_intermediate_size=vit["intermediate_size"],
-               vit_patch_size=vit["patch_size"], vit_layer_norm_eps=vit.get("layer_norm_eps", 1e-6))
-    cfg.update(overrides)
-    return BagelConfig(**cfg)
+def need(d, key, where):
+    if key not in d:
+        raise CheckpointError(f"{where}: no field {key}")
+    return d[key]
 
 
 def open_safetensors(path):
@@ -108,89 +150,425 @@ def open_safetensors(path):
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # truncated or not a safetensors file
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated?): {e}") from e
 
 
-def copy_into(target: dict, source, name_map, path):
-    """Copy tensors source[name_map[ours]] into target[ours] one by one; strict about keys and shapes."""
-    keys = set(source.keys())
-    missing = [theirs for theirs in name_map.values() if theirs not in keys]
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class Tensors:
+    """One or more memory-mapped safetensors files seen as one store; tensors are read one at a time."""
+    def __init__(self, folder, files, index=None):
+        self.label = os.path.join(folder, index or files[0])
+        self.file_of, self.name_of = {}, {}
+        for name in files:
+            f = open_safetensors(os.path.join(folder, name))
+            for key in f.keys():
+                if key in self.file_of:
+                    raise CheckpointError(f"{folder}: {key} is in both {self.name_of[key]} and {name}")
+                self.file_of[key], self.name_of[key] = f, name
+
+    def keys(self):
+        return self.file_of.keys()
+
+    def shape(self, key):
+        return tuple(self.file_of[key].get_slice(key).get_shape())
+
+    def dtype(self, key):
+        return DTYPES[self.file_of[key].get_slice(key).get_dtype()]
+
+    def get(self, key, index=()):
+        """The tensor, or only its part index (a tuple of slices) read from the file."""
+        return self.file_of[key].get_slice(key)[index] if index else self.file_of[key].get_tensor(key)
+
+
+def check_keys(tensors, names, shapes):
+    """The files must hold exactly the keys names maps to, in the shapes the config builds."""
+    keys = set(tensors.keys())
+    missing = [k for k in names.values() if k not in keys]
     if missing:
-        raise CheckpointError(f"{path}: missing key {missing[0]} ({len(missing)} missing)")
-    unused = sorted(keys - set(name_map.values()))
+        raise CheckpointError(f"{tensors.label}: missing key {missing[0]} ({len(missing)} missing): "
+                              "the config does not match the tensors")
+    unused = sorted(keys - set(names.values()))
     if unused:
-        raise CheckpointError(f"{path}: unexpected key {unused[0]} ({len(unused)} unexpected): wrong config?")
-    for ours, theirs in name_map.items():
-        shape = tuple(source.get_slice(theirs).get_shape())
-        if shape != tuple(target[ours].shape):
-            raise CheckpointError(f"{path}: {theirs} has shape {list(shape)}, the config expects "
-                                  f"{list(target[ours].shape)} (ours: {ours})")
-        with torch.no_grad():
-            target[ours].copy_(source.get_tensor(theirs))
+        raise CheckpointError(f"{tensors.label}: unexpected key {unused[0]} ({len(unused)} unexpected): "
+                              "the config does not match the tensors")
+    for ours, theirs in names.items():
+        if tensors.shape(theirs) != shapes[ours]:
+            raise CheckpointError(f"{tensors.label}: {theirs} has shape {list(tensors.shape(theirs))}, the config "
+                                  f"expects {list(shapes[ours])} (ours: {ours})")
 
 
-def load_official(folder, cfg: BagelConfig = None, device="cpu", dtype=torch.float32, **overrides):
-    """(Bagel, AutoEncoder, cfg) from an official-layout folder; every key used, every shape checked."""
+def detect_layout(folder):
+    """"official", "hf" or "nanobagel", from the files a folder holds."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder} is not a folder")
-    cfg = cfg or official_config(folder, **overrides)
+    has = lambda name: os.path.isfile(os.path.join(folder, name))
+    if has("llm_config.json") and has("ema.safetensors"):
+        return "official"
+    if has("config.json"):
+        raw = read_json(os.path.join(folder, "config.json"))
+        if "llm_config" in raw:
+            return "hf"
+        if "vae_ch" in raw:
+            return "nanobagel"
+    if has("llm_config.json"):
+        return "official"  # reading it names what is missing
+    raise CheckpointError(f"{folder} is not a BAGEL checkpoint: expected llm_config.json + ema.safetensors "
+                          "(official), a config.json with llm_config (hf) or a nanobagel config.json")
+
+
+def llm_fields(llm, where):
+    if llm.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: unsupported activation {llm['hidden_act']}")
+    if not llm.get("qk_norm", True) or llm.get("tie_word_embeddings", False):
+        raise CheckpointError(f"{where}: nanobagel needs qk_norm and untied embeddings")
+    if llm.get("layer_module", "Qwen2MoTDecoderLayer") != "Qwen2MoTDecoderLayer":
+        raise CheckpointError(f"{where}: layer_module {llm['layer_module']}: nanobagel builds MoT layers only")
+    g = lambda key: need(llm, key, where)
+    return dict(vocab_size=g("vocab_size"), hidden_size=g("hidden_size"), num_layers=g("num_hidden_layers"),
+                num_heads=g("num_attention_heads"), num_kv_heads=g("num_key_value_heads"),
+                intermediate_size=g("intermediate_size"), rope_theta=float(g("rope_theta")),
+                rms_norm_eps=g("rms_norm_eps"), freeze_und=llm.get("freeze_und", False))
+
+
+def vit_fields(vit, where, built_layers):
+    if vit.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or vit.get("rope", False):
+        raise CheckpointError(f"{where}: unsupported ViT activation or rope")
+    g = lambda key: need(vit, key, where)
+    return dict(vit_hidden_size=g("hidden_size"), vit_num_layers=built_layers,
+                vit_num_heads=g("num_attention_heads"), vit_intermediate_size=g("intermediate_size"),
+                vit_patch_size=g("patch_size"), vit_layer_norm_eps=vit.get("layer_norm_eps", 1e-6))
+
+
+def official_config(folder, **overrides):
+    """BagelConfig from llm_config.json + vit_config.json (+ the constants the official loaders hard-code).
+    The AE shape is not in the release files; pass vae_* overrides for a non-7B AE (read_official infers it)."""
+    llm_path, vit_path = os.path.join(folder, "llm_config.json"), os.path.join(folder, "vit_config.json")
+    llm, vit = read_json(llm_path), read_json(vit_path)
+    built = need(vit, "num_hidden_layers", vit_path) - 1  # vit_select_layer -2 drops the last layer
+    return BagelConfig(**{**llm_fields(llm, llm_path), **vit_fields(vit, vit_path, built), **overrides})
+
+
+def ae_shape(ae: Tensors):
+    """The AE hyper-parameters an official folder does not write down, read off ae.safetensors' shapes."""
+    level = lambda i: f"encoder.down.{i}.block.0.conv1.weight"
+    try:
+        ch = ae.shape("encoder.conv_in.weight")[0]
+        levels = sum(1 for k in ae.keys() if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
+        mult = tuple(ae.shape(level(i))[0] // ch for i in range(levels))
+        blocks = sum(1 for k in ae.keys() if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k))
+        z = ae.shape("decoder.conv_in.weight")[1]
+    except KeyError as e:
+        raise CheckpointError(f"{ae.label} is not a FLUX AE: no {e}") from e
+    return dict(vae_ch=ch, vae_ch_mult=mult, vae_num_res_blocks=blocks, latent_channels=z)
+
+
+def hf_config(folder, **overrides):
+    """BagelConfig from an hf config.json (nested llm_config / vit_config / vae_config)."""
+    path = os.path.join(folder, "config.json")
+    raw = read_json(path)
+    if not (raw.get("visual_gen", True) and raw.get("visual_und", True)):
+        raise CheckpointError(f"{path}: visual_gen and visual_und must both be true (nanobagel builds both paths)")
+    if raw.get("connector_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or raw.get("interpolate_pos", False):
+        raise CheckpointError(f"{path}: unsupported connector_act or interpolate_pos")
+    vit, vae = need(raw, "vit_config", path), need(raw, "vae_config", path)
+    if vae.get("in_channels", 3) != 3 or vae.get("out_ch", 3) != 3:
+        raise CheckpointError(f"{path}: the AE must map 3-channel images")
+    g = lambda key: need(vae, key, path + " vae_config")
+    return BagelConfig(**{
+        **llm_fields(raw["llm_config"], path + " llm_config"),
+        **vit_fields(vit, path + " vit_config", need(vit, "num_hidden_layers", path)),  # already the built count
+        **dict(vae_ch=g("ch"), vae_ch_mult=tuple(g("ch_mult")), vae_num_res_blocks=g("num_res_blocks"),
+               latent_channels=g("z_channels"), vae_scale_factor=g("scale_factor"), vae_shift_factor=g("shift_factor"),
+               latent_patch_size=raw.get("latent_patch_size", 2), max_latent_size=raw.get("max_latent_size", 64),
+               vit_max_patches_per_side=raw.get("vit_max_num_patch_per_side", 70)),
+        **overrides})
+
+
+def nanobagel_config(folder, **overrides):
+    path = os.path.join(folder, "config.json")
+    raw = read_json(path)
+    known = {f.name for f in fields(BagelConfig)}
+    if set(raw) - known:
+        raise CheckpointError(f"{path}: unknown field {sorted(set(raw) - known)[0]}")
+    return BagelConfig(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, **overrides})
+
+
+def hf_tensors(folder):
+    """The hf weights: model.safetensors, or the shards model.safetensors.index.json lists."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index_path):
+        return Tensors(folder, ["model.safetensors"])
+    weight_map = need(read_json(index_path), "weight_map", index_path)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise CheckpointError(f"{index_path} names the shard {shard}, which is missing")
+    tensors = Tensors(folder, shards, index="model.safetensors.index.json")
+    for key, shard in tensors.name_of.items():
+        if weight_map.get(key) != shard:
+            raise CheckpointError(f"{index_path} does not list {key} of {shard}")
+    for key, shard in weight_map.items():
+        if tensors.name_of.get(key) != shard:
+            raise CheckpointError(f"{index_path} lists {key} in {shard}, which does not hold it")
+    return tensors
+
+
+def read_checkpoint(folder, ema=False, cfg=None, **overrides):
+    """(layout, cfg, {ours: (Tensors, key)}) of a folder of any layout; every key and shape checked, nothing loaded."""
+    layout = detect_layout(folder)
+    has = lambda name: os.path.isfile(os.path.join(folder, name))
+    if layout == "official":
+        weights = "ema.safetensors" if ema or not has("model.safetensors") else "model.safetensors"
+        files = {"weights": Tensors(folder, [weights]), "vae": Tensors(folder, ["ae.safetensors"])}
+        cfg = cfg or official_config(folder, **{**ae_shape(files["vae"]), **overrides})
+    elif layout == "hf":
+        if ema:
+            raise CheckpointError(f"{folder}: the hf layout holds one set of weights; drop --ema")
+        cfg = cfg or hf_config(folder, **overrides)
+        files = {"weights": hf_tensors(folder)}
+    else:
+        cfg = cfg or nanobagel_config(folder, **overrides)
+        files = {"weights": Tensors(folder, ["ema.safetensors" if ema else "model.safetensors"]),
+                 "vae": Tensors(folder, ["vae.safetensors"])}
+    shapes, source = expected_shapes(cfg), {}
+    for role, names in name_maps(layout, cfg).items():
+        check_keys(files[role], names, shapes)
+        source |= {ours: (files[role], key) for ours, key in names.items()}
+    return layout, cfg, source
+
+
+def checkpoint_config(folder, **overrides):
+    """The BagelConfig of a checkpoint folder of any layout (reads configs and safetensors headers only)."""
+    return read_checkpoint(folder, **overrides)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into modules
+
+def load_checkpoint(folder, device="cpu", dtype=torch.float32, ema=False, cfg=None, **overrides):
+    """(Bagel, AutoEncoder, cfg) from a folder of any layout; every key used, every shape checked.
+    overrides: BagelConfig fields that the files do not decide (attn_backend, or the AE of an official folder)."""
+    _, cfg, source = read_checkpoint(folder, ema=ema, cfg=cfg, **overrides)
     with torch.device("meta"):
         model, vae = Bagel(cfg), AutoEncoder(cfg)
     model.to_empty(device=device).to(dtype)
     vae.to_empty(device=device).to(dtype)
-    model.init_weights()  # fixed tables
-    params = dict(model.named_parameters())
-    ema_path = os.path.join(folder, "ema.safetensors")
-    ema = open_safetensors(ema_path)
-    name_map = dict(official_names(cfg), **FIXED_TABLES)
-    tables = {ours: torch.empty_like(getattr(model, ours)) for ours in FIXED_TABLES}
-    copy_into({**params, **tables}, ema, name_map, ema_path)
-    for ours, table in tables.items():  # the release stores the tables; they must be the sin-cos we rebuild
-        if not torch.allclose(table.float(), getattr(model, ours).float(), atol=1e-2):
-            raise CheckpointError(f"{ema_path}: {FIXED_TABLES[ours]} is not the fixed 2D sin-cos table")
-    ae_path = os.path.join(folder, "ae.safetensors")
-    vae_params = dict(vae.named_parameters())
-    copy_into(vae_params, open_safetensors(ae_path), {k: k for k in vae_params}, ae_path)
+    model.init_weights()  # the fixed tables, and any parameter no layout carries (NSA gates)
+    targets = dict(model.named_parameters()) | dict(model.named_buffers()) | {f"vae.{k}": v for k, v in vae.named_parameters()}
+    with torch.no_grad():
+        for ours, (tensors, key) in source.items():
+            if ours in FIXED_TABLES:  # the files carry them (bf16 in the release): they must be the fixed table
+                if not torch.allclose(tensors.get(key).float(), fixed_table(cfg, ours), atol=1e-2):
+                    raise CheckpointError(f"{tensors.label}: {key} is not the fixed 2D sin-cos table")
+            else:
+                targets[ours].copy_(tensors.get(key))
     return model, vae, cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# The nanobagel layout: config.json (BagelConfig fields), model.safetensors (our names), optional
-# ema.safetensors, vae.safetensors (FLUX names), and tokenizer.json when known.
-
-def save_nanobagel(folder, model, vae, cfg, ema_state=None):
-    """model and vae: modules or their state dicts."""
-    from safetensors.torch import save_file
-    state = lambda m: m if isinstance(m, dict) else m.state_dict()
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state(model).items()}, os.path.join(folder, "model.safetensors"))
-    if ema_state is not None:
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(folder, "ema.safetensors"))
-    save_file({k: v.contiguous() for k, v in state(vae).items()}, os.path.join(folder, "vae.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+def load_official(folder, cfg: BagelConfig = None, device="cpu", dtype=torch.float32, **overrides):
+    """(Bagel, AutoEncoder, cfg) from an official-layout folder's ema.safetensors + ae.safetensors."""
+    if detect_layout(folder) != "official":
+        raise CheckpointError(f"{folder} is not an official-layout checkpoint")
+    return load_checkpoint(folder, device, dtype, ema=True, cfg=cfg, **overrides)
 
 
 def load_nanobagel(folder, weights="model", device="cpu", dtype=torch.float32):
     """(Bagel, AutoEncoder, cfg) from a nanobagel folder; weights="ema" takes the EMA weights."""
-    raw = read_json(os.path.join(folder, "config.json"))
-    known = {f.name for f in fields(BagelConfig)}
-    if set(raw) - known:
-        raise CheckpointError(f"{folder}/config.json: unknown field {sorted(set(raw) - known)[0]}")
-    cfg = BagelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    with torch.device("meta"):
-        model, vae = Bagel(cfg), AutoEncoder(cfg)
-    model.to_empty(device=device).to(dtype)
-    vae.to_empty(device=device).to(dtype)
-    model.init_weights()
-    for module, name in ((model, f"{weights}.safetensors"), (vae, "vae.safetensors")):
-        path = os.path.join(folder, name)
-        params = dict(module.named_parameters())
-        copy_into(params, open_safetensors(path), {k: k for k in params}, path)
-    return model, vae, cfg
+    if detect_layout(folder) != "nanobagel":
+        raise CheckpointError(f"{folder} is not a nanobagel checkpoint")
+    return load_checkpoint(folder, device, dtype, ema=weights == "ema")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: safetensors one tensor at a time, the three layouts, tokenizer files
+
+ST_DTYPE = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path, entries, metadata=None):
+    """Write entries [(key, shape, dtype, get)] as a safetensors file, calling get() for one tensor at a time.
+    Written to path.tmp, then renamed: an interrupted write never leaves a valid-looking file."""
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for key, shape, dtype, _ in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensors start 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key, shape, dtype, get in entries:
+            t = get().to("cpu", dtype).contiguous()
+            assert tuple(t.shape) == tuple(shape), key
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+    os.replace(path + ".tmp", path)
+
+
+def llm_config_json(cfg, dtype):
+    """Qwen2 config fields, as in the release's llm_config.json."""
+    return {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "hidden_act": "silu",
+            "hidden_size": cfg.hidden_size, "initializer_range": 0.02, "intermediate_size": cfg.intermediate_size,
+            "max_position_embeddings": 32768, "max_window_layers": cfg.num_layers, "model_type": "qwen2",
+            "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+            "num_key_value_heads": cfg.num_kv_heads, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+            "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": str(dtype).split(".")[1],
+            "use_cache": True, "use_sliding_window": False, "vocab_size": cfg.vocab_size}
+
+
+def vit_config_json(cfg, num_hidden_layers):
+    return {"hidden_act": "gelu_pytorch_tanh", "hidden_size": cfg.vit_hidden_size,
+            "image_size": cfg.vit_patch_size * cfg.vit_max_patches_per_side,
+            "intermediate_size": cfg.vit_intermediate_size, "layer_norm_eps": cfg.vit_layer_norm_eps,
+            "model_type": "siglip_vision_model", "num_attention_heads": cfg.vit_num_heads, "num_channels": 3,
+            "num_hidden_layers": num_hidden_layers, "patch_size": cfg.vit_patch_size}
+
+
+def hf_config_json(cfg, dtype):
+    """lmms-engine's BagelConfig.to_dict(): the vit_config counts the layers actually built."""
+    return {"architectures": ["Bagel"], "model_type": "bagel", "visual_gen": True, "visual_und": True,
+            "llm_config": {**llm_config_json(cfg, dtype), "layer_module": "Qwen2MoTDecoderLayer", "qk_norm": True,
+                           "freeze_und": cfg.freeze_und},
+            "vit_config": {**vit_config_json(cfg, cfg.vit_num_layers), "rope": False},
+            "vae_config": {"resolution": 256, "in_channels": 3, "downsample": 2 ** (len(cfg.vae_ch_mult) - 1),
+                           "ch": cfg.vae_ch, "out_ch": 3, "ch_mult": list(cfg.vae_ch_mult),
+                           "num_res_blocks": cfg.vae_num_res_blocks, "z_channels": cfg.latent_channels,
+                           "scale_factor": cfg.vae_scale_factor, "shift_factor": cfg.vae_shift_factor},
+            "latent_patch_size": cfg.latent_patch_size, "max_latent_size": cfg.max_latent_size,
+            "vit_max_num_patch_per_side": cfg.vit_max_patches_per_side, "connector_act": "gelu_pytorch_tanh",
+            "interpolate_pos": False, "timestep_shift": 1.0, "vit_select_layer": -2, "vit_rope": False,
+            "torch_dtype": str(dtype).split(".")[1]}
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_hf_shards(out, entries, shard_bytes):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past shard_bytes."""
+    shards, size, total = [[]], 0, 0
+    for e in entries:
+        n = math.prod(e[1]) * e[2].itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size, total = size + n, total + n
+    if len(shards) == 1:
+        return write_safetensors(os.path.join(out, "model.safetensors"), shards[0])
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(out, name), shard)
+        weight_map |= {e[0]: name for e in shard}
+    write_json(os.path.join(out, "model.safetensors.index.json"), {"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map})
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def check_tokenizer(folder, cfg):
+    """The tokenizer files a folder holds, after checking that every id they give (plus BAGEL's four special
+    tokens, appended if missing) has an embedding row."""
+    present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+    vocab = None
+    if "tokenizer.json" in present:
+        from tokenizers import Tokenizer
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            vocab = Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable tokenizer: {e}") from e
+    elif "vocab.json" in present:
+        vocab = read_json(os.path.join(folder, "vocab.json"))
+        if "added_tokens.json" in present:
+            vocab |= read_json(os.path.join(folder, "added_tokens.json"))
+    if vocab is not None:
+        rows = max(vocab.values(), default=-1) + 1 + sum(t not in vocab for t in SPECIAL_TOKENS)
+        if rows > cfg.vocab_size:
+            raise CheckpointError(f"{folder}: the tokenizer needs {rows} embedding rows, the weights have "
+                                  f"{cfg.vocab_size}")
+    return present
+
+
+def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2**30, **overrides):
+    """Write the checkpoint in folder (any layout) to the new folder out in layout `to`, tensor by tensor.
+    dtype casts the Bagel weights (None: keep each tensor's); the AE keeps its dtype. Returns out's config."""
+    if to not in LAYOUTS:
+        raise CheckpointError(f"unknown layout {to}: choose one of {', '.join(LAYOUTS)}")
+    layout, cfg, source = read_checkpoint(folder, ema=ema, **overrides)
+    tokenizer = check_tokenizer(folder, cfg)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"{out} exists and is not an empty folder")
+    os.makedirs(out, exist_ok=True)
+    shapes = expected_shapes(cfg)
+    weights_dtype = dtype or source["embed_tokens.weight"][0].dtype(source["embed_tokens.weight"][1])
+
+    def entry(ours, key):
+        if ours in FIXED_TABLES:
+            return key, shapes[ours], weights_dtype, lambda: fixed_table(cfg, ours)
+        tensors, theirs = source[ours]
+        keep = tensors.dtype(theirs)
+        return key, shapes[ours], keep if ours.startswith("vae.") or dtype is None else dtype, \
+            lambda: tensors.get(theirs)
+
+    maps = name_maps(to, cfg)
+    entries = {role: [entry(ours, key) for ours, key in names.items()] for role, names in maps.items()}
+    if to == "official":
+        write_safetensors(os.path.join(out, "ema.safetensors"), entries["weights"])
+        write_safetensors(os.path.join(out, "ae.safetensors"), entries["vae"])
+        write_json(os.path.join(out, "llm_config.json"), llm_config_json(cfg, weights_dtype))
+        write_json(os.path.join(out, "vit_config.json"), vit_config_json(cfg, cfg.vit_num_layers + 1))
+    elif to == "hf":
+        write_hf_shards(out, entries["weights"], shard_bytes)
+        write_json(os.path.join(out, "config.json"), hf_config_json(cfg, weights_dtype))
+    else:
+        write_safetensors(os.path.join(out, "model.safetensors"), entries["weights"])
+        write_safetensors(os.path.join(out, "vae.safetensors"), entries["vae"])
+        write_json(os.path.join(out, "config.json"), asdict(cfg))
+    for name in tokenizer:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
+    return cfg
+
+
+def save_nanobagel(folder, model, vae, cfg, ema_state=None, tokenizer_from=None):
+    """A nanobagel folder from modules in memory (full tensors); ema_state: {our name: tensor}.
+    tokenizer_from: a folder whose tokenizer files are checked and copied alongside."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = lambda state: [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items()]
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors(model.state_dict()))
+    if ema_state is not None:
+        write_safetensors(os.path.join(folder, "ema.safetensors"), tensors(ema_state))
+    write_safetensors(os.path.join(folder, "vae.safetensors"), tensors(vae.state_dict()))
+    write_json(os.path.join(folder, "config.json"), asdict(cfg))
+    for name in check_tokenizer(tokenizer_from, cfg) if tokenizer_from else []:
+        shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(folder, name))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder")
+    p.add_argument("out")
+    p.add_argument("--to", choices=LAYOUTS)
+    p.add_argument("--dtype", choices=("bf16", "fp32"))
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (ema.safetensors)")
+    args = p.parse_args(argv)
+    try:
+        layout = detect_layout(args.folder)
+        to = args.to or ("official" if layout == "nanobagel" else "nanobagel")
+        dtype = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        convert(args.folder, args.out, to, dtype, args.ema)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.folder} ({layout}) -> {args.out} ({to})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "official":
-        sys.exit(__doc__)
-    save_nanobagel(sys.argv[3], *load_official(sys.argv[2]))
+    main()
