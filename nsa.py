@@ -28,10 +28,11 @@ The rules for the three branches:
     probabilities; forced blocks (+inf) are blocks b < init_blocks and the local blocks
     qb - local_blocks < b <= qb with qb = i's own block; zero-score ties go to the earlier block. Inside a chosen
     block, keys are masked token by token with the visibility rule.
-  - Sliding window: the window_size + 1 keys ending at hi_w(i) = min(hi(i), i + window_size // 2), masked with the
-    visibility rule. For causal queries hi_w = i, the library's [i - w, i]. A query in a full or noise span sees
-    its span's future, so its window is centred on itself (w/2 on each side) and shifted left where it would
-    pass the span's end; a span of up to w/2 + 1 tokens is seen whole by all of its queries.
+  - Sliding window: the interval of window_size + 1 keys centred on i, slid to lie inside
+    [sample_start(i), hi(i)], masked with the visibility rule: it ends at
+    hi_w(i) = min(hi(i), max(i + w // 2, sample_start(i) + w)). For causal queries hi_w = i, the library's
+    [i - w, i]. A query in a full or noise span sees its span's future, so its window reaches w/2 ahead; in a
+    sample of at most w + 1 tokens every query's window covers everything it may see.
   Gathered per KV block (group-centric, no padding of G to 16): the selected branch inverts the top-k lists so
   that each program loads one KV block once and streams the (query, head) rows that chose it.
 
@@ -162,10 +163,11 @@ def selected_mask(layout, idx, block_size):
 
 
 def window_mask(layout, window_size):
-    """[L, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, i + w // 2) (see the module docstring)."""
+    """[L, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, max(i + w // 2, sample_start + w)) (see the
+    module docstring)."""
     idx = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
     hi = torch.where(layout.span_mode == CAUSAL, idx, layout.span_end - 1)
-    hi_w = torch.minimum(hi, idx + window_size // 2)
+    hi_w = torch.minimum(hi, torch.maximum(idx + window_size // 2, layout.sample_start + window_size))
     j = idx[None, :]
     return dense_mask(layout) & (j <= hi_w[:, None]) & (j >= hi_w[:, None] - window_size)
 
@@ -542,7 +544,7 @@ class Plan:
         self.c_noise = c_noise
         self.ccu = ccu
         # sliding window: keys [w_lo, w_hi)
-        hi_w = torch.minimum(hi, idx + window_size // 2)
+        hi_w = torch.minimum(hi, torch.maximum(idx + window_size // 2, L.sample_start + window_size))
         self.w_lo = torch.maximum(L.sample_start, hi_w - window_size)
         self.w_hi = hi_w + 1
         # selection blocks
