@@ -34,6 +34,10 @@ from safetensors import safe_open
 
 from model import AutoEncoder, Bagel, BagelConfig, sincos_2d
 
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as asked; the message names the file and the first problem."""
+
 # ----------------------------------------------------------------------------------------------
 # Weight names: ours -> official. {i}: layer index; an expert's official names carry a suffix.
 
@@ -93,8 +97,11 @@ def official_names(cfg: BagelConfig):
 
 
 def meta_modules(cfg):
-    with torch.device("meta"):
-        return Bagel(cfg), AutoEncoder(cfg)
+    try:
+        with torch.device("meta"):
+            return Bagel(cfg), AutoEncoder(cfg)
+    except (ValueError, AssertionError, TypeError) as e:  # e.g. a width GroupNorm(32) cannot split
+        raise CheckpointError(f"the config does not describe a buildable model: {e}") from e
 
 
 def name_maps(layout, cfg):
@@ -123,10 +130,6 @@ def fixed_table(cfg, name):
 
 # ----------------------------------------------------------------------------------------------
 # Reading: safetensors files, configs, layout detection
-
-class CheckpointError(ValueError):
-    pass
-
 
 def read_json(path):
     if not os.path.isfile(path):
@@ -351,8 +354,7 @@ def load_checkpoint(folder, device="cpu", dtype=torch.float32, ema=False, cfg=No
     """(Bagel, AutoEncoder, cfg) from a folder of any layout; every key used, every shape checked.
     overrides: BagelConfig fields that the files do not decide (attn_backend, or the AE of an official folder)."""
     _, cfg, source = read_checkpoint(folder, ema=ema, cfg=cfg, **overrides)
-    with torch.device("meta"):
-        model, vae = Bagel(cfg), AutoEncoder(cfg)
+    model, vae = meta_modules(cfg)
     model.to_empty(device=device).to(dtype)
     vae.to_empty(device=device).to(dtype)
     model.init_weights()  # the fixed tables, and any parameter no layout carries (NSA gates)
@@ -537,14 +539,15 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
 
 
 def save_nanobagel(folder, model, vae, cfg, ema_state=None, tokenizer_from=None):
-    """A nanobagel folder from modules in memory (full tensors); ema_state: {our name: tensor}.
-    tokenizer_from: a folder whose tokenizer files are checked and copied alongside."""
+    """A nanobagel folder from modules or state dicts in memory (full tensors); ema_state: {our name: tensor}.
+    tokenizer_from: a folder whose tokenizer files are checked and copied alongside. (train.py passes dicts.)"""
     os.makedirs(folder, exist_ok=True)
+    state = lambda m: m if isinstance(m, dict) else m.state_dict()
     tensors = lambda state: [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items()]
-    write_safetensors(os.path.join(folder, "model.safetensors"), tensors(model.state_dict()))
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors(state(model)))
     if ema_state is not None:
         write_safetensors(os.path.join(folder, "ema.safetensors"), tensors(ema_state))
-    write_safetensors(os.path.join(folder, "vae.safetensors"), tensors(vae.state_dict()))
+    write_safetensors(os.path.join(folder, "vae.safetensors"), tensors(state(vae)))
     write_json(os.path.join(folder, "config.json"), asdict(cfg))
     for name in check_tokenizer(tokenizer_from, cfg) if tokenizer_from else []:
         shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(folder, name))

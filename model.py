@@ -39,6 +39,7 @@ class BagelConfig:
     vae_num_res_blocks: int = 2
     vae_scale_factor: float = 0.3611
     vae_shift_factor: float = 0.1159
+    vae_kind: str = "flux"        # "flux", or "pooled": a fixed stand-in for runs without a pretrained AE
     # training switches that change the forward
     freeze_und: bool = False      # official freeze_und: und tokens give context but no gradient
     attn_backend: str = "sdpa"    # "sdpa" (exact dense mask), "flex" (GPU block mask), "nsa"
@@ -474,6 +475,30 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.scale + self.shift)
 
 
+class PooledAE(nn.Module):
+    """A parameter-free stand-in for the FLUX AE where no pretrained one is at hand (the tiny built-in run):
+    4x4 average pooling then 2x2 space-to-depth, so [3, H, W] -> [12 (+4 zero), H/8, W/8]; decode inverts it
+    up to the pooling. Random FLUX weights would train fine but decode to noise; this one shows the shapes."""
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        self.channels = cfg.latent_channels
+
+    def moments(self, x):
+        mean = F.pixel_unshuffle(F.avg_pool2d(x, 4), 2)
+        mean = F.pad(mean, (0, 0, 0, 0, 0, self.channels - mean.shape[1]))
+        return mean, torch.full_like(mean, -math.inf)
+
+    def encode(self, x, eps=None):
+        return self.moments(x)[0]
+
+    def decode(self, z):
+        return F.interpolate(F.pixel_shuffle(z[:, :12], 2), scale_factor=4.0, mode="nearest")
+
+
+def build_vae(cfg: BagelConfig):
+    return PooledAE(cfg) if cfg.vae_kind == "pooled" else AutoEncoder(cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 # BAGEL
 
@@ -542,11 +567,16 @@ class Bagel(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
-        self.vit_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.vit_max_patches_per_side))
-        self.latent_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.max_latent_size))
         for layer in self.layers:
             if hasattr(layer, "nsa"):
                 layer.nsa.reset_parameters()
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """The fixed sin-cos tables (non-persistent buffers: rebuilt, never loaded)."""
+        self.vit_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.vit_max_patches_per_side))
+        self.latent_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.max_latent_size))
 
     def embed(self, pack, timestep_shift):
         """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token."""

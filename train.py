@@ -1,0 +1,525 @@
+"""Train BAGEL with raw torch.distributed FSDP2.
+
+    python train.py configs/tiny.py                       # one process (CPU or one GPU)
+    python train.py configs/tiny.py --max_steps=50        # --key=value overrides, type-checked
+    torchrun --nproc_per_node=8 train.py configs/sft.py   # one node
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/sft.py
+
+The same code path everywhere: even a single process runs as a world of one, so FSDP2, DCP checkpoints and
+the loss normalisation are always the ones a cluster uses.
+"""
+import ast
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from fnmatch import fnmatch
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import convert
+import data
+import model as M
+
+# ----------------------------------------------------------------------------------------------
+# Config: defaults here; a config file is plain Python assignments; --key=value overrides.
+
+DEFAULTS = dict(
+    # model
+    model="tiny",                 # "tiny" | "7b": the BagelConfig preset when init_from is empty
+    model_args={},                # BagelConfig field overrides, e.g. {"num_layers": 4}
+    init_from="",                 # checkpoint folder (official / HF / nanobagel layout) or "" for random init
+    init_weights="ema",           # which weights of a nanobagel folder to start from: "ema" | "model"
+    tokenizer="",                 # folder with tokenizer.json; "" = the init checkpoint's, else the built-in one
+    # data
+    sources=[{"kind": "builtin", "weight": 1.0}],  # data.py sources (readers and their options)
+    data_args={},                 # data.Loader keyword arguments (image sizes, buffer, ...)
+    packing_length=4096,          # LLM positions per pack (per rank, per micro-step)
+    text_dropout=0.1, vit_dropout=0.3, vae_dropout=0.3,  # CFG condition dropout
+    seed=1234,
+    # optimisation
+    max_steps=1000, grad_accum=1,
+    lr=1e-4, min_lr=1e-7, warmup_steps=100, lr_schedule="constant",  # "constant" | "cosine"
+    beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0,
+    ce_weight=1.0, mse_weight=1.0, timestep_shift=1.0,
+    max_bad_steps=5,              # non-finite loss or gradient: skip; this many in a row stops the run
+    ema=0.9999,                   # EMA decay; 0 turns the EMA off
+    # what trains
+    freeze_vit=False, freeze_connector=False, freeze_llm=False, freeze_und=False,
+    visual_und=True, visual_gen=True,
+    freeze=[],                    # extra fnmatch patterns of parameter names to freeze
+    train_only=[],                # if not empty: only parameters matching these patterns train
+    # systems
+    device="auto",                # "auto" | "cpu" | "cuda"
+    dtype="auto",                 # compute dtype: "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    reshard_after_forward=True, activation_checkpointing=False, compile=False,
+    peak_tflops=0.0,              # per device, for MFU; 0 = look it up (0 on CPU: no MFU)
+    # output
+    out_dir="out/run", log_every=10, save_steps=500, keep_checkpoints=3,
+    export_dtype="fp32",          # final consolidated safetensors: "fp32" | "bf16"
+    save_ema_as_default=True,     # sample/export prefer EMA weights (recA wants the raw ones)
+    sample_every=0, sample_prompts=[], sample_steps=20, sample_cfg=4.0,
+)
+
+
+def load_config(argv):
+    """DEFAULTS <- config file (plain Python) <- --key=value overrides, each checked against the defaults' type."""
+    cfg = dict(DEFAULTS)
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        scope = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
+        for key, value in scope.items():
+            if key.startswith("_") or callable(value) or isinstance(value, type(sys)):
+                continue
+            set_key(cfg, key, value, path)
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        set_key(cfg, key, value, "command line")
+    return cfg
+
+
+def set_key(cfg, key, value, where):
+    if key not in DEFAULTS:
+        raise SystemExit(f"{where}: unknown config key {key!r}")
+    want = type(DEFAULTS[key])
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r}")
+    cfg[key] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup: always a process group (a world of one without torchrun), always an explicit mesh.
+
+def setup_distributed(device_kind):
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    return rank, world, device, mesh
+
+
+def all_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# What trains
+
+def trainable_mask(names, cfg):
+    """{param name: trains?} from the freeze switches and patterns."""
+    frozen = list(cfg["freeze"])
+    if cfg["freeze_vit"] or not cfg["visual_und"]:
+        frozen += ["vit.*"]
+    if cfg["freeze_connector"] or not cfg["visual_und"]:
+        frozen += ["connector.*"]
+    if cfg["freeze_llm"]:
+        frozen += ["embed_tokens.*", "layers.*", "norm_und.*", "norm_gen.*", "lm_head.*"]
+    if not cfg["visual_gen"]:
+        frozen += ["layers.*.gen.*", "norm_gen.*", "time_embedder.*", "vae2llm.*", "llm2vae.*"]
+    train = {}
+    for name in names:
+        clean = name.replace("_checkpoint_wrapped_module.", "")
+        ok = not any(fnmatch(clean, p) for p in frozen)
+        if cfg["train_only"]:
+            ok = ok and any(fnmatch(clean, p) for p in cfg["train_only"])
+        train[name] = ok
+    return train
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs: an honest count of the model's matmul work for one pack (fwd + bwd as actually needed).
+#
+# A matmul of a [n, a] input with an [a, b] weight costs 2nab forward (mult() below counts in units of nab). Backward costs 2nab for the input
+# gradient (when anything before it trains) and 2nab for the weight gradient (when the weight trains). So a
+# trainable layer costs 6nab, a frozen layer that gradient flows through 4nab, a frozen leaf 2nab.
+# Attention costs 4·D·H per visible (query, key) pair forward (QK^T and PV), 8·D·H backward. Counted:
+# each expert's projections and MLP for the tokens it serves; attention by each sample's real visible pairs
+# (from its spans, not L^2); lm_head only at CE positions, llm2vae only at MSE positions; the ViT and connector
+# on ViT tokens, the latent input projections on latent tokens. Not counted: the frozen VAE encoder (a data
+# transform), norms, RoPE, softmax and other elementwise work. Activation-checkpoint recompute is not counted.
+
+def visible_pairs(pack):
+    """Visible (query, key) pairs of a pack under the BAGEL mask, from its spans."""
+    pairs, start, spans = 0, 0, iter(zip(pack.split_lens, pack.split_modes))
+    for sample_len in pack.sample_lens:
+        earlier, used = 0, 0  # earlier: keys visible from later spans (noise spans excluded)
+        while used < sample_len:
+            n, mode = next(spans)
+            pairs += n * earlier + (n * (n + 1) // 2 if mode == "causal" else n * n)
+            earlier += 0 if mode == "noise" else n
+            used += n
+    return pairs
+
+
+def pack_flops(pack, c: M.BagelConfig, trains):
+    """trains: {"und", "gen", "vit", "connector", "lm_head", "latent"} -> bool (weights of that group train).
+    Exact for the matmuls when everything trains; when parts are frozen, the first decoder layer may count an
+    input gradient that is not needed."""
+    C, D, F_, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
+    mult = lambda weight_trains, grad_flows: 2 + (2 if grad_flows else 0) + (2 if weight_trains else 0)
+    llm_grad = any(trains.values())  # gradient flows back through the decoder stack to something trainable
+    per_token = C * (c.num_heads * D) + 2 * C * (c.num_kv_heads * D) + (c.num_heads * D) * C + 3 * C * F_
+    n_gen = pack.vae_indexes.numel()
+    n_und = pack.num_tokens - n_gen
+    flops = c.num_layers * per_token * (n_und * mult(trains["und"] and not c.freeze_und,
+                                                        llm_grad and not c.freeze_und)
+                                           + n_gen * mult(trains["gen"], llm_grad))
+    flops += c.num_layers * 4 * D * c.num_heads * visible_pairs(pack) * (3 if llm_grad else 1)
+    flops += pack.ce_indexes.numel() * C * V * mult(trains["lm_head"], llm_grad)
+    flops += pack.mse_indexes.numel() * C * c.latent_dim * mult(trains["latent"], llm_grad)
+    flops += n_gen * (c.latent_dim * C + 256 * C) * mult(trains["latent"], False)  # vae2llm, time mlp.0
+    flops += n_gen * C * C * mult(trains["latent"], trains["latent"])             # time mlp.2
+    Cv, n_vit, vit = c.vit_hidden_size, pack.vit_patches.shape[0], trains["vit"]
+    flops += n_vit * 3 * c.vit_patch_size ** 2 * Cv * mult(vit, False)
+    flops += c.vit_num_layers * n_vit * (4 * Cv * Cv + 2 * Cv * c.vit_intermediate_size) * mult(vit, vit)
+    flops += c.vit_num_layers * 4 * Cv * sum(n * n for n in pack.vit_lens) * (3 if vit else 1)
+    flops += n_vit * Cv * C * mult(trains["connector"], vit) + n_vit * C * C * mult(
+        trains["connector"], vit or trains["connector"])
+    return flops
+
+
+def peak_flops(device, configured_tflops):
+    """Per-device dense bf16 peak (the datasheet number MFU is quoted against)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312), ("B200", 2250)):
+        if key in name:
+            return tflops * 1e12
+    return 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state.
+# Atomic: written into step_N.tmp, renamed to step_N, then `latest` is replaced; the last K are kept.
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(ckpt_dir, step, model, opt, ema, extra, cfg, rank, world, keep):
+    final = os.path.join(ckpt_dir, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema}, checkpoint_id=tmp)
+    torch.save(extra, os.path.join(tmp, f"rank_{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump({"step": step, "world_size": world, "config": cfg}, f, indent=1, default=str)
+        os.replace(tmp, final)
+        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+        done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(ckpt_dir):
+    """The folder `latest` points to, or None. A checkpoint killed mid-write is still a .tmp and ignored."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(ckpt_dir, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "train_state.json")):
+        raise SystemExit(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(path, model, opt, ema, rank, world):
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd, "ema": ema}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        saved = json.load(f)
+    extra_path = os.path.join(path, f"rank_{rank:05d}.pt")
+    extra = torch.load(extra_path, weights_only=True) if saved["world_size"] == world else None
+    return saved["step"], extra
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+def main(argv):
+    cfg = load_config(argv)
+    rank, world, device, mesh = setup_distributed(cfg["device"])
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
+    torch.manual_seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+
+    # --- model config and tokenizer. Initial weights are made on rank 0 only (read from init_from, or a fresh
+    # seeded init), so they are the same whatever the world size; the other ranks receive their shards. ---
+    initial = [None, None, None]  # rank 0: (model, vae, config)
+    if master and cfg["init_from"]:
+        initial = list(convert.load_checkpoint(cfg["init_from"], ema=cfg["init_weights"] == "ema"))
+    elif master:
+        base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[cfg["model"]]()
+        initial[2] = M.BagelConfig(**{**asdict(base), **cfg["model_args"]})
+        initial[0], initial[1] = M.Bagel(initial[2]), M.build_vae(initial[2])
+        initial[0].init_weights()
+    shared = [initial[2]]
+    dist.broadcast_object_list(shared, src=0)
+    model_cfg = shared[0]
+    model_cfg = M.BagelConfig(**{**asdict(model_cfg), **cfg["model_args"], "freeze_und": cfg["freeze_und"]})
+    tok_dir = cfg["tokenizer"] or cfg["init_from"]
+    tokenizer = data.load_tokenizer(tok_dir) if tok_dir else data.tiny_tokenizer()
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise SystemExit(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model_cfg.vocab_size}")
+    log(json.dumps(cfg, indent=1, default=str))
+    log(model_cfg)
+
+    # --- FSDP2: meta init -> activation checkpointing -> shard per block, then root -> to_empty -> init ---
+    with torch.device("meta"):
+        model = M.Bagel(model_cfg)
+    if cfg["activation_checkpointing"]:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for blocks in (model.layers, model.vit.layers):
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if cfg["compile"]:
+        for block in model.layers:
+            block.compile()
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=cfg["reshard_after_forward"])
+    for block in list(model.layers) + list(model.vit.layers):
+        fully_shard(block, **shard)
+    fully_shard(model, **shard)
+    if device.type == "cpu":  # gloo's AVG reduce-scatter sums (pytorch#162338): force SUM, then divide
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_force_sum_reduction_for_comms(True)
+    model.to_empty(device=device)
+    model.init_buffers()
+    full = initial[0].state_dict() if master else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    vae = M.build_vae(model_cfg).to(device)
+    vae_state = [initial[1].state_dict() if master else None]
+    dist.broadcast_object_list(vae_state, src=0)
+    vae.load_state_dict(vae_state[0])
+    vae.requires_grad_(False).eval()
+    del full, initial
+    if device.type == "cuda":
+        vae.to(dtype)
+    names = [n for n, _ in model.named_parameters()]
+    trains = trainable_mask(names, cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains[name])
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in params)
+    log(f"parameters: {n_total:,} ({n_train:,} trainable), world {world}, device {device}, compute {dtype}")
+    groups = {g: any(trains[n] for n in names if fnmatch(n.replace("_checkpoint_wrapped_module.", ""), pat))
+              for g, pat in [("und", "layers.*.und.*"), ("gen", "layers.*.gen.*"), ("vit", "vit.*"),
+                             ("connector", "connector.*"), ("lm_head", "lm_head.*"), ("latent", "vae2llm.*")]}
+
+    # --- optimiser (fp32 master weights: FSDP2 keeps the sharded parameters in fp32), schedule, EMA ---
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                            weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg["ema"] else {}
+
+    def lr_at(step):
+        if step < cfg["warmup_steps"]:
+            return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+        if cfg["lr_schedule"] == "cosine":
+            progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
+            return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg["lr"]
+
+    # --- data ---
+    loader = data.Loader(cfg["sources"], tokenizer, packing_length=cfg["packing_length"],
+                         max_latent_size=model_cfg.max_latent_size, vit_side=model_cfg.vit_max_patches_per_side,
+                         text_dropout=cfg["text_dropout"], vit_dropout=cfg["vit_dropout"],
+                         vae_dropout=cfg["vae_dropout"], visual_und=cfg["visual_und"], visual_gen=cfg["visual_gen"],
+                         seed=cfg["seed"], rank=rank, world_size=world, **cfg["data_args"])
+
+    # --- resume ---
+    ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    step, bad_in_row, skipped = 0, 0, 0
+    resume = latest_checkpoint(ckpt_dir)
+    if resume:
+        step, extra = load_checkpoint(resume, model, opt, ema, rank, world)
+        if extra is None:
+            log(f"world size changed: model, optimiser and EMA resharded; data restarts from seed {cfg['seed'] + step}")
+            loader.reseed(cfg["seed"] + step)
+        else:
+            loader.load_state_dict(extra["loader"])
+            set_rng_state(extra["rng"], device)
+            bad_in_row, skipped = extra["bad_in_row"], extra["skipped"]
+        log(f"resumed from {resume} at step {step}")
+
+    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") if master else None
+    peak = peak_flops(device, cfg["peak_tflops"])
+    window_time, window_tokens, window_flops = 0.0, 0, 0
+    while step < cfg["max_steps"]:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        packs = [loader.next_pack() for _ in range(cfg["grad_accum"])]
+        # global token counts over ranks and micro-steps: every rank normalises by the same numbers
+        n_ce, n_mse = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)],
+                              device)
+        ce_sum = mse_sum = 0.0
+        for pack in packs:
+            pack = encode_images(vae, pack.to(device), dtype)
+            out = model(pack, timestep_shift=cfg["timestep_shift"])
+            # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
+            ce = out["ce"].sum() * world / max(n_ce, 1)
+            mse = out["mse"].sum() * world / max(n_mse, 1)
+            (cfg["ce_weight"] * ce + cfg["mse_weight"] * mse).backward()
+            ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
+            window_tokens += pack.num_tokens
+            window_flops += pack_flops(pack, model_cfg, groups)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"], foreach=True)
+        grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+        ce_tot, mse_tot = all_sum([float(ce_sum), float(mse_sum)], device)
+        ce_mean, mse_mean = ce_tot / max(n_ce, 1), mse_tot / max(n_mse, 1)
+        loss = cfg["ce_weight"] * ce_mean + cfg["mse_weight"] * mse_mean
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            opt.step()
+            bad_in_row = 0
+            if ema:
+                with torch.no_grad():  # on the local shards: EMA is sharded exactly like its parameter
+                    torch._foreach_lerp_([local(e) for e in ema.values()], [local(p) for p in params],
+                                         1 - cfg["ema"])
+        else:
+            bad_in_row, skipped = bad_in_row + 1, skipped + 1
+            log(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: step skipped ({bad_in_row} in a row)")
+            if bad_in_row >= cfg["max_bad_steps"]:
+                raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping (lower lr? bad data?)")
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        window_time += time.time() - t0
+
+        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+            tokens, flops = all_sum([window_tokens, window_flops], device)
+            tok_s = tokens / window_time
+            mfu = flops / window_time / (peak * world) if peak else 0.0
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            log(f"step {step} | loss {loss:.4f} | ce {ce_mean:.4f} | mse {mse_mean:.4f} | lr {lr_at(step - 1):.2e} | "
+                f"grad {grad_norm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu:.3f} | mem {mem:.1f} GiB | fill "
+                f"{loader.stats['fill']:.1%} | skipped {skipped}")
+            if master:
+                metrics.write(json.dumps(dict(step=step, loss=loss, ce=ce_mean, mse=mse_mean, lr=lr_at(step - 1),
+                                              grad_norm=grad_norm, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem,
+                                              n_ce=n_ce, n_mse=n_mse, skipped=skipped)) + "\n")
+                metrics.flush()
+            window_time, window_tokens, window_flops = 0.0, 0, 0
+        if cfg["sample_every"] and step % cfg["sample_every"] == 0 and cfg["sample_prompts"]:
+            write_samples(cfg, step, model, vae, tokenizer, master)
+        if step % cfg["save_steps"] == 0 or step == cfg["max_steps"]:
+            extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
+                     "skipped": skipped}
+            save_checkpoint(ckpt_dir, step, model, opt, ema, extra, cfg, rank, world, cfg["keep_checkpoints"])
+
+    export(cfg, model, ema, vae, model_cfg, tokenizer, master)
+    dist.destroy_process_group()
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def encode_images(vae, pack, dtype):
+    """Fill the pack's latents of pixel images with the frozen VAE (each image alone: no padding effects)."""
+    if any(z is None for z in pack.vae_latents):
+        with torch.no_grad():
+            pack.vae_latents = [
+                z if z is not None else vae.encode(px[None].to(dtype), eps[None].to(dtype))[0].float()
+                for z, px, eps in zip(pack.vae_latents, pack.vae_pixels, pack.vae_posterior_eps)]
+    return pack
+
+
+def full_state(model, ema):
+    """Consolidated model and EMA state dicts on rank 0 (CPU), our parameter names."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)
+    ema_sd = None
+    if ema:
+        ema_sd = dict(sd)
+        for name, value in ema.items():  # gather each EMA shard the way its parameter is sharded
+            full_value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            ema_sd[name.replace("_checkpoint_wrapped_module.", "")] = full_value.cpu()
+    return sd, ema_sd
+
+
+def write_samples(cfg, step, model, vae, tokenizer, master):
+    import sample
+    image = sample.sample_grid(model, vae, tokenizer, cfg["sample_prompts"], num_steps=cfg["sample_steps"],
+                               cfg_text_scale=cfg["sample_cfg"], timestep_shift=3.0, seed=cfg["seed"])
+    if master:
+        os.makedirs(os.path.join(cfg["out_dir"], "samples"), exist_ok=True)
+        image.save(os.path.join(cfg["out_dir"], "samples", f"step_{step:06d}.png"))
+
+
+def export(cfg, model, ema, vae, model_cfg, tokenizer, master):
+    """Consolidated safetensors (raw and EMA) for sample.py and convert.py."""
+    sd, ema_sd = full_state(model, ema)
+    if master:
+        cast = (lambda d: {k: v.to(torch.bfloat16) for k, v in d.items()}) if cfg["export_dtype"] == "bf16" \
+            else (lambda d: d)
+        folder = os.path.join(cfg["out_dir"], "export")
+        convert.save_nanobagel(folder, cast(sd), vae, model_cfg, cast(ema_sd) if ema_sd else None)
+        tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
