@@ -1,0 +1,340 @@
+"""convert.py: round trips between the official, hf and nanobagel layouts are bit-identical, an exported
+checkpoint still reproduces the official golden outputs (tests/fixtures/bagel_tiny), layouts are detected,
+and every kind of bad input gets a CheckpointError that names the problem."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import convert
+import data
+from test_data_pack import FIX, fixture_samples, load_fixture
+from test_model import ACT, LOSS, load_tiny
+
+CKPT = FIX / "checkpoint"
+
+
+def make_hf(folder, dtype=torch.float32, shards=3):
+    """An hf-layout (lmms-engine) folder written independently of convert.py, from the fixture's official files:
+    the official keys plus vae_model.* in shards listed by an index, a nested config.json."""
+    folder.mkdir()
+    tensors = {k: v.to(dtype) for k, v in load_file(CKPT / "ema.safetensors").items()}
+    tensors |= {"vae_model." + k: v for k, v in load_file(CKPT / "ae.safetensors").items()}
+    keys, weight_map = list(tensors), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
+        save_file({k: tensors[k] for k in part}, folder / name, metadata={"format": "pt"})
+        weight_map |= {k: name for k in part}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    fc = json.loads((FIX / "fixture_config.json").read_text())
+    llm = json.loads((CKPT / "llm_config.json").read_text()) | fc["bagel"]["llm_overrides"]
+    llm["torch_dtype"] = str(dtype).removeprefix("torch.")
+    vit = json.loads((CKPT / "vit_config.json").read_text())
+    vit["num_hidden_layers"] -= 1  # lmms-engine stores the built layer count
+    b = fc["bagel"]
+    config = {"model_type": "bagel", "visual_gen": True, "visual_und": True, "llm_config": llm, "vit_config": vit,
+              "vae_config": fc["vae"], "latent_patch_size": b["latent_patch_size"],
+              "max_latent_size": b["max_latent_size"], "vit_max_num_patch_per_side": b["vit_max_num_patch_per_side"],
+              "connector_act": b["connector_act"], "interpolate_pos": b["interpolate_pos"], "timestep_shift": 1.0,
+              "torch_dtype": llm["torch_dtype"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def official_copy(folder, dtype=torch.float32):
+    """The fixture checkpoint, with the Bagel weights cast to dtype (bf16 like the release; the AE stays fp32)."""
+    shutil.copytree(CKPT, folder)
+    if dtype != torch.float32:
+        save_file({k: v.to(dtype) for k, v in load_file(CKPT / "ema.safetensors").items()},
+                  folder / "ema.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def tensors_of(folder, pattern="*.safetensors"):
+    out = {}
+    for path in sorted(folder.glob(pattern)):
+        part = load_file(path)
+        assert not set(part) & set(out), path
+        out |= part
+    return out
+
+
+def assert_bit_identical(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_official_to_nanobagel_to_official_is_bit_identical(tmp_path, dtype):
+    src = official_copy(tmp_path / "src", dtype)
+    convert.convert(str(src), str(tmp_path / "nano"), "nanobagel")
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "back"), "official")
+    for name in ("ema.safetensors", "ae.safetensors"):
+        assert_bit_identical(tensors_of(src, name), tensors_of(tmp_path / "back", name))
+    assert convert.official_config(str(tmp_path / "back")) == convert.official_config(str(src))
+    # the written configs say what the fixture's do, field for field, where both have the field
+    for name in ("llm_config.json", "vit_config.json"):
+        ours, theirs = (json.loads((d / name).read_text()) for d in (tmp_path / "back", src))
+        common = set(ours) & set(theirs) - {"torch_dtype"}  # our torch_dtype says what the weights are
+        assert {k: ours[k] for k in common} == {k: theirs[k] for k in common}
+    assert json.loads((tmp_path / "back" / "llm_config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hf_to_nanobagel_to_hf_is_bit_identical(tmp_path, dtype):
+    src = make_hf(tmp_path / "src", dtype)
+    convert.convert(str(src), str(tmp_path / "nano"), "nanobagel")
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "back"), "hf", shard_bytes=2_000_000)
+    back = tmp_path / "back"
+    assert_bit_identical(tensors_of(src), tensors_of(back))
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    for shard in set(index["weight_map"].values()):
+        with safe_open(back / shard, "pt") as f:
+            assert {k for k, s in index["weight_map"].items() if s == shard} == set(f.keys())
+            assert f.metadata() == {"format": "pt"}  # transformers' from_pretrained requires it
+    assert convert.hf_config(str(back)) == convert.hf_config(str(src))
+    config, theirs = (json.loads((d / "config.json").read_text()) for d in (back, src))
+    for k in theirs:
+        if isinstance(theirs[k], dict):
+            assert {f: v for f, v in theirs[k].items() if f in config[k]} == \
+                   {f: v for f, v in config[k].items() if f in theirs[k]}, k
+        else:
+            assert config[k] == theirs[k], k
+
+
+def test_official_and_hf_convert_into_each_other(tmp_path):
+    convert.convert(str(make_hf(tmp_path / "hf")), str(tmp_path / "off"), "official")
+    for name in ("ema.safetensors", "ae.safetensors"):
+        assert_bit_identical(tensors_of(CKPT, name), tensors_of(tmp_path / "off", name))
+    convert.convert(str(tmp_path / "off"), str(tmp_path / "hf2"), "hf")
+    assert (tmp_path / "hf2" / "model.safetensors").is_file()  # under the shard size: one file, no index
+    assert_bit_identical(tensors_of(tmp_path / "hf"), tensors_of(tmp_path / "hf2"))
+
+
+def test_raw_and_ema_weights_export(tmp_path):
+    bagel, vae, cfg = load_tiny()
+    ema = {k: v + 1.0 for k, v in bagel.state_dict().items()}
+    convert.save_nanobagel(str(tmp_path / "nano"), bagel, vae, cfg, ema_state=ema)
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "raw"), "official")
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "ema"), "official", ema=True)
+    names = convert.official_names(cfg)
+    raw, exported_ema = (load_file(tmp_path / d / "ema.safetensors") for d in ("raw", "ema"))
+    fixture = load_file(CKPT / "ema.safetensors")
+    for ours, key in names.items():
+        assert torch.equal(raw[key], fixture[key]), key
+        assert torch.equal(exported_ema[key], fixture[key] + 1.0), key
+    _, _, src = convert.read_checkpoint(str(tmp_path / "nano"), ema=True)
+    assert src["lm_head.weight"][0].label.endswith("ema.safetensors")
+
+
+def test_bf16_export_rounds_each_weight_once(tmp_path):
+    convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official", dtype=torch.bfloat16)
+    out, fixture = load_file(tmp_path / "off" / "ema.safetensors"), load_file(CKPT / "ema.safetensors")
+    for k, v in fixture.items():
+        assert out[k].dtype == torch.bfloat16 and torch.equal(out[k], v.to(torch.bfloat16)), k
+    ae = load_file(tmp_path / "off" / "ae.safetensors")
+    assert all(v.dtype == torch.float32 for v in ae.values())  # the AE keeps its dtype, as in the release
+    assert json.loads((tmp_path / "off" / "llm_config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------
+# An exported checkpoint still gives the official numbers
+
+def assert_reproduces_fixture(bagel, vae, cfg):
+    cases, tensors, E, _, special = load_fixture()
+    for case in cases["cases"]:
+        name = case["name"]
+        pack = data.pack_samples(fixture_samples(case, tensors), special, cfg.max_latent_size,
+                                 cfg.vit_max_patches_per_side)
+        with torch.no_grad():
+            out = bagel(pack, timestep_shift=case["timestep_shift"], inspect=True)
+        torch.testing.assert_close(out["hidden"], E[f"{name}.hidden"], **ACT)
+        torch.testing.assert_close(out["ce"], E[f"{name}.ce_per_token"], **LOSS)
+        if f"{name}.mse" in E:
+            torch.testing.assert_close(out["mse"], E[f"{name}.mse_per_token"], **LOSS)
+    vc = cases["vae_case"]
+    with torch.no_grad():
+        latent = vae.encode(tensors[vc["image"]], tensors[vc["posterior_eps"]])
+    torch.testing.assert_close(latent, E["vae.latent"], **ACT)
+
+
+def test_exported_official_and_hf_reproduce_the_fixture(tmp_path):
+    bagel, vae, cfg = load_tiny()
+    convert.save_nanobagel(str(tmp_path / "nano"), bagel, vae, cfg)
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "hf"), "hf", shard_bytes=1_000_000)
+    # the official folder alone, without the fixture's overrides: the AE shape is read off ae.safetensors
+    assert_reproduces_fixture(*convert.load_checkpoint(str(tmp_path / "off")))
+    assert_reproduces_fixture(*convert.load_checkpoint(str(tmp_path / "hf")))
+    assert convert.checkpoint_config(str(tmp_path / "hf")) == cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout detection, tokenizer files, the CLI
+
+def test_layout_detection(tmp_path):
+    convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
+    assert convert.detect_layout(str(CKPT)) == "official"
+    assert convert.detect_layout(str(make_hf(tmp_path / "hf"))) == "hf"
+    assert convert.detect_layout(str(tmp_path / "nano")) == "nanobagel"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(convert.CheckpointError, match="not a BAGEL checkpoint"):
+        convert.detect_layout(str(tmp_path / "other"))
+    with pytest.raises(convert.CheckpointError, match="not a folder"):
+        convert.detect_layout(str(CKPT / "ema.safetensors"))
+
+
+def write_tokenizer(folder, n):
+    from tokenizers import Tokenizer, models
+    vocab = {f"w{i}": i for i in range(n)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(folder / "tokenizer.json"))
+
+
+def test_tokenizer_files_are_checked_and_copied(tmp_path):
+    src = official_copy(tmp_path / "src")
+    write_tokenizer(src, 1020)  # + 4 special tokens = 1024 rows: fits exactly
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 32768}')
+    convert.convert(str(src), str(tmp_path / "out"), "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
+    write_tokenizer(src, 1021)
+    with pytest.raises(convert.CheckpointError, match="tokenizer needs 1025 embedding rows, the weights have 1024"):
+        convert.convert(str(src), str(tmp_path / "out2"), "hf")
+    (src / "tokenizer.json").write_text("{not json")
+    with pytest.raises(convert.CheckpointError, match="tokenizer.json is not a readable tokenizer"):
+        convert.convert(str(src), str(tmp_path / "out3"), "hf")
+
+
+def test_cli(tmp_path, capsys):
+    convert.main([str(CKPT), str(tmp_path / "nano")])  # official -> nanobagel by default
+    convert.main([str(tmp_path / "nano"), str(tmp_path / "off"), "--dtype", "bf16"])  # nanobagel -> official
+    assert "(nanobagel) ->" in capsys.readouterr().out
+    assert load_file(tmp_path / "off" / "ema.safetensors")["vae2llm.bias"].dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="error: .*ema.safetensors"):
+        convert.main([str(tmp_path / "nano"), str(tmp_path / "x"), "--ema", "--to", "hf"])
+    with pytest.raises(SystemExit, match="error: .* exists and is not an empty folder"):
+        convert.main([str(CKPT), str(tmp_path / "off")])
+
+
+def test_writer_matches_safetensors_library(tmp_path):
+    ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.tensor(2.5),
+          "d": torch.zeros(0, 4), "e": torch.randn(2, 3).half()}
+    convert.write_safetensors(str(tmp_path / "x.safetensors"),
+                              [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in ts.items()])
+    assert_bit_identical(load_file(tmp_path / "x.safetensors"), ts)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every kind of bad input names its problem
+
+def test_errors_missing_files_and_wrong_folders(tmp_path):
+    src = official_copy(tmp_path / "off")
+    (src / "ae.safetensors").unlink()
+    with pytest.raises(convert.CheckpointError, match="missing .*off/ae.safetensors"):
+        convert.load_checkpoint(str(src))
+    (src / "ema.safetensors").unlink()
+    with pytest.raises(convert.CheckpointError, match="missing .*off/ema.safetensors"):
+        convert.load_checkpoint(str(src))
+    (src / "vit_config.json").unlink()
+    with pytest.raises(convert.CheckpointError, match="missing .*vit_config.json"):
+        convert.official_config(str(src))
+    convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
+    with pytest.raises(convert.CheckpointError, match="missing .*nano/ema.safetensors"):
+        convert.load_nanobagel(str(tmp_path / "nano"), weights="ema")
+    with pytest.raises(convert.CheckpointError, match="not an official-layout checkpoint"):
+        convert.load_official(str(tmp_path / "nano"))
+    with pytest.raises(convert.CheckpointError, match="not a nanobagel checkpoint"):
+        convert.load_nanobagel(str(CKPT))
+    hf = make_hf(tmp_path / "hf")
+    with pytest.raises(convert.CheckpointError, match="one set of weights"):
+        convert.load_checkpoint(str(hf), ema=True)
+    cfg = json.loads((hf / "config.json").read_text())
+    del cfg["vae_config"]["z_channels"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(convert.CheckpointError, match="vae_config: no field z_channels"):
+        convert.load_checkpoint(str(hf))
+    (hf / "config.json").write_text("{")
+    with pytest.raises(convert.CheckpointError, match="config.json is not valid JSON"):
+        convert.load_checkpoint(str(hf))
+    with pytest.raises(convert.CheckpointError, match="unknown layout"):
+        convert.convert(str(CKPT), str(tmp_path / "out"), "diffusers")
+
+
+def edit_config(path, section, **fields):
+    cfg = json.loads(path.read_text())
+    (cfg[section] if section else cfg).update(fields)
+    path.write_text(json.dumps(cfg))
+
+
+def test_errors_config_does_not_match_tensors(tmp_path):
+    hf = make_hf(tmp_path / "hf")
+    edit_config(hf / "config.json", "llm_config", num_hidden_layers=3)
+    with pytest.raises(convert.CheckpointError,
+                       match=r"missing key language_model\.model\.layers\.2\.input_layernorm\.weight \(28 missing\)"):
+        convert.load_checkpoint(str(hf))
+    edit_config(hf / "config.json", "llm_config", num_hidden_layers=1)
+    with pytest.raises(convert.CheckpointError, match=r"unexpected key language_model\.model\.layers\.1\."):
+        convert.load_checkpoint(str(hf))
+    edit_config(hf / "config.json", "llm_config", num_hidden_layers=2, intermediate_size=96)
+    with pytest.raises(convert.CheckpointError, match=r"language_model\.model\.layers\.0\.mlp\.gate_proj\.weight "
+                       r"has shape \[128, 64\], the config expects \[96, 64\]"):
+        convert.load_checkpoint(str(hf))
+    edit_config(hf / "config.json", "llm_config", intermediate_size=128, layer_module="Qwen2DecoderLayer")
+    with pytest.raises(convert.CheckpointError, match="MoT layers only"):
+        convert.load_checkpoint(str(hf))
+    edit_config(hf / "config.json", "llm_config", layer_module="Qwen2MoTDecoderLayer")
+    edit_config(hf / "config.json", None, visual_und=False)
+    with pytest.raises(convert.CheckpointError, match="visual_und must both be true"):
+        convert.load_checkpoint(str(hf))
+    convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
+    edit_config(tmp_path / "nano" / "config.json", None, vit_hidden_size=48)
+    with pytest.raises(convert.CheckpointError, match=r"vit\.patch_embed\.weight has shape \[32, 588\]"):
+        convert.load_checkpoint(str(tmp_path / "nano"))
+    edit_config(tmp_path / "nano" / "config.json", None, vit_hidden_size=32, hidden_act="relu")
+    with pytest.raises(convert.CheckpointError, match="unknown field hidden_act"):
+        convert.load_checkpoint(str(tmp_path / "nano"))
+    with pytest.raises(convert.CheckpointError, match=r"ae\.safetensors: encoder\.conv_in\.weight has shape "
+                       r"\[32, 3, 3, 3\], the config expects \[64, 3, 3, 3\]"):
+        convert.load_checkpoint(str(CKPT), vae_ch=64)
+    with pytest.raises(convert.CheckpointError, match="does not describe a buildable model"):
+        convert.load_checkpoint(str(CKPT), vae_ch=16)
+
+
+def test_errors_broken_files(tmp_path):
+    hf = make_hf(tmp_path / "hf")
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    data_ = (hf / shard).read_bytes()
+    (hf / shard).write_bytes(data_[:-100])
+    with pytest.raises(convert.CheckpointError, match=f"{shard} is not a readable safetensors file"):
+        convert.load_checkpoint(str(hf))
+    (hf / shard).unlink()
+    with pytest.raises(convert.CheckpointError, match=f"names the shard {shard}, which is missing"):
+        convert.load_checkpoint(str(hf))
+    (hf / shard).write_bytes(data_)
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = shard
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(convert.CheckpointError, match="index.json does not list"):
+        convert.load_checkpoint(str(hf))
+    src = official_copy(tmp_path / "off")
+    ema = load_file(CKPT / "ema.safetensors")
+    ema["vit_pos_embed.pos_embed"] = ema["vit_pos_embed.pos_embed"] + 0.1
+    save_file(ema, src / "ema.safetensors")
+    with pytest.raises(convert.CheckpointError, match="vit_pos_embed.pos_embed is not the fixed 2D sin-cos table"):
+        convert.load_checkpoint(str(src))
