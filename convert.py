@@ -32,7 +32,7 @@ from dataclasses import asdict, fields
 import torch
 from safetensors import safe_open
 
-from model import AutoEncoder, Bagel, BagelConfig, sincos_2d
+from model import Bagel, BagelConfig, build_vae, sincos_2d
 
 
 class CheckpointError(ValueError):
@@ -99,7 +99,7 @@ def official_names(cfg: BagelConfig):
 def meta_modules(cfg):
     try:
         with torch.device("meta"):
-            return Bagel(cfg), AutoEncoder(cfg)
+            return Bagel(cfg), build_vae(cfg)
     except (ValueError, AssertionError, TypeError) as e:  # e.g. a width GroupNorm(32) cannot split
         raise CheckpointError(f"the config does not describe a buildable model: {e}") from e
 
@@ -504,6 +504,8 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
     if to not in LAYOUTS:
         raise CheckpointError(f"unknown layout {to}: choose one of {', '.join(LAYOUTS)}")
     layout, cfg, source = read_checkpoint(folder, ema=ema, **overrides)
+    if to != "nanobagel" and cfg.vae_kind != "flux":
+        raise CheckpointError(f"{folder}: vae_kind {cfg.vae_kind} has no FLUX AE, which the {to} layout needs")
     tokenizer = check_tokenizer(folder, cfg)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise CheckpointError(f"{out} exists and is not an empty folder")

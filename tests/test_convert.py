@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import convert
 import data
+import model
 from test_data_pack import FIX, fixture_samples, load_fixture
 from test_model import ACT, LOSS, load_tiny
 
@@ -137,6 +138,24 @@ def test_raw_and_ema_weights_export(tmp_path):
         assert torch.equal(exported_ema[key], fixture[key] + 1.0), key
     _, _, src = convert.read_checkpoint(str(tmp_path / "nano"), ema=True)
     assert src["lm_head.weight"][0].label.endswith("ema.safetensors")
+
+
+def test_pooled_vae_model_saved_from_state_dicts(tmp_path):
+    """The built-in tiny run: a parameter-free AE stand-in; train.py hands over state dicts."""
+    cfg = model.bagel_tiny(vae_kind="pooled")
+    torch.manual_seed(0)
+    bagel = model.Bagel(cfg)
+    bagel.init_weights()
+    state = {k: v.to(torch.bfloat16) for k, v in bagel.state_dict().items()}
+    convert.save_nanobagel(str(tmp_path / "nano"), state, model.build_vae(cfg).state_dict(), cfg)
+    loaded, vae, cfg2 = convert.load_checkpoint(str(tmp_path / "nano"))
+    assert cfg2 == cfg and isinstance(vae, model.PooledAE)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k].float()), k
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "copy"), "nanobagel")
+    assert_bit_identical(tensors_of(tmp_path / "nano"), tensors_of(tmp_path / "copy"))
+    with pytest.raises(convert.CheckpointError, match="vae_kind pooled has no FLUX AE"):
+        convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
 
 
 def test_bf16_export_rounds_each_weight_once(tmp_path):
