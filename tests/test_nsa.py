@@ -216,6 +216,7 @@ PACKS = {
     "many_tiny_samples": ([3, 7, 1, 12, 9, 2, 17, 6, 4, 11], [3, 7, 1, 5, 7, 9, 2, 17, 6, 4, 11],
                           ["causal", "full", "causal", "causal", "noise", "causal", "causal", "full", "causal",
                            "causal", "causal"]),
+    "all_shorter_than_kernel": ([5, 7, 3], [5, 4, 3, 3], ["causal", "causal", "full", "noise"]),
 }
 
 
@@ -253,6 +254,7 @@ def run_both(m, layout, H, KH, D, seed=0):
     ("mixed_spans", "weightedpool", 3, 16),
     ("noise_then_text_partial_blocks", "linear", 4, 24),
     ("many_tiny_samples", "avgpool", 16, 8),  # samples shorter than kernel and block, topk above the block count
+    ("all_shorter_than_kernel", "weightedpool", 3, 4),  # no compressed key at all
 ])
 def test_triton_matches_reference(pack, compress_type, topk, window):
     H, KH, D = 6, 2, 16
@@ -270,7 +272,6 @@ def test_triton_branches_on_fixture(golden):
     cfg = C["config"]
     rows = E["rows"]
     pipe = [c for c in C["checks"] if c["kind"] == "pipeline"][-1]
-    sel = [c for c in C["checks"] if c["kind"] == "selection" and c["expected"]["idx"] == pipe["selection_indices"]][0]
     full_cfg = dict(cfg, topk=pipe["topk"], window_size=pipe["window_size"])
     fwd = _compressed_inputs(C, pipe["compress_type"])
     ck, cv = E[fwd["expected"]["ck"]], E[fwd["expected"]["cv"]]
@@ -278,7 +279,6 @@ def test_triton_branches_on_fixture(golden):
     close(o_cmp[rows], E[pipe["compressed_output"]])
     close(o_slc[rows], E[pipe["selected_output"]])
     close(o_swa[rows], E[pipe["sliding_output"]])
-    assert sel["exclude_rows"] == [] or True  # selection differences would show in o_slc above
 
 
 # ----------------------------------------------------------------------------------------------
