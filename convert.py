@@ -556,6 +556,56 @@ def save_nanobagel(folder, model, vae, cfg, ema_state=None, tokenizer_from=None)
 
 
 # ----------------------------------------------------------------------------------------------
+# Loading into a sharded (FSDP2) model: every rank reads only its own rows of each tensor
+
+def local_index(param):
+    """The part of the full tensor a (DTensor) parameter holds on this rank, as a tuple of slices.
+    Shard(d) splits like torch.chunk: pieces of ceil(n / k) rows, the last ones shorter or empty."""
+    ranges = [(0, n) for n in param.shape]
+    if hasattr(param, "placements"):
+        coord = param.device_mesh.get_coordinate()
+        for mesh_dim, placement in enumerate(param.placements):
+            if placement.is_shard():
+                lo, hi = ranges[placement.dim]
+                piece = -(-(hi - lo) // param.device_mesh.size(mesh_dim))
+                start = min(lo + coord[mesh_dim] * piece, hi)
+                ranges[placement.dim] = (start, min(start + piece, hi))
+    return tuple(slice(a, b) for a, b in ranges)
+
+
+@torch.no_grad()
+def load_into_sharded(model, folder, ema=False, vae=None):
+    """Fill model, already built and fully_shard-ed (or plain) on any device, from a checkpoint folder of any
+    layout: each rank reads from the memory-mapped files only the slices of its own shards, so host memory
+    per rank stays at about one shard. The fixed tables are rebuilt; vae (a plain module), if given, is read
+    whole. Parameters no layout carries (NSA's) keep their values and are returned by name."""
+    _, cfg, source = read_checkpoint(folder, ema=ema)
+    left = []
+    for name, param in model.named_parameters():
+        ours = name.replace("_checkpoint_wrapped_module.", "")
+        if ours not in source:
+            left.append(ours)
+            continue
+        tensors, key = source.pop(ours)
+        if tensors.shape(key) != tuple(param.shape):
+            raise CheckpointError(f"{tensors.label}: {key} has shape {list(tensors.shape(key))}, the model has "
+                                  f"{list(param.shape)} (ours: {ours})")
+        local = param.to_local() if hasattr(param, "to_local") else param
+        local.copy_(tensors.get(key, local_index(param)))
+    for ours in FIXED_TABLES:
+        getattr(model, ours).copy_(fixed_table(cfg, ours))
+        source.pop(ours, None)
+    for name, param in (vae.named_parameters() if vae is not None else ()):
+        tensors, key = source.pop(f"vae.{name}")
+        param.copy_(tensors.get(key))
+    unused = [k for k in source if vae is not None or not k.startswith("vae.")]
+    if unused:
+        raise CheckpointError(f"{folder}: the model has no parameter {unused[0]} ({len(unused)} unused): "
+                              "it was built from another config")
+    return left
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
