@@ -766,7 +766,7 @@ def shapes_corpus(rows=2000):
 # starts its next epoch. Which source gives the next sample is a seeded weighted draw, the n-th draw of a rank
 # seeded by (seed, rank, n).
 # Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
-# dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source name, epoch, row).
+# dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source index, epoch, row).
 # So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
 # the keys of the buffered samples, which load_state_dict rebuilds by reading their rows again.
 # Packing. Up to open_packs packs are open; a sample goes into the first open pack it fits (packing_length
@@ -848,7 +848,7 @@ class Loader:
         """key [source, epoch, row] -> (items, LLM positions). Raises BadSample."""
         s, epoch, row = key
         src = self.sources[s]
-        digest = hashlib.blake2b(f"{self.seed}/{src.name}/{epoch}/{row}".encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(f"{self.seed}/{s}/{epoch}/{row}".encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         parts = src.read(row, gen)
         load = lambda ref: open_image(ref, src.folder, self.max_image_pixels)

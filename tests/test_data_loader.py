@@ -1,0 +1,232 @@
+"""The Loader: first-fit packing, epochs without loss or duplication, fill on a realistic mix, exact resume,
+weights, sharding and CFG dropout."""
+import io
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import data
+from test_data_util import png, word_tokenizer, words, write_jsonl
+
+TOK = word_tokenizer()
+
+
+def chat_rows(n, seed=0, max_words=300):
+    """Text-only chats with known lengths: cost = (user words + 2) + (assistant words + 2)."""
+    rng = random.Random(seed)
+    rows, costs = [], []
+    for _ in range(n):
+        u, a = rng.randint(1, max_words), rng.randint(1, max_words)
+        rows.append({"messages": [{"role": "user", "content": words(range(u))},
+                                  {"role": "assistant", "content": words(range(a))}]})
+        costs.append(u + a + 4)
+    return rows, costs
+
+
+def test_first_fit_against_a_reference_simulation(tmp_path):
+    rows, costs = chat_rows(300)
+    src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
+    P, K = 1024, 4
+    loader = data.Loader([src], TOK, packing_length=P, open_packs=K, seed=3)
+    packs = [loader.next_pack() for _ in range(60)]
+    # the stream of samples the loader draws (its order is not what is tested here)
+    stream = data.Loader([src], TOK, packing_length=P, open_packs=K, seed=3)
+    keys = [stream.next_key() for _ in range(loader.counts["samples"])]
+    # textbook first fit with K open bins; room is made by closing the fullest bin; a bin closes once even the
+    # smallest sample seen so far cannot fit
+    open_bins, closed, smallest = [], [], float("inf")
+    for key in keys:
+        cost = costs[key[2]]
+        smallest = min(smallest, cost)
+        for b in open_bins:
+            if b[0] + cost <= P:
+                break
+        else:
+            if len(open_bins) == K:
+                fullest = max(open_bins, key=lambda b: b[0])
+                open_bins.remove(fullest)
+                closed.append(fullest)
+            b = [0, []]
+            open_bins.append(b)
+        b[0] += cost
+        b[1].append(key)
+        if P - b[0] < smallest:
+            open_bins.remove(b)
+            closed.append(b)
+    assert [p.sample_keys for p in packs] == [b[1] for b in closed[:60]]
+    for p in packs:
+        assert p.num_tokens == sum(costs[k[2]] for k in p.sample_keys) <= P
+    # and it packs better than next fit (LMMS Engine's "first_fit") on the same stream
+    next_fit, used = [], 0
+    for key in keys:
+        if used + costs[key[2]] > P:
+            next_fit.append(used)
+            used = 0
+        used += costs[key[2]]
+    assert loader.stats["fill"] > sum(next_fit) / (len(next_fit) * P) + 0.05
+
+
+def test_an_epoch_loses_and_duplicates_nothing_across_ranks(tmp_path):
+    rows, costs = chat_rows(101, max_words=60)
+    rows[7] = {"messages": []}  # a bad row is skipped, not lost silently: it is counted
+    src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
+    seen = []
+    for rank in range(2):
+        loader = data.Loader([src], TOK, packing_length=512, rank=rank, world_size=2, seed=1)
+        epoch0 = []
+        while True:
+            epoch0 += [k[2] for k in loader.next_pack().sample_keys if k[1] == 0]
+            buffered = [k for p in loader.open + loader.ready for k in p["keys"] if k[1] == 0]
+            if loader.stats["epochs"][src.name] >= 1 and not buffered:
+                break
+        assert len(epoch0) == len(set(epoch0))
+        mine = set(loader.shard(0, 0).tolist())
+        assert 7 not in epoch0 and ("empty_messages" in loader.stats["skipped"]) == (7 in mine)
+        seen.append(set(epoch0) | (mine & {7}))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(101))
+    assert abs(len(seen[0]) - len(seen[1])) <= 1
+
+
+def realistic_mix(tmp_path, n, seed=0):
+    """The mix for the fill test, half and half:
+    - T2I (official parquet): aspect ratio uniform over 1:1, 4:3, 3:4, 16:9, 9:16, long side uniform over
+      512, 544, ..., 1024 px, so 1024..4096 latent tokens after the official resize (VAE 512-1024, stride 16);
+      caption 8..77 tokens.
+    - VLM chat (official jsonl): one image, same aspect ratios, long side uniform over 378, 406, ..., 980 px, so
+      ~729..4900 ViT patches after the resize (ViT 378-980, stride 14); question 5..40 tokens, answer 1..200."""
+    rng = random.Random(seed)
+    aspects = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16)]
+    cache = {}
+
+    def image(lo, hi, step):
+        a, b = rng.choice(aspects)
+        long = rng.randrange(lo, hi + 1, step)
+        size = (long, long * b // a) if a >= b else (long * a // b, long)
+        if size not in cache:
+            cache[size] = png(*size, colour=(rng.randrange(256), 0, 0))
+        return size, cache[size]
+    t2i, vlm = [], []
+    (tmp_path / "vlm").mkdir()
+    for i in range(n):
+        if i % 2 == 0:
+            t2i.append({"image": image(512, 1024, 32)[1], "captions": json.dumps({"c": words(range(rng.randint(8, 77)))})})
+        else:
+            (w, h), blob = image(378, 980, 28)
+            name = f"vlm/{w}x{h}.png"
+            (tmp_path / name).write_bytes(blob)
+            vlm.append({"image": name, "conversations": [
+                {"from": "human", "value": "<image>\n" + words(range(rng.randint(5, 40)))},
+                {"from": "gpt", "value": words(range(rng.randint(1, 200)))}]})
+    pq.write_table(pa.Table.from_pylist(t2i), str(tmp_path / "t2i.parquet"), row_group_size=64)
+    write_jsonl(tmp_path / "vlm.jsonl", vlm)
+    return [data.Source(str(tmp_path / "t2i.parquet"), format="t2i"),
+            data.Source(str(tmp_path / "vlm.jsonl"), format="vlm")]
+
+
+@pytest.fixture
+def one_thread():
+    """Data work is small memory-bound ops: one thread is faster than several fighting over 2 busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_fill_on_a_realistic_mix(tmp_path, one_thread):
+    sources = realistic_mix(tmp_path, 700)
+    loader = data.Loader(sources, TOK, packing_length=32768, open_packs=8, seed=0)
+    packs = [loader.next_pack() for _ in range(20)]
+    fill = sum(p.num_tokens for p in packs) / (20 * 32768)
+    assert loader.stats["fill"] == fill
+    assert fill >= 0.97, fill
+    assert all(p.num_tokens <= 32768 for p in packs)
+    assert {k[0] for p in packs for k in p.sample_keys} == {0, 1}
+
+
+def assert_same_pack(a, b):
+    for f in data.fields(data.Pack):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        elif isinstance(x, list) and x and any(isinstance(v, torch.Tensor) for v in x):
+            assert len(x) == len(y) and all((u is None and v is None) or torch.equal(u, v) for u, v in zip(x, y)), f.name
+        else:
+            assert x == y, f.name
+
+
+def test_resume_gives_the_identical_next_packs(tmp_path):
+    rows, _ = chat_rows(50, max_words=40)
+    (tmp_path / "a.png").write_bytes(png(40, 30))
+    rows += [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
+                                                        {"type": "text", "text": "w5"}]},
+                           {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}]}
+             ] * 20
+    rows[3] = "{not json"
+    chats = data.Source(write_jsonl(tmp_path / "c.jsonl", rows), vae_size=(32, 64), vit_size=(28, 56))
+    make = lambda: data.Loader([data.Source("shapes", num_rows=500), chats], TOK, packing_length=400, open_packs=4,
+                               seed=7, rank=1, world_size=2)
+    a = make()
+    for _ in range(5):
+        a.next_pack()
+    state = json.dumps(a.state_dict())  # plain JSON
+    assert json.loads(state)["open"], "the test needs buffered samples"
+    after = [a.next_pack() for _ in range(8)]
+    b = make()
+    b.load_state_dict(json.loads(state))
+    for x in after:
+        assert_same_pack(x, b.next_pack())
+    assert a.stats == b.stats and a.state_dict() == b.state_dict()
+    assert sum(after[0].vae_timestep_raw.isfinite()) > 0  # draws (timesteps, noise) were part of what matched
+    with pytest.raises(ValueError, match="state is for"):
+        data.Loader([data.Source("shapes", num_rows=500), chats], TOK, packing_length=400, open_packs=4, seed=7,
+                    rank=0, world_size=2).load_state_dict(json.loads(state))
+
+
+def test_weighted_sources(tmp_path):
+    a, b = data.Source("shapes", name="a", weight=3.0), data.Source("shapes", name="b", weight=1.0)
+    loader = data.Loader([a, b], TOK, packing_length=512, seed=0)
+    picks = [loader.next_key()[0] for _ in range(4000)]
+    share = picks.count(0) / len(picks)
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 4000) ** 0.5
+    # and a source's rows come in its own shuffled order, continuing where it stopped
+    rows_a = [k for k in [loader.next_key() for _ in range(50)] if k[0] == 0]
+    assert [r for _, _, r in rows_a] == loader.shard(0, 0)[picks.count(0):picks.count(0) + len(rows_a)].tolist()
+
+
+def test_cfg_dropout_only_on_conditions_of_generating_samples():
+    probs = (0.1, 0.3, 0.5)  # text, ViT, VAE
+    loader = data.Loader([data.Source("shapes", image_size=32)], TOK, packing_length=4096, seed=0,
+                         text_cond_dropout_prob=probs[0], vit_cond_dropout_prob=probs[1], vae_cond_dropout_prob=probs[2])
+    dropped = {"text": [0, 0], "vit_image": [0, 0], "vae_image": [0, 0]}
+    for row in range(3000):
+        items, _ = loader.build([0, 0, row])
+        generates = any(it["type"] == "vae_image" and it["loss"] for it in items)
+        for it in items:
+            if not generates or it.get("loss") or (it["type"] == "vae_image" and it is items[-1]):
+                assert not it.get("drop")  # understanding samples and targets are never dropped
+                continue
+            if it["type"] == "text" and it["loss"] is False:
+                dropped["text"][0] += 1
+                dropped["text"][1] += bool(it.get("drop"))
+            elif it["type"] != "text":
+                dropped[it["type"]][0] += 1
+                dropped[it["type"]][1] += bool(it.get("drop"))
+    for p, (n, k) in zip(probs, dropped.values()):
+        assert n > 500 and abs(k / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (p, n, k)
+
+
+def test_packs_feed_position_tables():
+    """Every position id of a packed image stays inside the model's tables, and every split is accounted for."""
+    loader = data.Loader([data.Source("shapes")], TOK, packing_length=256, seed=0)
+    for _ in range(10):
+        p = loader.next_pack()
+        assert p.num_tokens == sum(p.split_lens) == p.position_ids.numel() <= 256
+        assert p.latent_pos_ids.max() < 64 * 64 and p.vit_pos_ids.max() < 70 * 70
+        assert p.vae_noise.shape == (p.vae_indexes.numel(), 64) and len(p.vae_grids) == len(p.vae_pixels)
