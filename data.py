@@ -611,6 +611,8 @@ class Source:
         r = self.rows[row]
         try:
             return getattr(self, "read_" + self.format)(r, gen)
+        except json.JSONDecodeError as e:  # a JSON string column
+            raise BadSample("malformed_json", str(e)[:80])
         except (KeyError, TypeError, AttributeError, IndexError) as e:  # a row of the wrong shape
             raise BadSample("malformed_row", f"{type(e).__name__}: {e}"[:80])
 
@@ -859,23 +861,24 @@ class Loader:
         return items, cost
 
     def next_sample(self):
-        while True:
-            key = self.next_key()
-            s = key[0]
-            try:
-                items, cost = self.build(key)
-                self.bad_streak[s] = 0
-                return key, items, cost
-            except BadSample as e:
-                skipped = self.counts["skipped"]
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                if skipped[e.reason] <= 20 or skipped[e.reason] % 1000 == 0:
-                    log.warning("data: skipped %s (source %s, epoch %d): %s [%d %s so far]", self.sources[s].where(
-                        key[2]), self.sources[s].name, key[1], e, skipped[e.reason], e.reason)
-                self.bad_streak[s] += 1
-                if self.bad_streak[s] >= self.max_bad_streak:
-                    raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
-                                       f"the last: {e}")
+        """Draw a source, read its next row: (key, items, cost), or None for a bad row (counted and logged)."""
+        key = self.next_key()
+        s = key[0]
+        try:
+            items, cost = self.build(key)
+        except BadSample as e:
+            skipped = self.counts["skipped"]
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            if skipped[e.reason] <= 20 or skipped[e.reason] % 1000 == 0:
+                log.warning("data: skipped %s (source %s, epoch %d): %s [%d %s so far]", self.sources[s].where(
+                    key[2]), self.sources[s].name, key[1], e, skipped[e.reason], e.reason)
+            self.bad_streak[s] += 1
+            if self.bad_streak[s] >= self.max_bad_streak:
+                raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
+                                   f"the last: {e}")
+            return None
+        self.bad_streak[s] = 0
+        return key, items, cost
 
     def place(self, key, items, cost):
         target = next((p for p in self.open if p["used"] + cost <= self.P), None)  # first fit
@@ -896,7 +899,10 @@ class Loader:
 
     def next_pack(self) -> Pack:
         while not self.ready:
-            key, items, cost = self.next_sample()
+            sample = self.next_sample()
+            if sample is None:
+                continue
+            key, items, cost = sample
             self.counts["samples"] += 1
             self.min_cost = cost if self.min_cost is None else min(self.min_cost, cost)
             self.place(key, items, cost)

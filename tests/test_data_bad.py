@@ -1,0 +1,128 @@
+"""Bad input: each kind is a counted, logged skip naming the reason and the row; systemic problems fail at start."""
+import base64
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import data
+from test_data_util import png, word_tokenizer, write_jsonl
+
+TOK = word_tokenizer()
+
+
+def good(i):
+    return {"messages": [{"role": "user", "content": f"w{i}"}, {"role": "assistant", "content": "w1 w2"}]}
+
+
+def with_image(url, role="user"):
+    return {"messages": [{"role": role, "content": [{"type": "image_url", "image_url": {"url": url}}]},
+                         {"role": "assistant", "content": "w3"}]}
+
+
+BAD = {  # reason -> a row that has exactly that problem
+    "corrupt_image": with_image("corrupt.png"),
+    "missing_file": with_image("nowhere.png"),
+    "malformed_json": '{"messages": [{"role": "user", "content": "w1"}',
+    "empty_messages": {"messages": []},
+    "unknown_content_type": {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]},
+                                          {"role": "assistant", "content": "w1"}]},
+    "unknown_role": {"messages": [{"role": "narrator", "content": "w1"}, {"role": "assistant", "content": "w2"}]},
+    "oversized_image": with_image("bomb.png"),
+    "too_long": {"messages": [{"role": "user", "content": " ".join(["w5"] * 300)},
+                              {"role": "assistant", "content": "w1"}]},
+    "bad_base64": with_image("data:image/png;base64,@@@not base64@@@"),
+    "no_targets": {"messages": [{"role": "user", "content": "w1"}]},
+    "missing_image": {"messages": [{"role": "user", "content": [{"type": "image"}]},
+                                   {"role": "assistant", "content": "w1"}]},
+    "malformed_row": {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "w1"}]},
+}
+
+
+def test_every_bad_input_kind_is_counted_and_logged(tmp_path, caplog):
+    (tmp_path / "corrupt.png").write_bytes(png(32, 32)[:40] + b"\x00garbage" * 10)  # a PNG header, then junk
+    Image.new("1", (4000, 4000)).save(tmp_path / "bomb.png")  # 16M pixels in a few kB
+    rows = [good(i) for i in range(30)]
+    bad_rows = {}
+    for k, (reason, row) in enumerate(BAD.items()):
+        bad_rows[reason] = 2 + 2 * k
+        rows.insert(bad_rows[reason], row)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="nanobagel.data"):
+        loader = data.Loader([data.Source(path)], TOK, packing_length=256, max_image_pixels=4_000_000, seed=0)
+        while loader.stats["epochs"][path] < 1:  # exactly one epoch, row by row
+            loader.next_sample()
+    assert loader.stats["skipped"] == {reason: 1 for reason in BAD}
+    for reason, row in bad_rows.items():
+        assert sum(f"d.jsonl row {row} " in m and reason in m for m in caplog.messages) == 1, reason
+    assert loader.draws == len(rows)
+
+
+def test_bad_rows_of_the_official_formats(tmp_path):
+    pq.write_table(pa.Table.from_pylist([
+        {"image_list": [png(32, 32)] * 2, "instruction_list": [["w1"]]},
+        {"image_list": [png(32, 32)] * 3, "instruction_list": [["w1"]]},  # one instruction list short
+        {"image_list": [png(32, 32)], "instruction_list": []},             # nothing to edit
+    ]), tmp_path / "e.parquet")
+    pq.write_table(pa.Table.from_pylist([
+        {"image": png(32, 32), "captions": json.dumps({"a": "w1"})},
+        {"image": png(32, 32), "captions": "{broken"},
+        {"image": b"not an image", "captions": json.dumps({"a": "w1"})},
+    ]), tmp_path / "t.parquet")
+    (tmp_path / "a.png").write_bytes(png(28, 28))
+    write_jsonl(tmp_path / "v.jsonl", [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image> w1"}, {"from": "gpt", "value": "w2"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "w1"}, {"from": "gpt", "value": "w2"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "w"}]},
+        {"video": "a.mp4", "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "w2"}]},
+        {"image": "a.png", "conversations": [{"from": "alien", "value": "<image>"}, {"from": "gpt", "value": "w2"}]},
+    ])
+    expect = {"e.parquet": ("edit", {"malformed_row": 2}),
+              "t.parquet": ("t2i", {"malformed_json": 1, "corrupt_image": 1}),
+              "v.jsonl": ("vlm", {"image_count_mismatch": 2, "unsupported": 1, "unknown_role": 1})}
+    for name, (fmt, skipped) in expect.items():
+        src = data.Source(str(tmp_path / name), format=fmt, vae_size=(32, 32), vit_size=(28, 28))
+        loader = data.Loader([src], TOK, packing_length=256, seed=0)
+        while loader.stats["epochs"][src.name] < 1:
+            loader.next_sample()
+        assert loader.stats["skipped"] == skipped, name
+
+
+def test_systemic_problems_fail_at_start(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.Source(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .*files"):
+        data.Source(str(tmp_path / "empty"))
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        data.Source(str(tmp_path / "broken.json"))
+    (tmp_path / "dict.json").write_text('{"messages": []}')
+    with pytest.raises(ValueError, match="list of rows"):
+        data.Source(str(tmp_path / "dict.json"))
+    pq.write_table(pa.Table.from_pylist([{"picture": b"x", "captions": "{}"}]), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['image'\]"):
+        data.Source(str(tmp_path / "t.parquet"), format="t2i")
+    with pytest.raises(ValueError, match="unknown source format"):
+        data.Source(str(tmp_path / "t.parquet"), format="webdataset")
+    # every sample bad: a clear error listing the rows and reasons, before any training
+    path = write_jsonl(tmp_path / "allbad.jsonl", [with_image(f"gone{i}.png") for i in range(20)])
+    with pytest.raises(ValueError, match=r"first 8 samples are all bad:\n.*allbad.jsonl row \d+: missing_file"):
+        data.Loader([data.Source(path)], TOK)
+    # going bad later (e.g. a mount disappears): an error after max_bad_streak, not an endless loop
+    rows = [good(i) for i in range(8)] + [with_image(f"gone{i}.png") for i in range(40)]
+    loader = data.Loader([data.Source(write_jsonl(tmp_path / "late.jsonl", rows))], TOK, max_bad_streak=30, seed=0)
+    with pytest.raises(RuntimeError, match="30 bad samples in a row"):
+        for _ in range(100):
+            loader.next_pack()
+    # more ranks than rows; images larger than the position tables; duplicate names
+    small = data.Source(write_jsonl(tmp_path / "two.jsonl", [good(1), good(2)]))
+    with pytest.raises(ValueError, match="leave rank"):
+        data.Loader([small], TOK, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="exceed the position tables"):
+        data.Loader([data.Source(small.path, vae_size=(512, 2048))], TOK)
+    with pytest.raises(ValueError, match="unique"):
+        data.Loader([small, data.Source(small.path)], TOK)
