@@ -43,10 +43,10 @@ DEFAULTS = dict(
     init_weights="ema",           # which weights of a nanobagel folder to start from: "ema" | "model"
     tokenizer="",                 # folder with tokenizer.json; "" = the init checkpoint's, else the built-in one
     # data
-    sources=[{"kind": "builtin", "weight": 1.0}],  # data.py sources (readers and their options)
-    data_args={},                 # data.Loader keyword arguments (image sizes, buffer, ...)
+    sources=[{"path": "shapes"}],  # data.Source keyword arguments, one dict per dataset (path, format, weight, ...)
+    data_args={},                 # further data.Loader keyword arguments (open_packs, max_image_pixels, ...)
     packing_length=4096,          # LLM positions per pack (per rank, per micro-step)
-    text_dropout=0.1, vit_dropout=0.3, vae_dropout=0.3,  # CFG condition dropout
+    text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,  # CFG condition dropout
     seed=1234,
     # optimisation
     max_steps=1000, grad_accum=1,
@@ -57,7 +57,7 @@ DEFAULTS = dict(
     ema=0.9999,                   # EMA decay; 0 turns the EMA off
     # what trains
     freeze_vit=False, freeze_connector=False, freeze_llm=False, freeze_und=False,
-    visual_und=True, visual_gen=True,
+    visual_und=True, visual_gen=True,  # False: that side frozen, and the data must not use it (checked)
     freeze=[],                    # extra fnmatch patterns of parameter names to freeze
     train_only=[],                # if not empty: only parameters matching these patterns train
     # systems
@@ -382,11 +382,15 @@ def main(argv):
         return cfg["lr"]
 
     # --- data ---
-    loader = data.Loader(cfg["sources"], tokenizer, packing_length=cfg["packing_length"],
-                         max_latent_size=model_cfg.max_latent_size, vit_side=model_cfg.vit_max_patches_per_side,
-                         text_dropout=cfg["text_dropout"], vit_dropout=cfg["vit_dropout"],
-                         vae_dropout=cfg["vae_dropout"], visual_und=cfg["visual_und"], visual_gen=cfg["visual_gen"],
-                         seed=cfg["seed"], rank=rank, world_size=world, **cfg["data_args"])
+    def make_loader(seed):
+        return data.Loader([data.Source(**src) for src in cfg["sources"]], tokenizer,
+                           packing_length=cfg["packing_length"], max_latent_size=model_cfg.max_latent_size,
+                           vit_side=model_cfg.vit_max_patches_per_side,
+                           text_cond_dropout_prob=cfg["text_cond_dropout_prob"],
+                           vit_cond_dropout_prob=cfg["vit_cond_dropout_prob"],
+                           vae_cond_dropout_prob=cfg["vae_cond_dropout_prob"],
+                           seed=seed, rank=rank, world_size=world, **cfg["data_args"])
+    loader = make_loader(cfg["seed"])
 
     # --- resume ---
     ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
@@ -396,8 +400,9 @@ def main(argv):
     if resume:
         step, extra = load_checkpoint(resume, model, opt, ema, rank, world)
         if extra is None:
-            log(f"world size changed: model, optimiser and EMA resharded; data restarts from seed {cfg['seed'] + step}")
-            loader.reseed(cfg["seed"] + step)
+            log(f"world size changed: model, optimiser and EMA resharded; the data order restarts from seed "
+                f"{cfg['seed'] + step} (per-rank loader states do not map across world sizes)")
+            loader = make_loader(cfg["seed"] + step)
         else:
             loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"], device)
@@ -412,6 +417,9 @@ def main(argv):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         packs = [loader.next_pack() for _ in range(cfg["grad_accum"])]
+        for pack in packs:
+            if (not cfg["visual_und"] and pack.vit_lens) or (not cfg["visual_gen"] and pack.mse_indexes.numel()):
+                raise SystemExit("visual_und/visual_gen is off but the data has ViT images/generation targets")
         # global token counts over ranks and micro-steps: every rank normalises by the same numbers
         n_ce, n_mse = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)],
                               device)

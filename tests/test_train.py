@@ -145,3 +145,16 @@ def test_flop_count_matches_torch_flop_counter():
     assert train.pack_flops(pack, cfg, everything) - visible == counted - dense
     mask = M.dense_mask(M.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes))
     assert train.visible_pairs(pack) == int(mask.sum())
+
+
+def test_tiny_config_learns(tmp_path):
+    """README's first command, shortened: the tiny model on the built-in shapes clearly reduces its loss."""
+    proc = subprocess.run([sys.executable, "train.py", "configs/tiny.py", "--max_steps=60", "--log_every=5",
+                           "--sample_every=0", "--save_steps=60", f"--out_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    first, last = rows[0], rows[-1]
+    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert last["ce"] < 0.5 * first["ce"] and last["mse"] < first["mse"]
+    assert (tmp_path / "export/ema.safetensors").exists() and (tmp_path / "export/tokenizer.json").exists()

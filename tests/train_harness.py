@@ -35,7 +35,8 @@ class FixedLoader:
     def __init__(self, sources, tokenizer, rank, world_size, seed, **_):
         self.tokenizer, self.rank, self.world, self.seed = tokenizer, rank, world_size, seed
         self.accum = ACCUM
-        self.count = 0
+        # train.py makes a new loader seeded seed + step when the world size changed: continue at that step
+        self.count = (seed - train.DEFAULTS["seed"]) * self.accum
         self.stats = {"fill": 1.0}
 
     def next_pack(self):
@@ -53,8 +54,6 @@ class FixedLoader:
     def load_state_dict(self, state):
         self.count = state["count"]
 
-    def reseed(self, seed):  # train.py reseeds with seed + step on a world-size change: continue at that step
-        self.count = (seed - self.seed) * self.accum
 
 
 def crash_in_save(k):
