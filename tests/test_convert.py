@@ -416,5 +416,74 @@ def sharded_worker(folder):
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # the worker of test_load_into_sharded_two_ranks, under torchrun
-    sharded_worker(sys.argv[1])
+def write_random_checkpoint(folder, size="7b"):
+    """An official-layout checkpoint with random bf16 weights of a model size's real shapes, streamed to disk."""
+    cfg = {"7b": model.bagel_7b, "tiny": model.bagel_tiny}[size]()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes, names = convert.expected_shapes(cfg), convert.name_maps("official", cfg)
+
+    def random(ours, dtype):
+        if ours in convert.FIXED_TABLES:
+            return convert.fixed_table(cfg, ours)
+        return torch.randn(shapes[ours], device=device, dtype=dtype) * 0.02
+    os.makedirs(folder)
+    for file, role, dtype in (("ema.safetensors", "weights", torch.bfloat16), ("ae.safetensors", "vae", torch.float32)):
+        convert.write_safetensors(os.path.join(folder, file), [
+            (key, shapes[ours], dtype, lambda ours=ours, dtype=dtype: random(ours, dtype))
+            for ours, key in names[role].items()])
+    convert.write_json(os.path.join(folder, "llm_config.json"), convert.llm_config_json(cfg, torch.bfloat16))
+    convert.write_json(os.path.join(folder, "vit_config.json"), convert.vit_config_json(cfg, cfg.vit_num_layers + 1))
+
+
+def measure_sharded_load(folder, broadcast=False):
+    """Seconds and peak host RAM per rank to load folder into an FSDP2 model on the GPUs (NCCL; gloo on CPU).
+    broadcast: instead, rank 0 loads the whole model and broadcasts the shards (set_model_state_dict)."""
+    import resource
+    import time
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    dist.barrier()
+    start = time.time()
+    cfg = convert.checkpoint_config(folder)
+    with torch.device("meta"):
+        bagel = model.Bagel(cfg)
+    for block in [*bagel.layers, *bagel.vit.layers]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(bagel, mesh=mesh)
+    bagel.to_empty(device=device)
+    if broadcast:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        full = convert.load_checkpoint(folder)[0].state_dict() if dist.get_rank() == 0 else {}
+        set_model_state_dict(bagel, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+    else:
+        convert.load_into_sharded(bagel, folder, vae=model.build_vae(cfg).to(device))
+    dist.barrier()
+    seconds = time.time() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"rank {dist.get_rank()}: loaded {sum(p.numel() for p in bagel.parameters()):,} parameters in "
+          f"{seconds:.1f} s{' (rank 0 + broadcast)' if broadcast else ''}, peak host RSS {rss:.2f} GiB", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # torchrun --nproc_per_node=2 tests/test_convert.py FOLDER: the worker of test_load_into_sharded_two_ranks.
+    # python tests/test_convert.py --random-7b FOLDER, then
+    # torchrun --nproc_per_node=2 tests/test_convert.py --measure[-broadcast] FOLDER: the full-size load on GPUs.
+    if sys.argv[1] == "--random-7b":
+        write_random_checkpoint(sys.argv[2])
+    elif sys.argv[1] == "--random-tiny":
+        write_random_checkpoint(sys.argv[2], "tiny")
+    elif sys.argv[1].startswith("--measure"):
+        measure_sharded_load(sys.argv[2], broadcast=sys.argv[1] == "--measure-broadcast")
+    else:
+        sharded_worker(sys.argv[1])
