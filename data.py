@@ -870,8 +870,8 @@ class Loader:
             skipped = self.counts["skipped"]
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             if skipped[e.reason] <= 20 or skipped[e.reason] % 1000 == 0:
-                log.warning("data: skipped %s (source %s, epoch %d): %s [%d %s so far]", self.sources[s].where(
-                    key[2]), self.sources[s].name, key[1], e, skipped[e.reason], e.reason)
+                log.warning("data: skipped %s (epoch %d): %s [%d %s so far]", self.sources[s].where(key[2]), key[1],
+                            e, skipped[e.reason], e.reason)
             self.bad_streak[s] += 1
             if self.bad_streak[s] >= self.max_bad_streak:
                 raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
