@@ -354,10 +354,11 @@ def load_checkpoint(folder, device="cpu", dtype=torch.float32, ema=False, cfg=No
     """(Bagel, AutoEncoder, cfg) from a folder of any layout; every key used, every shape checked.
     overrides: BagelConfig fields that the files do not decide (attn_backend, or the AE of an official folder)."""
     _, cfg, source = read_checkpoint(folder, ema=ema, cfg=cfg, **overrides)
-    model, vae = meta_modules(cfg)
-    model.to_empty(device=device).to(dtype)
-    vae.to_empty(device=device).to(dtype)
-    model.init_weights()  # the fixed tables, and any parameter no layout carries (NSA gates)
+    model, vae = (m.to(dtype).to_empty(device=device) for m in meta_modules(cfg))
+    if set(dict(model.named_parameters())) - set(source):  # parameters no layout carries (NSA's) start fresh
+        model.init_weights()
+    else:
+        model.init_buffers()  # the fixed tables
     targets = dict(model.named_parameters()) | dict(model.named_buffers()) | {f"vae.{k}": v for k, v in vae.named_parameters()}
     with torch.no_grad():
         for ours, (tensors, key) in source.items():
@@ -522,6 +523,9 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
             lambda: tensors.get(theirs)
 
     maps = name_maps(to, cfg)
+    dropped = [ours for ours in source if not any(ours in names for names in maps.values())]
+    if dropped:
+        raise CheckpointError(f"the {to} layout has no place for {dropped[0]} ({len(dropped)} tensors)")
     entries = {role: [entry(ours, key) for ours, key in names.items()] for role, names in maps.items()}
     if to == "official":
         write_safetensors(os.path.join(out, "ema.safetensors"), entries["weights"])

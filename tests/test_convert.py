@@ -162,6 +162,21 @@ def test_pooled_vae_model_saved_from_state_dicts(tmp_path):
         convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
 
 
+def test_nsa_parameters_start_fresh_and_never_drop_silently(tmp_path):
+    bagel, _, cfg = convert.load_checkpoint(str(CKPT), attn_backend="nsa")
+    fixture, names = load_file(CKPT / "ema.safetensors"), convert.official_names(cfg)
+    nsa = [n for n, _ in bagel.named_parameters() if n not in names]
+    assert nsa and all(".nsa." in n for n in nsa)
+    assert all(torch.equal(p, fixture[names[n]]) for n, p in bagel.named_parameters() if n in names)
+    assert convert.load_into_sharded(bagel, str(CKPT)) == nsa  # the names left as they were
+    convert.save_nanobagel(str(tmp_path / "nano"), bagel, model.build_vae(cfg), cfg)
+    with pytest.raises(convert.CheckpointError, match=r"official layout has no place for layers\.0\.nsa\."):
+        convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
+    plain, _, _ = convert.load_checkpoint(str(CKPT))
+    with pytest.raises(convert.CheckpointError, match=r"no parameter layers\.0\.nsa\..*built from another config"):
+        convert.load_into_sharded(plain, str(tmp_path / "nano"))
+
+
 def test_bf16_export_rounds_each_weight_once(tmp_path):
     convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
     convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official", dtype=torch.bfloat16)
