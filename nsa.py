@@ -41,6 +41,7 @@ Initialisation from a dense checkpoint (NSA.__init__): value pooling weights 0 (
 is dense attention exactly when the window and the top-k blocks cover every visible key (samples of at most
 min(window_size + 1, topk * block_size) tokens); `python nsa.py init` measures the gap on longer packs.
 """
+import json
 import math
 import os
 import sys
@@ -73,10 +74,12 @@ def window_starts(cu_seqlens, kernel_size, kernel_stride):
     return cu[sample] + (torch.arange(len(sample), device=cu.device) - first_c) * kernel_stride
 
 
-def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=None):
+def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=None, starts=None):
     """Pool x [L, H, D] over each sample's windows -> [NC, H, D]. pe [H, kernel_size, D] is added to every window
-    before pooling (keys only). weightedpool w [H, l]; linear w [H, l*D, D] (row j*D + d); avgpool w None."""
-    starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
+    before pooling (keys only). weightedpool w [H, l]; linear w [H, l*D, D] (row j*D + d); avgpool w None.
+    starts: window_starts(...), if already at hand."""
+    if starts is None:
+        starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
     win = x[starts[:, None] + torch.arange(kernel_size, device=x.device)]  # [NC, l, H, D]
     if pe is not None:
         win = win + pe.transpose(0, 1).to(win.dtype)
@@ -459,8 +462,9 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
         row = (i64 * H + h) * K_SLOTS + slot
         tl.store(DQP + row[:, None] * D + rd[None, :], dq.to(DQP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
     o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
-    tl.atomic_add(DK + o, dk * sm_scale, mask=km[:, None] & dm[None, :])
-    tl.atomic_add(DV + o, dv, mask=km[:, None] & dm[None, :])
+    wm = km[:, None] & dm[None, :] & ((rk * 0 + n_rows) > 0)[:, None]
+    tl.atomic_add(DK + o, dk * sm_scale, mask=wm)
+    tl.atomic_add(DV + o, dv, mask=wm)
 
 
 @triton.jit
@@ -494,6 +498,24 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
     tl.store(OUT + row[:, None] * D + rd[None, :], out.to(OUT.dtype.element_ty), mask=rm[:, None] & dm[None, :])
 
 
+@triton.jit
+def _topk(S, IDX, ROWS, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, BR: tl.constexpr):
+    # select_blocks for BR score rows at once: K rounds of (max, first argmax, knock out), then sort ascending
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rm = r < ROWS
+    c = tl.arange(0, NBP)
+    s = tl.load(S + r[:, None] * NB + c[None, :], mask=rm[:, None] & (c[None, :] < NB), other=float("-inf"))
+    kk = tl.arange(0, KP)
+    out = tl.full([BR, KP], BIG_I32, tl.int32)
+    for t in tl.static_range(K):
+        m = tl.max(s, 1)
+        a = tl.argmax(s, 1).to(tl.int32)
+        out = tl.where((kk[None, :] == t) & (m > float("-inf"))[:, None], a[:, None], out)
+        s = tl.where(c[None, :] == a[:, None], float("-inf"), s)
+    out = tl.sort(out, 1)
+    tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out), mask=rm[:, None] & (kk[None, :] < K))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch plumbing
 
@@ -502,10 +524,14 @@ def _interpret():
 
 
 def _tiles(name):
-    """Tile sizes: small under the CPU interpreter (tiny tests), tuned-by-hand on Hopper."""
+    """Tile sizes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
+    NSA_TILES='{"name": [...]}' overrides."""
+    override = json.loads(os.environ.get("NSA_TILES", "{}"))
+    if name in override:
+        return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if _interpret():
         return dict(band_fwd=(16, 16, 1), band_dq=(16, 16, 1), band_dkdv=(16, 16, 1), qc=2, score=(16, 1), slc=(16, 1),
-                    slc_bwd=(16, 1), slc_chunk=4)[name]
+                    slc_bwd=(16, 1), slc_chunk=16)[name]
     return dict(band_fwd=(128, 64, 8), band_dq=(64, 64, 4), band_dkdv=(64, 64, 8), qc=16, score=(64, 4), slc=(64, 4),
                 slc_bwd=(64, 8), slc_chunk=256)[name]
 
@@ -536,6 +562,7 @@ class Plan:
         nc = compressed_lengths(cu, kernel_size, kernel_stride)
         ccu = F.pad(nc.cumsum(0), (1, 0))
         c_first = window_starts(cu, kernel_size, kernel_stride)
+        self.window_starts = c_first  # int64, for compression and compressed-key positions
         c_last = c_first + kernel_size - 1
         c_noise = torch.where(next_noise[c_first] <= c_last, next_noise[c_first], BIG) if len(c_first) else c_first
         rel_hi = hi - L.sample_start
@@ -560,9 +587,29 @@ class Plan:
         self.num_blocks = -(-self.max_len // block_size)
         self.cu, self.hi, self.nlo, self.tok_noise, self.N, self.B = cu, hi, L.span_start, tok_noise, N, B
         self.block_size = block_size
+        self.num_blocks_total = len(self.b_first)
+        self._key_tiles = {}
         for name in ["c_klo", "c_khi", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
                      "cu", "hi", "nlo", "tok_noise"]:
             setattr(self, name, _i32(getattr(self, name)))
+
+
+    def key_tiles(self, klo, khi, nk, BQ, BK, QC):
+        """Cached per pack (shared by all layers): _key_tile_ranges and the number of QC-tile query chunks."""
+        key = (klo.data_ptr(), nk, BQ, BK, QC)
+        if key not in self._key_tiles:
+            lo, hi = _key_tile_ranges(klo, khi, nk, BQ, BK)
+            self._key_tiles[key] = (lo, hi, max(1, -(-int((hi - lo).max()) // QC)))
+        return self._key_tiles[key]
+
+
+def get_plan(layout: SpanLayout, cfg):
+    """The Plan of a pack, built once and kept on the layout: every layer of a forward shares it."""
+    key = (cfg["kernel_size"], cfg["kernel_stride"], cfg["block_size"], cfg["window_size"])
+    plans = layout.__dict__.setdefault("_nsa_plans", {})
+    if key not in plans:
+        plans[key] = Plan(layout, *key)
+    return plans[key]
 
 
 def _key_tile_ranges(klo, khi, nk, BQ, BK):
@@ -584,7 +631,7 @@ class _BandAttention(torch.autograd.Function):
     """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i (compressed, window)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, klo, khi, nlo, knoise, scale):
+    def forward(ctx, q, k, v, klo, khi, nlo, knoise, scale, plan=None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         N, H, D = q.shape
         NK, KH, _ = k.shape
@@ -602,14 +649,14 @@ class _BandAttention(torch.autograd.Function):
                                            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *o.stride()[:2],
                                            G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
         ctx.save_for_backward(q, k, v, o, lse, klo, khi, nlo, knoise)
-        ctx.scale = scale
+        ctx.scale, ctx.plan = scale, plan
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _):
         if ctx.empty:
-            return torch.zeros_like(do), do.new_zeros(ctx.shapes[0]), do.new_zeros(ctx.shapes[1]), *[None] * 5
+            return torch.zeros_like(do), do.new_zeros(ctx.shapes[0]), do.new_zeros(ctx.shapes[1]), *[None] * 6
         q, k, v, o, lse, klo, khi, nlo, knoise = ctx.saved_tensors
         do = do.contiguous()
         N, H, D = q.shape
@@ -626,13 +673,16 @@ class _BandAttention(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         BQ, BK, W = _tiles("band_dkdv")
         QC = _tiles("qc")
-        qt_lo, qt_hi = _key_tile_ranges(klo, khi, NK, BQ, BK)
-        n_chunks = max(1, -(-int((qt_hi - qt_lo).max()) // QC))
+        if ctx.plan is not None:
+            qt_lo, qt_hi, n_chunks = ctx.plan.key_tiles(klo, khi, NK, BQ, BK, QC)
+        else:
+            qt_lo, qt_hi = _key_tile_ranges(klo, khi, NK, BQ, BK)
+            n_chunks = max(1, -(-int((qt_hi - qt_lo).max()) // QC))
         _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
             q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, ctx.scale,
             *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
             G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, QC=QC, num_warps=W)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -657,24 +707,40 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
 
 
 def _selection_work(idx, plan: Plan):
-    """Invert the top-k lists: for each (kv head, block) the flat entries query * K + slot that chose it, cut into
-    work items of at most `slc_chunk` entries: int32 [W, 5] = (kv head, first token, end token, offset, count)."""
+    """Invert the top-k lists without a host sync: for each (kv head, block) the flat entries query * K + slot that
+    chose it (qlist, grouped by block), cut into work items of at most `slc_chunk` entries: int32 [W, 5] =
+    (kv head, first token, end token, offset into qlist, count); W is an upper bound, unused items have count 0."""
     KH, N, K = idx.shape
-    NBT = len(plan.b_first)
-    kh, i, s = (idx >= 0).nonzero(as_tuple=True)
-    key = kh * NBT + plan.block_of_sample.long()[i] + idx[kh, i, s].long()
+    NBT = plan.num_blocks_total
+    n_keys = KH * NBT
+    dev = idx.device
+    kh = torch.arange(KH, device=dev)[:, None, None]
+    key = torch.where(idx >= 0, kh * NBT + plan.block_of_sample.long()[None, :, None] + idx.long(), n_keys).flatten()
     order = torch.argsort(key, stable=True)
-    qlist = _i32((i * K + s)[order])
-    counts = torch.bincount(key, minlength=KH * NBT)
+    qlist = _i32(order % (N * K))
+    offs = torch.searchsorted(key[order], torch.arange(n_keys + 1, device=dev))
+    counts = offs[1:] - offs[:-1]
     chunk = _tiles("slc_chunk")
     n_chunks = (counts + chunk - 1) // chunk
-    cid = torch.repeat_interleave(torch.arange(KH * NBT, device=idx.device), n_chunks)
-    j = torch.arange(len(cid), device=idx.device) - (n_chunks.cumsum(0) - n_chunks)[cid]
-    start = (counts.cumsum(0) - counts)[cid] + j * chunk
-    gb = cid % NBT
-    work = torch.stack([cid // NBT, plan.b_first.long()[gb], plan.b_end.long()[gb], start,
-                        torch.minimum(counts[cid] - j * chunk, torch.full_like(j, chunk))], 1)
+    cum = n_chunks.cumsum(0)
+    w = torch.arange(n_keys + -(-KH * N * K // chunk), device=dev)
+    kid = torch.searchsorted(cum, w, right=True).clamp(max=n_keys - 1)
+    j = w - (cum - n_chunks)[kid]
+    count = torch.where(w < cum[-1], torch.minimum(counts[kid] - j * chunk, torch.full_like(j, chunk)), 0)
+    gb = kid % NBT
+    work = torch.stack([kid // NBT, plan.b_first.long()[gb], plan.b_end.long()[gb], offs[kid] + j * chunk, count], 1)
     return qlist, _i32(work)
+
+
+def select_blocks_triton(score, topk):
+    """Kernel twin of select_blocks (first index wins exact ties; scores carry an earlier-block tie-break)."""
+    KH, N, NB = score.shape
+    K = min(topk, NB)
+    idx = torch.empty(KH, N, K, device=score.device, dtype=torch.int32)
+    NBP = triton.next_power_of_2(NB)
+    BR = max(1, min(128, 4096 // NBP))
+    _topk[(triton.cdiv(KH * N, BR),)](score, idx, KH * N, NB, K=K, KP=triton.next_power_of_2(K), NBP=NBP, BR=BR)
+    return idx
 
 
 class _SelectedAttention(torch.autograd.Function):
@@ -692,10 +758,9 @@ class _SelectedAttention(torch.autograd.Function):
         lp = torch.full((N, H, K), float("-inf"), device=q.device, dtype=torch.float32)
         BM, W = _tiles("slc")
         qk_scale = scale * math.log2(math.e)
-        if len(work):
-            _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, qk_scale,
-                                   *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                                   K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+        _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, qk_scale,
+                               *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                               K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
         o = torch.empty_like(q)
         lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
         BR = 16
@@ -718,11 +783,10 @@ class _SelectedAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
         BM, W = _tiles("slc_bwd")
-        if len(work):
-            _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
-                                   plan.tok_noise, N, H, ctx.scale * math.log2(math.e), ctx.scale,
-                                   *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
-                                   K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+        _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
+                               plan.tok_noise, N, H, ctx.scale * math.log2(math.e), ctx.scale,
+                               *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
+                               K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
         dq = torch.empty_like(q)
         BR = 16
         _slc_combine[(triton.cdiv(N * H, BR),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=BR, GRAD=True)
@@ -773,35 +837,36 @@ class NSA(torch.nn.Module):
         """x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k before RoPE;
         rope(t, positions) rotates a [n, H, D] tensor; position_ids [L] (default: index within the sample)."""
         c = self.cfg
+        plan = get_plan(layout, c)
         idx = torch.arange(q.shape[0], device=q.device)
         pos = idx - layout.sample_start if position_ids is None else position_ids
         w_k = getattr(self, "compress_key", None)
         w_v = getattr(self, "compress_value", None)
-        ck = compress(k, w_k, layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type,
-                      self.intra_block_pe)
-        cv = compress(v, w_v, layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type)
-        ck = rope(ck, pos[window_starts(layout.cu_seqlens, c["kernel_size"], c["kernel_stride"])])
+        args = (layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type)
+        ck = compress(k, w_k, *args, pe=self.intra_block_pe, starts=plan.window_starts)
+        cv = compress(v, w_v, *args, starts=plan.window_starts)
+        ck = rope(ck, pos[plan.window_starts])
         q, k = rope(q, pos), rope(k, pos)
         scale = self.head_dim ** -0.5
         backend = self.backend or ("triton" if q.is_cuda else "torch")
         if backend == "torch":
             o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
         else:
-            o_cmp, o_slc, o_swa = nsa_triton(q, k, v, ck, cv, layout, c, scale)
+            o_cmp, o_slc, o_swa = nsa_triton(q, k, v, ck, cv, layout, c, scale, plan)
         g = gate_values(x, self.gate.weight, self.num_heads).to(o_cmp.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
 
 
 def nsa_triton(q, k, v, ck, cv, layout, cfg, scale, plan=None):
     """Kernel twin of nsa_reference: (o_cmp, o_slc, o_swa)."""
-    plan = plan or Plan(layout, cfg["kernel_size"], cfg["kernel_stride"], cfg["block_size"], cfg["window_size"])
-    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale)
+    plan = plan or get_plan(layout, cfg)
+    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
     with torch.no_grad():
         score = block_scores_triton(q.contiguous(), ck, lse, plan, k.shape[1], cfg["kernel_stride"],
                                     cfg["kernel_size"], cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
-        idx = select_blocks(score, cfg["topk"])
+        idx = select_blocks_triton(score, cfg["topk"])
     o_slc = _SelectedAttention.apply(q, k, v, idx, plan, scale)
-    o_swa, _ = _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale)
+    o_swa, _ = _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, plan)
     return o_cmp, o_slc, o_swa
 
 
@@ -900,7 +965,7 @@ def bench(lengths=(4096, 8192, 16384, 32768, 65536)):
             m.compress_key.normal_(1 / 32, 0.02)
             m.compress_value.normal_(1 / 32, 0.02)
         # dense gets its GQA heads pre-expanded outside the timed region (the most favourable case for dense)
-        qt, kt, vt = (t.transpose(0, 1).repeat_interleave(H // t.shape[1], 0).detach().requires_grad_()
+        qt, kt, vt = (t.transpose(0, 1).repeat_interleave(H // t.shape[1], 0)[None].detach().requires_grad_()
                       for t in (q, k, v))
         leaves = [t.detach().requires_grad_() for t in (x, q, k, v)]
         do = torch.randn_like(q)
@@ -910,7 +975,7 @@ def bench(lengths=(4096, 8192, 16384, 32768, 65536)):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
 
         def dense_fb():
-            dense_fwd().backward(do.transpose(0, 1))
+            dense_fwd().backward(do.transpose(0, 1)[None])
 
         def nsa_fwd():
             return m(*leaves, layout, lambda t, p: t)
@@ -940,34 +1005,83 @@ def breakdown(N=65536):
     w = torch.full((KH, 32), 1 / 32, device="cuda") + 0.02 * torch.randn(KH, 32, device="cuda")
     ck = compress(k, w, layout.cu_seqlens, 32, 16, "weightedpool")
     cv = compress(v, w, layout.cu_seqlens, 32, 16, "weightedpool")
-    plan = Plan(layout, 32, 16, 64, 512)
+    plan = get_plan(layout, c)
     scale = D ** -0.5
-    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale)
+    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
     score = block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2)
-    idx = select_blocks(score, 16)
+    idx = select_blocks_triton(score, 16)
     stages = {
-        "plan": lambda: Plan(layout, 32, 16, 64, 512),
+        "plan (once per pack)": lambda: Plan(layout, 32, 16, 64, 512),
         "compress k+v": lambda: (compress(k, w, layout.cu_seqlens, 32, 16, "weightedpool"),
                                  compress(v, w, layout.cu_seqlens, 32, 16, "weightedpool")),
         "compressed attn fwd": lambda: _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo,
-                                                            plan.c_noise, scale),
+                                                            plan.c_noise, scale, plan),
         "block scores": lambda: block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2),
-        "top-k": lambda: select_blocks(score, 16),
+        "top-k": lambda: select_blocks_triton(score, 16),
         "selection inversion": lambda: _selection_work(idx, plan),
         "selected attn fwd": lambda: _SelectedAttention.apply(q, k, v, idx, plan, scale),
-        "window attn fwd": lambda: _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale),
+        "window attn fwd": lambda: _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
+                                                        plan),
     }
     qg, kg, vg, ckg, cvg = (t.detach().requires_grad_() for t in (q, k, v, ck, cv))
     do = torch.randn_like(q)
     bw = {
         "compressed attn fwd+bwd": lambda: _BandAttention.apply(qg, ckg, cvg, plan.c_klo, plan.c_khi, plan.nlo,
-                                                                plan.c_noise, scale)[0].backward(do),
+                                                                plan.c_noise, scale, plan)[0].backward(do),
         "selected attn fwd+bwd": lambda: _SelectedAttention.apply(qg, kg, vg, idx, plan, scale).backward(do),
         "window attn fwd+bwd": lambda: _BandAttention.apply(qg, kg, vg, plan.w_lo, plan.w_hi, plan.nlo,
-                                                            plan.tok_noise, scale)[0].backward(do),
+                                                            plan.tok_noise, scale, plan)[0].backward(do),
     }
     for name, f in {**stages, **bw}.items():
         print(f"breakdown N={N} {name:26s} {do_bench(f, warmup=20, rep=100, return_mode='median'):8.2f} ms", flush=True)
+
+
+def sweep(N=65536):
+    """Try tile sizes per kernel (others at their defaults); prints the median ms of the stages each one drives."""
+    from triton.testing import do_bench
+    H, KH, D = 28, 4, 128
+    layout = span_layout([N], [N], ["causal"], device="cuda")
+    x, q, k, v = _inputs(N, hidden=256)
+    w = torch.full((KH, 32), 1 / 32, device="cuda") + 0.02 * torch.randn(KH, 32, device="cuda")
+    ck = compress(k, w, layout.cu_seqlens, 32, 16, "weightedpool")
+    cv = compress(v, w, layout.cu_seqlens, 32, 16, "weightedpool")
+    plan = get_plan(layout, dict(kernel_size=32, kernel_stride=16, block_size=64, window_size=512))
+    scale = D ** -0.5
+    _, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
+    idx = select_blocks_triton(block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2), 16)
+    qg, kg, vg, ckg, cvg = (t.detach().requires_grad_() for t in (q, k, v, ck, cv))
+    do = torch.randn_like(q)
+    stages = {
+        "cmp": lambda: _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan),
+        "cmp_fb": lambda: _BandAttention.apply(qg, ckg, cvg, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
+                                               plan)[0].backward(do),
+        "swa": lambda: _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, plan),
+        "swa_fb": lambda: _BandAttention.apply(qg, kg, vg, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
+                                               plan)[0].backward(do),
+        "slc": lambda: _SelectedAttention.apply(q, k, v, idx, plan, scale),
+        "slc_fb": lambda: _SelectedAttention.apply(qg, kg, vg, idx, plan, scale).backward(do),
+        "score": lambda: block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2),
+    }
+    trials = {
+        "band_fwd": ([[128, 64, 8], [128, 128, 8], [64, 64, 4], [128, 64, 4], [64, 128, 4]], ["cmp", "swa"]),
+        "band_dq": ([[64, 64, 4], [128, 64, 8], [64, 128, 8], [128, 128, 8], [64, 64, 8]], ["cmp_fb", "swa_fb"]),
+        "band_dkdv": ([[64, 64, 8], [64, 64, 4], [64, 128, 8], [128, 64, 8], [128, 128, 8]], ["cmp_fb", "swa_fb"]),
+        "qc": ([16, 4, 64], ["cmp_fb"]),
+        "slc": ([[64, 4], [128, 8], [64, 8], [32, 4], [128, 4]], ["slc"]),
+        "slc_bwd": ([[64, 8], [64, 4], [32, 4], [128, 8]], ["slc_fb"]),
+        "slc_chunk": ([256, 64, 1024], ["slc_fb"]),
+        "score": ([[64, 4], [128, 8], [32, 4], [64, 8]], ["score"]),
+    }
+    for name, (options, used) in trials.items():
+        for opt in options:
+            os.environ["NSA_TILES"] = json.dumps({name: opt})
+            try:
+                ts = [do_bench(stages[u], warmup=10, rep=60, return_mode="median") for u in used]
+                print(f"sweep N={N} {name:10s} {str(opt):16s} " + "  ".join(f"{u} {t:7.2f}" for u, t in zip(used, ts)),
+                      flush=True)
+            except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
+                print(f"sweep N={N} {name:10s} {str(opt):16s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    os.environ.pop("NSA_TILES")
 
 
 if __name__ == "__main__":
@@ -976,6 +1090,8 @@ if __name__ == "__main__":
         check()
     if what in ("init", "all"):
         init_closeness()
+    if what == "sweep":
+        sweep()
     if what in ("bench", "all"):
         bench()
     if what in ("breakdown", "all"):
