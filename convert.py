@@ -523,7 +523,7 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
             lambda: tensors.get(theirs)
 
     maps = name_maps(to, cfg)
-    dropped = [ours for ours in source if not any(ours in names for names in maps.values())]
+    dropped = [ours for ours in source if ours not in FIXED_TABLES and not any(ours in m for m in maps.values())]
     if dropped:
         raise CheckpointError(f"the {to} layout has no place for {dropped[0]} ({len(dropped)} tensors)")
     entries = {role: [entry(ours, key) for ours, key in names.items()] for role, names in maps.items()}
