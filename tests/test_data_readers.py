@@ -12,65 +12,115 @@ import torch
 from PIL import Image
 
 import data
-from test_data_pack import CASES, EXPECTED, META, token_tables
+from test_data_pack import CASES, EXPECTED, FIX, META, SPECIAL, TENSORS, fixture_samples
 from test_data_util import png, solid, word_tokenizer, words, write_jsonl
 
 TOK = word_tokenizer()
 NO_DROP = (0.0, 0.0, 0.0)
 
 
-def build(src, row, seed=0, dropout=NO_DROP):
+def build(src, row, seed=0, dropout=NO_DROP, tok=TOK):
     gen = torch.Generator().manual_seed(seed)
     parts = src.read(row, gen)
     load = lambda ref: data.open_image(ref, src.folder, 2 ** 26)
-    return data.build_sample(parts, load, TOK, src.vae_size, src.vit_size, src.max_pixels, gen, dropout)
+    return data.build_sample(parts, load, tok, src.vae_size, src.vit_size, src.max_pixels, gen, dropout)
 
 
-def test_messages_sample_matches_fixture_layout(tmp_path):
-    """The fixture's `mm` case written as three messages-format rows (T2I; understanding with a base64 image;
-    editing with image paths) gives the official layout: positions, token kinds and ids, splits and modes,
-    CE positions/labels/weights, MSE positions, ViT and latent position ids."""
-    case = next(c for c in CASES["cases"] if c["name"] == "mm")
-    s0, s1, s2 = case["samples"]
-    (tmp_path / "t2i.png").write_bytes(png(48, 32))     # VAE 48x32 px -> latent [16, 4, 6] as mm.s0.i1
-    (tmp_path / "src.png").write_bytes(png(28, 42))     # ViT 28x42 -> 3x2 patches (mm.s2.i1), VAE 32x32 (mm.s2.i0)
-    (tmp_path / "tgt.png").write_bytes(png(32, 32))     # VAE 32x32 -> [16, 4, 4] as mm.s2.i3
-    b64 = "data:image/png;base64," + base64.b64encode(png(42, 28)).decode()  # ViT 3x2 patches as mm.s1.i0
-    text = lambda t: {"type": "text", "text": t}
-    image = lambda u: {"type": "image_url", "image_url": {"url": u}}
-    rows = [
-        {"messages": [{"role": "user", "content": [text(words(s0[0]["ids"]))]},
-                      {"role": "assistant", "content": [image("t2i.png")]}]},
-        {"messages": [{"role": "user", "content": [image(b64), text(words(s1[1]["ids"]))]},
-                      {"role": "assistant", "content": words(s1[2]["ids"])}]},
-        {"messages": json.dumps([{"role": "user", "content": [image("src.png"), text(words(s2[2]["ids"]))]},
-                                 {"role": "assistant", "content": [image("tgt.png")]}])},
-    ]
-    path = write_jsonl(tmp_path / "m.jsonl", rows)
-    # per-row image sizes chosen so that the official resize rule lands on the fixture's grids
-    sources = [data.Source(path, vae_size=(16, 48)), data.Source(path, vit_size=(14, 42)),
-               data.Source(path, vae_size=(16, 38), vit_size=(28, 42))]
-    samples = [build(src, row) for row, src in enumerate(sources)]
-    pack = data.pack_samples(samples, TOK.special)
-    exp = {k[3:]: v for k, v in EXPECTED.items() if k.startswith("mm.")}
-    assert pack.sample_lens == META["mm"]["sample_lens"]
-    assert torch.equal(pack.position_ids, exp["position_ids"])
-    kind, tid, sample, item = token_tables(pack)
-    for got, name in [(kind, "token_kind"), (tid, "token_id"), (sample, "token_sample"), (item, "token_item")]:
-        assert torch.equal(got, exp[name]), name
-    starts = [0] + torch.tensor(pack.split_lens).cumsum(0).tolist()[:-1]
-    assert list(zip(starts, pack.split_lens, pack.split_modes)) == \
-        [(s["start"], s["length"], s["mode"]) for s in META["mm"]["splits"]]
-    for name in ["ce_indexes", "ce_labels", "mse_indexes", "vit_pos_ids", "latent_pos_ids"]:
-        assert torch.equal(getattr(pack, name), exp[name]), name
-    assert torch.equal(pack.ce_weights, exp["ce_loss_weights"])
-    # pixels: solid colour images, no resize needed, so every value is the colour in [-1, 1]
-    r, g, b = solid((255, 0, 128))
-    assert torch.allclose(pack.vit_patches.view(-1, 3), torch.tensor([r, g, b]).expand(pack.vit_patches.numel() // 3, 3),
-                          atol=1e-6)
-    assert [tuple(p.shape) for p in pack.vae_pixels] == [(3, 32, 48), (3, 32, 32), (3, 32, 32)]
-    assert [tuple(e.shape) for e in pack.vae_posterior_eps] == [(16, 4, 6), (16, 4, 4), (16, 4, 4)]
-    assert torch.isinf(pack.vae_timestep_raw).tolist() == [False, True, False]
+def side_for(vae_cells, vit_cells):
+    """An image side that resizing without scaling rounds to vae_cells*16 and vit_cells*14 px (None: any)."""
+    for x in range(1, 4096):
+        if (vae_cells is None or max(16, round(x / 16) * 16) == 16 * vae_cells) and \
+                (vit_cells is None or max(14, round(x / 14) * 14) == 14 * vit_cells):
+            return x
+    return None
+
+
+def as_conversation(sample, tensors):
+    """A fixture sample as conversation parts, images as their (VAE grid, ViT grid) needs; None where the messages
+    format cannot say it (special-token losses, or images in arrangements the conventions never produce)."""
+    def grid(it):
+        x = tensors[it["latent"] if it["type"] == "vae_image" else it["pixels"]]
+        return (x.shape[1] // 2, x.shape[2] // 2) if it["type"] == "vae_image" else (x.shape[1] // 14, x.shape[2] // 14)
+    generates = any(it["type"] == "vae_image" and it["loss"] for it in sample)
+    out, i = [], 0
+    while i < len(sample):
+        it, nxt = sample[i], sample[i + 1:i + 3]
+        is_ = lambda j, kind, loss=False: len(nxt) > j and nxt[j]["type"] == kind and bool(nxt[j].get("loss")) == loss
+        if it["type"] == "text" and not it["special_token_loss"]:
+            out.append(("assistant" if it["loss"] else "user", "text", words(it["ids"])))
+            i += 1
+        elif it["type"] == "vit_image" and not generates:  # understood only
+            out.append(("user", "image", (None, grid(it))))
+            i += 1
+        elif it["type"] == "vae_image" and not it["loss"] and generates and is_(0, "vit_image"):  # edit source
+            out.append(("user", "image", (grid(it), grid(nxt[0]))))
+            i += 2
+        elif it["type"] == "vae_image" and it["loss"] and i == len(sample) - 1:  # final generated image
+            out.append(("assistant", "image", (grid(it), None)))
+            i += 1
+        elif it["type"] == "vae_image" and it["loss"] and is_(0, "vae_image") and is_(1, "vit_image") and \
+                grid(nxt[0]) == grid(it):  # generated, then its clean copy for later turns
+            out.append(("assistant", "image", (grid(it), grid(nxt[1]))))
+            i += 3
+        else:
+            return None
+    return out
+
+
+@pytest.mark.parametrize("case", CASES["cases"], ids=lambda c: c["name"])
+def test_messages_samples_match_fixture_layout(tmp_path, case):
+    """Each fixture sample written as a messages-format row (parquet, messages as a JSON string; images by path,
+    base64 data URL and raw bytes column in turn) gives the layout of the fixture's item list: splits and modes,
+    positions, text ids, CE positions/labels/weights, MSE positions, ViT and latent grids and position ids."""
+    with open(FIX / "special_tokens.json") as f:
+        names = json.load(f)
+    with open(FIX / "checkpoint" / "llm_config.json") as f:
+        tok = word_tokenizer({k: v for k, v in names.items()}, json.load(f)["vocab_size"])
+    samples = [(k, as_conversation(s, TENSORS)) for k, s in enumerate(case["samples"])]
+    samples = [(k, conv) for k, conv in samples if conv is not None]
+    if not samples:
+        pytest.skip("no sample of this case can be written in the messages format")
+    rows, n_images = [], 0
+    for _, conv in samples:
+        messages, images = [], []
+        for role, kind, value in conv:
+            if kind == "text":
+                content = {"type": "text", "text": value}
+            else:
+                (gv, gt), n_images = value, n_images + 1
+                h, w = side_for(gv and gv[0], gt and gt[0]), side_for(gv and gv[1], gt and gt[1])
+                assert h and w, value
+                blob = png(w, h, (40 * n_images % 256, 90, 200))
+                if n_images % 3 == 0:
+                    (tmp_path / f"{n_images}.png").write_bytes(blob)
+                    content = {"type": "image_url", "image_url": {"url": f"{n_images}.png"}}
+                elif n_images % 3 == 1:
+                    content = {"type": "image_url",
+                               "image_url": {"url": "data:image/png;base64," + base64.b64encode(blob).decode()}}
+                else:
+                    content = {"type": "image"}
+                    images.append(blob)
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"].append(content)
+            else:
+                messages.append({"role": role, "content": [content]})
+        rows.append({"messages": json.dumps(messages), "images": images})
+    schema = pa.schema([("messages", pa.string()), ("images", pa.list_(pa.binary()))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / "m.parquet"))
+    src = data.Source(str(tmp_path / "m.parquet"), vae_size=(1, 1024), vit_size=(1, 980), max_pixels=10 ** 9)
+    got = data.pack_samples([build(src, r, tok=tok) for r in range(len(rows))], tok.special)
+    want = data.pack_samples([fixture_samples(case, TENSORS)[k] for k, _ in samples], SPECIAL)
+    for name in ["sample_lens", "split_lens", "split_modes", "position_ids", "text_ids", "text_indexes",
+                 "vit_indexes", "vit_pos_ids", "vit_lens", "vae_indexes", "latent_pos_ids", "vae_grids", "ce_indexes",
+                 "ce_labels", "ce_weights", "mse_indexes"]:
+        x, y = getattr(got, name), getattr(want, name)
+        assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), name
+    assert torch.equal(got.vae_timestep_raw.isinf(), want.vae_timestep_raw.isinf())
+    if len(samples) == len(case["samples"]):  # the whole case: straight against the official packer's output
+        assert torch.equal(got.position_ids, EXPECTED[case["name"] + ".position_ids"])
+        starts = [0] + torch.tensor(got.split_lens).cumsum(0).tolist()[:-1]
+        assert list(zip(starts, got.split_lens, got.split_modes)) == \
+            [(s["start"], s["length"], s["mode"]) for s in META[case["name"]]["splits"]]
 
 
 # ----------------------------------------------------------------------------------------------

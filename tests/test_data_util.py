@@ -10,13 +10,13 @@ import data
 SPECIAL_IDS = {"<|im_start|>": 1000, "<|im_end|>": 1001, "<|vision_start|>": 1008, "<|vision_end|>": 1009}
 
 
-def word_tokenizer():
-    """'w17 w3.' -> [17, 3, 1002]: a word-level tokenizer whose ids can be read off the text (vocab 1024, the fixture's
-    special token ids), so token counts and ids in the tests are known without the code under test."""
-    vocab = {f"w{i}": i for i in range(1000)}
-    vocab.update(SPECIAL_IDS)
-    vocab.update({".": 1002, "<unk>": 1003})
-    vocab.update({f"<unused{i}>": i for i in range(1004, 1024) if i not in vocab.values()})
+def word_tokenizer(special_ids=SPECIAL_IDS, vocab_size=1024):
+    """'w17 w3.' -> [17, 3, <id of .>]: a word-level tokenizer whose ids can be read off the text, so token counts
+    and ids in the tests are known without the code under test. Every id below vocab_size that is not a special
+    token is a word; "." and the unknown token come after."""
+    vocab = {f"w{i}": i for i in range(vocab_size) if i not in special_ids.values()}
+    vocab.update(special_ids)
+    vocab.update({".": vocab_size, "<unk>": vocab_size + 1})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return data.TextTokenizer(tok)
