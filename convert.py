@@ -337,6 +337,8 @@ def read_checkpoint(folder, ema=False, cfg=None, **overrides):
                  "vae": Tensors(folder, ["vae.safetensors"])}
     shapes, source = expected_shapes(cfg), {}
     for role, names in name_maps(layout, cfg).items():
+        # the fixed tables are rebuilt anyway, so a file may leave them out (official training code pops them)
+        names = {o: k for o, k in names.items() if o not in FIXED_TABLES or k in files[role].keys()}
         check_keys(files[role], names, shapes)
         source |= {ours: (files[role], key) for ours, key in names.items()}
     return layout, cfg, source
@@ -359,7 +361,7 @@ def load_checkpoint(folder, device="cpu", dtype=torch.float32, ema=False, cfg=No
         model.init_weights()
     else:
         model.init_buffers()  # the fixed tables
-    targets = dict(model.named_parameters()) | dict(model.named_buffers()) | {f"vae.{k}": v for k, v in vae.named_parameters()}
+    targets = dict(model.named_parameters()) | {f"vae.{k}": v for k, v in vae.named_parameters()}
     with torch.no_grad():
         for ours, (tensors, key) in source.items():
             if ours in FIXED_TABLES:  # the files carry them (bf16 in the release): they must be the fixed table

@@ -128,6 +128,15 @@ def test_official_and_hf_convert_into_each_other(tmp_path):
     assert_bit_identical(tensors_of(tmp_path / "hf"), tensors_of(tmp_path / "hf2"))
 
 
+def test_fixed_tables_may_be_missing_and_are_written_exactly(tmp_path):
+    """Official training code pops the two sin-cos tables before loading; exports always carry them."""
+    src = official_copy(tmp_path / "src")
+    ema = load_file(CKPT / "ema.safetensors")
+    save_file({k: v for k, v in ema.items() if not k.endswith("pos_embed.pos_embed")}, src / "ema.safetensors")
+    convert.convert(str(src), str(tmp_path / "hf"), "hf")
+    assert_bit_identical(tensors_of(tmp_path / "hf"), tensors_of(make_hf(tmp_path / "ref")))
+
+
 def test_raw_and_ema_weights_export(tmp_path):
     bagel, vae, cfg = load_tiny()
     ema = {k: v + 1.0 for k, v in bagel.state_dict().items()}
