@@ -301,7 +301,7 @@ def rgb(img):
 
 def open_image(ref, folder, max_pixels):
     """ref: a PIL image | bytes | {"bytes", "path"} (a Hugging Face image cell) | "data:...;base64,..." | a path
-    (relative to `folder`). Refuses images over max_pixels before decoding them (decompression bombs)."""
+    (relative to `folder`; "file://" allowed). Refuses images over max_pixels before decoding them (bombs)."""
     if isinstance(ref, Image.Image):
         return rgb(ref)
     if isinstance(ref, dict):
@@ -312,7 +312,9 @@ def open_image(ref, folder, max_pixels):
         except (IndexError, ValueError) as e:
             raise BadSample("bad_base64", str(e)[:80])
     if isinstance(ref, str):
-        src = os.path.join(folder or "", ref)
+        if ref.startswith(("http://", "https://")):
+            raise BadSample("unsupported", f"remote image {ref[:60]}: download the data first")
+        src = os.path.join(folder or "", ref.removeprefix("file://"))
         if not os.path.isfile(src):
             raise BadSample("missing_file", src)
     elif isinstance(ref, (bytes, bytearray, memoryview)):
@@ -324,11 +326,16 @@ def open_image(ref, folder, max_pixels):
         if img.width * img.height > max_pixels:
             raise BadSample("oversized_image", f"{img.width}x{img.height} > {max_pixels} pixels")
         img.load()
+        img = rgb(img)
+    except BadSample:
+        raise
     except Image.DecompressionBombError as e:
         raise BadSample("oversized_image", str(e)[:80])
-    except (OSError, SyntaxError, ValueError) as e:  # unidentified, truncated, corrupt
-        raise BadSample("corrupt_image", str(e)[:80])
-    return rgb(img)
+    except Exception as e:  # decoders fed untrusted bytes fail in many ways: unidentified, truncated, corrupt
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}"[:80])
+    if min(img.size) == 0:
+        raise BadSample("corrupt_image", f"empty image {img.size}")
+    return img
 
 
 def resize_size(w, h, min_size, max_size, stride, max_pixels):
@@ -385,7 +392,9 @@ def parse_messages(messages):
             raise BadSample("malformed_row", f"content of a {role} message is {type(content).__name__}")
         for c in content:
             kind = c.get("type") if isinstance(c, dict) else None
-            if kind == "text" and isinstance(c.get("text"), str):
+            if kind == "text":
+                if not isinstance(c.get("text"), str):
+                    raise BadSample("malformed_row", f"text item without a string: {str(c)[:40]}")
                 parts.append((role, "text", c["text"]))
             elif kind == "image_url":
                 url = c.get("image_url")
@@ -461,6 +470,12 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 #   shapes    the built-in dataset (section 6), no files
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
+SIZES = {  # official data config (data/configs/example.yaml): VAE (min, max) side, ViT (min, max) side, max_pixels
+    "t2i": ((512, 1024), (378, 980), 14 * 14 * 9 * 1024),
+    "edit": ((512, 1024), (224, 518), 14 * 14 * 9 * 1024),
+    "vlm": ((512, 1024), (378, 980), 2_007_040),
+    "messages": ((512, 1024), (378, 980), 14 * 14 * 9 * 1024),
+}
 COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["image_list", "instruction_list"],
            "vlm": ["conversations"]}
 
@@ -474,10 +489,10 @@ def open_file_rows(file):
                 if line.strip():
                     offsets.append(pos)
                 pos += len(line)
-        fh = open(file, "rb")
+        offsets, fh = np.array(offsets, dtype=np.int64), open(file, "rb")
 
         def get(i):
-            fh.seek(offsets[i])
+            fh.seek(int(offsets[i]))
             try:
                 row = json.loads(fh.readline())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -562,27 +577,28 @@ def pick(options, gen):
 
 
 class Source:
-    """One dataset: a file or folder in one format, its sampling weight, and its image sizes (min side, max side)
-    for the VAE and the ViT. Image paths are relative to data_folder (default: the data's own folder).
-    Defaults follow the official data config (VAE 512-1024, ViT 378-980); the built-in "shapes" dataset uses
-    image_size for both unless told otherwise."""
+    """One dataset: a file or folder in one format, its sampling weight, and its image sizes: (min side, max side)
+    for the VAE and the ViT, and max_pixels (defaults: the official data config, SIZES). Image paths are relative
+    to data_folder (default: the data's own folder). The built-in "shapes" dataset needs no files: num_rows
+    scenes drawn at image_size px, resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
 
     def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
-                 vit_size=None, max_pixels=14 * 14 * 9 * 1024, num_rows=10000, image_size=64, seed=0):
+                 vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0):
         self.format = format or ("shapes" if path == "shapes" else "messages")
         if self.format not in ("messages", "t2i", "edit", "vlm", "shapes"):
             raise ValueError(f"unknown source format {self.format!r}")
         if not weight > 0:
             raise ValueError(f"source {path}: weight must be > 0, got {weight}")
-        self.path, self.weight, self.name, self.max_pixels = path, weight, name or str(path), max_pixels
+        self.path, self.weight, self.name = path, weight, name or str(path)
         if self.format == "shapes":
             self.rows, self.num_rows, self.image_size, self.seed = None, num_rows, image_size, seed
-            self.folder = None
-            self.block_starts = np.arange(num_rows + 1)
+            self.folder, self.block_starts = None, np.arange(num_rows + 1)
             self.vae_size = vae_size or (image_size, image_size)
             self.vit_size = vit_size or (image_size // 14 * 14,) * 2
+            self.max_pixels = max_pixels or 14 * 14 * 9 * 1024
             return
-        self.vae_size, self.vit_size = vae_size or (512, 1024), vit_size or (378, 980)
+        vae, vit, pixels = SIZES[self.format]
+        self.vae_size, self.vit_size, self.max_pixels = vae_size or vae, vit_size or vit, max_pixels or pixels
         self.rows = Rows(path)
         self.num_rows, self.block_starts = len(self.rows), self.rows.block_starts
         self.folder = data_folder or (path if os.path.isdir(path) else os.path.dirname(path))
