@@ -246,11 +246,11 @@ def vit_fields(vit, where, built_layers):
 
 def official_config(folder, **overrides):
     """BagelConfig from llm_config.json + vit_config.json (+ the constants the official loaders hard-code).
-    The AE shape is not in the release files; pass vae_* overrides for a non-7B AE (read_official infers it)."""
+    The AE shape is not in the release files: read_checkpoint reads it off ae.safetensors, or pass vae_* overrides."""
     llm_path, vit_path = os.path.join(folder, "llm_config.json"), os.path.join(folder, "vit_config.json")
     llm, vit = read_json(llm_path), read_json(vit_path)
     built = need(vit, "num_hidden_layers", vit_path) - 1  # vit_select_layer -2 drops the last layer
-    return BagelConfig(**{**llm_fields(llm, llm_path), **vit_fields(vit, vit_path, built), **overrides})
+    return make_config({**llm_fields(llm, llm_path), **vit_fields(vit, vit_path, built), **overrides}, folder)
 
 
 def ae_shape(ae: Tensors):
@@ -279,23 +279,27 @@ def hf_config(folder, **overrides):
     if vae.get("in_channels", 3) != 3 or vae.get("out_ch", 3) != 3:
         raise CheckpointError(f"{path}: the AE must map 3-channel images")
     g = lambda key: need(vae, key, path + " vae_config")
-    return BagelConfig(**{
+    return make_config({
         **llm_fields(raw["llm_config"], path + " llm_config"),
         **vit_fields(vit, path + " vit_config", need(vit, "num_hidden_layers", path)),  # already the built count
         **dict(vae_ch=g("ch"), vae_ch_mult=tuple(g("ch_mult")), vae_num_res_blocks=g("num_res_blocks"),
                latent_channels=g("z_channels"), vae_scale_factor=g("scale_factor"), vae_shift_factor=g("shift_factor"),
                latent_patch_size=raw.get("latent_patch_size", 2), max_latent_size=raw.get("max_latent_size", 64),
                vit_max_patches_per_side=raw.get("vit_max_num_patch_per_side", 70)),
-        **overrides})
+        **overrides}, path)
 
 
 def nanobagel_config(folder, **overrides):
     path = os.path.join(folder, "config.json")
     raw = read_json(path)
-    known = {f.name for f in fields(BagelConfig)}
-    if set(raw) - known:
-        raise CheckpointError(f"{path}: unknown field {sorted(set(raw) - known)[0]}")
-    return BagelConfig(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, **overrides})
+    return make_config({**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, **overrides}, path)
+
+
+def make_config(values, where):
+    unknown = sorted(set(values) - {f.name for f in fields(BagelConfig)})
+    if unknown:
+        raise CheckpointError(f"{where}: unknown field {unknown[0]}")
+    return BagelConfig(**values)
 
 
 def hf_tensors(folder):

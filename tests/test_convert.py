@@ -360,6 +360,8 @@ def test_errors_config_does_not_match_tensors(tmp_path):
         convert.load_checkpoint(str(CKPT), vae_ch=64)
     with pytest.raises(convert.CheckpointError, match="does not describe a buildable model"):
         convert.load_checkpoint(str(CKPT), vae_ch=16)
+    with pytest.raises(convert.CheckpointError, match="unknown field vae_channels"):
+        convert.load_checkpoint(str(CKPT), vae_channels=16)
 
 
 def test_errors_broken_files(tmp_path):
