@@ -52,7 +52,8 @@ from model import patchify
 #   {"type": "vit_image", "pixels": [3, H, W] in [-1, 1], H and W multiples of 14}
 #   {"type": "vae_image", "latent": [16, 2h, 2w] or None, "pixels": [3, 16h, 16w] or None, "loss": bool,
 #    "timestep_raw": float|None, "noise": [16, 2h, 2w]|None, "posterior_eps": [16, 2h, 2w]|None}
-# and any item may carry "drop": True (CFG condition dropout).
+# and any item may carry "drop": True (CFG condition dropout). Pixels may also be uint8 in [0, 255] (what the
+# loader keeps while samples wait in its buffer: 4x less memory); the Pack always holds them in [-1, 1].
 
 @dataclass
 class Pack:
@@ -103,6 +104,11 @@ def vae_grid(item):
     return H // 16, W // 16
 
 
+def unit_pixels(x):
+    """uint8 [0, 255] -> float [-1, 1] (ToTensor then Normalize(0.5, 0.5), as officially); floats pass through."""
+    return x.float().div_(255).sub_(0.5).div_(0.5) if x.dtype == torch.uint8 else x.float()
+
+
 def grid_pos_ids(h, w, side):
     """row*side + col for an h x w grid in raster order (the index into a side x side position table)."""
     return (torch.arange(h)[:, None] * side + torch.arange(w)[None, :]).flatten()
@@ -150,7 +156,7 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
                 pixels = item["pixels"]
                 h, w = pixels.shape[1] // 14, pixels.shape[2] // 14
                 n = h * w + 2
-                vit_patches.append(patchify(pixels.float(), 14))
+                vit_patches.append(patchify(unit_pixels(pixels), 14))
                 vit_pos_ids.append(grid_pos_ids(h, w, vit_side))
                 vit_indexes.append(torch.arange(L + 1, L + n - 1))
                 vit_lens.append(h * w)
@@ -183,7 +189,7 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
                 latent_pos_ids.append(grid_pos_ids(h, w, max_latent_size))
                 vae_grids.append((h, w))
                 vae_latents.append(latent)
-                vae_pixels.append(pixels)
+                vae_pixels.append(None if pixels is None else unit_pixels(pixels))
                 vae_eps.append(eps if pixels is not None else None)
                 text_ids += [vs, ve]
                 text_indexes += [L, L + n - 1]
@@ -354,12 +360,12 @@ def resize_size(w, h, min_size, max_size, stride, max_pixels):
 
 
 def image_tensor(img, size, stride, max_pixels):
-    """PIL RGB -> [3, H, W] in [-1, 1], resized bicubic per resize_size; size = (min side, max side)."""
+    """PIL RGB -> uint8 [3, H, W], resized bicubic per resize_size; size = (min side, max side). (unit_pixels maps
+    it to [-1, 1] when the pack is built.)"""
     w, h = resize_size(img.width, img.height, size[0], size[1], stride, max_pixels)
     if (w, h) != img.size:
         img = img.resize((w, h), Image.BICUBIC)
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()
-    return x.div_(255).sub_(0.5).div_(0.5)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
