@@ -409,7 +409,7 @@ def write_safetensors(path, entries, metadata=None):
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key, shape, dtype, get in entries:
-            t = get().to("cpu", dtype).contiguous()
+            t = get().detach().to("cpu", dtype).contiguous()
             assert tuple(t.shape) == tuple(shape), key
             f.write(t.reshape(-1).view(torch.uint8).numpy())
     os.replace(path + ".tmp", path)

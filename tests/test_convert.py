@@ -503,12 +503,10 @@ def measure_sharded_load(folder, broadcast=False):
 
 if __name__ == "__main__":
     # torchrun --nproc_per_node=2 tests/test_convert.py FOLDER: the worker of test_load_into_sharded_two_ranks.
-    # python tests/test_convert.py --random-7b FOLDER, then
+    # python tests/test_convert.py --random 7b FOLDER, then
     # torchrun --nproc_per_node=2 tests/test_convert.py --measure[-broadcast] FOLDER: the full-size load on GPUs.
-    if sys.argv[1] == "--random-7b":
-        write_random_checkpoint(sys.argv[2])
-    elif sys.argv[1] == "--random-tiny":
-        write_random_checkpoint(sys.argv[2], "tiny")
+    if sys.argv[1] == "--random":
+        write_random_checkpoint(sys.argv[3], sys.argv[2])
     elif sys.argv[1].startswith("--measure"):
         measure_sharded_load(sys.argv[2], broadcast=sys.argv[1] == "--measure-broadcast")
     else:
