@@ -359,13 +359,18 @@ def resize_size(w, h, min_size, max_size, stride, max_pixels):
     return w, h
 
 
-def image_tensor(img, size, stride, max_pixels):
-    """PIL RGB -> uint8 [3, H, W], resized bicubic per resize_size; size = (min side, max side). (unit_pixels maps
-    it to [-1, 1] when the pack is built.)"""
+def image_bytes(img, size, stride, max_pixels):
+    """PIL RGB -> uint8 [3, H, W], resized bicubic per resize_size; size = (min side, max side). The loader keeps
+    images like this while they wait in its buffer; pack_samples maps them to [-1, 1]."""
     w, h = resize_size(img.width, img.height, size[0], size[1], stride, max_pixels)
     if (w, h) != img.size:
         img = img.resize((w, h), Image.BICUBIC)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def image_tensor(img, size, stride, max_pixels):
+    """PIL RGB -> float [3, H, W] in [-1, 1], resized as image_bytes."""
+    return unit_pixels(image_bytes(img, size, stride, max_pixels))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,14 +447,14 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
             items.append(text_item(tok.encode(value), loss=role == "assistant", cfg=generates and role == "user"))
             continue
         img = load_image(value)
-        vae = image_tensor(img, vae_size, 16, max_pixels) if generates else None
+        vae = image_bytes(img, vae_size, 16, max_pixels) if generates else None
         if role == "assistant":
             items.append(vae_item(vae, loss=True))
             if i == len(parts) - 1:
                 continue
         if generates:
             items.append(vae_item(vae, loss=False, cfg=True))
-        items.append({"type": "vit_image", "pixels": image_tensor(img, vit_size, 14, max_pixels), "cfg": generates})
+        items.append({"type": "vit_image", "pixels": image_bytes(img, vit_size, 14, max_pixels), "cfg": generates})
     if not any(it.get("loss") for it in items):
         raise BadSample("no_targets", "nothing to learn: no assistant text or image")
     probs = {"text": dropout[0], "vit_image": dropout[1], "vae_image": dropout[2]}

@@ -48,18 +48,18 @@ def test_resize_rule(w, h, lo, hi, stride, expect):
 
 
 def test_image_tensor_values():
-    x = data.image_tensor(Image.new("RGB", (300, 200), (255, 0, 128)), (512, 1024), 16, 14 * 14 * 9 * 1024)
+    x = data.image_bytes(Image.new("RGB", (300, 200), (255, 0, 128)), (512, 1024), 16, 14 * 14 * 9 * 1024)
     assert x.shape == (3, 512, 768) and x.dtype == torch.uint8  # kept as bytes while buffered
     assert torch.equal(x, torch.tensor([255, 0, 128], dtype=torch.uint8)[:, None, None].expand_as(x))
-    u = data.unit_pixels(x)
+    u = data.image_tensor(Image.new("RGB", (300, 200), (255, 0, 128)), (512, 1024), 16, 14 * 14 * 9 * 1024)
     assert u.dtype == torch.float32
     assert torch.allclose(u, torch.tensor(solid((255, 0, 128)))[:, None, None].expand_as(u), atol=1e-6)
     grad = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (4, 1, 3))  # no resize: exact values
-    x = data.image_tensor(Image.fromarray(grad), (4, 256), 4, 10 ** 9)
+    x = data.image_bytes(Image.fromarray(grad), (4, 256), 4, 10 ** 9)
     assert torch.equal(x[0, 0], torch.arange(256, dtype=torch.uint8))
     assert torch.allclose(data.unit_pixels(x)[0, 0], torch.arange(256) / 127.5 - 1, atol=1e-6)
     rgba = Image.new("RGBA", (16, 16), (255, 0, 0, 0))  # fully transparent: composited onto white
-    assert torch.equal(data.image_tensor(data.rgb(rgba), (16, 16), 16, 10 ** 9), torch.full((3, 16, 16), 255).byte())
+    assert torch.equal(data.image_tensor(data.rgb(rgba), (16, 16), 16, 10 ** 9), torch.ones(3, 16, 16))
     f = torch.rand(3, 4, 4) * 2 - 1
     assert torch.equal(data.unit_pixels(f), f)  # floats pass through
 
