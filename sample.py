@@ -245,10 +245,15 @@ def sample_grid(model, vae, tokenizer, prompts, image_size=(1024, 1024), seed=0,
     from successive training steps are comparable). train.py writes it to samples/step_XXXXXX.png."""
     was_training = model.training
     model.eval()
+    fsdp = hasattr(model, "unshard")  # FSDP2 root: its own weights (embeddings, heads) gathered for direct calls;
+    if fsdp:                          # every rank must call this (the layers gather theirs in their forward)
+        model.unshard()
     try:
         images = [generate_image(model, vae, tokenizer, p, image_size=image_size, seed=seed + i, **settings)
                   for i, p in enumerate(prompts)]
     finally:
+        if fsdp:
+            model.reshard()
         model.train(was_training)
     return make_grid(images, cols)
 
