@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -147,19 +148,26 @@ def sdpa(q, k, v, mask):
     return o.transpose(0, 1)
 
 
-def make_llm_attention(backend, layout, order):
-    """Attention over a pack whose tokens sit in `order` (order[i] = original position of row i)."""
+def make_llm_attention(backend, pack, layout, order):
+    """Attention over a pack whose tokens sit in `order` (order[i] = pack position of row i)."""
     if backend == "sdpa":
         mask = dense_mask(layout)[order][:, order]
         return lambda q, k, v: sdpa(q, k, v, mask)
     if backend == "flex":
+        # Pad to a multiple of FLEX_PAD so a few shapes cover all packs (one compile each); the padding is a
+        # causal sample of its own, so no real token sees it and no padded row is empty.
         from torch.nn.attention.flex_attention import create_block_mask
         N = order.numel()
+        pad = -N % FLEX_PAD
+        padded = span_layout(pack.sample_lens + [pad], pack.split_lens + [pad], pack.split_modes + ["causal"],
+                             device=order.device) if pad else layout
+        order = torch.cat([order, torch.arange(N, N + pad, device=order.device)])
 
         def mask_mod(b, h, qi, ki):
-            return visible(layout, order[qi], order[ki])
-        block_mask = create_block_mask(mask_mod, None, None, N, N, device=order.device)
-        return lambda q, k, v: flex(q, k, v, block_mask)
+            return visible(padded, order[qi], order[ki])
+        block_mask = create_block_mask(mask_mod, None, None, N + pad, N + pad, device=order.device,
+                                       _compile=order.is_cuda)
+        return lambda q, k, v: flex(q, k, v, block_mask, pad)
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
@@ -176,17 +184,18 @@ def make_vit_attention(backend, image_lens, device):
     return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)
 
 
+FLEX_PAD = 2048
 _compiled_flex = None
 
 
-def flex(q, k, v, block_mask):
+def flex(q, k, v, block_mask, pad):
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    o = _compiled_flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=block_mask, enable_gqa=True)
-    return o[0].transpose(0, 1)
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
+    o = _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return o[0].transpose(0, 1)[:o.shape[2] - pad]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,6 +536,17 @@ def flow_timesteps(timestep_raw, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
+def cross_entropy(h, lm_head, labels, chunk=4096):
+    """Per-token CE of lm_head(h) in float32, a chunk of rows at a time; under autograd each chunk's logits are
+    recomputed in backward, so at most one chunk of [chunk, vocab] logits is alive (152k vocab: 2.4 GB/4k rows)."""
+    def one(h, labels):
+        return F.cross_entropy(lm_head(h).float(), labels, reduction="none")
+    if h.shape[0] <= chunk or not torch.is_grad_enabled():
+        return one(h, labels)
+    return torch.cat([torch.utils.checkpoint.checkpoint(one, hc, lc, use_reentrant=False)
+                      for hc, lc in zip(h.split(chunk), labels.split(chunk))])
+
+
 class Context:
     """What every decoder layer needs about the pack: rotary tables and the attention function."""
     def __init__(self, rope, attend, nsa=None):
@@ -584,7 +604,7 @@ class Bagel(nn.Module):
         x = self.embed_tokens.weight.new_zeros(pack.num_tokens, cfg.hidden_size)
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))
         vit_lens = pack.vit_lens
-        attend = make_vit_attention("sdpa" if cfg.attn_backend == "sdpa" else "varlen", vit_lens, x.device)
+        attend = make_vit_attention("varlen" if x.is_cuda else "sdpa", vit_lens, x.device)
         # The ViT runs on every pack, even with no images, so every rank enters the same FSDP modules.
         vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
         vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)
@@ -624,7 +644,7 @@ class Bagel(nn.Module):
             rope_at = lambda t, pos: Rotary(cfg.head_dim, cfg.rope_theta, pos, t.dtype)(t)
             ctx = Context(rope, None, run_nsa)
         else:
-            ctx = Context(rope, make_llm_attention(cfg.attn_backend, layout, order))
+            ctx = Context(rope, make_llm_attention(cfg.attn_backend, pack, layout, order))
         x_in, x = x, x[order]
         layer_outs = []
         for layer in self.layers:
@@ -633,8 +653,7 @@ class Bagel(nn.Module):
                 layer_outs.append(x[where])
         h_und = self.norm_und(x[:n])
         h = torch.cat([h_und.detach() if cfg.freeze_und else h_und, self.norm_gen(x[n:])])
-        logits = self.lm_head(h[where[pack.ce_indexes]])
-        ce = F.cross_entropy(logits.float(), pack.ce_labels, reduction="none")
+        ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head, pack.ce_labels)
         pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
         noised = torch.isin(pack.vae_indexes, pack.mse_indexes)
         mse = (pred - aux["target"][noised]).pow(2).mean(-1)

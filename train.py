@@ -16,9 +16,9 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from fnmatch import fnmatch
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -90,12 +90,16 @@ def load_config(argv):
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         key, text = arg[2:].split("=", 1)
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        set_key(cfg, key, value, "command line")
+        set_key(cfg, key, literal(text), "command line")
     return cfg
+
+
+def literal(text):
+    """A Python literal, or else the string itself (--out_dir=runs/a)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def set_key(cfg, key, value, where):
@@ -173,7 +177,7 @@ def trainable_mask(names, cfg):
 
 def visible_pairs(pack):
     """Visible (query, key) pairs of a pack under the BAGEL mask, from its spans."""
-    pairs, start, spans = 0, 0, iter(zip(pack.split_lens, pack.split_modes))
+    pairs, spans = 0, iter(zip(pack.split_lens, pack.split_modes))
     for sample_len in pack.sample_lens:
         earlier, used = 0, 0  # earlier: keys visible from later spans (noise spans excluded)
         while used < sample_len:
@@ -293,8 +297,8 @@ def load_checkpoint(path, model, opt, ema, rank, world):
 # ----------------------------------------------------------------------------------------------
 # Main
 
-def main(argv):
-    cfg = load_config(argv)
+def build(cfg):
+    """Everything a training step needs, as the distributed recipe makes it (also used by bench.py)."""
     rank, world, device, mesh = setup_distributed(cfg["device"])
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -315,8 +319,7 @@ def main(argv):
         initial[0].init_weights()
     shared = [initial[2]]
     dist.broadcast_object_list(shared, src=0)
-    model_cfg = shared[0]
-    model_cfg = M.BagelConfig(**{**asdict(model_cfg), **cfg["model_args"], "freeze_und": cfg["freeze_und"]})
+    model_cfg = M.BagelConfig(**{**asdict(shared[0]), **cfg["model_args"], "freeze_und": cfg["freeze_und"]})
     tok_dir = cfg["tokenizer"] or cfg["init_from"]
     tokenizer = data.load_tokenizer(tok_dir) if tok_dir else data.tiny_tokenizer()
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -324,7 +327,7 @@ def main(argv):
     log(json.dumps(cfg, indent=1, default=str))
     log(model_cfg)
 
-    # --- FSDP2: meta init -> activation checkpointing -> shard per block, then root -> to_empty -> init ---
+    # --- FSDP2: meta init -> activation checkpointing -> shard per block, then root -> to_empty -> load ---
     with torch.device("meta"):
         model = M.Bagel(model_cfg)
     if cfg["activation_checkpointing"]:
@@ -352,53 +355,97 @@ def main(argv):
     vae_state = [initial[1].state_dict() if master else None]
     dist.broadcast_object_list(vae_state, src=0)
     vae.load_state_dict(vae_state[0])
-    vae.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, used under no_grad
     del full, initial
-    if device.type == "cuda":
-        vae.to(dtype)
+
+    # --- what trains; optimiser with fp32 master weights (FSDP2 keeps the sharded parameters in fp32); EMA ---
     names = [n for n, _ in model.named_parameters()]
     trains = trainable_mask(names, cfg)
     for name, p in model.named_parameters():
         p.requires_grad_(trains[name])
     params = [p for p in model.parameters() if p.requires_grad]
-    n_total = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in params)
-    log(f"parameters: {n_total:,} ({n_train:,} trainable), world {world}, device {device}, compute {dtype}")
+    log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
+        f"trainable), world {world}, device {device}, compute {dtype}")
     groups = {g: any(trains[n] for n in names if fnmatch(n.replace("_checkpoint_wrapped_module.", ""), pat))
               for g, pat in [("und", "layers.*.und.*"), ("gen", "layers.*.gen.*"), ("vit", "vit.*"),
                              ("connector", "connector.*"), ("lm_head", "lm_head.*"), ("latent", "vae2llm.*")]}
-
-    # --- optimiser (fp32 master weights: FSDP2 keeps the sharded parameters in fp32), schedule, EMA ---
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
                             weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg["ema"] else {}
+    return SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, master=master, log=log,
+                           model=model, vae=vae, model_cfg=model_cfg, tokenizer=tokenizer, params=params,
+                           groups=groups, opt=opt, ema=ema)
 
-    def lr_at(step):
-        if step < cfg["warmup_steps"]:
-            return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
-        if cfg["lr_schedule"] == "cosine":
-            progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
-            return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
-        return cfg["lr"]
 
-    # --- data ---
+def lr_at(cfg, step):
+    if step < cfg["warmup_steps"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+    if cfg["lr_schedule"] == "cosine":
+        progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
+        return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg["lr"]
+
+
+def train_step(run, packs, lr):
+    """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
+    counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
+    packs. A non-finite loss or gradient skips the update (returned as ok=False)."""
+    cfg, world, model = run.cfg, run.world, run.model
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    n_ce, n_mse = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)],
+                          run.device)
+    ce_sum = mse_sum = torch.zeros((), device=run.device)
+    tokens = flops = 0
+    for pack in packs:
+        pack = encode_images(run.vae, pack.to(run.device), run.dtype)
+        out = model(pack, timestep_shift=cfg["timestep_shift"])
+        # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
+        ce = out["ce"].sum() * world / max(n_ce, 1)
+        mse = out["mse"].sum() * world / max(n_mse, 1)
+        (cfg["ce_weight"] * ce + cfg["mse_weight"] * mse).backward()
+        ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
+        tokens += pack.num_tokens
+        flops += pack_flops(pack, run.model_cfg, run.groups)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["max_grad_norm"], foreach=True)
+    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+    ce_tot, mse_tot = all_sum([float(ce_sum), float(mse_sum)], run.device)
+    ce_mean, mse_mean = ce_tot / max(n_ce, 1), mse_tot / max(n_mse, 1)
+    loss = cfg["ce_weight"] * ce_mean + cfg["mse_weight"] * mse_mean
+    ok = math.isfinite(loss) and math.isfinite(grad_norm)
+    if ok:
+        run.opt.step()
+        if run.ema:
+            with torch.no_grad():  # on the local shards: the EMA is sharded exactly like its parameter
+                torch._foreach_lerp_([local(e) for e in run.ema.values()], [local(p) for p in run.params],
+                                     1 - cfg["ema"])
+    run.opt.zero_grad(set_to_none=True)
+    return dict(ok=ok, loss=loss, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm, n_ce=n_ce, n_mse=n_mse,
+                tokens=tokens, flops=flops)
+
+
+def main(argv):
+    cfg = load_config(argv)
+    run = build(cfg)
+    log, master, device, world = run.log, run.master, run.device, run.world
+
     def make_loader(seed):
-        return data.Loader([data.Source(**src) for src in cfg["sources"]], tokenizer,
-                           packing_length=cfg["packing_length"], max_latent_size=model_cfg.max_latent_size,
-                           vit_side=model_cfg.vit_max_patches_per_side,
+        return data.Loader([data.Source(**src) for src in cfg["sources"]], run.tokenizer,
+                           packing_length=cfg["packing_length"], max_latent_size=run.model_cfg.max_latent_size,
+                           vit_side=run.model_cfg.vit_max_patches_per_side,
                            text_cond_dropout_prob=cfg["text_cond_dropout_prob"],
                            vit_cond_dropout_prob=cfg["vit_cond_dropout_prob"],
                            vae_cond_dropout_prob=cfg["vae_cond_dropout_prob"],
-                           seed=seed, rank=rank, world_size=world, **cfg["data_args"])
+                           seed=seed, rank=run.rank, world_size=world, **cfg["data_args"])
     loader = make_loader(cfg["seed"])
 
-    # --- resume ---
+    # --- resume: the newest complete checkpoint in out_dir, if any ---
     ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     step, bad_in_row, skipped = 0, 0, 0
     resume = latest_checkpoint(ckpt_dir)
     if resume:
-        step, extra = load_checkpoint(resume, model, opt, ema, rank, world)
+        step, extra = load_checkpoint(resume, run.model, run.opt, run.ema, run.rank, world)
         if extra is None:
             log(f"world size changed: model, optimiser and EMA resharded; the data order restarts from seed "
                 f"{cfg['seed'] + step} (per-rank loader states do not map across world sizes)")
@@ -414,71 +461,48 @@ def main(argv):
     window_time, window_tokens, window_flops = 0.0, 0, 0
     while step < cfg["max_steps"]:
         t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
         packs = [loader.next_pack() for _ in range(cfg["grad_accum"])]
         for pack in packs:
             if (not cfg["visual_und"] and pack.vit_lens) or (not cfg["visual_gen"] and pack.mse_indexes.numel()):
                 raise SystemExit("visual_und/visual_gen is off but the data has ViT images/generation targets")
-        # global token counts over ranks and micro-steps: every rank normalises by the same numbers
-        n_ce, n_mse = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)],
-                              device)
-        ce_sum = mse_sum = 0.0
-        for pack in packs:
-            pack = encode_images(vae, pack.to(device), dtype)
-            out = model(pack, timestep_shift=cfg["timestep_shift"])
-            # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
-            ce = out["ce"].sum() * world / max(n_ce, 1)
-            mse = out["mse"].sum() * world / max(n_mse, 1)
-            (cfg["ce_weight"] * ce + cfg["mse_weight"] * mse).backward()
-            ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
-            window_tokens += pack.num_tokens
-            window_flops += pack_flops(pack, model_cfg, groups)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"], foreach=True)
-        grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
-        ce_tot, mse_tot = all_sum([float(ce_sum), float(mse_sum)], device)
-        ce_mean, mse_mean = ce_tot / max(n_ce, 1), mse_tot / max(n_mse, 1)
-        loss = cfg["ce_weight"] * ce_mean + cfg["mse_weight"] * mse_mean
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            opt.step()
+        lr = lr_at(cfg, step)
+        r = train_step(run, packs, lr)
+        if r["ok"]:
             bad_in_row = 0
-            if ema:
-                with torch.no_grad():  # on the local shards: EMA is sharded exactly like its parameter
-                    torch._foreach_lerp_([local(e) for e in ema.values()], [local(p) for p in params],
-                                         1 - cfg["ema"])
         else:
             bad_in_row, skipped = bad_in_row + 1, skipped + 1
-            log(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: step skipped ({bad_in_row} in a row)")
+            log(f"step {step}: non-finite loss {r['loss']} or grad norm {r['grad_norm']}: step skipped "
+                f"({bad_in_row} in a row)")
             if bad_in_row >= cfg["max_bad_steps"]:
                 raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping (lower lr? bad data?)")
-        opt.zero_grad(set_to_none=True)
         step += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         window_time += time.time() - t0
+        window_tokens, window_flops = window_tokens + r["tokens"], window_flops + r["flops"]
 
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
             tokens, flops = all_sum([window_tokens, window_flops], device)
             tok_s = tokens / window_time
             mfu = flops / window_time / (peak * world) if peak else 0.0
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            log(f"step {step} | loss {loss:.4f} | ce {ce_mean:.4f} | mse {mse_mean:.4f} | lr {lr_at(step - 1):.2e} | "
-                f"grad {grad_norm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu:.3f} | mem {mem:.1f} GiB | fill "
-                f"{loader.stats['fill']:.1%} | skipped {skipped}")
+            log(f"step {step} | loss {r['loss']:.4f} | ce {r['ce']:.4f} | mse {r['mse']:.4f} | lr {lr:.2e} | "
+                f"grad {r['grad_norm']:.3f} | {tok_s:,.0f} tok/s | mfu {mfu:.3f} | mem {mem:.1f} GiB | "
+                f"fill {loader.stats['fill']:.1%} | skipped {skipped}")
             if master:
-                metrics.write(json.dumps(dict(step=step, loss=loss, ce=ce_mean, mse=mse_mean, lr=lr_at(step - 1),
-                                              grad_norm=grad_norm, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem,
-                                              n_ce=n_ce, n_mse=n_mse, skipped=skipped)) + "\n")
+                keep = ("loss", "ce", "mse", "grad_norm", "n_ce", "n_mse")
+                metrics.write(json.dumps(dict(step=step, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem,
+                                              skipped=skipped, **{k: r[k] for k in keep})) + "\n")
                 metrics.flush()
             window_time, window_tokens, window_flops = 0.0, 0, 0
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and cfg["sample_prompts"]:
-            write_samples(cfg, step, model, vae, tokenizer, master)
+            write_samples(run, step)
         if step % cfg["save_steps"] == 0 or step == cfg["max_steps"]:
             extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
                      "skipped": skipped}
-            save_checkpoint(ckpt_dir, step, model, opt, ema, extra, cfg, rank, world, cfg["keep_checkpoints"])
-
-    export(cfg, model, ema, vae, model_cfg, tokenizer, master)
+            save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, cfg, run.rank, world,
+                            cfg["keep_checkpoints"])
+    export(run)
     dist.destroy_process_group()
 
 
@@ -509,24 +533,26 @@ def full_state(model, ema):
     return sd, ema_sd
 
 
-def write_samples(cfg, step, model, vae, tokenizer, master):
+def write_samples(run, step):
     import sample
-    image = sample.sample_grid(model, vae, tokenizer, cfg["sample_prompts"], num_steps=cfg["sample_steps"],
+    cfg = run.cfg
+    image = sample.sample_grid(run.model, run.vae, run.tokenizer, cfg["sample_prompts"], num_steps=cfg["sample_steps"],
                                cfg_text_scale=cfg["sample_cfg"], timestep_shift=3.0, seed=cfg["seed"])
-    if master:
+    if run.master:
         os.makedirs(os.path.join(cfg["out_dir"], "samples"), exist_ok=True)
         image.save(os.path.join(cfg["out_dir"], "samples", f"step_{step:06d}.png"))
 
 
-def export(cfg, model, ema, vae, model_cfg, tokenizer, master):
+def export(run):
     """Consolidated safetensors (raw and EMA) for sample.py and convert.py."""
-    sd, ema_sd = full_state(model, ema)
-    if master:
-        cast = (lambda d: {k: v.to(torch.bfloat16) for k, v in d.items()}) if cfg["export_dtype"] == "bf16" \
+    sd, ema_sd = full_state(run.model, run.ema)
+    if run.master:
+        cast = (lambda d: {k: v.to(torch.bfloat16) for k, v in d.items()}) if run.cfg["export_dtype"] == "bf16" \
             else (lambda d: d)
-        folder = os.path.join(cfg["out_dir"], "export")
-        convert.save_nanobagel(folder, cast(sd), vae, model_cfg, cast(ema_sd) if ema_sd else None)
-        tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        folder = os.path.join(run.cfg["out_dir"], "export")
+        convert.save_nanobagel(folder, cast(sd), {k: v.float() for k, v in run.vae.state_dict().items()},
+                               run.model_cfg, cast(ema_sd) if ema_sd else None)
+        run.tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
 
 
 if __name__ == "__main__":
