@@ -806,6 +806,11 @@ log = logging.getLogger("nanobagel.data")
 
 
 class Loader:
+    """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; open_packs is the first-fit
+    buffer; max_latent_size / vit_side are the model's position tables; *_cond_dropout_prob are CFG condition
+    dropout (official defaults); max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad
+    rows in a row from one source is an error, not an endless skip."""
+
     def __init__(self, sources, tokenizer, packing_length=16384, open_packs=8, max_latent_size=64, vit_side=70,
                  text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,
                  max_image_pixels=2 ** 26, max_bad_streak=1000, rank=0, world_size=1, seed=0):

@@ -178,7 +178,10 @@ def make_vit_attention(backend, image_lens, device):
     if backend == "sdpa" or image_of.numel() == 0:
         mask = image_of[:, None] == image_of[None, :]
         return lambda q, k, v: sdpa(q, k, v, mask)
-    from torch.nn.attention.varlen import varlen_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # older torch: one SDPA call per image
+        return lambda q, k, v: torch.cat([sdpa(*t, None) for t in zip(*(x.split(image_lens) for x in (q, k, v)))])
     cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
     longest = int(lens.max())
     return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)

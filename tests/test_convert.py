@@ -93,7 +93,8 @@ def test_official_to_nanobagel_to_official_is_bit_identical(tmp_path, dtype):
         ours, theirs = (json.loads((d / name).read_text()) for d in (tmp_path / "back", src))
         common = set(ours) & set(theirs) - {"torch_dtype"}  # our torch_dtype says what the weights are
         assert {k: ours[k] for k in common} == {k: theirs[k] for k in common}
-    assert json.loads((tmp_path / "back" / "llm_config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    written = json.loads((tmp_path / "back" / "llm_config.json").read_text())
+    assert written["torch_dtype"] == str(dtype).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -253,13 +254,14 @@ def write_tokenizer(folder, n):
 
 def test_tokenizer_files_are_checked_and_copied(tmp_path):
     src = official_copy(tmp_path / "src")
-    write_tokenizer(src, 1020)  # + 4 special tokens = 1024 rows: fits exactly
+    rows = json.loads((CKPT / "llm_config.json").read_text())["vocab_size"]
+    write_tokenizer(src, rows - 4)  # + BAGEL's 4 special tokens: every row used, none missing
     (src / "tokenizer_config.json").write_text('{"model_max_length": 32768}')
     convert.convert(str(src), str(tmp_path / "out"), "hf")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
-    write_tokenizer(src, 1021)
-    with pytest.raises(convert.CheckpointError, match="tokenizer needs 1025 embedding rows, the weights have 1024"):
+    write_tokenizer(src, rows - 3)
+    with pytest.raises(convert.CheckpointError, match=f"needs {rows + 1} embedding rows, the weights have {rows}"):
         convert.convert(str(src), str(tmp_path / "out2"), "hf")
     (src / "tokenizer.json").write_text("{not json")
     with pytest.raises(convert.CheckpointError, match="tokenizer.json is not a readable tokenizer"):
@@ -329,19 +331,22 @@ def edit_config(path, section, **fields):
 
 
 def test_errors_config_does_not_match_tensors(tmp_path):
+    """Each mismatch is named by its first key, in model order; the expected shapes come from the fixture config."""
+    llm, vit = (json.loads((CKPT / n).read_text()) for n in ("llm_config.json", "vit_config.json"))
+    L, H, I = llm["num_hidden_layers"], llm["hidden_size"], llm["intermediate_size"]
     hf = make_hf(tmp_path / "hf")
-    edit_config(hf / "config.json", "llm_config", num_hidden_layers=3)
-    with pytest.raises(convert.CheckpointError,
-                       match=r"missing key language_model\.model\.layers\.2\.input_layernorm\.weight \(28 missing\)"):
+    edit_config(hf / "config.json", "llm_config", num_hidden_layers=L + 1)
+    with pytest.raises(convert.CheckpointError, match=rf"missing key language_model\.model\.layers\.{L}\."
+                       rf"input_layernorm\.weight \({2 * len(convert.LLM_LAYER)} missing\)"):
         convert.load_checkpoint(str(hf))
-    edit_config(hf / "config.json", "llm_config", num_hidden_layers=1)
-    with pytest.raises(convert.CheckpointError, match=r"unexpected key language_model\.model\.layers\.1\."):
+    edit_config(hf / "config.json", "llm_config", num_hidden_layers=L - 1)
+    with pytest.raises(convert.CheckpointError, match=rf"unexpected key language_model\.model\.layers\.{L - 1}\."):
         convert.load_checkpoint(str(hf))
-    edit_config(hf / "config.json", "llm_config", num_hidden_layers=2, intermediate_size=96)
-    with pytest.raises(convert.CheckpointError, match=r"language_model\.model\.layers\.0\.mlp\.gate_proj\.weight "
-                       r"has shape \[128, 64\], the config expects \[96, 64\]"):
+    edit_config(hf / "config.json", "llm_config", num_hidden_layers=L, intermediate_size=I + 8)
+    with pytest.raises(convert.CheckpointError, match=rf"language_model\.model\.layers\.0\.mlp\.gate_proj\.weight "
+                       rf"has shape \[{I}, {H}\], the config expects \[{I + 8}, {H}\]"):
         convert.load_checkpoint(str(hf))
-    edit_config(hf / "config.json", "llm_config", intermediate_size=128, layer_module="Qwen2DecoderLayer")
+    edit_config(hf / "config.json", "llm_config", intermediate_size=I, layer_module="Qwen2DecoderLayer")
     with pytest.raises(convert.CheckpointError, match="MoT layers only"):
         convert.load_checkpoint(str(hf))
     edit_config(hf / "config.json", "llm_config", layer_module="Qwen2MoTDecoderLayer")
@@ -349,19 +354,21 @@ def test_errors_config_does_not_match_tensors(tmp_path):
     with pytest.raises(convert.CheckpointError, match="visual_und must both be true"):
         convert.load_checkpoint(str(hf))
     convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
-    edit_config(tmp_path / "nano" / "config.json", None, vit_hidden_size=48)
-    with pytest.raises(convert.CheckpointError, match=r"vit\.patch_embed\.weight has shape \[32, 588\]"):
+    V, P = vit["hidden_size"], 3 * vit["patch_size"] ** 2
+    edit_config(tmp_path / "nano" / "config.json", None, vit_hidden_size=V + vit["num_attention_heads"])
+    with pytest.raises(convert.CheckpointError, match=rf"vit\.patch_embed\.weight has shape \[{V}, {P}\]"):
         convert.load_checkpoint(str(tmp_path / "nano"))
-    edit_config(tmp_path / "nano" / "config.json", None, vit_hidden_size=32, hidden_act="relu")
+    edit_config(tmp_path / "nano" / "config.json", None, vit_hidden_size=V, hidden_act="relu")
     with pytest.raises(convert.CheckpointError, match="unknown field hidden_act"):
         convert.load_checkpoint(str(tmp_path / "nano"))
-    with pytest.raises(convert.CheckpointError, match=r"ae\.safetensors: encoder\.conv_in\.weight has shape "
-                       r"\[32, 3, 3, 3\], the config expects \[64, 3, 3, 3\]"):
-        convert.load_checkpoint(str(CKPT), vae_ch=64)
+    ch = json.loads((FIX / "fixture_config.json").read_text())["vae"]["ch"]
+    with pytest.raises(convert.CheckpointError, match=rf"ae\.safetensors: encoder\.conv_in\.weight has shape "
+                       rf"\[{ch}, 3, 3, 3\], the config expects \[{2 * ch}, 3, 3, 3\]"):
+        convert.load_checkpoint(str(CKPT), vae_ch=2 * ch)
     with pytest.raises(convert.CheckpointError, match="does not describe a buildable model"):
-        convert.load_checkpoint(str(CKPT), vae_ch=16)
+        convert.load_checkpoint(str(CKPT), vae_ch=ch + 1)  # GroupNorm(32) cannot split it
     with pytest.raises(convert.CheckpointError, match="unknown field vae_channels"):
-        convert.load_checkpoint(str(CKPT), vae_channels=16)
+        convert.load_checkpoint(str(CKPT), vae_channels=ch)
 
 
 def test_errors_broken_files(tmp_path):

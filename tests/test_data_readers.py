@@ -256,3 +256,31 @@ def test_official_vlm_jsonl(tmp_path):
         ("vit_image", None, None), ("text", [1, 2], False), ("vit_image", None, None), ("text", [3], False),
         ("text", [4, 5], True), ("text", [6], False), ("text", [7], True)]
     assert items[0]["pixels"].shape == (3, 28, 56) and items[2]["pixels"].shape == (3, 28, 28)
+
+
+def test_messages_conventions():
+    """Roles decide everything: system/user text no loss, assistant text CE; a user image is ViT, plus a clean VAE
+    condition first when the sample generates; an assistant image is a noised target, with a clean VAE + ViT copy
+    when more follows; CFG dropout (all probabilities 1 here) hits only the conditions of generating samples."""
+    img = lambda c: Image.new("RGB", (32, 32), c)
+    src = data.Source("shapes", image_size=32)
+    sign = lambda items: [(it["type"], it.get("loss"), bool(it.get("drop"))) for it in items]
+
+    def items(parts, dropout):
+        gen = torch.Generator().manual_seed(0)
+        return sign(data.build_sample(parts, data.rgb, TOK, src.vae_size, src.vit_size, src.max_pixels, gen, dropout))
+    understand = [("system", "text", "w1"), ("user", "image", img("red")), ("user", "text", "w2"),
+                  ("assistant", "text", "w3")]
+    assert items(understand, (1, 1, 1)) == [("text", False, False), ("vit_image", None, False),
+                                            ("text", False, False), ("text", True, False)]
+    multi = [("system", "text", "w1"), ("user", "image", img("red")), ("user", "text", "w2"),
+             ("assistant", "image", img("blue")), ("assistant", "text", "w3"), ("user", "text", "w4"),
+             ("assistant", "image", img("green"))]
+    assert items(multi, (0, 0, 0)) == [
+        ("text", False, False), ("vae_image", False, False), ("vit_image", None, False), ("text", False, False),
+        ("vae_image", True, False), ("vae_image", False, False), ("vit_image", None, False),  # target + clean copy
+        ("text", True, False), ("text", False, False), ("vae_image", True, False)]
+    assert items(multi, (1, 1, 1)) == [
+        ("text", False, False), ("vae_image", False, True), ("vit_image", None, True), ("text", False, True),
+        ("vae_image", True, False), ("vae_image", False, True), ("vit_image", None, True),
+        ("text", True, False), ("text", False, True), ("vae_image", True, False)]
