@@ -491,7 +491,15 @@ COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["ima
            "vlm": ["conversations"]}
 
 
-def open_file_rows(file):
+def cached(cache, key, make):
+    """A one-entry cache: rows are visited block by block, so only the last row group / open file is worth keeping."""
+    if key not in cache:
+        cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+def open_file_rows(file, cache):
     """-> (number of rows, row starts of blocks read together, get(i) -> dict, column names or None)."""
     if file.endswith(".jsonl"):
         offsets, pos = [], 0
@@ -500,9 +508,10 @@ def open_file_rows(file):
                 if line.strip():
                     offsets.append(pos)
                 pos += len(line)
-        offsets, fh = np.array(offsets, dtype=np.int64), open(file, "rb")
+        offsets = np.array(offsets, dtype=np.int64)
 
         def get(i):
+            fh = cached(cache, file, lambda: open(file, "rb"))
             fh.seek(int(offsets[i]))
             try:
                 row = json.loads(fh.readline())
@@ -519,19 +528,16 @@ def open_file_rows(file):
         if not isinstance(rows, list):
             raise ValueError(f"{file}: a .json data file must hold a list of rows, not a {type(rows).__name__}")
         return len(rows), np.arange(len(rows) + 1), rows.__getitem__, None
-    if file.endswith(".parquet"):
-        pf = pq.ParquetFile(file)
-        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    if file.endswith(".parquet"):  # only the footer now (no file left open: folders may hold thousands)
+        meta = pq.read_metadata(file)
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        cache = {}  # one row group at a time: rows are visited row group by row group
 
         def get(i):
             g = int(np.searchsorted(starts, i, side="right")) - 1
-            if g not in cache:
-                cache.clear()
-                cache[g] = pf.read_row_group(g)
-            return cache[g].slice(i - int(starts[g]), 1).to_pylist()[0]
-        return int(starts[-1]), starts, get, pf.schema_arrow.names
+            table = cached(cache, (file, g), lambda: pq.ParquetFile(file).read_row_group(g))
+            return table.slice(i - int(starts[g]), 1).to_pylist()[0]
+        return int(starts[-1]), starts, get, meta.schema.to_arrow_schema().names
     if file.endswith(".arrow"):  # Arrow IPC: the file format, or the stream format Hugging Face datasets write
         try:
             table = pa.ipc.open_file(pa.memory_map(file)).read_all()
@@ -554,9 +560,12 @@ class Rows:
             self.files = [path]
         else:
             raise FileNotFoundError(f"data path does not exist: {path}")
-        self.getters, self.columns, starts, blocks = [], None, [0], []
+        self.getters, self.columns, starts, blocks, cache = [], None, [0], [], {}
         for file in self.files:
-            n, file_blocks, get, columns = open_file_rows(file)
+            try:
+                n, file_blocks, get, columns = open_file_rows(file, cache)
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"cannot read {file}: {e}")
             blocks.append(starts[-1] + file_blocks[:-1])
             self.getters.append(get)
             self.columns = self.columns or columns

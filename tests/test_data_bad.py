@@ -103,6 +103,9 @@ def test_systemic_problems_fail_at_start(tmp_path):
     (tmp_path / "dict.json").write_text('{"messages": []}')
     with pytest.raises(ValueError, match="list of rows"):
         data.Source(str(tmp_path / "dict.json"))
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="cannot read .*junk.parquet"):
+        data.Source(str(tmp_path / "junk.parquet"))
     pq.write_table(pa.Table.from_pylist([{"picture": b"x", "captions": "{}"}]), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['image'\]"):
         data.Source(str(tmp_path / "t.parquet"), format="t2i")
