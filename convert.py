@@ -550,18 +550,31 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
     return cfg
 
 
-def save_nanobagel(folder, model, vae, cfg, ema_state=None, tokenizer_from=None):
-    """A nanobagel folder from modules or state dicts in memory (full tensors); ema_state: {our name: tensor}.
-    tokenizer_from: a folder whose tokenizer files are checked and copied alongside. (train.py passes dicts.)"""
-    os.makedirs(folder, exist_ok=True)
+def save_nanobagel(folder, model, vae, cfg, ema_state=None, tokenizer_from=None, dtype=None):
+    """A nanobagel folder from modules or state dicts; ema_state: {our name: tensor}; dtype casts the Bagel
+    weights; tokenizer_from: a folder whose tokenizer files are checked and copied alongside.
+    Sharded values (DTensors, FSDP2) are gathered one tensor at a time, so no rank ever holds the whole model:
+    then every rank must call, and rank 0 writes."""
+    tokenizer = check_tokenizer(tokenizer_from, cfg) if tokenizer_from else []
     state = lambda m: m if isinstance(m, dict) else m.state_dict()
-    tensors = lambda state: [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state.items()]
-    write_safetensors(os.path.join(folder, "model.safetensors"), tensors(state(model)))
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
+
+    def entries(state, cast):
+        return [(k.replace("_checkpoint_wrapped_module.", ""), tuple(v.shape), cast or v.dtype,
+                 lambda v=v: full(v)) for k, v in state.items()]
+    files = [("model.safetensors", entries(state(model), dtype)), ("vae.safetensors", entries(state(vae), None))]
     if ema_state is not None:
-        write_safetensors(os.path.join(folder, "ema.safetensors"), tensors(ema_state))
-    write_safetensors(os.path.join(folder, "vae.safetensors"), tensors(state(vae)))
+        files.insert(1, ("ema.safetensors", entries(ema_state, dtype)))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        for _, file_entries in files:  # take part in each gather, in rank 0's order
+            for *_, get in file_entries:
+                get()
+        return
+    os.makedirs(folder, exist_ok=True)
+    for name, file_entries in files:
+        write_safetensors(os.path.join(folder, name), file_entries)
     write_json(os.path.join(folder, "config.json"), asdict(cfg))
-    for name in check_tokenizer(tokenizer_from, cfg) if tokenizer_from else []:
+    for name in tokenizer:
         shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(folder, name))
 
 

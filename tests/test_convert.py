@@ -160,12 +160,14 @@ def test_pooled_vae_model_saved_from_state_dicts(tmp_path):
     torch.manual_seed(0)
     bagel = model.Bagel(cfg)
     bagel.init_weights()
-    state = {k: v.to(torch.bfloat16) for k, v in bagel.state_dict().items()}
-    convert.save_nanobagel(str(tmp_path / "nano"), state, model.build_vae(cfg).state_dict(), cfg)
+    state = bagel.state_dict()
+    convert.save_nanobagel(str(tmp_path / "nano"), state, model.build_vae(cfg).state_dict(), cfg,
+                           dtype=torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "nano" / "model.safetensors").values())
     loaded, vae, cfg2 = convert.load_checkpoint(str(tmp_path / "nano"))
     assert cfg2 == cfg and isinstance(vae, model.PooledAE)
     for k, v in loaded.state_dict().items():
-        assert torch.equal(v, state[k].float()), k
+        assert torch.equal(v, state[k].to(torch.bfloat16).float()), k
     convert.convert(str(tmp_path / "nano"), str(tmp_path / "copy"), "nanobagel")
     assert_bit_identical(tensors_of(tmp_path / "nano"), tensors_of(tmp_path / "copy"))
     with pytest.raises(convert.CheckpointError, match="vae_kind pooled has no FLUX AE"):
@@ -399,19 +401,26 @@ def test_errors_broken_files(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Loading into FSDP2: each rank reads only its own shards
 
-def test_load_into_sharded_two_ranks(tmp_path):
+def test_load_into_sharded_and_save_from_shards_two_ranks(tmp_path):
     """2 processes, FSDP2 over gloo: the sharded model holds exactly the checkpoint and gives the official
-    numbers, while each rank read only about half of the Bagel tensors."""
-    hf = make_hf(tmp_path / "hf")
+    numbers, while each rank read only about half of the Bagel tensors; saving it back gathers tensor by tensor."""
+    hf, saved = make_hf(tmp_path / "hf"), tmp_path / "saved"
     root = Path(__file__).parent.parent
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           __file__, str(hf)], cwd=root, capture_output=True, text=True, timeout=300,
+                           __file__, str(hf), str(saved)], cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}:{root / 'tests'}"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("sharded load ok") == 2
+    # ... and saved it back from the shards, one gathered tensor at a time: raw weights, and an EMA of 2x them
+    fixture = load_file(CKPT / "ema.safetensors")
+    for weights, scale in (("model", 1), ("ema", 2)):
+        bagel, _, cfg = convert.load_nanobagel(str(saved), weights)
+        for ours, key in convert.official_names(cfg).items():
+            assert torch.equal(bagel.state_dict()[ours], scale * fixture[key]), (weights, ours)
+    assert_bit_identical(load_file(saved / "vae.safetensors"), load_file(CKPT / "ae.safetensors"))
 
 
-def sharded_worker(folder):
+def sharded_worker(folder, out):
     import torch.distributed as dist
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
@@ -445,6 +454,8 @@ def sharded_worker(folder):
     for name, p in bagel.named_parameters():
         assert torch.equal(p.full_tensor(), fixture[names[name.replace("_checkpoint_wrapped_module.", "")]]), name
     assert_reproduces_fixture(bagel, vae, cfg)
+    ema = {n: 2 * p.detach() for n, p in bagel.named_parameters()}  # train.py's EMA: DTensors, wrapped names
+    convert.save_nanobagel(out, bagel, vae, cfg, ema_state=ema)
     print(f"sharded load ok: rank {rank} read {read[0]:,} of {total:,} values", flush=True)
     dist.destroy_process_group()
 
@@ -509,7 +520,7 @@ def measure_sharded_load(folder, broadcast=False):
 
 
 if __name__ == "__main__":
-    # torchrun --nproc_per_node=2 tests/test_convert.py FOLDER: the worker of test_load_into_sharded_two_ranks.
+    # torchrun --nproc_per_node=2 tests/test_convert.py FOLDER OUT: the worker of test_load_into_sharded_two_ranks.
     # python tests/test_convert.py --random 7b FOLDER, then
     # torchrun --nproc_per_node=2 tests/test_convert.py --measure[-broadcast] FOLDER: the full-size load on GPUs.
     if sys.argv[1] == "--random":
@@ -517,4 +528,4 @@ if __name__ == "__main__":
     elif sys.argv[1].startswith("--measure"):
         measure_sharded_load(sys.argv[2], broadcast=sys.argv[1] == "--measure-broadcast")
     else:
-        sharded_worker(sys.argv[1])
+        sharded_worker(sys.argv[1], sys.argv[2])
