@@ -78,8 +78,19 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
     """Pool x [L, H, D] over each sample's windows -> [NC, H, D]. pe [H, kernel_size, D] is added to every window
     before pooling (keys only). weightedpool w [H, l]; linear w [H, l*D, D] (row j*D + d); avgpool w None.
     starts: window_starts(...), if already at hand."""
+    if compress_type not in ("avgpool", "weightedpool", "linear"):
+        raise ValueError(f"unknown compress_type {compress_type!r}")
     if starts is None:
         starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
+    L, H, D = x.shape
+    if compress_type != "linear" and len(starts):
+        # pooling = a depthwise convolution over the packed tokens (every start at once, cheap), then the rows of
+        # the samples' windows; pe pools to one bias per head
+        w = torch.full((H, kernel_size), 1.0 / kernel_size, device=x.device) if compress_type == "avgpool" else w
+        w = w.to(x.dtype)
+        y = F.conv1d(x.reshape(L, H * D).t()[None], w.repeat_interleave(D, 0)[:, None, :], groups=H * D)[0]
+        out = y.t()[starts].view(-1, H, D)
+        return out if pe is None else out + torch.einsum("hl,hld->hd", w, pe.to(x.dtype))
     win = x[starts[:, None] + torch.arange(kernel_size, device=x.device)]  # [NC, l, H, D]
     if pe is not None:
         win = win + pe.transpose(0, 1).to(win.dtype)
@@ -90,7 +101,6 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
     if compress_type == "linear":
         NC, l, H, D = win.shape
         return torch.einsum("nhk,hkd->nhd", win.permute(0, 2, 1, 3).reshape(NC, H, l * D), w.to(win.dtype))
-    raise ValueError(f"unknown compress_type {compress_type!r}")
 
 
 def gate_values(x, weight, num_heads):
