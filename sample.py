@@ -171,17 +171,23 @@ def sample_latent(model, cache, grid, special, generator, cfg_text_cache=None, c
     return x
 
 
-def encode_image(vae, pixels, generator):
+def to_vae(vae, x):
+    """x on the VAE's device and dtype (model.PooledAE has no weights: x stays where the model put it)."""
+    p = next(vae.parameters(), None)
+    return x if p is None else x.to(p)
+
+
+def encode_image(vae, pixels, generator, device):
     """[3, H, W] in [-1, 1] -> scaled latent [16, H/8, W/8], the posterior sampled as in the official code."""
-    p = pixels[None].to(next(vae.parameters()))
-    eps = torch.randn(1, 16, p.shape[2] // 8, p.shape[3] // 8, generator=generator).to(p)
-    return vae.encode(p, eps)[0].float()
+    x = to_vae(vae, pixels[None].to(device))
+    eps = torch.randn(1, 16, x.shape[2] // 8, x.shape[3] // 8, generator=generator).to(x)
+    return vae.encode(x, eps)[0].float()
 
 
 def decode_image(vae, tokens, grid, cfg):
     """Latent tokens [h*w, 64] -> PIL image of 16h x 16w pixels."""
     z = unpatchify(tokens, grid[0], grid[1], cfg.latent_patch_size, cfg.latent_channels)
-    x = vae.decode(z[None].to(next(vae.parameters())))[0].float()
+    x = vae.decode(to_vae(vae, z[None]))[0].float()
     x = ((x * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
 
@@ -190,12 +196,12 @@ def text_item(tokenizer, text):
     return {"type": "text", "ids": tokenizer.encode(text)}
 
 
-def image_items(vae, img, generator, vae_size=VAE_SIZE, vit_size=VIT_SIZE, with_vae=True):
+def image_items(vae, img, generator, device, vae_size=VAE_SIZE, vit_size=VIT_SIZE, with_vae=True):
     """An input image as context: a clean VAE latent (for editing) then ViT patches, each resized the official way."""
     items = []
     if with_vae:
         pixels = data.image_tensor(img, vae_size, 16, MAX_PIXELS)
-        items.append({"type": "vae_image", "latent": encode_image(vae, pixels, generator), "loss": False})
+        items.append({"type": "vae_image", "latent": encode_image(vae, pixels, generator, device), "loss": False})
     items.append({"type": "vit_image", "pixels": data.image_tensor(img, vit_size, 14, MAX_PIXELS)})
     return items
 
@@ -211,7 +217,7 @@ def generate_image(model, vae, tokenizer, prompt, image=None, image_size=(1024, 
     cfg_text_cache = KVCache(cfg.num_layers)        # the context without the last text
     cfg_img_cache = None
     if image is not None:
-        items = image_items(vae, data.rgb(image), generator, vae_size, vit_size)
+        items = image_items(vae, data.rgb(image), generator, model.embed_tokens.weight.device, vae_size, vit_size)
         prefill(model, cfg_text_cache, items, special)
         h, w = items[0]["latent"].shape[1] // 2, items[0]["latent"].shape[2] // 2
         cfg_img_cache = KVCache(cfg.num_layers)     # the text only
@@ -284,7 +290,7 @@ def answer(model, vae, tokenizer, prompt, images=(), max_new_tokens=256, tempera
     generator = torch.Generator().manual_seed(seed)
     cache = KVCache(model.cfg.num_layers)
     for img in images:
-        prefill(model, cache, image_items(vae, data.rgb(img), generator, vit_size=vit_size, with_vae=False),
+        prefill(model, cache, image_items(vae, data.rgb(img), generator, None, vit_size=vit_size, with_vae=False),
                 tokenizer.special)
     prefill(model, cache, [text_item(tokenizer, prompt)], tokenizer.special)
     ids = generate_text(model, cache, tokenizer.special, max_new_tokens, temperature, generator)
@@ -295,13 +301,10 @@ def answer(model, vae, tokenizer, prompt, images=(), max_new_tokens=256, tempera
 # 4. Command line
 
 def load(ckpt, weights=None, device="cpu", dtype=torch.float32):
-    """(model, vae, cfg) from a nanobagel folder (config.json; EMA weights when present) or an official one."""
+    """(model, vae, cfg) from a checkpoint folder of any layout convert.py knows; EMA weights when it has them."""
     import convert
-    if os.path.isfile(os.path.join(ckpt, "config.json")):
-        weights = weights or ("ema" if os.path.isfile(os.path.join(ckpt, "ema.safetensors")) else "model")
-        model, vae, cfg = convert.load_nanobagel(ckpt, weights, device, dtype)
-    else:
-        model, vae, cfg = convert.load_official(ckpt, device=device, dtype=dtype)
+    ema = weights == "ema" if weights else os.path.isfile(os.path.join(ckpt, "ema.safetensors"))
+    model, vae, cfg = convert.load_checkpoint(ckpt, device, dtype, ema=ema)
     return model.eval(), vae.eval(), cfg
 
 

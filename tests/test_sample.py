@@ -185,6 +185,9 @@ def test_seeded_images_grid_and_edit(tiny):
     edits = [np.asarray(sample.generate_image(bagel, vae, tok, "make it blue", image=src, seed=1, num_timesteps=3,
                                               vae_size=(32, 96), vit_size=(28, 84))) for _ in range(2)]
     assert edits[0].shape == (32, 96, 3) and np.array_equal(*edits)
+    pooled = model.PooledAE(cfg)  # the weightless stand-in AE of the tiny built-in run
+    assert sample.generate_image(bagel, pooled, tok, "make it blue", image=src, num_timesteps=2, vae_size=(32, 96),
+                                 vit_size=(28, 84)).size == (96, 32)
     with pytest.raises(ValueError, match="multiples of 16"):
         sample.generate_image(bagel, vae, tok, "x", image_size=(20, 32))
 
