@@ -30,7 +30,9 @@ import json
 import logging
 import math
 import os
+import queue
 import random
+import threading
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -818,11 +820,11 @@ class Loader:
     """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; open_packs is the first-fit
     buffer; max_latent_size / vit_side are the model's position tables; *_cond_dropout_prob are CFG condition
     dropout (official defaults); max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad
-    rows in a row from one source is an error, not an endless skip."""
+    rows in a row from one source is an error, not an endless skip; prefetch packs are made ahead in a thread."""
 
     def __init__(self, sources, tokenizer, packing_length=16384, open_packs=8, max_latent_size=64, vit_side=70,
                  text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,
-                 max_image_pixels=2 ** 26, max_bad_streak=1000, rank=0, world_size=1, seed=0):
+                 max_image_pixels=2 ** 26, max_bad_streak=1000, prefetch=0, rank=0, world_size=1, seed=0):
         if not sources:
             raise ValueError("no data sources")
         if len({s.name for s in sources}) != len(sources):
@@ -837,6 +839,7 @@ class Loader:
         self.max_latent_size, self.vit_side, self.max_image_pixels = max_latent_size, vit_side, max_image_pixels
         self.dropout = (text_cond_dropout_prob, vit_cond_dropout_prob, vae_cond_dropout_prob)
         self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
+        self.prefetch, self.thread = prefetch, None
         self.cum_weights = np.cumsum([s.weight for s in sources]).tolist()
         self.shard_cache = {}
         self.reset()
@@ -938,7 +941,7 @@ class Loader:
         self.open.remove(p)
         self.ready.append(p)
 
-    def next_pack(self) -> Pack:
+    def make_pack(self) -> Pack:
         while not self.ready:
             sample = self.next_sample()
             if sample is None:
@@ -954,22 +957,54 @@ class Loader:
         pack.sample_keys = p["keys"]
         return pack
 
-    @property
-    def stats(self):
-        c = self.counts
-        return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
-                "fill": c["tokens"] / (c["packs"] * self.P) if c["packs"] else 0.0, "skipped": dict(c["skipped"]),
-                "epochs": {src.name: pos[0] for src, pos in zip(self.sources, self.positions)}}
+    def next_pack(self) -> Pack:
+        """The next pack. With prefetch > 0 a background thread makes up to `prefetch` packs ahead (decoding and
+        resizing release the GIL, so this overlaps the training step); each comes with the loader state just after
+        it, and state_dict()/stats describe the packs handed out so far, so resume stays exact."""
+        if not self.prefetch:
+            return self.make_pack()
+        if self.thread is None:
+            self.consumed = self.live_state()
+            self.queue = queue.Queue(self.prefetch)
+            self.thread = threading.Thread(target=self.produce, daemon=True)
+            self.thread.start()
+        pack, state = self.queue.get()
+        if isinstance(pack, BaseException):  # e.g. a source gone bad: raised where the packs are consumed
+            raise pack
+        self.consumed = state
+        return pack
 
-    def state_dict(self):
-        """Everything that decides the next packs, as plain JSON-able Python."""
+    def produce(self):
+        try:
+            while True:
+                pack = self.make_pack()
+                self.queue.put((pack, self.live_state()))
+        except BaseException as e:
+            self.queue.put((e, None))
+
+    def live_state(self):
         return json.loads(json.dumps({
             "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "sources": [s.name for s in self.sources], "positions": self.positions, "draws": self.draws,
             "min_cost": self.min_cost, "open": [p["keys"] for p in self.open],
             "ready": [p["keys"] for p in self.ready], "bad_streak": self.bad_streak, "counts": self.counts}))
 
+    def state_dict(self):
+        """Everything that decides the next packs, as plain JSON-able Python."""
+        return json.loads(json.dumps(self.consumed)) if self.thread else self.live_state()
+
+    @property
+    def stats(self):
+        """{samples, packs, tokens, fill (tokens / (packs * packing_length)), skipped {reason: n}, epochs {source: n}}"""
+        state = self.state_dict()
+        c = state["counts"]
+        return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
+                "fill": c["tokens"] / (c["packs"] * self.P) if c["packs"] else 0.0, "skipped": dict(c["skipped"]),
+                "epochs": {src.name: pos[0] for src, pos in zip(self.sources, state["positions"])}}
+
     def load_state_dict(self, state):
+        if self.thread is not None:
+            raise RuntimeError("load_state_dict must come before the first next_pack")
         mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [s.name for s in self.sources]}
         theirs = {k: state[k] for k in mine}

@@ -230,3 +230,37 @@ def test_packs_feed_position_tables():
         assert p.num_tokens == sum(p.split_lens) == p.position_ids.numel() <= 256
         assert p.latent_pos_ids.max() < 64 * 64 and p.vit_pos_ids.max() < 70 * 70
         assert p.vae_noise.shape == (p.vae_indexes.numel(), 64) and len(p.vae_grids) == len(p.vae_pixels)
+
+
+def test_prefetch_changes_nothing_but_timing(tmp_path):
+    """A background thread makes the same packs; state_dict/stats describe the packs handed out, so a run resumed
+    from it continues exactly; errors of the thread surface in next_pack."""
+    rows, _ = chat_rows(40, max_words=30)
+    rows[5] = {"messages": []}
+    src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
+    make = lambda **kw: data.Loader([data.Source("shapes", num_rows=300), src], TOK, packing_length=300,
+                                    open_packs=4, seed=2, **kw)
+    plain, ahead = make(), make(prefetch=3)
+    for _ in range(6):
+        assert_same_pack(plain.next_pack(), ahead.next_pack())
+    assert ahead.state_dict() == plain.state_dict() and ahead.stats == plain.stats
+    resumed = make(prefetch=2)
+    resumed.load_state_dict(ahead.state_dict())
+    for _ in range(4):
+        p = plain.next_pack()
+        assert_same_pack(p, ahead.next_pack())
+        assert_same_pack(p, resumed.next_pack())
+    with pytest.raises(RuntimeError, match="before the first next_pack"):
+        resumed.load_state_dict(plain.state_dict())
+    (tmp_path / "img").mkdir()
+    pictured = []
+    for i in range(30):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png(28, 28))
+        pictured.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"}]},
+                                      {"role": "assistant", "content": "w1"}]})
+    broken = data.Loader([data.Source(write_jsonl(tmp_path / "p.jsonl", pictured), vit_size=(28, 28))], TOK,
+                         packing_length=300, max_bad_streak=20, prefetch=2, seed=0)
+    for i in range(30):  # the images vanish after the start-up checks passed
+        (tmp_path / "img" / f"{i}.png").unlink()
+    with pytest.raises(RuntimeError, match="20 bad samples in a row"):
+        broken.next_pack()

@@ -50,7 +50,7 @@ def test_read_decode_pack_throughput(tmp_path):
                data.Source(write_jsonl(tmp_path / "vlm.jsonl", vlm), format="vlm")]
     threads, cpus = torch.get_num_threads(), os.sched_getaffinity(0)
     torch.set_num_threads(1)
-    os.sched_setaffinity(0, {min(cpus)})  # one core
+    os.sched_setaffinity(0, {min(cpus)})  # one core (Linux)
     try:
         loader = data.Loader(sources, word_tokenizer(), packing_length=32768, seed=0)
         loader.next_pack()  # warm up (file handles, first row groups)
