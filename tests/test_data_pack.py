@@ -125,6 +125,8 @@ def test_pack_matches_official_layout(case):
     if "vae_x_t" in exp:  # noise rows feed x_t = (1-t) x0 + t noise exactly as the official code did
         t = torch.sigmoid(torch.repeat_interleave(pack.vae_timestep_raw,
                                                   torch.tensor([h * w for h, w in pack.vae_grids])))
+        shift = case["timestep_shift"]
+        t = shift * t / (1 + (shift - 1) * t)
         x0 = torch.cat([model.patchify(l, 2) for l in pack.vae_latents])
         assert torch.allclose((1 - t[:, None]) * x0 + t[:, None] * pack.vae_noise, exp["vae_x_t"], atol=1e-6)
         assert torch.allclose(t, exp["vae_t"], atol=1e-7)
