@@ -77,6 +77,8 @@ def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
 def prefill(model, cache, items, special):
     """Append context items (text, clean vae_image latents, vit_image; data.py's item vocabulary) to the cache, laid
     out exactly as in training. Returns their hidden states [n, C] in sequence order."""
+    if not items:
+        raise ValueError("prefill needs at least one item")
     if any(it["type"] == "vae_image" and it.get("loss") for it in items):
         raise ValueError("a noised image is never context: it is sampled (velocity), not prefilled")
     cfg, device = model.cfg, model.embed_tokens.weight.device
@@ -121,9 +123,10 @@ def velocity(model, cache, x_t, t, grid, special):
 # 2. Images: Euler flow-matching sampler with classifier-free guidance
 
 def flow_times(num_timesteps, shift):
-    """num_timesteps points from 1 to 0, shifted as in training: s*t / (1 + (s-1)*t)."""
-    t = torch.linspace(1, 0, num_timesteps, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).tolist()
+    """num_timesteps points from 1 to 0, shifted as in training: s*t / (1 + (s-1)*t); float32 as the official code."""
+    t = torch.linspace(1, 0, num_timesteps)
+    t = shift * t / (1 + (shift - 1) * t)
+    return t.tolist(), (t[:-1] - t[1:]).tolist()
 
 
 def guide(v, v_text=None, v_img=None, text_scale=1.0, img_scale=1.0, renorm="global", renorm_min=0.0):
@@ -158,8 +161,8 @@ def sample_latent(model, cache, grid, special, generator, cfg_text_cache=None, c
     with a branch per cache given whose scale is not 1."""
     device = model.embed_tokens.weight.device
     x = torch.randn(grid[0] * grid[1], model.cfg.latent_dim, generator=generator).to(device)
-    ts = flow_times(num_timesteps, timestep_shift)
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    ts, dts = flow_times(num_timesteps, timestep_shift)
+    for t, dt in zip(ts, dts):
         guided = cfg_interval[0] < t <= cfg_interval[1]
         v = velocity(model, cache, x, t, grid, special)
         v_text = velocity(model, cfg_text_cache, x, t, grid, special) \
@@ -167,7 +170,7 @@ def sample_latent(model, cache, grid, special, generator, cfg_text_cache=None, c
         v_img = velocity(model, cfg_img_cache, x, t, grid, special) \
             if guided and cfg_img_cache is not None and cfg_img_scale != 1.0 else None
         v = guide(v, v_text, v_img, cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min)
-        x = x - v * (t - t_next)
+        x = x - v * dt
     return x
 
 
@@ -351,7 +354,9 @@ def main(argv=None):
                                       cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img,
                                       cfg_interval=args.cfg_interval, cfg_renorm_type=args.renorm).items()
                 if v is not None}
-    size = tuple(args.size) * (3 - len(args.size))
+    if len(args.size) > 2:
+        ap.error("--size takes S or H W")
+    size = tuple(args.size * 2)[:2]
     images = [generate_image(model, vae, tokenizer, p, image, size, args.seed + i, **settings)
               for i, p in enumerate(prompts)]
     make_grid(images).save(args.out)
