@@ -1028,3 +1028,29 @@ class Loader:
             return p
         self.open = [rebuild(k) for k in state["open"]]
         self.ready = [rebuild(k) for k in state["ready"]]
+
+
+if __name__ == "__main__":
+    # Check datasets before training: pack a few, print fill, skips by reason and speed.
+    #   python data.py [PATH[:FORMAT] ...] [--packs N] [--packing_length L] [--tokenizer DIR]
+    # No PATH: the built-in dataset. FORMAT: messages (default), t2i, edit, vlm.
+    import argparse
+    import time
+    parser = argparse.ArgumentParser(description="pack a few batches from datasets and report")
+    parser.add_argument("paths", nargs="*", default=["shapes"])
+    parser.add_argument("--packs", type=int, default=20)
+    parser.add_argument("--packing_length", type=int, default=16384)
+    parser.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: tiny)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else tiny_tokenizer()
+    sources = [Source(*p.rsplit(":", 1)) if ":" in p else Source(p) for p in args.paths]
+    loader = Loader(sources, tok, packing_length=args.packing_length)
+    t0 = time.perf_counter()
+    for i in range(args.packs):
+        pack = loader.next_pack()
+        print(f"pack {i}: {pack.num_tokens} positions, {len(pack.sample_lens)} samples, {pack.vit_patches.shape[0]} "
+              f"ViT patches, {pack.vae_indexes.numel()} latent tokens ({pack.mse_indexes.numel()} noised), "
+              f"{pack.ce_indexes.numel()} CE targets")
+    dt = time.perf_counter() - t0
+    print(f"{loader.stats}\n{loader.stats['samples'] / dt:.1f} samples/s, {args.packs / dt:.2f} packs/s")
