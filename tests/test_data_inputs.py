@@ -95,3 +95,21 @@ def test_shapes_dataset():
     loader = data.Loader([src], tok, packing_length=512, seed=0)
     items, _ = loader.build([0, 0, 0])
     assert all(it["pixels"].shape[1:] in [(64, 64), (56, 56)] for it in items if it["type"] != "text")
+
+
+def test_command_line_check(tmp_path):
+    """python data.py PATH:FORMAT packs a few batches and reports fill and skips."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from test_data_util import png, write_jsonl
+    (tmp_path / "a.png").write_bytes(png(56, 28))
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image> what is it?"},
+                                                {"from": "gpt", "value": "a pink rectangle"}]}] * 30
+    rows[3] = {"image": "gone.png", "conversations": rows[0]["conversations"]}
+    path = write_jsonl(tmp_path / "v.jsonl", rows)
+    out = subprocess.run([sys.executable, "data.py", f"{path}:vlm", "--packs", "8", "--packing_length", "8192"],
+                         capture_output=True, text=True, cwd=Path(data.__file__).parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pack 1: " in out.stdout and "'fill': " in out.stdout and "'missing_file': 1" in out.stdout
+    assert "v.jsonl row 3" in out.stderr  # the skip is logged with its row
