@@ -15,9 +15,13 @@ Tokenizer files (tokenizer.json, vocab.json, ...) travel along, checked against 
 
 FOLDER's layout is detected; --to defaults to nanobagel, or to official for a nanobagel FOLDER. --ema takes the
 EMA weights (ema.safetensors); without it the raw weights (model.safetensors), except in an official folder
-that has only ema.safetensors (the release). The official layout always writes ema.safetensors, the file its
-loaders read. --dtype casts the Bagel weights (default: keep); the AE keeps its dtype. Tensors stream one at a
+that has only ema.safetensors (the release). A conversion carries that one set of weights: the official layout
+writes it to ema.safetensors (the file its loaders read), the nanobagel layout to model.safetensors. --dtype casts the Bagel weights (default: keep); the AE keeps its dtype. Tensors stream one at a
 time from memory-mapped files to the output, so a 29 GB checkpoint is never held in memory, let alone twice.
+
+In code: load_checkpoint(folder) -> (model, vae, cfg) for any layout; convert(folder, out, to); save_nanobagel
+from modules or (sharded) state dicts; load_into_sharded(model, folder) fills an FSDP2 model, each rank
+reading only its own shards.
 """
 import argparse
 import json
@@ -524,9 +528,8 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
         if ours in FIXED_TABLES:
             return key, shapes[ours], weights_dtype, lambda: fixed_table(cfg, ours)
         tensors, theirs = source[ours]
-        keep = tensors.dtype(theirs)
-        return key, shapes[ours], keep if ours.startswith("vae.") or dtype is None else dtype, \
-            lambda: tensors.get(theirs)
+        out_dtype = tensors.dtype(theirs) if dtype is None or ours.startswith("vae.") else dtype
+        return key, shapes[ours], out_dtype, lambda: tensors.get(theirs)
 
     maps = name_maps(to, cfg)
     dropped = [ours for ours in source if ours not in FIXED_TABLES and not any(ours in m for m in maps.values())]
