@@ -494,33 +494,35 @@ COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["ima
 
 
 def cached(cache, key, make):
-    """A one-entry cache: rows are visited block by block, so only the last row group / open file is worth keeping."""
-    if key not in cache:
+    """A one-entry cache: rows are visited block by block, so only the last row group / open file is worth keeping.
+    (Safe to share between loaders in threads: dict operations are atomic and readers keep their own reference.)"""
+    value = cache.get(key)
+    if value is None:
+        value = make()
         cache.clear()
-        cache[key] = make()
-    return cache[key]
+        cache[key] = value
+    return value
 
 
 def open_file_rows(file, cache):
     """-> (number of rows, row starts of blocks read together, get(i) -> dict, column names or None)."""
     if file.endswith(".jsonl"):
-        offsets, pos = [], 0
+        spans, pos = [], 0  # (start, end) byte offsets of the non-blank lines
         with open(file, "rb") as f:
             for line in f:
                 if line.strip():
-                    offsets.append(pos)
+                    spans.append((pos, pos + len(line)))
                 pos += len(line)
-        offsets = np.array(offsets, dtype=np.int64)
+        spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
 
         def get(i):
-            fh = cached(cache, file, lambda: open(file, "rb"))
-            fh.seek(int(offsets[i]))
+            f = cached(cache, file, lambda: open(file, "rb"))
+            start, end = spans[i].tolist()
             try:
-                row = json.loads(fh.readline())
+                return json.loads(os.pread(f.fileno(), end - start, start))  # positional: no shared seek state
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadSample("malformed_json", str(e)[:80])
-            return row
-        return len(offsets), np.arange(len(offsets) + 1), get, None
+        return len(spans), np.arange(len(spans) + 1), get, None
     if file.endswith(".json"):
         try:
             with open(file) as f:
