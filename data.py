@@ -972,6 +972,7 @@ class Loader:
             self.thread.start()
         pack, state = self.queue.get()
         if isinstance(pack, BaseException):  # e.g. a source gone bad: raised where the packs are consumed
+            self.queue.put((pack, state))    # (and again on any later call: the thread has stopped)
             raise pack
         self.consumed = state
         return pack
