@@ -8,6 +8,7 @@ The pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 t
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute,
 fp32 master weights and AdamW state (FSDP2), the frozen VAE encoding included. Any train.py key can be given.
 """
+import os
 import sys
 import time
 
@@ -63,6 +64,13 @@ def main(argv):
         sync(run)
         times.append(time.time() - t0)
         run.log(f"step {i}: {times[-1] * 1000:.0f} ms, loss {r['loss']:.4f}")
+    if os.environ.get("BENCH_PROFILE"):
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                train.train_step(run, [pack], cfg["lr"])
+            sync(run)
+        run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
     dt = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median
     tokens, flops = train.all_sum([r["tokens"], r["flops"]], run.device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0

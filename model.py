@@ -171,11 +171,11 @@ def make_llm_attention(backend, pack, layout, order):
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-def make_vit_attention(backend, image_lens, device):
+def make_vit_attention(backend, image_lens, device, dtype):
     """Bidirectional attention inside each image of a packed set of ViT images."""
     lens = torch.tensor(image_lens, dtype=torch.long, device=device)
     image_of = torch.repeat_interleave(torch.arange(len(image_lens), device=device), lens)
-    if backend == "sdpa" or image_of.numel() == 0:
+    if backend == "sdpa" or image_of.numel() == 0 or dtype not in (torch.float16, torch.bfloat16):
         mask = image_of[:, None] == image_of[None, :]
         return lambda q, k, v: sdpa(q, k, v, mask)
     try:
@@ -607,7 +607,7 @@ class Bagel(nn.Module):
         x = self.embed_tokens.weight.new_zeros(pack.num_tokens, cfg.hidden_size)
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))
         vit_lens = pack.vit_lens
-        attend = make_vit_attention("varlen" if x.is_cuda else "sdpa", vit_lens, x.device)
+        attend = make_vit_attention("varlen" if x.is_cuda else "sdpa", vit_lens, x.device, dtype)
         # The ViT runs on every pack, even with no images, so every rank enters the same FSDP modules.
         vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
         vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)

@@ -309,14 +309,18 @@ def build(cfg):
 
     # --- model config and tokenizer. Initial weights are made on rank 0 only (read from init_from, or a fresh
     # seeded init), so they are the same whatever the world size; the other ranks receive their shards. ---
+    # (On GPUs a fresh init runs sharded instead: DTensor's random ops give each shard its part of one draw.)
     initial = [None, None, None]  # rank 0: (model, vae, config)
+    fresh_on_device = not cfg["init_from"] and device.type == "cuda"
     if master and cfg["init_from"]:
         initial = list(convert.load_checkpoint(cfg["init_from"], ema=cfg["init_weights"] == "ema"))
     elif master:
         base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[cfg["model"]]()
         initial[2] = M.BagelConfig(**{**asdict(base), **cfg["model_args"]})
-        initial[0], initial[1] = M.Bagel(initial[2]), M.build_vae(initial[2])
-        initial[0].init_weights()
+        initial[1] = M.build_vae(initial[2])
+        if not fresh_on_device:
+            initial[0] = M.Bagel(initial[2])
+            initial[0].init_weights()
     shared = [initial[2]]
     dist.broadcast_object_list(shared, src=0)
     model_cfg = M.BagelConfig(**{**asdict(shared[0]), **cfg["model_args"], "freeze_und": cfg["freeze_und"]})
@@ -348,15 +352,20 @@ def build(cfg):
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
     model.to_empty(device=device)
-    model.init_buffers()
-    full = initial[0].state_dict() if master else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if fresh_on_device:
+        torch.manual_seed(cfg["seed"])  # the same on every rank
+        model.init_weights()
+    else:
+        model.init_buffers()
+        full = initial[0].state_dict() if master else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
     vae = M.build_vae(model_cfg).to(device)
     vae_state = [initial[1].state_dict() if master else None]
     dist.broadcast_object_list(vae_state, src=0)
     vae.load_state_dict(vae_state[0])
     vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, used under no_grad
-    del full, initial
+    del initial
 
     # --- what trains; optimiser with fp32 master weights (FSDP2 keeps the sharded parameters in fp32); EMA ---
     names = [n for n, _ in model.named_parameters()]
