@@ -513,9 +513,12 @@ def measure_sharded_load(folder, broadcast=False):
         convert.load_into_sharded(bagel, folder, vae=model.build_vae(cfg).to(device))
     dist.barrier()
     seconds = time.time() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    status = dict(line.split(":") for line in open("/proc/self/status"))
+    now = {k: int(status[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile")}  # GiB; file pages: page cache
     print(f"rank {dist.get_rank()}: loaded {sum(p.numel() for p in bagel.parameters()):,} parameters in "
-          f"{seconds:.1f} s{' (rank 0 + broadcast)' if broadcast else ''}, peak host RSS {rss:.2f} GiB", flush=True)
+          f"{seconds:.1f} s{' (rank 0 + broadcast)' if broadcast else ''}; host RSS peak {peak:.2f} GiB, "
+          f"now {now['RssAnon']:.2f} GiB anonymous + {now['RssFile']:.2f} GiB mapped file pages", flush=True)
     dist.destroy_process_group()
 
 
