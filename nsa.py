@@ -83,7 +83,7 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
     if starts is None:
         starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
     L, H, D = x.shape
-    if compress_type != "linear" and len(starts):
+    if compress_type != "linear" and len(starts) and _tiles("conv_compress"):
         # pooling = a depthwise convolution over the packed tokens (every start at once, cheap), then the rows of
         # the samples' windows; pe pools to one bias per head
         w = torch.full((H, kernel_size), 1.0 / kernel_size, device=x.device) if compress_type == "avgpool" else w
@@ -281,12 +281,11 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
 
 
 @triton.jit
-def _band_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, N, NK, qk_scale,
-                   sm_scale, sqn, sqh, skn, skh, svn, svh, sdkn, sdkh, sdqn,
+def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, N, NK, qk_scale, sm_scale,
+                   sqn, sqh, skn, skh, svn, svh, sdkn, sdkh,
                    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                   QC: tl.constexpr, FUSE_DQ: tl.constexpr):
-    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics; with FUSE_DQ
-    # dq too (fp32 atomics into DQ [L, H, D]: 5 matmuls instead of 7 with _band_bwd_dq)
+                   QC: tl.constexpr):
+    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics
     kt, kh, ch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(QT_LO + kt) + ch * QC
     t1 = tl.minimum(tl.load(QT_HI + kt), t0 + QC)
@@ -317,9 +316,6 @@ def _band_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, Q
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            if FUSE_DQ:
-                tl.atomic_add(DQ + rq.to(tl.int64)[:, None] * sdqn + h * D + rd[None, :],
-                              tl.dot(ds.to(k.dtype), k) * sm_scale, mask=qm[:, None] & dm[None, :])
     o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
     wm = km[:, None] & dm[None, :] & ((rk * 0 + t1) > t0)[:, None]
     tl.atomic_add(DK + o, dk * sm_scale, mask=wm)
@@ -329,13 +325,10 @@ def _band_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, Q
 @triton.jit
 def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, N, qk_scale,
                   sqn, sqh, sckn, sckh, soh, son, NB_OUT,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
-                  BK: tl.constexpr, R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr,
-                  LOCAL: tl.constexpr):
-    # one program per (tile of BQ queries of one sample, sample, kv head). Its rows are (query, head) pairs, the
-    # G heads of a group padded to GP = next power of two, so one dot serves the whole group and the sum over the
-    # group is a reshape. Block tiles of BB = BK // R columns: the BK compressed keys starting R before the tile's
-    # first block cover the BB - 1 blocks written per tile.
+                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                  R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    # one program per (query tile of one sample, sample, kv head). Block tiles of BB = BK // R columns: the BK
+    # compressed keys starting R before the tile's first block cover the BB - 1 blocks written per tile.
     qt, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BB: tl.constexpr = BK // R
     ss = tl.load(CU + b)
@@ -344,23 +337,13 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     nc = tl.load(CCU + b + 1) - cbase
     bbase = tl.load(BCU + b)
     nb = tl.load(BCU + b + 1) - bbase
-    rd = tl.arange(0, BD)
-    dm = rd < D
-    # per (query, head) row
-    r = tl.arange(0, BQ * GP)
-    ri = ss + qt * BQ + r // GP
-    h = kh * G + r % GP
-    rm = (ri < se) & (r % GP < G)
-    q = tl.load(Q + ri.to(tl.int64)[:, None] * sqn + h[:, None] * sqh + rd[None, :], mask=rm[:, None] & dm[None, :],
-                other=0.0)
-    lse = tl.load(LSE + h.to(tl.int64) * N + ri, mask=rm, other=float("inf"))
-    r_nlo = tl.load(NLO + ri, mask=rm, other=0)
-    r_ckhi = tl.load(CKHI + ri, mask=rm, other=0) - cbase
-    # per query
     rq = ss + qt * BQ + tl.arange(0, BQ)
     qm = rq < se
+    rd = tl.arange(0, BD)
+    dm = rd < D
     hi = tl.load(HI + rq, mask=qm, other=0)
     nlo = tl.load(NLO + rq, mask=qm, other=0)
+    ckhi = tl.load(CKHI + rq, mask=qm, other=0) - cbase
     qb = (rq - ss) // BS
     hi_max = tl.max(tl.where(qm, hi, ss))
     n_blocks = tl.where(qt * BQ < se - ss, tl.minimum(nb, (hi_max - ss) // BS + 1), 0)
@@ -373,11 +356,16 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
         c_rel = (b0 - 1) * R + cl
         cm = (c_rel >= 0) & (c_rel < nc)
         cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
+        vis = cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo[:, None])
         ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
                      mask=cm[:, None] & dm[None, :], other=0.0)
-        vis = cm[None, :] & (c_rel[None, :] < r_ckhi[:, None]) & (cn[None, :] >= r_nlo[:, None])
-        p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
-        raw = tl.dot(tl.sum(tl.reshape(p, (BQ, GP, BK)), 1), w, input_precision="ieee")
+        acc = tl.zeros([BQ, BK], tl.float32)
+        for g in range(G):
+            h = kh * G + g
+            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+            acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
+        raw = tl.dot(acc, w, input_precision="ieee")
         b_rel = b0 + bl
         bv = (bl < BB - 1) & (b_rel < nb)
         first = ss + b_rel * BS
@@ -390,6 +378,7 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
         val = tl.where(cand, val, float("-inf"))
         tl.store(OUT + kh.to(tl.int64) * soh + rq.to(tl.int64)[:, None] * son + b_rel[None, :], val,
                  mask=qm[:, None] & bv[None, :] & (b_rel[None, :] < NB_OUT))
+
 
 
 @triton.jit
@@ -551,10 +540,10 @@ def _tiles(name):
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if _interpret():
-        return dict(band_fwd=(16, 16, 1), band_dq=(16, 16, 1), band_dkdv=(16, 16, 1), qc=2, fuse_dq=True,
-                    score=(8, 1), slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16)[name]
-    return dict(band_fwd=(64, 64, 4), band_dq=(128, 64, 8), band_dkdv=(64, 64, 4), qc=32, fuse_dq=True,
-                score=(16, 8), slc=(64, 4), slc_bwd=(128, 8), slc_chunk=1024)[name]
+        return dict(band_fwd=(16, 16, 1), band_dq=(16, 16, 1), band_dkdv=(16, 16, 1), qc=2, score=(16, 1),
+                    slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16, conv_compress=True)[name]
+    return dict(band_fwd=(64, 64, 4), band_dq=(128, 64, 8), band_dkdv=(64, 64, 4), qc=32, score=(64, 8), slc=(64, 4),
+                slc_bwd=(128, 8), slc_chunk=1024, conv_compress=True)[name]
 
 
 def _i32(t):
@@ -685,15 +674,11 @@ class _BandAttention(torch.autograd.Function):
         BD = triton.next_power_of_2(D)
         qk_scale = ctx.scale * math.log2(math.e)
         delta = (o.float() * do.float()).sum(-1).t().contiguous()
-        fuse_dq = _tiles("fuse_dq")
-        if fuse_dq:
-            dq = torch.zeros(N, H, D, device=q.device, dtype=torch.float32)
-        else:
-            dq = torch.empty_like(q)
-            BQ, BK, W = _tiles("band_dq")
-            _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale,
-                                                  ctx.scale, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                                                  G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
+        dq = torch.empty_like(q)
+        BQ, BK, W = _tiles("band_dq")
+        _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale,
+                                              ctx.scale, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                                              G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
         dk = torch.zeros(NK, KH, D, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
         BQ, BK, W = _tiles("band_dkdv")
@@ -704,10 +689,10 @@ class _BandAttention(torch.autograd.Function):
             qt_lo, qt_hi = _key_tile_ranges(klo, khi, NK, BQ, BK)
             n_chunks = max(1, -(-int((qt_hi - qt_lo).max()) // QC))
         _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
-            q, k, v, do, dq, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, ctx.scale,
-            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2], H * D,
-            G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, QC=QC, FUSE_DQ=fuse_dq, num_warps=W)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+            q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, ctx.scale,
+            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
+            G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, QC=QC, num_warps=W)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -726,8 +711,7 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     _block_scores[(triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads)](
         q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
         N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
-        G=H // num_kv_heads, GP=triton.next_power_of_2(H // num_kv_heads), D=D, BD=triton.next_power_of_2(D), BQ=BQ,
-        BK=BK, R=R, KD=KD, BS=block_size,
+        G=H // num_kv_heads, D=D, BD=triton.next_power_of_2(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
         INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
     return out
 
@@ -1076,6 +1060,8 @@ def sweep(N=65536):
     _, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
     idx = select_blocks_triton(block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2), 16)
     qg, kg, vg, ckg, cvg = (t.detach().requires_grad_() for t in (q, k, v, ck, cv))
+    wg = w.detach().requires_grad_()
+    peg = torch.zeros(KH, 32, D, device="cuda", requires_grad=True)
     do = torch.randn_like(q)
     stages = {
         "cmp": lambda: _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan),
@@ -1087,13 +1073,14 @@ def sweep(N=65536):
         "slc": lambda: _SelectedAttention.apply(q, k, v, idx, plan, scale),
         "slc_fb": lambda: _SelectedAttention.apply(qg, kg, vg, idx, plan, scale).backward(do),
         "score": lambda: block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2),
+        "compress_fb": lambda: (compress(kg, wg, layout.cu_seqlens, 32, 16, "weightedpool", pe=peg).sum()
+                                + compress(vg, wg, layout.cu_seqlens, 32, 16, "weightedpool").sum()).backward(),
     }
     trials = {
-        "fuse_dq": ([True, False], ["cmp_fb", "swa_fb"]),
-        "band_dkdv": ([[64, 64, 4], [64, 64, 8], [32, 64, 4]], ["cmp_fb", "swa_fb"]),
-        "qc": ([32, 8], ["cmp_fb"]),
-        "score": ([[16, 8], [8, 4], [16, 4], [32, 8]], ["score"]),
-        "slc_bwd": ([[128, 8], [128, 4], [64, 4]], ["slc_fb"]),
+        "conv_compress": ([True, False], ["compress_fb"]),
+        "score": ([[64, 8], [64, 4]], ["score"]),
+        "band_dkdv": ([[64, 64, 4], [64, 64, 8]], ["cmp_fb", "swa_fb"]),
+        "slc_chunk": ([1024, 256], ["slc_fb"]),
     }
     for name, (options, used) in trials.items():
         for opt in options:
