@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -529,19 +529,6 @@ def encode_images(vae, pack, dtype):
     return pack
 
 
-def full_state(model, ema):
-    """Consolidated model and EMA state dicts on rank 0 (CPU), our parameter names."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=opts)
-    ema_sd = None
-    if ema:
-        ema_sd = dict(sd)
-        for name, value in ema.items():  # gather each EMA shard the way its parameter is sharded
-            full_value = value.full_tensor() if hasattr(value, "full_tensor") else value
-            ema_sd[name.replace("_checkpoint_wrapped_module.", "")] = full_value.cpu()
-    return sd, ema_sd
-
-
 def write_samples(run, step):
     import sample
     cfg = run.cfg
@@ -553,14 +540,15 @@ def write_samples(run, step):
 
 
 def export(run):
-    """Consolidated safetensors (raw and EMA) for sample.py and convert.py."""
-    sd, ema_sd = full_state(run.model, run.ema)
+    """Consolidated safetensors (raw and EMA) for sample.py and convert.py; every rank takes part in the gathers
+    (one tensor at a time), rank 0 writes."""
+    folder = os.path.join(run.cfg["out_dir"], "export")
+    model_sd = run.model.state_dict()
+    ema_sd = {**model_sd, **run.ema} if run.ema else None  # frozen parameters are their own EMA
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg["export_dtype"]]
+    convert.save_nanobagel(folder, model_sd, {k: v.float() for k, v in run.vae.state_dict().items()},
+                           run.model_cfg, ema_sd, dtype=dtype)
     if run.master:
-        cast = (lambda d: {k: v.to(torch.bfloat16) for k, v in d.items()}) if run.cfg["export_dtype"] == "bf16" \
-            else (lambda d: d)
-        folder = os.path.join(run.cfg["out_dir"], "export")
-        convert.save_nanobagel(folder, cast(sd), {k: v.float() for k, v in run.vae.state_dict().items()},
-                               run.model_cfg, cast(ema_sd) if ema_sd else None)
         run.tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
 
 
