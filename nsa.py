@@ -33,13 +33,30 @@ The rules for the three branches:
     hi_w(i) = min(hi(i), max(i + w // 2, sample_start(i) + w)). For causal queries hi_w = i, the library's
     [i - w, i]. A query in a full or noise span sees its span's future, so its window reaches w/2 ahead; in a
     sample of at most w + 1 tokens every query's window covers everything it may see.
-  Gathered per KV block (group-centric, no padding of G to 16): the selected branch inverts the top-k lists so
-  that each program loads one KV block once and streams the (query, head) rows that chose it.
+    The local blocks are the query's own block and its predecessors for full and noise spans too (the window
+    already reaches w/2 ahead).
 
-Initialisation from a dense checkpoint (NSA.__init__): value pooling weights 0 (o_cmp = 0), key pooling = mean
-(so selection scores mean something), pe = 0, gate weight 0 (every gate 0.5). Then o = (o_slc + o_swa) / 2, which
-is dense attention exactly when the window and the top-k blocks cover every visible key (samples of at most
-min(window_size + 1, topk * block_size) tokens); `python nsa.py init` measures the gap on longer packs.
+Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in, fp32 accumulation):
+  - _band_fwd, _band_bwd_dq, _band_bwd_dkdv: flash attention where query i sees the keys of a contiguous range
+    [klo_i, khi_i) that are not another span's noise. Used twice: compressed branch (keys = compressed tokens) and
+    sliding window (keys = tokens). dk/dv loop over the G query heads of a KV head inside one program (no G-fold
+    buffers); long query ranges are split into chunks whose dk/dv meet in fp32 atomics.
+  - _block_scores: recomputes the compressed probabilities from the saved lse, sums the group, maps compressed
+    keys onto blocks with the overlap weights (one small matmul per tile) and writes masked/forced block scores;
+    _topk then takes the top-k per (KV head, query) and sorts the ids.
+  - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block (group-centric without padding G=7
+    to 16): the top-k lists are inverted so that each program loads one KV block once and streams the
+    (query, head) rows that chose it. The forward writes each (row, slot) partial softmax and _slc_combine merges
+    a row's slots; the backward recomputes p with the merged lse, accumulates dk/dv per block and writes per-slot
+    dq partials that _slc_combine sums.
+
+Initialisation from a dense checkpoint (NSA.reset_parameters): value pooling weights 0 (o_cmp = 0), key pooling =
+mean (so selection scores mean something), pe = 0, gate weight 0 (every gate 0.5). Then o = (o_slc + o_swa) / 2,
+which is dense attention exactly when the window and the top-k blocks cover every visible key (samples of at most
+min(window_size + 1, topk * block_size) tokens; tested). On longer samples `python nsa.py init` measures the gap
+(H100, bf16, random inputs, relative L2 error vs exact dense attention): 2.2e-3 at 513 tokens (bf16 rounding),
+0.28 at 2k, 0.49 at 4k, 1.14 at 16k, 0.35 on a 2k text/image/text/latents pack. Random queries and keys give
+nearly uniform dense attention, which no sparse pattern approximates; trained heads are peaked, so expect closer.
 """
 import json
 import math
