@@ -240,6 +240,35 @@ def test_command_line(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def fsdp_rank(rank, world, init_file):
+    """One rank of test_sample_grid_under_fsdp2: the grid of an FSDP2-sharded model, mid-training, equals the
+    unsharded model's, and training goes on after it."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bagel, vae, _ = load_tiny()
+        special = load_fixture()[4]
+        tok, prompts, kw = ByteTokenizer(special), ["a red circle", "a blue square"], dict(image_size=(32, 32),
+                                                                                              num_timesteps=3)
+        reference = np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw))
+        for block in list(bagel.layers) + list(bagel.vit.layers):  # train.py's wrapping
+            fully_shard(block)
+        fully_shard(bagel)
+        pack = data.pack_samples([[{"type": "text", "ids": [5, 6, 7], "loss": True}]], special)
+        bagel(pack)["ce"].sum().backward()  # train.py samples after training steps
+        assert np.array_equal(np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw)), reference)
+        assert bagel.training
+        bagel(pack)["ce"].sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sample_grid_under_fsdp2(tmp_path):
+    torch.multiprocessing.spawn(fsdp_rank, args=(2, str(tmp_path / "init")), nprocs=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Overfit: a tiny model learns one caption -> image pair; the sampler must draw that image from the caption.
 
