@@ -12,6 +12,8 @@ What train.py uses (everything else is the machinery behind it):
     state = loader.state_dict()                        # JSON-able dict; a fresh Loader(...).load_state_dict(state)
     loader.stats                                       #   then yields the identical next packs
                                                        # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
+    Loader(..., prefetch=2) makes packs ahead in a thread (same packs, same states).
+    python data.py PATH[:FORMAT] ... checks datasets before a run: fill, skips by reason, speed.
 
 Read top to bottom:
   1. Pack + pack_samples: the exact official BAGEL layout of a list of samples (the contract, notes/PACK.md)
