@@ -1,7 +1,7 @@
 """nanobagel sampling: text-to-image, editing and understanding from a checkpoint, with a KV cache.
 
-    python sample.py --ckpt out/tiny --prompt "a red circle" --out x.png
-    python sample.py --ckpt out/tiny --prompts "a red circle" "a blue square" --out grid.png   # one PNG grid
+    python sample.py --ckpt out/tiny/export --size 32 --prompt "a red circle" --out x.png      # configs/tiny.py
+    python sample.py --ckpt out/tiny/export --size 32 --prompts "a red circle" "a blue square" --out grid.png
     python sample.py --ckpt BAGEL-7B --prompt "make the sky pink" --image in.png --out edit.png
     python sample.py --ckpt BAGEL-7B --prompt "What is in the picture?" --image in.png --understand
 

@@ -251,8 +251,8 @@ def fsdp_rank(rank, world, init_file):
     try:
         bagel, vae, _ = load_tiny()
         special = load_fixture()[4]
-        tok, prompts, kw = ByteTokenizer(special), ["a red circle", "a blue square"], dict(image_size=(32, 32))
-        kw["num_timesteps"] = 3
+        tok, prompts = ByteTokenizer(special), ["a red circle", "a blue square"]
+        kw = dict(image_size=(32, 32), num_timesteps=3)
         reference = np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw))
         for block in list(bagel.layers) + list(bagel.vit.layers):  # train.py's wrapping
             fully_shard(block)
