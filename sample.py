@@ -89,6 +89,8 @@ def prefill(model, cache, items, special):
         raise ValueError("prefill needs at least one item")
     if any(it["type"] == "vae_image" and it.get("loss") for it in items):
         raise ValueError("a noised image is never context: it is sampled (velocity), not prefilled")
+    if any(it["type"] == "vae_image" and it.get("latent") is None for it in items):
+        raise ValueError("a vae_image in the context needs its latent (encode_image), not pixels")
     cfg, device = model.cfg, model.embed_tokens.weight.device
     pack = data.pack_samples([items], special, cfg.max_latent_size, cfg.vit_max_patches_per_side).to(device)
     x, _ = model.embed(pack, 1.0)  # clean latents: t = 0
