@@ -115,6 +115,19 @@ def test_greedy_text_matches_uncached_argmax(tiny):
     assert draws[0] == draws[1] and draws[0] != draws[2]  # temperature sampling: seeded
 
 
+def test_prefill_refuses_what_is_not_context(tiny):
+    bagel, _, cfg, *_, special = tiny
+    cache = sample.KVCache(cfg.num_layers)
+    latent = torch.zeros(16, 4, 4)
+    with pytest.raises(ValueError, match="noised image"):
+        sample.prefill(bagel, cache, [{"type": "vae_image", "latent": latent, "loss": True}], special)
+    with pytest.raises(ValueError, match="needs its latent"):
+        sample.prefill(bagel, cache, [{"type": "vae_image", "pixels": torch.zeros(3, 32, 32)}], special)
+    with pytest.raises(ValueError, match="at least one item"):
+        sample.prefill(bagel, cache, [], special)
+    assert len(cache) == 0 and cache.pos == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Guidance
 
