@@ -539,14 +539,25 @@ def flow_timesteps(timestep_raw, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
+def logits_ce(h, weight, labels):
+    return F.cross_entropy(F.linear(h, weight).float(), labels, reduction="none")
+
+
+_compiled_ce = None
+
+
 def cross_entropy(h, lm_head, labels, chunk=4096):
     """Per-token CE of lm_head(h) in float32, a chunk of rows at a time; under autograd each chunk's logits are
-    recomputed in backward, so at most one chunk of [chunk, vocab] logits is alive (152k vocab: 2.4 GB/4k rows)."""
-    def one(h, labels):
-        return F.cross_entropy(lm_head(h).float(), labels, reduction="none")
+    recomputed in backward, so at most one chunk of [chunk, vocab] logits is alive (152k vocab: 2.4 GB/4k rows).
+    On GPU the float32 cast and the softmax are fused by torch.compile (one compile for all sizes)."""
+    global _compiled_ce
+    one = logits_ce
+    if h.is_cuda:
+        _compiled_ce = _compiled_ce or torch.compile(logits_ce, dynamic=True)
+        one = _compiled_ce
     if h.shape[0] <= chunk or not torch.is_grad_enabled():
-        return one(h, labels)
-    return torch.cat([torch.utils.checkpoint.checkpoint(one, hc, lc, use_reentrant=False)
+        return one(h, lm_head.weight, labels)
+    return torch.cat([torch.utils.checkpoint.checkpoint(one, hc, lm_head.weight, lc, use_reentrant=False)
                       for hc, lc in zip(h.split(chunk), labels.split(chunk))])
 
 
@@ -601,17 +612,19 @@ class Bagel(nn.Module):
         self.vit_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.vit_max_patches_per_side))
         self.latent_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.max_latent_size))
 
-    def embed(self, pack, timestep_shift):
-        """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token."""
+    def embed(self, pack, timestep_shift, run_vit=None):
+        """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token.
+        run_vit: run the ViT (default: when the pack has ViT images). Under FSDP every rank must make the same
+        choice (it enters the ViT's sharded modules), so train.py passes True when any rank has images."""
         cfg, dtype = self.cfg, self.embed_tokens.weight.dtype
         x = self.embed_tokens.weight.new_zeros(pack.num_tokens, cfg.hidden_size)
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))
-        vit_lens = pack.vit_lens
-        attend = make_vit_attention("varlen" if x.is_cuda else "sdpa", vit_lens, x.device, dtype)
-        # The ViT runs on every pack, even with no images, so every rank enters the same FSDP modules.
-        vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
-        vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)
-        x = x.index_put((pack.vit_indexes,), vit_emb)
+        vit_out = None
+        if run_vit or (run_vit is None and pack.vit_lens):
+            attend = make_vit_attention("varlen" if x.is_cuda else "sdpa", pack.vit_lens, x.device, dtype)
+            vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
+            vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)
+            x = x.index_put((pack.vit_indexes,), vit_emb)
         p = cfg.latent_patch_size
         x0 = torch.cat([patchify(z, p) for z in pack.vae_latents]) if pack.vae_latents else \
             x.new_zeros(0, cfg.latent_dim, dtype=torch.float32)
@@ -624,11 +637,11 @@ class Bagel(nn.Module):
         x = x.index_put((pack.vae_indexes,), vae_emb)
         return x, dict(vit_out=vit_out, t=t, x_t=x_t, target=pack.vae_noise.float() - x0)
 
-    def forward(self, pack, timestep_shift=1.0, inspect=False):
+    def forward(self, pack, timestep_shift=1.0, inspect=False, run_vit=None):
         """Per-token losses of a pack: {"ce": [Nce], "mse": [Nmse]} (sums and means belong to train.py).
         With inspect=True also the intermediate tensors, in pack order (for tests)."""
         cfg = self.cfg
-        x, aux = self.embed(pack, timestep_shift)
+        x, aux = self.embed(pack, timestep_shift, run_vit)
         L = pack.num_tokens
         # MoT routing, once per pack: und tokens first, then the latent (gen) tokens, each in pack order.
         is_gen = torch.zeros(L, dtype=torch.bool, device=x.device)

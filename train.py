@@ -346,7 +346,7 @@ def build(cfg):
     shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=cfg["reshard_after_forward"])
     for block in list(model.layers) + list(model.vit.layers):
         fully_shard(block, **shard)
-    fully_shard(model, **shard)
+    fully_shard(model, **{**shard, "reshard_after_forward": False})  # the root is needed again at once
     if device.type == "cpu":  # gloo's AVG reduce-scatter sums (pytorch#162338): force SUM, then divide
         for m in model.modules():
             if isinstance(m, FSDPModule):
@@ -402,13 +402,15 @@ def train_step(run, packs, lr):
     cfg, world, model = run.cfg, run.world, run.model
     for g in run.opt.param_groups:
         g["lr"] = lr
-    n_ce, n_mse = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)],
-                          run.device)
+    # one collective: global CE and MSE token counts, and which micro-steps have ViT images on any rank
+    counts = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)] +
+                     [len(p.vit_lens) for p in packs], run.device)
+    n_ce, n_mse, vit_images = counts[0], counts[1], counts[2:]
     ce_sum = mse_sum = torch.zeros((), device=run.device)
     tokens = flops = 0
-    for pack in packs:
+    for pack, images in zip(packs, vit_images):
         pack = encode_images(run.vae, pack.to(run.device), run.dtype)
-        out = model(pack, timestep_shift=cfg["timestep_shift"])
+        out = model(pack, timestep_shift=cfg["timestep_shift"], run_vit=images > 0)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce = out["ce"].sum() * world / max(n_ce, 1)
         mse = out["mse"].sum() * world / max(n_mse, 1)
@@ -519,13 +521,19 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+@torch.no_grad()
 def encode_images(vae, pack, dtype):
-    """Fill the pack's latents of pixel images with the frozen VAE (each image alone: no padding effects)."""
-    if any(z is None for z in pack.vae_latents):
-        with torch.no_grad():
-            pack.vae_latents = [
-                z if z is not None else vae.encode(px[None].to(dtype), eps[None].to(dtype))[0].float()
-                for z, px, eps in zip(pack.vae_latents, pack.vae_pixels, pack.vae_posterior_eps)]
+    """Fill the pack's latents of pixel images with the frozen VAE, one batch per image size (never padded:
+    the official pad-to-largest batching lets padding leak into the latents of smaller images)."""
+    todo = [i for i, z in enumerate(pack.vae_latents) if z is None]
+    by_size = {}
+    for i in todo:
+        by_size.setdefault(tuple(pack.vae_pixels[i].shape), []).append(i)
+    for group in by_size.values():
+        pixels = torch.stack([pack.vae_pixels[i] for i in group]).to(dtype)
+        eps = torch.stack([pack.vae_posterior_eps[i] for i in group]).to(dtype)
+        for i, z in zip(group, vae.encode(pixels, eps).float()):
+            pack.vae_latents[i] = z
     return pack
 
 

@@ -149,7 +149,7 @@ def test_masks_no_cross_sample_and_noise_invisible(golden):
 def run_layers(bagel, pack, x):
     """Decoder stack on given input embeddings, via the real forward with embed() swapped out."""
     real = bagel.embed
-    bagel.embed = lambda p, s: (x, real(p, s)[1])
+    bagel.embed = lambda p, s, run_vit: (x, real(p, s, run_vit)[1])
     try:
         return bagel(pack, inspect=True)["hidden"]
     finally:
