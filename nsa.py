@@ -99,15 +99,6 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
         raise ValueError(f"unknown compress_type {compress_type!r}")
     if starts is None:
         starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
-    L, H, D = x.shape
-    if compress_type != "linear" and len(starts) and _tiles("conv_compress"):
-        # pooling = a depthwise convolution over the packed tokens (every start at once, cheap), then the rows of
-        # the samples' windows; pe pools to one bias per head
-        w = torch.full((H, kernel_size), 1.0 / kernel_size, device=x.device) if compress_type == "avgpool" else w
-        w = w.to(x.dtype)
-        y = F.conv1d(x.reshape(L, H * D).t()[None], w.repeat_interleave(D, 0)[:, None, :], groups=H * D)[0]
-        out = y.t()[starts].view(-1, H, D)
-        return out if pe is None else out + torch.einsum("hl,hld->hd", w, pe.to(x.dtype))
     win = x[starts[:, None] + torch.arange(kernel_size, device=x.device)]  # [NC, l, H, D]
     if pe is not None:
         win = win + pe.transpose(0, 1).to(win.dtype)
@@ -558,9 +549,9 @@ def _tiles(name):
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if _interpret():
         return dict(band_fwd=(16, 16, 1), band_dq=(16, 16, 1), band_dkdv=(16, 16, 1), qc=2, score=(16, 1),
-                    slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16, conv_compress=True)[name]
+                    slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16)[name]
     return dict(band_fwd=(64, 64, 4), band_dq=(128, 64, 8), band_dkdv=(64, 64, 4), qc=32, score=(64, 8), slc=(64, 4),
-                slc_bwd=(128, 8), slc_chunk=1024, conv_compress=True)[name]
+                slc_bwd=(128, 8), slc_chunk=1024)[name]
 
 
 def _i32(t):
@@ -1077,8 +1068,6 @@ def sweep(N=65536):
     _, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
     idx = select_blocks_triton(block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2), 16)
     qg, kg, vg, ckg, cvg = (t.detach().requires_grad_() for t in (q, k, v, ck, cv))
-    wg = w.detach().requires_grad_()
-    peg = torch.zeros(KH, 32, D, device="cuda", requires_grad=True)
     do = torch.randn_like(q)
     stages = {
         "cmp": lambda: _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan),
@@ -1090,13 +1079,15 @@ def sweep(N=65536):
         "slc": lambda: _SelectedAttention.apply(q, k, v, idx, plan, scale),
         "slc_fb": lambda: _SelectedAttention.apply(qg, kg, vg, idx, plan, scale).backward(do),
         "score": lambda: block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2),
-        "compress_fb": lambda: (compress(kg, wg, layout.cu_seqlens, 32, 16, "weightedpool", pe=peg).sum()
-                                + compress(vg, wg, layout.cu_seqlens, 32, 16, "weightedpool").sum()).backward(),
     }
     trials = {
-        "conv_compress": ([True, False], ["compress_fb"]),
-        "score": ([[64, 8], [64, 4]], ["score"]),
-        "band_dkdv": ([[64, 64, 4], [64, 64, 8]], ["cmp_fb", "swa_fb"]),
+        "band_fwd": ([[64, 64, 4], [128, 64, 8], [64, 128, 4]], ["cmp", "swa"]),
+        "band_dq": ([[128, 64, 8], [64, 64, 4]], ["cmp_fb", "swa_fb"]),
+        "band_dkdv": ([[64, 64, 4], [64, 64, 8], [64, 128, 8]], ["cmp_fb", "swa_fb"]),
+        "qc": ([32, 16, 64], ["cmp_fb"]),
+        "score": ([[64, 8], [64, 4], [32, 4]], ["score"]),
+        "slc": ([[64, 4], [128, 8], [32, 4]], ["slc"]),
+        "slc_bwd": ([[128, 8], [64, 4], [64, 8]], ["slc_fb"]),
         "slc_chunk": ([1024, 256], ["slc_fb"]),
     }
     for name, (options, used) in trials.items():
