@@ -142,10 +142,11 @@ def dense_mask(layout: SpanLayout):
 # Attention: the only place that knows about masks. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]
 
 def sdpa(q, k, v, mask):
-    """Exact attention with a dense boolean mask [N, N] (True = may attend); GQA by head groups."""
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+    """Exact attention of q [n, Hq, D] over k, v [m, Hkv, D] with a boolean mask [n, m] (True = may attend) or
+    None; GQA by head groups. Batched 4-D, as SDPA's fused kernels want it (3-D falls back to the math kernel)."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        attn_mask=mask, enable_gqa=True)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def make_llm_attention(backend, pack, layout, order):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from model import Context, Rotary, dense_mask, span_layout, unpatchify
+from model import Context, Rotary, dense_mask, sdpa, span_layout, unpatchify
 
 # Official inference settings (app.py / inference.ipynb). Editing also guides with the source image.
 T2I = dict(num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
@@ -48,14 +48,6 @@ class KVCache:
         return c
 
 
-def attention(q, k, v, mask):
-    """q [n, Hq, D] against k, v [m, Hkv, D] (GQA), mask [n, m] or None -> [n, Hq, D]. Batched 4-D, as SDPA's
-    flash and memory-efficient kernels want it (3-D falls back to the math kernel: 26x slower at 4k tokens, H100)."""
-    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                       attn_mask=mask, enable_gqa=True)
-    return o[0].transpose(0, 1)
-
-
 def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
     """Decoder stack on new tokens x [n, C] that see every cached token, and each other where mask [n, n] says
     (True = may attend; None = all). is_gen [n] picks the expert, positions [n] the RoPE ids. Returns the hidden
@@ -76,7 +68,7 @@ def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
                 k, v = torch.cat([cache.k[i], k]), torch.cat([cache.v[i], v])
             if keep:
                 cache.k[i], cache.v[i] = k, v
-            return attention(q, k, v, mask)
+            return sdpa(q, k, v, mask)
         x = layer(x, n_und, Context(rope, attend))
     h = torch.cat([model.norm_und(x[:n_und]), model.norm_gen(x[n_und:])])
     return h[torch.argsort(order)]

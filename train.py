@@ -69,7 +69,7 @@ DEFAULTS = dict(
     out_dir="out/run", log_every=10, save_steps=500, keep_checkpoints=3,
     export_dtype="fp32",          # final consolidated safetensors: "fp32" | "bf16"
     save_ema_as_default=True,     # sample/export prefer EMA weights (recA wants the raw ones)
-    sample_every=0, sample_prompts=[], sample_steps=20, sample_cfg=4.0,
+    sample_every=0, sample_prompts=[], sample_steps=20, sample_cfg=4.0, sample_size=512,  # grids in out_dir/samples
 )
 
 
@@ -540,8 +540,9 @@ def encode_images(vae, pack, dtype):
 def write_samples(run, step):
     import sample
     cfg = run.cfg
-    image = sample.sample_grid(run.model, run.vae, run.tokenizer, cfg["sample_prompts"], num_steps=cfg["sample_steps"],
-                               cfg_text_scale=cfg["sample_cfg"], timestep_shift=3.0, seed=cfg["seed"])
+    size = (cfg["sample_size"], cfg["sample_size"])
+    image = sample.sample_grid(run.model, run.vae, run.tokenizer, cfg["sample_prompts"], image_size=size,
+                               num_timesteps=cfg["sample_steps"], cfg_text_scale=cfg["sample_cfg"], seed=cfg["seed"])
     if run.master:
         os.makedirs(os.path.join(cfg["out_dir"], "samples"), exist_ok=True)
         image.save(os.path.join(cfg["out_dir"], "samples", f"step_{step:06d}.png"))

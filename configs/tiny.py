@@ -15,4 +15,5 @@ log_every = 10
 save_steps = 100
 out_dir = "out/tiny"
 sample_every = 100
+sample_size = 32
 sample_prompts = ["a red circle", "a blue square", "a green triangle above a yellow circle"]
