@@ -559,7 +559,7 @@ def _i32(t):
 
 
 class Plan:
-    """Per-pack index tensors for the kernels (int32), built once per forward from a SpanLayout."""
+    """Per-pack index tensors for the kernels (int32) from a SpanLayout; get_plan builds it once per pack."""
 
     def __init__(self, layout: SpanLayout, kernel_size, kernel_stride, block_size, window_size):
         L = layout
@@ -855,6 +855,11 @@ class NSA(torch.nn.Module):
         """x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k before RoPE;
         rope(t, positions) rotates a [n, H, D] tensor; position_ids [L] (default: index within the sample)."""
         c = self.cfg
+        L = layout.sample_start.numel()
+        H, KH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if q.shape != (L, H, D) or k.shape != (L, KH, D) or v.shape != (L, KH, D) or x.shape[0] != L:
+            raise ValueError(f"NSA expects q [{L}, {H}, {D}], k/v [{L}, {KH}, {D}] and x [{L}, hidden] for this pack; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
         plan = get_plan(layout, c)
         idx = torch.arange(q.shape[0], device=q.device)
         pos = idx - layout.sample_start if position_ids is None else position_ids
@@ -889,8 +894,9 @@ def nsa_triton(q, k, v, ck, cv, layout, cfg, scale, plan=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# `python nsa.py check | init | bench | all` (GPU): bf16 kernels vs the fp32 reference, step-0 closeness to dense
-# attention, and timings against dense causal SDPA (flash backend). BAGEL heads: 28 query / 4 KV, head_dim 128.
+# `python nsa.py [check | init | bench | breakdown | sweep | all]` (GPU): bf16 kernels vs the fp32 reference,
+# step-0 closeness to dense attention, timings against dense causal SDPA (flash backend), per-stage timings and a
+# tile sweep. BAGEL heads: 28 query / 4 KV, head_dim 128.
 
 def _rope_fn(D, theta=1e6):
     inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)

@@ -250,14 +250,14 @@ def run_both(m, layout, H, KH, D, seed=0):
     return out
 
 
-@pytest.mark.parametrize("pack,compress_type,topk,window", [
-    ("mixed_spans", "weightedpool", 3, 16),
-    ("noise_then_text_partial_blocks", "linear", 4, 24),
-    ("many_tiny_samples", "avgpool", 16, 8),  # samples shorter than kernel and block, topk above the block count
-    ("all_shorter_than_kernel", "weightedpool", 3, 4),  # no compressed key at all
+@pytest.mark.parametrize("pack,compress_type,topk,window,D", [
+    ("mixed_spans", "weightedpool", 3, 16, 16),
+    ("noise_then_text_partial_blocks", "linear", 4, 24, 12),  # head_dim not a power of two
+    ("many_tiny_samples", "avgpool", 16, 8, 16),  # samples shorter than kernel and block, topk above the block count
+    ("all_shorter_than_kernel", "weightedpool", 3, 4, 16),  # no compressed key at all
 ])
-def test_triton_matches_reference(pack, compress_type, topk, window):
-    H, KH, D = 6, 2, 16
+def test_triton_matches_reference(pack, compress_type, topk, window, D):
+    H, KH = 6, 2
     layout = model.span_layout(*PACKS[pack])
     m = random_module(H, KH, D, 24, compress_type, topk=topk, window_size=window, **CFG)
     out = run_both(m, layout, H, KH, D)
@@ -370,6 +370,13 @@ def test_init_is_dense_attention_on_short_samples():
         m = nsa.NSA(12, H, KH, D, topk=3, window_size=40, backend=backend, **CFG)
         with torch.no_grad():
             torch.testing.assert_close(m(x, q, k, v, layout, rope), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    layout = model.span_layout([10], [10], ["causal"])
+    m = nsa.NSA(8, 4, 2, 8, block_size=16, kernel_size=8, kernel_stride=4, topk=3, window_size=8)
+    with pytest.raises(ValueError, match="NSA expects"):
+        m(torch.randn(10, 8), torch.randn(10, 4, 8), torch.randn(9, 2, 8), torch.randn(10, 2, 8), layout, no_rope)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
