@@ -442,28 +442,43 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
       condition (editing).
     - CFG condition dropout, only in samples that generate an image (official enable_cfg): user text, clean VAE and
       ViT conditions are dropped with probabilities dropout = (text, vit, vae).
+    A part may carry a fourth element, a dict of flags that replace these rules (IRG, UniCoT, recA): text {"loss"},
+    image {"loss": a noised target, "vae": a clean VAE copy, "vit": a ViT copy}, each False unless given, and
+    "cfg" (default True): may be dropped as a CFG condition. A loss target is never dropped.
     Random draws, all from `gen`, in sequence order: the CFG decisions, then per VAE image timestep_raw ~ N(0, 1)
     and flow noise (noised ones), and the VAE posterior eps."""
-    generates = any(role == "assistant" and kind == "image" for role, kind, _ in parts)
-    items = []
-    for i, (role, kind, value) in enumerate(parts):
+    generates = any(p[1] == "image" and (p[3].get("loss") if len(p) > 3 else p[0] == "assistant") for p in parts)
+
+    def rules(i, role, kind):  # the conventions above, as flags
         if kind == "text":
-            items.append(text_item(tok.encode(value), loss=role == "assistant", cfg=generates and role == "user"))
+            return {"loss": role == "assistant", "cfg": generates and role == "user"}
+        more = i < len(parts) - 1
+        return {"loss": role == "assistant", "vae": generates and (role != "assistant" or more),
+                "vit": role != "assistant" or more, "cfg": generates}
+    items = []
+    for i, part in enumerate(parts):
+        role, kind, value = part[:3]
+        given = part[3] if len(part) > 3 else rules(i, role, kind)
+        cfg = given.get("cfg", True)
+        if kind == "text":
+            items.append(text_item(tok.encode(value), loss=given.get("loss", False), cfg=cfg))
             continue
+        loss, vae_copy, vit_copy = (given.get(k, False) for k in ("loss", "vae", "vit"))
+        if not (loss or vae_copy or vit_copy):
+            raise BadSample("malformed_row", "an image part with no use (need_loss, need_vae, need_vit all false)")
         img = load_image(value)
-        vae = image_bytes(img, vae_size, 16, max_pixels) if generates else None
-        if role == "assistant":
+        vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
+        if loss:
             items.append(vae_item(vae, loss=True))
-            if i == len(parts) - 1:
-                continue
-        if generates:
-            items.append(vae_item(vae, loss=False, cfg=True))
-        items.append({"type": "vit_image", "pixels": image_bytes(img, vit_size, 14, max_pixels), "cfg": generates})
+        if vae_copy:
+            items.append(vae_item(vae, loss=False, cfg=cfg))
+        if vit_copy:
+            items.append({"type": "vit_image", "pixels": image_bytes(img, vit_size, 14, max_pixels), "cfg": cfg})
     if not any(it.get("loss") for it in items):
         raise BadSample("no_targets", "nothing to learn: no assistant text or image")
     probs = {"text": dropout[0], "vit_image": dropout[1], "vae_image": dropout[2]}
     for it in items:
-        if it.pop("cfg") and torch.rand((), generator=gen).item() < probs[it["type"]]:
+        if it.pop("cfg") and not it.get("loss") and torch.rand((), generator=gen).item() < probs[it["type"]]:
             it["drop"] = True
     for it in items:
         if it["type"] == "vae_image" and not it.get("drop"):
@@ -481,7 +496,12 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 #   messages  {"messages": [...] or its JSON string, optional "images": [bytes | {"bytes", "path"} | path]}
 #   t2i       official T2I parquet: {"image": bytes, "captions": JSON string of {name: caption}}
 #   edit      official edit parquet: {"image_list": [bytes], "instruction_list": [[str]]}
-#   vlm       official VLM jsonl (LLaVA): {"image": path | [paths], "conversations": [{"from", "value"}]}
+#   vlm       official VLM jsonl (LLaVA): {"image": path | [paths], "conversations": [{"from", "value"}]}; UniCoT's
+#             "think" turns: left out with probability think_drop, else learned (CE)
+#   irg       IRG parquet: {"conversation": JSON [{"role", "content"}]}, per-part need_loss / need_vae / need_vit
+#   unicot    UniCoT MDP parquet: {"prompt", "think", "image"} or {"prompt", "think", "source_image",
+#             "edit_instruction", "target_image"}, optional "system_prompt"; think left out with probability think_drop
+#   reca      recA: {"image"} alone (captions ignored): reconstruction from its ViT view and a describe-prompt
 #   shapes    the built-in dataset (section 6), no files
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
@@ -490,9 +510,26 @@ SIZES = {  # official data config (data/configs/example.yaml): VAE (min, max) si
     "edit": ((512, 1024), (224, 518), 14 * 14 * 9 * 1024),
     "vlm": ((512, 1024), (378, 980), 2_007_040),
     "messages": ((512, 1024), (378, 980), 14 * 14 * 9 * 1024),
+    "irg": ((512, 1024), (378, 980), 14 * 14 * 9 * 1024),      # IRG's data config
+    "unicot": ((512, 1024), (224, 518), 14 * 14 * 9 * 1024),   # UniCoT's light-weight edit conditions
+    "reca": ((512, 1024), (224, 224), 14 * 14 * 9 * 1024),     # recA's bottleneck: the smallest ViT view
 }
 COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["image_list", "instruction_list"],
-           "vlm": ["conversations"]}
+           "vlm": ["conversations"], "irg": ["conversation"], "unicot": ["prompt"], "reca": ["image"]}
+
+# recA's prompts: the ViT view of an image is the condition; the prompt only says what to do with it
+RECON_PROMPTS = [
+    "Describe the image.", "Describe every detail in the image.", "What is in this picture?",
+    "Reproduce this image.", "Recreate the image exactly.", "Generate the same image.",
+    "Draw what you see.", "Paint this picture again.", "Render this scene faithfully.",
+    "Redraw the image with all its details.", "Regenerate this image.", "Make an identical copy of this image.",
+    "Describe the objects, colours and layout of the image.", "Describe the scene, then draw it.",
+    "Capture the style, colours and composition of this image.", "Show this image once more.",
+    "Reconstruct the picture.", "Depict exactly what is shown.", "Produce a picture matching this one.",
+    "Describe the image in detail: objects, positions, textures and background.",
+    "Restore this image as it is.", "Copy this photo.", "Generate an image of what you see here.",
+    "Repeat the image.",
+]
 
 
 def cached(cache, key, make):
@@ -609,13 +646,15 @@ class Source:
     scenes drawn at image_size px, resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
 
     def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
-                 vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0):
+                 vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0, think_drop=0.0):
         self.format = format or ("shapes" if path == "shapes" else "messages")
-        if self.format not in ("messages", "t2i", "edit", "vlm", "shapes"):
+        if self.format not in ("messages", "t2i", "edit", "vlm", "irg", "unicot", "reca", "shapes"):
             raise ValueError(f"unknown source format {self.format!r}")
         if not weight > 0:
             raise ValueError(f"source {path}: weight must be > 0, got {weight}")
-        self.path, self.weight, self.name = path, weight, name or str(path)
+        if not 0 <= think_drop <= 1:
+            raise ValueError(f"source {path}: think_drop must be in [0, 1], got {think_drop}")
+        self.path, self.weight, self.name, self.think_drop = path, weight, name or str(path), think_drop
         if self.format == "shapes":
             self.rows, self.num_rows, self.image_size, self.seed = None, num_rows, image_size, seed
             self.folder, self.block_starts = None, np.arange(num_rows + 1)
@@ -706,6 +745,10 @@ class Source:
         parts, k = [], 0
         for turn in r["conversations"]:
             who, value = turn["from"], turn["value"]
+            if who == "think":  # UniCoT: the model's reasoning, left out with probability think_drop
+                if torch.rand((), generator=gen).item() < self.think_drop:
+                    continue
+                who = "gpt"
             if who == "gpt":
                 parts.append(("assistant", "text", value))
                 continue
@@ -723,6 +766,52 @@ class Source:
         if k != len(images):
             raise BadSample("image_count_mismatch", f"{k} <image> tags for {len(images)} images")
         return parts
+
+    def read_irg(self, r, gen):
+        """IRG: user turns are text (need_loss, default False); assistant turns are lists of parts: text (need_loss,
+        default True) or a base64 image with need_loss (a generation target), need_vae / need_vit (clean copies for
+        what follows), each default False. Other roles (system) are ignored, as IRG does."""
+        turns = json.loads(r["conversation"]) if isinstance(r["conversation"], str) else r["conversation"]
+        parts = []
+        for turn in turns:
+            role, content = turn["role"], turn["content"]
+            if role == "user":
+                if not isinstance(content, str):
+                    raise BadSample("malformed_row", "a user turn's content is not a string")
+                parts.append(("user", "text", content, {"loss": bool(turn.get("need_loss", False))}))
+            elif role == "assistant":
+                for part in content:
+                    if part["type"] == "text":
+                        parts.append(("assistant", "text", part["content"], {"loss": bool(part.get("need_loss", True))}))
+                    elif part["type"] == "image":
+                        ref = part["content"]
+                        ref = ref if ref.startswith("data:") else "data:;base64," + ref  # decoded by open_image
+                        flags = {k: bool(part.get("need_" + k, False)) for k in ("loss", "vae", "vit")}
+                        parts.append(("assistant", "image", ref, flags))
+                    else:
+                        raise BadSample("unknown_content_type", repr(part["type"])[:40])
+        if not parts:
+            raise BadSample("empty_messages")
+        return parts
+
+    def read_unicot(self, r, gen):
+        """UniCoT MDP rows, no text loss: [system_prompt] prompt [think] -> the generated image (T2I), or
+        -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step)."""
+        parts = [("system", "text", r["system_prompt"])] if r.get("system_prompt") else []
+        parts.append(("user", "text", r["prompt"]))
+        if r.get("think") and torch.rand((), generator=gen).item() >= self.think_drop:
+            parts.append(("user", "text", r["think"]))
+        if r.get("image") is not None:
+            return parts + [("assistant", "image", r["image"])]
+        return parts + [("user", "image", r["source_image"]), ("user", "text", r["edit_instruction"]),
+                        ("assistant", "image", r["target_image"])]
+
+    def read_reca(self, r, gen):
+        """recA: the image is its own condition: its ViT view (never dropped), a random describe-prompt (dropped with
+        text_cond_dropout_prob), then the same image as the generation target. Image loss only."""
+        return [("user", "image", r["image"], {"vit": True, "cfg": False}),
+                ("user", "text", pick(RECON_PROMPTS, gen), {"cfg": True}),
+                ("assistant", "image", r["image"], {"loss": True})]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1038,7 +1127,7 @@ class Loader:
 if __name__ == "__main__":
     # Check datasets before training: pack a few, print fill, skips by reason and speed.
     #   python data.py [PATH[:FORMAT] ...] [--packs N] [--packing_length L] [--tokenizer DIR]
-    # No PATH: the built-in dataset. FORMAT: messages (default), t2i, edit, vlm.
+    # No PATH: the built-in dataset. FORMAT: messages (default), t2i, edit, vlm, irg, unicot, reca.
     import argparse
     import time
     parser = argparse.ArgumentParser(description="pack a few batches from datasets and report")
