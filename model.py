@@ -678,3 +678,62 @@ class Bagel(nn.Module):
         if inspect:
             out.update(aux, input_embeds=x_in, layer_outs=layer_outs, hidden=h[where], mse_pred=pred)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (UniCoT): low-rank adapters on chosen Linear layers, y = W x + b + (alpha / r) B A x, no dropout, no bias.
+# A LoRALinear is still an nn.Linear with the same weight and bias, so base checkpoints load into it unchanged; its
+# adapters are lora_A [r, in] and lora_B [out, r], and B starts at zero, so an adapted model starts as its base.
+# train.py applies LoRA to the meta model before fully_shard: FSDP2 then shards base weights and adapters alike.
+
+class LoRALinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias, rank, alpha, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.scale = alpha / rank
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def reset_lora(self):
+        """A as nn.Linear initialises (as PEFT), B zero. (Bagel.init_weights does not know B must be zero.)"""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+def apply_lora(model, targets, rank, alpha):
+    """Replace, in place, every nn.Linear whose module name matches one of the fnmatch patterns `targets`
+    (e.g. "layers.*.gen.q_proj") by a LoRALinear sharing its weight and bias, adapters freshly initialised.
+    Every pattern must match a Linear layer: a typo (or UniCoT's missing comma) is an error, not a silently
+    smaller adapter. Returns the names adapted."""
+    from fnmatch import fnmatch
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and ".lora_" not in name]
+    unmatched = [t for t in targets if not any(fnmatch(name, t) for name, _ in linears)]
+    if unmatched:
+        raise ValueError(f"LoRA targets matching no Linear layer: {unmatched} (Linear layers are named like "
+                         f"{', '.join(n for n, _ in linears[:3])}, ...)")
+    chosen = [(name, m) for name, m in linears if any(fnmatch(name, t) for t in targets)]
+    for name, linear in chosen:
+        parent, _, child = name.rpartition(".")
+        w = linear.weight
+        lora = LoRALinear(linear.in_features, linear.out_features, linear.bias is not None, rank, alpha,
+                          device=w.device, dtype=w.dtype)
+        lora.weight, lora.bias = linear.weight, linear.bias
+        lora.reset_lora()
+        setattr(model.get_submodule(parent), child, lora)
+    return [name for name, _ in chosen]
+
+
+def merge_lora(state, alpha):
+    """A state dict without LoRA: each adapted W becomes W + (alpha / r) B @ A (r from A's shape) and the A/B entries
+    go, so the result loads into a plain Bagel. Sharded (DTensor) values work too, and stay sharded."""
+    out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    for key, A in state.items():
+        if key.endswith(".lora_A.weight"):
+            base = key[:-len("lora_A.weight")]
+            W, B = state[base + "weight"], state[base + "lora_B.weight"]
+            out[base + "weight"] = W + (alpha / A.shape[0]) * (B.to(W.dtype) @ A.to(W.dtype))
+    return out
