@@ -60,6 +60,10 @@ DEFAULTS = dict(
     visual_und=True, visual_gen=True,  # False: that side frozen, and the data must not use it (checked)
     freeze=[],                    # extra fnmatch patterns of parameter names to freeze
     train_only=[],                # if not empty: only parameters matching these patterns train
+    lora_targets=[],              # fnmatch patterns of Linear layers given LoRA adapters; then only adapters train
+    lora_rank=16, lora_alpha=32.0,  # adapter rank r and alpha (scale alpha / r); no dropout, no bias
+    freeze_from_step={},          # {fnmatch pattern: step}: those parameters stop training at that step (IRG)
+    loss_off_from_step={},        # {"ce" | "mse": step}: that loss is switched off at that step (IRG)
     # systems
     device="auto",                # "auto" | "cpu" | "cuda"
     dtype="auto",                 # compute dtype: "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
@@ -68,7 +72,8 @@ DEFAULTS = dict(
     # output
     out_dir="out/run", log_every=10, save_steps=500, keep_checkpoints=3,
     export_dtype="fp32",          # final consolidated safetensors: "fp32" | "bf16"
-    save_ema_as_default=True,     # sample/export prefer EMA weights (recA wants the raw ones)
+    save_ema_as_default=True,     # export/ has ema.safetensors, which sample.py and --init_from prefer; False: export/
+                                  # holds the raw weights alone, the EMA goes to export_ema/ (recA wants the raw ones)
     sample_every=0, sample_prompts=[], sample_steps=20, sample_cfg=4.0, sample_size=512,  # grids in out_dir/samples
 )
 
@@ -159,6 +164,8 @@ def trainable_mask(names, cfg):
         ok = not any(fnmatch(clean, p) for p in frozen)
         if cfg["train_only"]:
             ok = ok and any(fnmatch(clean, p) for p in cfg["train_only"])
+        if cfg["lora_targets"]:  # LoRA: every base weight frozen
+            ok = ".lora_A." in clean or ".lora_B." in clean
         train[name] = ok
     return train
 
@@ -334,6 +341,11 @@ def build(cfg):
     # --- FSDP2: meta init -> activation checkpointing -> shard per block, then root -> to_empty -> load ---
     with torch.device("meta"):
         model = M.Bagel(model_cfg)
+    if cfg["lora_targets"]:  # before checkpoint wrapping and sharding: FSDP2 shards the adapters like the rest
+        adapted = M.apply_lora(model, cfg["lora_targets"], cfg["lora_rank"], cfg["lora_alpha"])
+        log(f"LoRA rank {cfg['lora_rank']} alpha {cfg['lora_alpha']} on {len(adapted)} Linear layers")
+    if set(cfg["loss_off_from_step"]) - {"ce", "mse"}:
+        raise SystemExit(f"loss_off_from_step keys must be 'ce' or 'mse', got {list(cfg['loss_off_from_step'])}")
     if cfg["activation_checkpointing"]:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for blocks in (model.layers, model.vit.layers):
@@ -355,8 +367,15 @@ def build(cfg):
     if fresh_on_device:
         torch.manual_seed(cfg["seed"])  # the same on every rank
         model.init_weights()
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.reset_lora()
     else:
         model.init_buffers()
+        if master and cfg["lora_targets"]:  # the initial adapters, seeded
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg["seed"])
+                M.apply_lora(initial[0], cfg["lora_targets"], cfg["lora_rank"], cfg["lora_alpha"])
         full = initial[0].state_dict() if master else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
@@ -373,6 +392,7 @@ def build(cfg):
     for name, p in model.named_parameters():
         p.requires_grad_(trains[name])
     params = [p for p in model.parameters() if p.requires_grad]
+    param_names = [n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
         f"trainable), world {world}, device {device}, compute {dtype}")
     groups = {g: any(trains[n] for n in names if fnmatch(n.replace("_checkpoint_wrapped_module.", ""), pat))
@@ -383,7 +403,7 @@ def build(cfg):
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg["ema"] else {}
     return SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, master=master, log=log,
                            model=model, vae=vae, model_cfg=model_cfg, tokenizer=tokenizer, params=params,
-                           groups=groups, opt=opt, ema=ema)
+                           param_names=param_names, groups=groups, opt=opt, ema=ema)
 
 
 def lr_at(cfg, step):
@@ -395,11 +415,14 @@ def lr_at(cfg, step):
     return cfg["lr"]
 
 
-def train_step(run, packs, lr):
+def train_step(run, packs, lr, step=0):
     """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
     counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
-    packs. A non-finite loss or gradient skips the update (returned as ok=False)."""
+    packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules."""
     cfg, world, model = run.cfg, run.world, run.model
+    off = [k for k, s in cfg["loss_off_from_step"].items() if step >= s]
+    ce_w, mse_w = (0.0 if k in off else cfg[k + "_weight"] for k in ("ce", "mse"))
+    frozen = [pat for pat, s in cfg["freeze_from_step"].items() if step >= s]
     for g in run.opt.param_groups:
         g["lr"] = lr
     # one collective: global CE and MSE token counts, and which micro-steps have ViT images on any rank
@@ -414,15 +437,18 @@ def train_step(run, packs, lr):
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce = out["ce"].sum() * world / max(n_ce, 1)
         mse = out["mse"].sum() * world / max(n_mse, 1)
-        (cfg["ce_weight"] * ce + cfg["mse_weight"] * mse).backward()
+        (ce_w * ce + mse_w * mse).backward()
         ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
         flops += pack_flops(pack, run.model_cfg, run.groups)
+    for name, p in zip(run.param_names, run.params):
+        if any(fnmatch(name, pat) for pat in frozen):  # scheduled freezing: no gradient, so AdamW leaves it
+            p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["max_grad_norm"], foreach=True)
     grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
     ce_tot, mse_tot = all_sum([float(ce_sum), float(mse_sum)], run.device)
     ce_mean, mse_mean = ce_tot / max(n_ce, 1), mse_tot / max(n_mse, 1)
-    loss = cfg["ce_weight"] * ce_mean + cfg["mse_weight"] * mse_mean
+    loss = ce_w * ce_mean + mse_w * mse_mean
     ok = math.isfinite(loss) and math.isfinite(grad_norm)
     if ok:
         run.opt.step()
@@ -477,7 +503,7 @@ def main(argv):
             if (not cfg["visual_und"] and pack.vit_lens) or (not cfg["visual_gen"] and pack.mse_indexes.numel()):
                 raise SystemExit("visual_und/visual_gen is off but the data has ViT images/generation targets")
         lr = lr_at(cfg, step)
-        r = train_step(run, packs, lr)
+        r = train_step(run, packs, lr, step)
         if r["ok"]:
             bad_in_row = 0
         else:
@@ -550,15 +576,36 @@ def write_samples(run, step):
 
 def export(run):
     """Consolidated safetensors (raw and EMA) for sample.py and convert.py; every rank takes part in the gathers
-    (one tensor at a time), rank 0 writes."""
-    folder = os.path.join(run.cfg["out_dir"], "export")
+    (one tensor at a time), rank 0 writes. LoRA: the adapters alone in lora.safetensors, and merged weights
+    (W + alpha/r B A) that load without LoRA code. save_ema_as_default=False: the EMA goes to export_ema/."""
+    cfg = run.cfg
+    folder = os.path.join(cfg["out_dir"], "export")
     model_sd = run.model.state_dict()
     ema_sd = {**model_sd, **run.ema} if run.ema else None  # frozen parameters are their own EMA
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[run.cfg["export_dtype"]]
-    convert.save_nanobagel(folder, model_sd, {k: v.float() for k, v in run.vae.state_dict().items()},
-                           run.model_cfg, ema_sd, dtype=dtype)
+    adapters = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in model_sd.items() if ".lora_" in k}
+    if adapters:
+        model_sd = M.merge_lora(model_sd, cfg["lora_alpha"])
+        ema_sd = M.merge_lora(ema_sd, cfg["lora_alpha"]) if ema_sd else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg["export_dtype"]]
+    vae_sd = {k: v.float() for k, v in run.vae.state_dict().items()}
+    folders = [folder]
+    if ema_sd is not None and not cfg["save_ema_as_default"]:
+        folders.append(os.path.join(cfg["out_dir"], "export_ema"))
+        convert.save_nanobagel(folders[-1], ema_sd, vae_sd, run.model_cfg, dtype=dtype)
+        ema_sd = None
+    convert.save_nanobagel(folder, model_sd, vae_sd, run.model_cfg, ema_sd, dtype=dtype)
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
+    entries = [(k, tuple(v.shape), v.dtype, lambda v=v: full(v)) for k, v in adapters.items()]
+    if adapters and run.master:
+        meta = {"format": "pt", "lora_rank": str(cfg["lora_rank"]), "lora_alpha": str(cfg["lora_alpha"]),
+                "lora_targets": json.dumps(cfg["lora_targets"])}
+        convert.write_safetensors(os.path.join(folder, "lora.safetensors"), entries, meta)
+    elif adapters:
+        for *_, get in entries:  # take part in each gather, in rank 0's order
+            get()
     if run.master:
-        run.tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        for out in folders:
+            run.tokenizer.tokenizer.save(os.path.join(out, "tokenizer.json"))
 
 
 if __name__ == "__main__":
