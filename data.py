@@ -90,9 +90,11 @@ class Pack:
         return sum(self.sample_lens)
 
     def to(self, device):
+        pin = torch.device(device).type == "cuda"  # pinned + non_blocking: no stall per tensor
+
         def move(v):
             if isinstance(v, torch.Tensor):
-                return v.to(device)
+                return (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=pin)
             if isinstance(v, list):
                 return [move(x) for x in v]
             return v

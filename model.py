@@ -109,17 +109,18 @@ class SpanLayout:
 
 
 def span_layout(sample_lens, split_lens, split_modes, device=None) -> SpanLayout:
-    """Expand per-sample lengths and per-span (length, mode) lists into per-token tensors."""
+    """Expand per-sample lengths and per-span (length, mode) lists into per-token tensors (built on the CPU,
+    where the lengths live, then moved: no device round trips)."""
     assert sum(sample_lens) == sum(split_lens), "spans must tile the samples exactly"
-    sample_lens = torch.tensor(sample_lens, dtype=torch.long, device=device)
-    split_lens = torch.tensor(split_lens, dtype=torch.long, device=device)
-    modes = torch.tensor([MODE_IDS[m] for m in split_modes], dtype=torch.int8, device=device)
-    cu = torch.nn.functional.pad(sample_lens.cumsum(0), (1, 0))
-    cs = torch.nn.functional.pad(split_lens.cumsum(0), (1, 0))
-    sample_of = torch.repeat_interleave(torch.arange(len(sample_lens), device=device), sample_lens)
-    span_of = torch.repeat_interleave(torch.arange(len(split_lens), device=device), split_lens)
-    return SpanLayout(cu[sample_of], cu[sample_of + 1], cs[span_of], cs[span_of + 1], modes[span_of],
-                      cu.to(torch.int32))
+    sample_lens = torch.tensor(sample_lens, dtype=torch.long)
+    split_lens = torch.tensor(split_lens, dtype=torch.long)
+    modes = torch.tensor([MODE_IDS[m] for m in split_modes], dtype=torch.int8)
+    cu = F.pad(sample_lens.cumsum(0), (1, 0))
+    cs = F.pad(split_lens.cumsum(0), (1, 0))
+    sample_of = torch.repeat_interleave(torch.arange(len(sample_lens)), sample_lens)
+    span_of = torch.repeat_interleave(torch.arange(len(split_lens)), split_lens)
+    fields = (cu[sample_of], cu[sample_of + 1], cs[span_of], cs[span_of + 1], modes[span_of], cu.to(torch.int32))
+    return SpanLayout(*(t.to(device, non_blocking=True) for t in fields))
 
 
 def visible(layout: SpanLayout, q_idx, k_idx):
@@ -174,17 +175,17 @@ def make_llm_attention(backend, pack, layout, order):
 
 def make_vit_attention(backend, image_lens, device, dtype):
     """Bidirectional attention inside each image of a packed set of ViT images."""
-    lens = torch.tensor(image_lens, dtype=torch.long, device=device)
-    image_of = torch.repeat_interleave(torch.arange(len(image_lens), device=device), lens)
-    if backend == "sdpa" or image_of.numel() == 0 or dtype not in (torch.float16, torch.bfloat16):
+    lens = torch.tensor(image_lens, dtype=torch.long)
+    if backend == "sdpa" or not image_lens or dtype not in (torch.float16, torch.bfloat16):
+        image_of = torch.repeat_interleave(torch.arange(len(image_lens)), lens).to(device)
         mask = image_of[:, None] == image_of[None, :]
         return lambda q, k, v: sdpa(q, k, v, mask)
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # older torch: one SDPA call per image
         return lambda q, k, v: torch.cat([sdpa(*t, None) for t in zip(*(x.split(image_lens) for x in (q, k, v)))])
-    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    longest = int(lens.max())
+    cu = F.pad(lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    longest = max(image_lens)
     return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)
 
 
@@ -629,8 +630,10 @@ class Bagel(nn.Module):
         p = cfg.latent_patch_size
         x0 = torch.cat([patchify(z, p) for z in pack.vae_latents]) if pack.vae_latents else \
             x.new_zeros(0, cfg.latent_dim, dtype=torch.float32)
-        tokens_per_image = torch.tensor([h * w for h, w in pack.vae_grids], dtype=torch.long, device=x.device)
-        t = flow_timesteps(pack.vae_timestep_raw.repeat_interleave(tokens_per_image), timestep_shift)
+        sizes = [h * w for h, w in pack.vae_grids]
+        tokens_per_image = torch.tensor(sizes, dtype=torch.long).to(x.device, non_blocking=True)
+        t = flow_timesteps(pack.vae_timestep_raw.repeat_interleave(tokens_per_image, output_size=sum(sizes)),
+                           timestep_shift)
         x0 = x0.float()
         x_t = (1 - t[:, None]) * x0 + t[:, None] * pack.vae_noise.float()
         vae_emb = self.vae2llm(x_t.to(dtype)) + self.time_embedder(t) + \
@@ -647,7 +650,7 @@ class Bagel(nn.Module):
         # MoT routing, once per pack: und tokens first, then the latent (gen) tokens, each in pack order.
         is_gen = torch.zeros(L, dtype=torch.bool, device=x.device)
         is_gen[pack.vae_indexes] = True
-        order = torch.cat([(~is_gen).nonzero()[:, 0], is_gen.nonzero()[:, 0]])
+        order = torch.argsort(is_gen.to(torch.int8), stable=True)  # a sort, not nonzero(): no device sync
         n = L - pack.vae_indexes.numel()
         where = torch.empty_like(order)
         where[order] = torch.arange(L, device=order.device)  # where[i]: row of pack position i
@@ -672,7 +675,7 @@ class Bagel(nn.Module):
         h = torch.cat([h_und.detach() if cfg.freeze_und else h_und, self.norm_gen(x[n:])])
         ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head, pack.ce_labels)
         pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
-        noised = torch.isin(pack.vae_indexes, pack.mse_indexes)
+        noised = torch.searchsorted(pack.vae_indexes, pack.mse_indexes)  # MSE tokens among the latent tokens
         mse = (pred - aux["target"][noised]).pow(2).mean(-1)
         out = dict(ce=ce, mse=mse)
         if inspect:

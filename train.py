@@ -445,8 +445,10 @@ def train_step(run, packs, lr, step=0):
         if any(fnmatch(name, pat) for pat in frozen):  # scheduled freezing: no gradient, so AdamW leaves it
             p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["max_grad_norm"], foreach=True)
-    grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
-    ce_tot, mse_tot = all_sum([float(ce_sum), float(mse_sum)], run.device)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    sums = torch.stack([ce_sum, mse_sum]).double()
+    dist.all_reduce(sums)
+    ce_tot, mse_tot, grad_norm = torch.cat([sums, grad_norm.double()[None]]).tolist()  # the step's one sync
     ce_mean, mse_mean = ce_tot / max(n_ce, 1), mse_tot / max(n_mse, 1)
     loss = ce_w * ce_mean + mse_w * mse_mean
     ok = math.isfinite(loss) and math.isfinite(grad_norm)
