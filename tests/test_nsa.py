@@ -217,6 +217,7 @@ PACKS = {
                           ["causal", "full", "causal", "causal", "noise", "causal", "causal", "full", "causal",
                            "causal", "causal"]),
     "all_shorter_than_kernel": ([5, 7, 3], [5, 4, 3, 3], ["causal", "causal", "full", "noise"]),
+    "long_causal": ([100, 12], [100, 12], ["causal", "causal"]),
 }
 
 
@@ -251,8 +252,9 @@ def run_both(m, layout, H, KH, D, seed=0):
 
 
 @pytest.mark.parametrize("pack,compress_type,topk,window,D", [
-    ("mixed_spans", "weightedpool", 3, 16, 16),
-    ("noise_then_text_partial_blocks", "linear", 4, 24, 12),  # head_dim not a power of two
+    ("mixed_spans", "weightedpool", 3, 40, 16),
+    ("noise_then_text_partial_blocks", "linear", 4, 40, 12),  # head_dim not a power of two
+    ("long_causal", "weightedpool", 4, 40, 16),  # key tiles that need no mask (kernels' fast path)
     ("many_tiny_samples", "avgpool", 16, 8, 16),  # samples shorter than kernel and block, topk above the block count
     ("all_shorter_than_kernel", "weightedpool", 3, 4, 16),  # no compressed key at all
 ])
