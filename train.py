@@ -583,7 +583,9 @@ def export(run):
     cfg = run.cfg
     folder = os.path.join(cfg["out_dir"], "export")
     model_sd = run.model.state_dict()
-    ema_sd = {**model_sd, **run.ema} if run.ema else None  # frozen parameters are their own EMA
+    # frozen parameters are their own EMA; state_dict() names drop activation checkpointing's wrapper, so must these
+    ema_sd = {**model_sd, **{k.replace("_checkpoint_wrapped_module.", ""): v for k, v in run.ema.items()}} \
+        if run.ema else None
     adapters = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in model_sd.items() if ".lora_" in k}
     if adapters:
         model_sd = M.merge_lora(model_sd, cfg["lora_alpha"])

@@ -1,0 +1,34 @@
+# UniCoT with LoRA (TorchUMM's Uni-CoT recipe): adapters of rank 256, alpha 512 on both experts' attention and MLP
+# projections; every base weight frozen; no EMA. The export holds merged weights (W + alpha/r B A, a plain
+# checkpoint) and the adapters alone in export/lora.safetensors.
+#   torchrun --nproc_per_node=8 train.py configs/unicot.py
+# Data: UniCoT MDP parquet, no text loss: [system_prompt] prompt think -> image (initial visual state), or
+# prompt think -> source_image (clean VAE + ViT) edit_instruction -> target_image (self-reflection step); think is
+# left out with probability think_drop. Edit the paths below.
+model = "7b"
+init_from = "/path/to/BAGEL-7B-MoT"
+init_weights = "ema"
+model_args = {"max_latent_size": 64}
+sources = [
+    {"path": "/path/to/UniCoT-Self-Reflection-6K", "format": "unicot", "weight": 1.0, "think_drop": 0.0},
+]
+# Every pattern must match a Linear layer (upstream's list lost v_proj_moe_gen and gate_proj to a missing comma).
+lora_targets = [f"layers.*.{expert}.{proj}" for expert in ("und", "gen")
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+# lora_targets += ["vit.layers.*.q_proj", "vit.layers.*.v_proj"]  # SigLIP q/v too, as upstream with visual_und
+lora_rank = 256
+lora_alpha = 512.0
+packing_length = 49152            # UniCoT LoRA: 49152 tokens per GPU
+text_cond_dropout_prob, vit_cond_dropout_prob, vae_cond_dropout_prob = 0.0, 0.0, 0.0
+lr = 2e-5
+lr_schedule = "constant"
+warmup_steps = 200
+max_steps = 3000
+ema = 0.0                         # no EMA, as upstream
+timestep_shift = 1.0
+activation_checkpointing = True
+dtype = "bf16"
+log_every = 10
+save_steps = 200
+export_dtype = "bf16"
+out_dir = "out/unicot"
