@@ -437,7 +437,9 @@ def train_step(run, packs, lr, step=0):
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce = out["ce"].sum() * world / max(n_ce, 1)
         mse = out["mse"].sum() * world / max(n_mse, 1)
-        (ce_w * ce + mse_w * mse).backward()
+        objective = sum(w * term for w, term in ((ce_w, ce), (mse_w, mse)) if w)  # a loss switched off: no gradient
+        if torch.is_tensor(objective):
+            objective.backward()
         ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
         flops += pack_flops(pack, run.model_cfg, run.groups)
