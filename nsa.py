@@ -213,29 +213,21 @@ def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
 # (the first noise token a key covers, BIG if none): key c is visible iff klo <= c < khi and noise[c] >= nlo.
 
 @triton.jit
-def _band_rows(KLO, KHI, NLO, rq, N, NK):
-    """Per-row key ranges of a query tile, plus what a key tile needs to skip masking: it is fully visible to every
-    row iff all rows have keys, it lies in [max klo, min khi) and none of its noise keys is below max nlo."""
-    qm = rq < N
-    klo = tl.load(KLO + rq, mask=qm, other=0)
-    khi = tl.load(KHI + rq, mask=qm, other=0)
-    nlo = tl.load(NLO + rq, mask=qm, other=0)
-    live = khi > klo
-    all_live = tl.min(tl.where(qm & (khi <= klo), 0, 1)) > 0
-    return (qm, klo, khi, nlo, tl.min(tl.where(live, klo, NK)), tl.max(tl.where(live, khi, 0)), all_live,
-            tl.max(tl.where(qm, klo, 0)), tl.min(tl.where(qm, khi, NK)), tl.max(tl.where(qm, nlo, 0)))
-
-
-@triton.jit
 def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale,
               sqn, sqh, skn, skh, svn, svh, son, soh,
               G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     kh = h // G
     rq = pid * BQ + tl.arange(0, BQ)
-    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    qm = rq < N
     rd = tl.arange(0, BD)
     dm = rd < D
+    klo = tl.load(KLO + rq, mask=qm, other=0)
+    khi = tl.load(KHI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
+    live = khi > klo
+    k_start = tl.min(tl.where(live, klo, NK))
+    k_end = tl.max(tl.where(live, khi, 0))
     q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
@@ -243,13 +235,11 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale,
     for start in range(k_start, k_end, BK):
         rk = start + tl.arange(0, BK)
         km = rk < k_end
-        kt = tl.load(K + kh * skh + rd[:, None] + rk.to(tl.int64)[None, :] * skn, mask=dm[:, None] & km[None, :], other=0.0)
+        k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         kn = tl.load(KNOISE + rk, mask=km, other=-1)
-        s = tl.dot(q, kt) * qk_scale
-        if (all_live == 0) | (start < lo_max) | (start + BK > hi_min) | (tl.min(kn) < nlo_max):
-            vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-            s = tl.where(vis, s, float("-inf"))
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+        s = tl.where(vis, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
@@ -270,9 +260,15 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
     pid, h = tl.program_id(0), tl.program_id(1)
     kh = h // G
     rq = pid * BQ + tl.arange(0, BQ)
-    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    qm = rq < N
     rd = tl.arange(0, BD)
     dm = rd < D
+    klo = tl.load(KLO + rq, mask=qm, other=0)
+    khi = tl.load(KHI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
+    live = khi > klo
+    k_start = tl.min(tl.where(live, klo, NK))
+    k_end = tl.max(tl.where(live, khi, 0))
     qo = rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :]
     q = tl.load(Q + qo, mask=qm[:, None] & dm[None, :], other=0.0)
     do = tl.load(DO + qo, mask=qm[:, None] & dm[None, :], other=0.0)
@@ -282,16 +278,12 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
     for start in range(k_start, k_end, BK):
         rk = start + tl.arange(0, BK)
         km = rk < k_end
-        ko = rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :]
-        k = tl.load(K + ko, mask=km[:, None] & dm[None, :], other=0.0)
-        kt = tl.load(K + kh * skh + rd[:, None] + rk.to(tl.int64)[None, :] * skn, mask=dm[:, None] & km[None, :], other=0.0)
-        vt = tl.load(V + kh * svh + rd[:, None] + rk.to(tl.int64)[None, :] * svn, mask=dm[:, None] & km[None, :], other=0.0)
+        k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         kn = tl.load(KNOISE + rk, mask=km, other=-1)
-        p = tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None])
-        if (all_live == 0) | (start < lo_max) | (start + BK > hi_min) | (tl.min(kn) < nlo_max):
-            vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-            p = tl.where(vis, p, 0.0)
-        ds = p * (tl.dot(do, vt) - delta[:, None])
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+        p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + qo, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm[:, None] & dm[None, :])
 
@@ -301,27 +293,26 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO
                    sqn, sqh, skn, skh, svn, svh, sdkn, sdkh,
                    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                    QC: tl.constexpr):
-    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics. Works on
-    # transposed scores [BK, BQ], as dk and dv want them.
+    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics
     kt, kh, ch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(QT_LO + kt) + ch * QC
     t1 = tl.minimum(tl.load(QT_HI + kt), t0 + QC)
-    k0 = kt * BK
-    rk = k0 + tl.arange(0, BK)
+    rk = kt * BK + tl.arange(0, BK)
     km = rk < NK
     rd = tl.arange(0, BD)
     dm = rd < D
     k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
     v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
     kn = tl.load(KNOISE + rk, mask=km, other=-1)
-    kn_min = tl.min(kn)
     dk = tl.zeros([BK, BD], tl.float32)
     dv = tl.zeros([BK, BD], tl.float32)
     for t in range(t0, t1):
         rq = t * BQ + tl.arange(0, BQ)
-        qm, klo, khi, nlo, _, _, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
-        partial = (all_live == 0) | (k0 < lo_max) | (k0 + BK > hi_min) | (kn_min < nlo_max)
-        vis_t = (rk[:, None] >= klo[None, :]) & (rk[:, None] < khi[None, :]) & (kn[:, None] >= nlo[None, :])
+        qm = rq < N
+        klo = tl.load(KLO + rq, mask=qm, other=0)
+        khi = tl.load(KHI + rq, mask=qm, other=0)
+        nlo = tl.load(NLO + rq, mask=qm, other=0)
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
         for g in range(G):
             h = kh * G + g
             qo = rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :]
@@ -329,12 +320,10 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO
             do = tl.load(DO + qo, mask=qm[:, None] & dm[None, :], other=0.0)
             lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
             delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
-            p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-            if partial:
-                p_t = tl.where(vis_t, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do)
-            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
     wm = km[:, None] & dm[None, :] & ((rk * 0 + t1) > t0)[:, None]
     tl.atomic_add(DK + o, dk * sm_scale, mask=wm)
