@@ -784,7 +784,8 @@ class Source:
             elif role == "assistant":
                 for part in content:
                     if part["type"] == "text":
-                        parts.append(("assistant", "text", part["content"], {"loss": bool(part.get("need_loss", True))}))
+                        loss = bool(part.get("need_loss", True))
+                        parts.append(("assistant", "text", part["content"], {"loss": loss}))
                     elif part["type"] == "image":
                         ref = part["content"]
                         ref = ref if ref.startswith("data:") else "data:;base64," + ref  # decoded by open_image

@@ -7,11 +7,14 @@ model = "7b"
 init_from = "/path/to/BAGEL-7B-MoT"
 init_weights = "ema"              # the official recipe fine-tunes from ema.safetensors
 model_args = {"max_latent_size": 64}  # BAGEL-7B-MoT's latent table: 64 x 16 px = 1024 px images
-sources = [                       # official formats (data/configs/example.yaml); python data.py PATH:FORMAT checks one
-    {"path": "/path/to/bagel_example/t2i", "format": "t2i", "weight": 1.0},     # parquet: image, captions (JSON)
-    {"path": "/path/to/bagel_example/editing/seedxedit_multi", "format": "edit", "weight": 1.0},  # parquet: image_list, instruction_list
+sources = [  # official formats (Bagel data/configs/example.yaml); `python data.py PATH:FORMAT` checks one
+    # T2I parquet: image bytes, captions (a JSON dict of captions)
+    {"path": "/path/to/bagel_example/t2i", "format": "t2i", "weight": 1.0},
+    # edit parquet: image_list, instruction_list
+    {"path": "/path/to/bagel_example/editing/seedxedit_multi", "format": "edit", "weight": 1.0},
+    # LLaVA jsonl: conversations with <image> tags; image paths relative to data_folder
     {"path": "/path/to/bagel_example/vlm/llava_ov_si.jsonl", "format": "vlm", "weight": 1.0,
-     "data_folder": "/path/to/bagel_example/vlm/images"},                       # LLaVA jsonl, image paths
+     "data_folder": "/path/to/bagel_example/vlm/images"},
 ]
 packing_length = 16384            # per GPU and micro-step (official 10240 expected / 11520 max on 4 GPUs)
 text_cond_dropout_prob, vit_cond_dropout_prob, vae_cond_dropout_prob = 0.1, 0.3, 0.3

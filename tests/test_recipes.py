@@ -101,8 +101,8 @@ def test_irg_bad_rows_are_bad_samples(tmp_path):
     bad_b64 = {"conversation": json.dumps([{"role": "user", "content": "w1"}, {"role": "assistant", "content": [
         {"type": "image", "content": "not base64!", "need_loss": True}]}])}
     video = {"conversation": json.dumps([{"role": "assistant", "content": [{"type": "video", "content": "x"}]}])}
-    src = data.Source(write_parquet(tmp_path / "irg.parquet", [irg_row(), no_use, bad_b64, video, {"conversation": "["}]),
-                      format="irg", **SMALL)
+    rows = [irg_row(), no_use, bad_b64, video, {"conversation": "["}]
+    src = data.Source(write_parquet(tmp_path / "irg.parquet", rows), format="irg", **SMALL)
     for row, reason in [(1, "malformed_row"), (2, "bad_base64"), (3, "unknown_content_type"), (4, "malformed_json")]:
         with pytest.raises(data.BadSample) as e:
             build(src, row)
@@ -149,8 +149,8 @@ def test_unicot_rows_and_think_drop(tmp_path):
     assert 70 < kept < 130, kept
     # the text objectives: a VLM jsonl "think" turn is learned (CE) or, with think_drop, left out
     (tmp_path / "a.png").write_bytes(noise_png(3))
-    row = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>w1"}, {"from": "think", "value": "w8"},
-                                               {"from": "gpt", "value": "w9"}]}
+    row = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>w1"},
+                                               {"from": "think", "value": "w8"}, {"from": "gpt", "value": "w9"}]}
     (tmp_path / "v.jsonl").write_text(json.dumps(row) + "\n")
     vlm = lambda drop: data.Source(str(tmp_path / "v.jsonl"), format="vlm", think_drop=drop, **SMALL)
     assert [(words(it["ids"]), it["loss"]) for it in build(vlm(0.0), 0) if it["type"] == "text"] == \
@@ -225,8 +225,9 @@ def files(tmp_path_factory):
                                         "instruction_list": [["make it different"]]} for k in range(6)])
     for k in range(6):
         (d / f"{k}.png").write_bytes(noise_png(k + 200))
-    (d / "vlm.jsonl").write_text("".join(json.dumps({"image": f"{k}.png", "conversations": [
-        {"from": "human", "value": "<image>what is this?"}, {"from": "gpt", "value": say(k)}]}) + "\n" for k in range(6)))
+    vlm = [{"image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>what is this?"},
+                                                   {"from": "gpt", "value": say(k)}]} for k in range(6)]
+    (d / "vlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vlm))
     understand = {"conversation": json.dumps([{"role": "user", "content": "draw a square"}, {"role": "assistant",
                   "content": [{"type": "text", "content": "no loss here", "need_loss": False},
                               {"type": "image", "content": b64(noise_png(7)), "need_vae": True, "need_vit": True},
