@@ -443,8 +443,9 @@ def train_step(run, packs, lr, step=0):
         ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
         flops += pack_flops(pack, run.model_cfg, run.groups)
-    for name, p in zip(run.param_names, run.params):
-        if any(fnmatch(name, pat) for pat in frozen):  # scheduled freezing: no gradient, so AdamW leaves it
+    stopped = [any(fnmatch(name, pat) for pat in frozen) for name in run.param_names]
+    for p, stop in zip(run.params, stopped):
+        if stop:  # scheduled freezing: no gradient, so AdamW leaves it
             p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["max_grad_norm"], foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -458,8 +459,11 @@ def train_step(run, packs, lr, step=0):
         run.opt.step()
         if run.ema:
             with torch.no_grad():  # on the local shards: the EMA is sharded exactly like its parameter
-                torch._foreach_lerp_([local(e) for e in run.ema.values()], [local(p) for p in run.params],
-                                     1 - cfg["ema"])
+                ema, params = [local(e) for e in run.ema.values()], [local(p) for p in run.params]
+                torch._foreach_lerp_(ema, params, 1 - cfg["ema"])
+                for e, p, stop in zip(ema, params, stopped):
+                    if stop:  # frozen by its schedule: its EMA becomes the parameter itself (as IRG)
+                        e.copy_(p)
     run.opt.zero_grad(set_to_none=True)
     return dict(ok=ok, loss=loss, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm, n_ce=n_ce, n_mse=n_mse,
                 tokens=tokens, flops=flops)
