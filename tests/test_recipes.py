@@ -313,8 +313,8 @@ def test_reca_trains_the_generation_path_on_image_loss_only(files):
 def test_unicot_lora_trains_adapters_only_and_merges(files):
     d, sources, initial = files
     out = d / "unicot"
-    rows = run_recipe("unicot", out, d / "base", "--max_steps=3", f"--sources={sources['unicot']!r}", "--lora_rank=4",
-                      "--lora_alpha=8", "--lr=1e-2")
+    lora = [f"--sources={sources['unicot']!r}", "--lora_rank=4", "--lora_alpha=8", "--lr=1e-2"]
+    rows = run_recipe("unicot", out, d / "base", "--max_steps=3", *lora)
     assert all(r["n_ce"] == 0 and r["n_mse"] > 0 for r in rows)
     targets = train.load_config([str(ROOT / "configs/unicot.py")])["lora_targets"]
     merged = load_file(str(out / "export/model.safetensors"))
@@ -340,6 +340,11 @@ def test_unicot_lora_trains_adapters_only_and_merges(files):
     assert want.numel() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert (want - before).abs().max() > 100 * (got - want).abs().max()  # the adapters matter
+    # the adapters are in the sharded checkpoints: stopped after 2 steps and resumed, the run ends the same
+    run_recipe("unicot", d / "unicot_resumed", d / "base", "--max_steps=2", "--save_steps=2", *lora)
+    run_recipe("unicot", d / "unicot_resumed", d / "base", "--max_steps=3", "--save_steps=2", *lora)
+    resumed = load_file(str(d / "unicot_resumed/export/lora.safetensors"))
+    assert all(torch.equal(resumed[k], adapters[k]) for k in adapters)
 
 
 @pytest.mark.parametrize("recipe, want", [
