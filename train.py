@@ -395,9 +395,13 @@ def build(cfg):
     param_names = [n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
         f"trainable), world {world}, device {device}, compute {dtype}")
-    groups = {g: any(trains[n] for n in names if fnmatch(n.replace("_checkpoint_wrapped_module.", ""), pat))
+    groups = {g: any(trains[n] for n in names
+                     if ".lora_" not in n and fnmatch(n.replace("_checkpoint_wrapped_module.", ""), pat))
               for g, pat in [("und", "layers.*.und.*"), ("gen", "layers.*.gen.*"), ("vit", "vit.*"),
                              ("connector", "connector.*"), ("lm_head", "lm_head.*"), ("latent", "vae2llm.*")]}
+    # LoRA: the base weights take no weight gradient, but gradient flows through them (the adapters' own small
+    # matmuls are not counted: MFU errs low)
+    groups["lora"] = any(trains[n] for n in names if ".lora_" in n)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
                             weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg["ema"] else {}
