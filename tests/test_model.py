@@ -208,3 +208,23 @@ def test_convert_errors_name_the_problem(tmp_path, golden):
     with pytest.raises(convert.CheckpointError, match="not a folder"):
         load_tiny(tmp_path / "nowhere")
 
+
+
+def test_nsa_backend_starts_as_dense_attention_and_trains(golden):
+    """attn_backend="nsa" (one NSA module per layer, shared by both experts: its compressed blocks and windows
+    pool keys of both experts' tokens). At init it is dense attention exactly on samples that the window and the
+    top-k blocks cover (the fixture's samples are that short), and its parameters get gradients."""
+    bagel, *_ = golden
+    pack = mm_pack(golden)
+    longest = max(pack.sample_lens)
+    nsa = dict(block_size=16, kernel_size=16, kernel_stride=8, topk=4, init_blocks=1, local_blocks=2,
+               window_size=longest)
+    sparse, _, _ = load_tiny(attn_backend="nsa", nsa=nsa)
+    with torch.no_grad():
+        dense = bagel(pack, inspect=True)
+    out = sparse(pack, inspect=True)
+    torch.testing.assert_close(out["hidden"], dense["hidden"], **ACT)
+    torch.testing.assert_close(out["ce"], dense["ce"], **LOSS)
+    (out["ce"].sum() + out["mse"].sum()).backward()
+    for layer in sparse.layers:
+        assert layer.nsa.gate.weight.grad.abs().sum() > 0

@@ -158,3 +158,13 @@ def test_tiny_config_learns(tmp_path):
     assert last["loss"] < 0.5 * first["loss"], (first, last)
     assert last["ce"] < 0.5 * first["ce"] and last["mse"] < first["mse"]
     assert (tmp_path / "export/ema.safetensors").exists() and (tmp_path / "export/tokenizer.json").exists()
+
+
+def test_training_runs_with_nsa_attention(tmp_path):
+    """attn_backend="nsa" end to end through FSDP2, checkpoint and export (CPU: NSA's torch reference)."""
+    nsa = "{'block_size':16,'kernel_size':16,'kernel_stride':8,'topk':2,'init_blocks':1,'local_blocks':1,'window_size':8}"
+    run(tmp_path, "--max_steps=3", "--save_steps=3", f"--model_args={{'vocab_size':512,'attn_backend':'nsa','nsa':{nsa}}}")
+    rows = curve(tmp_path)
+    assert all(r["loss"] == r["loss"] and r["skipped"] == 0 for r in rows.values())
+    exported = load_file(str(tmp_path / "export/model.safetensors"))
+    assert "layers.0.nsa.gate.weight" in exported and exported["layers.0.nsa.gate.weight"].abs().sum() > 0
