@@ -314,13 +314,13 @@ def build(cfg):
     torch.manual_seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
 
-    # --- model config and tokenizer. Initial weights are made on rank 0 only (read from init_from, or a fresh
-    # seeded init), so they are the same whatever the world size; the other ranks receive their shards. ---
-    # (On GPUs a fresh init runs sharded instead: DTensor's random ops give each shard its part of one draw.)
-    initial = [None, None, None]  # rank 0: (model, vae, config)
+    # --- model config and tokenizer. Initial weights: from init_from, every rank reads only its own shards from
+    # the memory-mapped files (convert.load_into_sharded); a fresh init on GPUs runs sharded (DTensor's random
+    # ops); a fresh init on CPUs is made on rank 0 and broadcast, so it is the same whatever the world size. ---
+    initial = [None, None, None]  # rank 0, fresh CPU init: (model, vae, config)
     fresh_on_device = not cfg["init_from"] and device.type == "cuda"
-    if master and cfg["init_from"]:
-        initial = list(convert.load_checkpoint(cfg["init_from"], ema=cfg["init_weights"] == "ema"))
+    if cfg["init_from"]:
+        initial[2] = convert.checkpoint_config(cfg["init_from"])
     elif master:
         base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[cfg["model"]]()
         initial[2] = M.BagelConfig(**{**asdict(base), **cfg["model_args"]})
@@ -364,12 +364,16 @@ def build(cfg):
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
     model.to_empty(device=device)
-    if fresh_on_device:
+    vae = M.build_vae(model_cfg).to(device)
+    if fresh_on_device or cfg["init_from"]:
         torch.manual_seed(cfg["seed"])  # the same on every rank
         model.init_weights()
         for m in model.modules():
             if isinstance(m, M.LoRALinear):
                 m.reset_lora()
+        if cfg["init_from"]:  # parameters no checkpoint holds (NSA, LoRA) keep their fresh init
+            fresh = convert.load_into_sharded(model, cfg["init_from"], ema=cfg["init_weights"] == "ema", vae=vae)
+            log(f"loaded {cfg['init_from']} ({cfg['init_weights']} weights); freshly initialised: {len(fresh)}")
     else:
         model.init_buffers()
         if master and cfg["lora_targets"]:  # the initial adapters, seeded
@@ -379,10 +383,10 @@ def build(cfg):
         full = initial[0].state_dict() if master else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
-    vae = M.build_vae(model_cfg).to(device)
-    vae_state = [initial[1].state_dict() if master else None]
-    dist.broadcast_object_list(vae_state, src=0)
-    vae.load_state_dict(vae_state[0])
+    if not cfg["init_from"]:
+        vae_state = [initial[1].state_dict() if master else None]
+        dist.broadcast_object_list(vae_state, src=0)
+        vae.load_state_dict(vae_state[0])
     vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, used under no_grad
     del initial
 
