@@ -124,6 +124,7 @@ def test_config_file_overrides_and_type_checks(tmp_path):
 def test_flop_count_matches_torch_flop_counter():
     """Our formula against torch.utils.flop_counter on a real forward + backward. The counter sees the exact SDPA
     as dense L x L (and the ViT as all patches x all patches); we count visible pairs: both are computed here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     tok = data.tiny_tokenizer()
     cfg = M.bagel_tiny(vocab_size=512)
@@ -132,7 +133,8 @@ def test_flop_count_matches_torch_flop_counter():
     bagel.init_weights()
     pack = data.pack_samples(synthetic_samples(3, 512) + synthetic_samples(4, 512), tok.special)
     pack = train.encode_images(vae, pack, torch.float32)
-    with FlopCounterMode(display=False) as counter:
+    # the math SDPA backend runs attention as matmuls, which the counter counts (as dense L x L)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         out = bagel(pack)
         (out["ce"].sum() + out["mse"].sum()).backward()
     counted = counter.get_total_flops()
