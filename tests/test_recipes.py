@@ -195,10 +195,10 @@ def test_lora_forward_and_merge_against_float64():
 # Each recipe end to end
 
 def run_recipe(config, out_dir, init_from, *args):
+    """python train.py configs/<config>.py, shrunk by TINY and args; init_from None: a fresh init. -> metrics rows"""
     init = [f"--init_from={init_from}"] if init_from else []
-    proc = subprocess.run([sys.executable, "train.py", f"configs/{config}.py", *TINY, *init, f"--out_dir={out_dir}",
-                           *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+    cmd = [sys.executable, "train.py", f"configs/{config}.py", *TINY, *init, f"--out_dir={out_dir}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
