@@ -502,7 +502,8 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 #             "think" turns: left out with probability think_drop, else learned (CE)
 #   irg       IRG parquet: {"conversation": JSON [{"role", "content"}]}, per-part need_loss / need_vae / need_vit
 #   unicot    UniCoT MDP parquet: {"prompt", "think", "image"} or {"prompt", "think", "source_image",
-#             "edit_instruction", "target_image"}, optional "system_prompt"; think left out with probability think_drop
+#             "edit_instruction", "target_image"}, optional "system_prompt"; think left out with probability think_drop;
+#             or decomposition rows {"task_type": "step-1".."step-4", "instruction_list", "image_list"}
 #   reca      recA: {"image"} alone (captions ignored): reconstruction from its ViT view and a describe-prompt
 #   shapes    the built-in dataset (section 6), no files
 
@@ -517,7 +518,8 @@ SIZES = {  # official data config (data/configs/example.yaml): VAE (min, max) si
     "reca": ((512, 1024), (224, 224), 14 * 14 * 9 * 1024),     # recA's bottleneck: the smallest ViT view
 }
 COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["image_list", "instruction_list"],
-           "vlm": ["conversations"], "irg": ["conversation"], "unicot": ["prompt"], "reca": ["image"]}
+           "vlm": ["conversations"], "irg": ["conversation"], "reca": ["image"],
+           "unicot": []}  # two row shapes: checked per row
 
 # recA's prompts: the ViT view of an image is the condition; the prompt only says what to do with it
 RECON_PROMPTS = [
@@ -799,7 +801,19 @@ class Source:
 
     def read_unicot(self, r, gen):
         """UniCoT MDP rows, no text loss: [system_prompt] prompt [think] -> the generated image (T2I), or
-        -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step)."""
+        -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step).
+        Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and step-4 add image_list[1]
+        (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then image_list[-1] is generated."""
+        if r.get("task_type") is not None:
+            images, texts, task = r["image_list"], r["instruction_list"], r["task_type"]
+            if task not in ("step-1", "step-2", "step-3", "step-4"):
+                raise BadSample("malformed_row", f"unknown task_type {task!r}")
+            parts = [("user", "text", texts[0]), ("user", "image", images[0])]
+            if task in ("step-2", "step-4"):
+                parts.append(("user", "image", images[1]))
+            if task in ("step-3", "step-4"):
+                parts.append(("assistant", "text", texts[-1]))
+            return parts + [("assistant", "image", images[-1])]
         parts = [("system", "text", r["system_prompt"])] if r.get("system_prompt") else []
         parts.append(("user", "text", r["prompt"]))
         if r.get("think") and torch.rand((), generator=gen).item() >= self.think_drop:

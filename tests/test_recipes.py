@@ -158,6 +158,25 @@ def test_unicot_rows_and_think_drop(tmp_path):
     assert [words(it["ids"]) for it in build(vlm(1.0), 0) if it["type"] == "text"] == ["w1", "w9"]
 
 
+def test_unicot_decomposition_rows(tmp_path):
+    images = [noise_png(k) for k in range(3)]
+    rows = [{"task_type": task, "instruction_list": ["w1 w2", "w3", "w4"], "image_list": images}
+            for task in ("step-1", "step-2", "step-3", "step-4", "step-5")]
+    src = data.Source(write_parquet(tmp_path / "g.parquet", rows), format="unicot", **SMALL)
+    text, cond, target = ("text", False, False), [("vae_image", False, False), ("vit_image", False, False)], \
+        ("vae_image", True, False)
+    learned = ("text", True, False)
+    assert layout(build(src, 0)) == [text] + cond + [target]
+    assert layout(build(src, 1)) == [text] + cond + cond + [target]
+    assert layout(build(src, 2)) == [text] + cond + [learned, target]
+    items = build(src, 3)
+    assert layout(items) == [text] + cond + cond + [learned, target]
+    assert [words(it["ids"]) for it in items if it["type"] == "text"] == ["w1 w2", "w4"]
+    assert torch.equal(items[-1]["pixels"], build(src, 0)[-1]["pixels"])  # the last image of the list
+    with pytest.raises(data.BadSample, match="task_type"):
+        build(src, 4)
+
+
 # ----------------------------------------------------------------------------------------------
 # LoRA
 
