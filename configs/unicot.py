@@ -4,7 +4,8 @@
 #   torchrun --nproc_per_node=8 train.py configs/unicot.py
 # Data: UniCoT MDP parquet, no text loss: [system_prompt] prompt think -> image (initial visual state), or
 # prompt think -> source_image (clean VAE + ViT) edit_instruction -> target_image (self-reflection step); think is
-# left out with probability think_drop. Edit the paths below.
+# left out with probability think_drop. Decomposition rows (task_type, instruction_list, image_list: the
+# Breakdown data) are read by the same format. Edit the paths below.
 model = "7b"
 init_from = "/path/to/BAGEL-7B-MoT"
 init_weights = "ema"
