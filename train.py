@@ -71,6 +71,7 @@ DEFAULTS = dict(
     peak_tflops=0.0,              # per device, for MFU; 0 = look it up (0 on CPU: no MFU)
     # output
     out_dir="out/run", log_every=10, save_steps=500, keep_checkpoints=3,
+    wandb_project="",             # also log to wandb (must be installed; not a dependency) when set
     export_dtype="fp32",          # final consolidated safetensors: "fp32" | "bf16"
     save_ema_as_default=True,     # export/ has ema.safetensors, which sample.py and --init_from prefer; False: export/
                                   # holds the raw weights alone, the EMA goes to export_ema/ (recA wants the raw ones)
@@ -510,6 +511,10 @@ def main(argv):
         log(f"resumed from {resume} at step {step}")
 
     metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") if master else None
+    wandb = None
+    if cfg["wandb_project"] and master:
+        import wandb  # optional: asked for, so a missing install is an error
+        wandb.init(project=cfg["wandb_project"], config=cfg, dir=cfg["out_dir"], resume="allow")
     peak = peak_flops(device, cfg["peak_tflops"])
     window_time, window_tokens, window_flops = 0.0, 0, 0
     while step < cfg["max_steps"]:
@@ -544,9 +549,12 @@ def main(argv):
                 f"fill {loader.stats['fill']:.1%} | skipped {skipped}")
             if master:
                 keep = ("loss", "ce", "mse", "grad_norm", "n_ce", "n_mse")
-                metrics.write(json.dumps(dict(step=step, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem,
-                                              skipped=skipped, **{k: r[k] for k in keep})) + "\n")
+                row = dict(step=step, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, skipped=skipped,
+                           **{k: r[k] for k in keep})
+                metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                if wandb:
+                    wandb.log(row, step=step)
             window_time, window_tokens, window_flops = 0.0, 0, 0
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and cfg["sample_prompts"]:
             write_samples(run, step)
