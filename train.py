@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -125,7 +126,7 @@ def set_key(cfg, key, value, where):
 def setup_distributed(device_kind):
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -137,6 +138,12 @@ def setup_distributed(device_kind):
         dist.init_process_group("gloo")
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     return rank, world, device, mesh
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_sum(values, device):

@@ -24,7 +24,7 @@ COMMON = ["--log_every=1", "--warmup_steps=2", "--ema=0.9", "--model_args={'voca
 
 def run(out_dir, *args, nproc=1, env=None, check=True):
     cmd = [sys.executable, HARNESS] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), HARNESS]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), HARNESS]
     proc = subprocess.run(cmd + COMMON + [f"--out_dir={out_dir}", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
     if check and proc.returncode != 0:
