@@ -86,6 +86,8 @@ def load_config(argv):
     args = list(argv)
     if args and not args[0].startswith("--"):
         path = args.pop(0)
+        if not os.path.isfile(path):
+            raise SystemExit(f"no config file {path!r} (usage: train.py CONFIG.py [--key=value ...])")
         scope = {}
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), scope)

@@ -116,6 +116,8 @@ def test_config_file_overrides_and_type_checks(tmp_path):
         train.load_config(["--lrr=1"])
     with pytest.raises(SystemExit, match="max_steps must be int"):
         train.load_config(["--max_steps=1.5"])
+    with pytest.raises(SystemExit, match="no config file"):
+        train.load_config([str(tmp_path / "missing.py")])
     path.write_text("max_stepz = 3\n")
     with pytest.raises(SystemExit, match="unknown config key"):
         train.load_config([str(path)])
