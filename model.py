@@ -563,6 +563,16 @@ def cross_entropy(h, lm_head, labels, chunk=4096):
                       for hc, lc in zip(h.split(chunk), labels.split(chunk))])
 
 
+def expert_order(is_gen):
+    """MoT routing, once per sequence: rows sorted understanding tokens first, then generation (latent) tokens,
+    each in sequence order. Returns (order, where): order[row] = token, where[token] = row. A stable sort, not
+    nonzero(): no device sync."""
+    order = torch.argsort(is_gen.to(torch.int8), stable=True)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel(), device=order.device)
+    return order, where
+
+
 class Context:
     """What every decoder layer needs about the pack: rotary tables and the attention function."""
     def __init__(self, rope, attend, nsa=None):
@@ -614,6 +624,11 @@ class Bagel(nn.Module):
         self.vit_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.vit_max_patches_per_side))
         self.latent_pos_table.copy_(sincos_2d(self.cfg.hidden_size, self.cfg.max_latent_size))
 
+    def final_norm(self, x, n):
+        """Each expert's final RMSNorm on its rows (the first n are understanding tokens)."""
+        h_und = self.norm_und(x[:n])
+        return torch.cat([h_und.detach() if self.cfg.freeze_und else h_und, self.norm_gen(x[n:])])
+
     def embed(self, pack, timestep_shift, run_vit=None):
         """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token.
         run_vit: run the ViT (default: when the pack has ViT images). Under FSDP every rank must make the same
@@ -647,13 +662,10 @@ class Bagel(nn.Module):
         cfg = self.cfg
         x, aux = self.embed(pack, timestep_shift, run_vit)
         L = pack.num_tokens
-        # MoT routing, once per pack: und tokens first, then the latent (gen) tokens, each in pack order.
         is_gen = torch.zeros(L, dtype=torch.bool, device=x.device)
         is_gen[pack.vae_indexes] = True
-        order = torch.argsort(is_gen.to(torch.int8), stable=True)  # a sort, not nonzero(): no device sync
+        order, where = expert_order(is_gen)
         n = L - pack.vae_indexes.numel()
-        where = torch.empty_like(order)
-        where[order] = torch.arange(L, device=order.device)  # where[i]: row of pack position i
         layout = span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device=x.device)
         positions = pack.position_ids[order]
         rope = Rotary(cfg.head_dim, cfg.rope_theta, positions, x.dtype)
@@ -671,8 +683,7 @@ class Bagel(nn.Module):
             x = layer(x, n, ctx)
             if inspect:
                 layer_outs.append(x[where])
-        h_und = self.norm_und(x[:n])
-        h = torch.cat([h_und.detach() if cfg.freeze_und else h_und, self.norm_gen(x[n:])])
+        h = self.final_norm(x, n)
         ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head, pack.ce_labels)
         pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
         noised = torch.searchsorted(pack.vae_indexes, pack.mse_indexes)  # MSE tokens among the latent tokens

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from model import Context, Rotary, dense_mask, sdpa, span_layout, unpatchify
+from model import Context, Rotary, dense_mask, expert_order, sdpa, span_layout, unpatchify
 
 # Official inference settings (app.py / inference.ipynb). Editing also guides with the source image.
 T2I = dict(num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
@@ -55,7 +55,7 @@ def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
     cfg = model.cfg
     if cfg.attn_backend == "nsa":
         raise NotImplementedError("sampling a model trained with NSA attention needs an NSA KV cache; not written")
-    order = torch.cat([(~is_gen).nonzero()[:, 0], is_gen.nonzero()[:, 0]])  # DecoderLayer: und tokens first
+    order, where = expert_order(is_gen)
     n_und = int((~is_gen).sum())
     if mask is not None:  # cached tokens are all visible
         mask = mask[order][:, order]
@@ -70,8 +70,7 @@ def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
                 cache.k[i], cache.v[i] = k, v
             return sdpa(q, k, v, mask)
         x = layer(x, n_und, Context(rope, attend))
-    h = torch.cat([model.norm_und(x[:n_und]), model.norm_gen(x[n_und:])])
-    return h[torch.argsort(order)]
+    return model.final_norm(x, n_und)[where]
 
 
 def prefill(model, cache, items, special):
