@@ -228,3 +228,19 @@ def test_nsa_backend_starts_as_dense_attention_and_trains(golden):
     (out["ce"].sum() + out["mse"].sum()).backward()
     for layer in sparse.layers:
         assert layer.nsa.gate.weight.grad.abs().sum() > 0
+
+
+def test_flex_backend_forward_matches_sdpa(golden):
+    """The GPU path's block mask (flex_attention; padded with a causal sample of its own) gives the exact mask's
+    result. Forward only: flex has no backward on CPU (tests/test_gpu.py checks gradients on a GPU)."""
+    bagel, _, _, _, _, _, packs = golden
+    try:
+        for pack in packs.values():
+            with torch.no_grad():
+                bagel.cfg.attn_backend = "sdpa"
+                ref = bagel(pack, inspect=True)
+                bagel.cfg.attn_backend = "flex"
+                out = bagel(pack, inspect=True)
+            torch.testing.assert_close(out["hidden"], ref["hidden"], **ACT)
+    finally:
+        bagel.cfg.attn_backend = "sdpa"
