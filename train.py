@@ -54,6 +54,7 @@ DEFAULTS = dict(
     lr=1e-4, min_lr=1e-7, warmup_steps=100, lr_schedule="constant",  # "constant" | "cosine"
     beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0,
     ce_weight=1.0, mse_weight=1.0, timestep_shift=1.0,
+    ce_loss_reweighting=False,    # official option: CE tokens weighted 1/sqrt(len) of their text (pack.ce_weights)
     max_bad_steps=5,              # non-finite loss or gradient: skip; this many in a row stops the run
     ema=0.9999,                   # EMA decay; 0 turns the EMA off
     # what trains
@@ -444,7 +445,9 @@ def train_step(run, packs, lr, step=0):
     for g in run.opt.param_groups:
         g["lr"] = lr
     # one collective: global CE and MSE token counts, and which micro-steps have ViT images on any rank
-    counts = all_sum([sum(p.ce_indexes.numel() for p in packs), sum(p.mse_indexes.numel() for p in packs)] +
+    reweight = cfg["ce_loss_reweighting"]
+    ce_count = (lambda p: float(p.ce_weights.sum())) if reweight else (lambda p: p.ce_indexes.numel())
+    counts = all_sum([sum(ce_count(p) for p in packs), sum(p.mse_indexes.numel() for p in packs)] +
                      [len(p.vit_lens) for p in packs], run.device)
     n_ce, n_mse, vit_images = counts[0], counts[1], counts[2:]
     ce_sum = mse_sum = torch.zeros((), device=run.device)
@@ -453,12 +456,13 @@ def train_step(run, packs, lr, step=0):
         pack = encode_images(run.vae, pack.to(run.device), run.dtype)
         out = model(pack, timestep_shift=cfg["timestep_shift"], run_vit=images > 0)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
-        ce = out["ce"].sum() * world / max(n_ce, 1)
-        mse = out["mse"].sum() * world / max(n_mse, 1)
+        ce_tokens = out["ce"] * pack.ce_weights if reweight else out["ce"]
+        ce = ce_tokens.sum() * world / (n_ce or 1)
+        mse = out["mse"].sum() * world / (n_mse or 1)
         objective = sum(w * term for w, term in ((ce_w, ce), (mse_w, mse)) if w)  # a loss switched off: no gradient
         if torch.is_tensor(objective):
             objective.backward()
-        ce_sum, mse_sum = ce_sum + out["ce"].detach().sum(), mse_sum + out["mse"].detach().sum()
+        ce_sum, mse_sum = ce_sum + ce_tokens.detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
         flops += pack_flops(pack, run.model_cfg, run.groups)
     stopped = [any(fnmatch(name, pat) for pat in frozen) for name in run.param_names]
@@ -470,7 +474,7 @@ def train_step(run, packs, lr, step=0):
     sums = torch.stack([ce_sum, mse_sum]).double()
     dist.all_reduce(sums)
     ce_tot, mse_tot, grad_norm = torch.cat([sums, grad_norm.double()[None]]).tolist()  # the step's one sync
-    ce_mean, mse_mean = ce_tot / max(n_ce, 1), mse_tot / max(n_mse, 1)
+    ce_mean, mse_mean = ce_tot / (n_ce or 1), mse_tot / (n_mse or 1)
     loss = ce_w * ce_mean + mse_w * mse_mean
     ok = math.isfinite(loss) and math.isfinite(grad_norm)
     if ok:
@@ -573,6 +577,7 @@ def main(argv):
             save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, cfg, run.rank, world,
                             cfg["keep_checkpoints"])
     export(run)
+    dist.barrier()  # rank 0 may still be writing: tear the group down together (gloo aborts otherwise)
     dist.destroy_process_group()
 
 

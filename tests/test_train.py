@@ -64,6 +64,21 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
+def test_ce_loss_reweighting_is_global_too(tmp_path):
+    """The official 1/sqrt(len) CE weighting: normalised by the global weight sum, so world sizes still agree;
+    and the logged CE is the weighted mean, not the plain one."""
+    run(tmp_path / "one", "--grad_accum=2", "--max_steps=2", "--ce_loss_reweighting=True")
+    run(tmp_path / "two", "--grad_accum=1", "--max_steps=2", "--ce_loss_reweighting=True", nproc=2)
+    run(tmp_path / "plain", "--grad_accum=2", "--max_steps=1")
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert_same_curve(one, two, [1, 2], exact=False)
+    special = data.tiny_tokenizer().special  # step 1 sees the harness's packs 0 and 1
+    packs = [data.pack_samples(synthetic_samples(g, 512), special) for g in (0, 1)]
+    assert one[1]["n_ce"] == pytest.approx(sum(float(p.ce_weights.sum()) for p in packs))
+    assert curve(tmp_path / "plain")[1]["n_ce"] == sum(p.ce_indexes.numel() for p in packs)
+    assert one[1]["mse"] == curve(tmp_path / "plain")[1]["mse"]
+
+
 def test_sigkill_and_crash_in_save_resume_the_same_curve(tmp_path):
     ref = tmp_path / "ref"
     run(ref, "--max_steps=6", "--save_steps=2")
