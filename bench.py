@@ -78,7 +78,7 @@ def main(argv):
             f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt * 1000:.0f} ms "
             f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {flops / dt / run.world / peak if peak else 0:.3f} | "
-            f"peak mem {mem:.1f} GiB")
+            f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
     torch.distributed.destroy_process_group()
 
 
