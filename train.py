@@ -89,7 +89,7 @@ def load_config(argv):
         path = args.pop(0)
         if not os.path.isfile(path):
             raise SystemExit(f"no config file {path!r} (usage: train.py CONFIG.py [--key=value ...])")
-        scope = {}
+        scope = {"__file__": path}  # a config may build on another one next to it
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), scope)
         for key, value in scope.items():
