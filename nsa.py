@@ -409,13 +409,10 @@ def _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
-             sqn, sqh, skn, skh, svn, svh,
-             K_SLOTS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-             BS: tl.constexpr):
-    # one program per work item (kv head, block's first token, block end, list offset, list length): load the
-    # block once, stream the (query, head) rows that chose it, softmax within the block, write per-slot
-    # partials o_s [L, H, K_SLOTS, D] and lse_s [L, H, K_SLOTS]; _slc_combine merges a row's slots.
+def _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+               BS: tl.constexpr):
+    """A selected-attention work item (kv head, block's first token, block end, list offset, list length): its
+    KV block loaded once, with the token and dim masks and the keys' noise markers."""
     wid = tl.program_id(0).to(tl.int64) * 5
     kh = tl.load(WORK + wid)
     tok0 = tl.load(WORK + wid + 1)
@@ -429,6 +426,18 @@ def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
     k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
     v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
     kn = tl.load(KNOISE + rk, mask=km, other=-1)
+    return kh, E, n_rows, rk, km, rd, dm, k, v, kn
+
+
+@triton.jit
+def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
+             sqn, sqh, skn, skh, svn, svh,
+             K_SLOTS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+             BS: tl.constexpr):
+    # one program per work item (kv head, block's first token, block end, list offset, list length): load the
+    # block once, stream the (query, head) rows that chose it, softmax within the block, write per-slot
+    # partials o_s [L, H, K_SLOTS, D] and lse_s [L, H, K_SLOTS]; _slc_combine merges a row's slots.
+    kh, E, n_rows, rk, km, rd, dm, k, v, kn = _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G, D, BD, BS)
     for r0 in range(0, n_rows, BM):
         rm, i, slot, g, hi, nlo = _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS, G, BM)
         h = kh * G + g
@@ -454,19 +463,7 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
              BS: tl.constexpr):
     # same walk as _slc_fwd: dk/dv accumulate per block (fp32 atomics: a block's list may span work items),
     # dq per (row, slot) partial, summed by _slc_combine.
-    wid = tl.program_id(0).to(tl.int64) * 5
-    kh = tl.load(WORK + wid)
-    tok0 = tl.load(WORK + wid + 1)
-    tok1 = tl.load(WORK + wid + 2)
-    E = tl.load(WORK + wid + 3)
-    n_rows = tl.load(WORK + wid + 4) * G
-    rk = tok0 + tl.arange(0, BS)
-    km = rk < tok1
-    rd = tl.arange(0, BD)
-    dm = rd < D
-    k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    kn = tl.load(KNOISE + rk, mask=km, other=-1)
+    kh, E, n_rows, rk, km, rd, dm, k, v, kn = _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G, D, BD, BS)
     dk = tl.zeros([BS, BD], tl.float32)
     dv = tl.zeros([BS, BD], tl.float32)
     for r0 in range(0, n_rows, BM):
