@@ -220,33 +220,65 @@ def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
 # (the first noise token a key covers, BIG if none): key c is visible iff klo <= c < khi and noise[c] >= nlo.
 
 @triton.jit
-def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale,
-              sqn, sqh, skn, skh, svn, svh, son, soh,
-              G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    pid, h = tl.program_id(0), tl.program_id(1)
-    kh = h // G
-    rq = pid * BQ + tl.arange(0, BQ)
+def _band_rows(KLO, KHI, NLO, rq, N, NK):
+    """Per-row key ranges of a query tile, and what a key tile needs to skip masking: it is fully visible to every
+    row iff every row has keys, the tile lies in [max klo, min khi) and none of its keys is noise below max nlo."""
     qm = rq < N
-    rd = tl.arange(0, BD)
-    dm = rd < D
     klo = tl.load(KLO + rq, mask=qm, other=0)
     khi = tl.load(KHI + rq, mask=qm, other=0)
     nlo = tl.load(NLO + rq, mask=qm, other=0)
     live = khi > klo
-    k_start = tl.min(tl.where(live, klo, NK))
-    k_end = tl.max(tl.where(live, khi, 0))
-    q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+    all_live = tl.min(tl.where(qm & live, 1, 0)) > 0
+    return (qm, klo, khi, nlo, tl.min(tl.where(live, klo, NK)), tl.max(tl.where(live, khi, 0)), all_live,
+            tl.max(tl.where(qm, klo, 0)), tl.min(tl.where(qm, khi, NK)), tl.max(tl.where(qm, nlo, 0)))
+
+
+@triton.jit
+def _source(X, n_rows, sxn, BR: tl.constexpr, BD: tl.constexpr, TMA: tl.constexpr):
+    """What _tile reads from: a Hopper bulk-copy (TMA) descriptor for [BR, BD] tiles of a row-major [n_rows, sxn]
+    tensor, or the plain pointer."""
+    if TMA:
+        return tl.make_tensor_descriptor(X, shape=[n_rows, sxn], strides=[sxn, 1], block_shape=[BR, BD])
+    else:
+        return X
+
+
+@triton.jit
+def _tile(X, row0, n_rows, col0, sxn, BR: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, TMA: tl.constexpr):
+    """Rows [row0, row0 + BR) x columns [col0, col0 + D) of X (a _source); zeros past the last row."""
+    if TMA:
+        return X.load([row0, col0])
+    else:
+        r = tl.arange(0, BR)
+        rd = tl.arange(0, BD)
+        ptr = X + tl.cast(row0, tl.int64) * sxn + col0 + (r[:, None] * sxn + rd[None, :])
+        return tl.load(ptr, mask=((row0 + r) < n_rows)[:, None] & (rd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
+              G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+              TMA: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    kh = h // G
+    q0 = pid * BQ
+    rq = q0 + tl.arange(0, BQ)
+    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
+    K = _source(K, NK, skn, BK, BD, TMA)
+    V = _source(V, NK, skn, BK, BD, TMA)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, BD], tl.float32)
     for start in range(k_start, k_end, BK):
         rk = start + tl.arange(0, BK)
-        km = rk < k_end
-        k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        kn = tl.load(KNOISE + rk, mask=km, other=-1)
-        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-        s = tl.where(vis, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        k = _tile(K, start, NK, kh * D, skn, BK, D, BD, TMA)
+        v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
+        kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if (all_live == 0) | (start < lo_max) | (start + BK > hi_min) | (tl.min(kn) < nlo_max):
+            vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
@@ -256,83 +288,85 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale,
         m_i = m_new
     ok = l_i > 0
     o = acc / tl.where(ok, l_i, 1.0)[:, None]
-    tl.store(O + rq.to(tl.int64)[:, None] * son + h * soh + rd[None, :], o.to(O.dtype.element_ty), mask=qm[:, None] & dm[None, :])
+    rd = tl.arange(0, BD)
+    tl.store(O + rq.to(tl.int64)[:, None] * sqn + h * D + rd[None, :], o.to(O.dtype.element_ty),
+             mask=qm[:, None] & (rd < D)[None, :])
     tl.store(LSE + h.to(tl.int64) * N + rq, tl.where(ok, m_i + tl.log2(tl.where(ok, l_i, 1.0)), float("inf")), mask=qm)
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sm_scale,
-                 sqn, sqh, skn, skh, svn, svh,
-                 G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sm_scale, sqn, skn,
+                 G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                 TMA: tl.constexpr):
+    # dq += this branch's part (DQ already holds the other branches')
     pid, h = tl.program_id(0), tl.program_id(1)
     kh = h // G
-    rq = pid * BQ + tl.arange(0, BQ)
-    qm = rq < N
-    rd = tl.arange(0, BD)
-    dm = rd < D
-    klo = tl.load(KLO + rq, mask=qm, other=0)
-    khi = tl.load(KHI + rq, mask=qm, other=0)
-    nlo = tl.load(NLO + rq, mask=qm, other=0)
-    live = khi > klo
-    k_start = tl.min(tl.where(live, klo, NK))
-    k_end = tl.max(tl.where(live, khi, 0))
-    qo = rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :]
-    q = tl.load(Q + qo, mask=qm[:, None] & dm[None, :], other=0.0)
-    do = tl.load(DO + qo, mask=qm[:, None] & dm[None, :], other=0.0)
+    q0 = pid * BQ
+    rq = q0 + tl.arange(0, BQ)
+    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
+    do = _tile(_source(DO, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
+    K = _source(K, NK, skn, BK, BD, TMA)
+    V = _source(V, NK, skn, BK, BD, TMA)
     lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
     delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
     dq = tl.zeros([BQ, BD], tl.float32)
     for start in range(k_start, k_end, BK):
         rk = start + tl.arange(0, BK)
-        km = rk < k_end
-        k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        kn = tl.load(KNOISE + rk, mask=km, other=-1)
-        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-        p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        k = _tile(K, start, NK, kh * D, skn, BK, D, BD, TMA)
+        v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
+        kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if (all_live == 0) | (start < lo_max) | (start + BK > hi_min) | (tl.min(kn) < nlo_max):
+            vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+            p = tl.where(vis, p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + qo, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qm[:, None] & dm[None, :])
+    rd = tl.arange(0, BD)
+    dq_ptr = DQ + rq.to(tl.int64)[:, None] * sqn + h * D + rd[None, :]
+    dq_mask = qm[:, None] & (rd < D)[None, :]
+    dq = dq * sm_scale + tl.load(dq_ptr, mask=dq_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_mask)
 
 
 @triton.jit
 def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, N, NK, qk_scale, sm_scale,
-                   sqn, sqh, skn, skh, svn, svh, sdkn, sdkh,
-                   G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                   QC: tl.constexpr):
-    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics
+                   sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                   BK: tl.constexpr, QC: tl.constexpr, TMA: tl.constexpr):
+    # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics. Works on
+    # transposed scores [BK, BQ], as dk and dv want them.
     kt, kh, ch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(QT_LO + kt) + ch * QC
     t1 = tl.minimum(tl.load(QT_HI + kt), t0 + QC)
-    rk = kt * BK + tl.arange(0, BK)
-    km = rk < NK
-    rd = tl.arange(0, BD)
-    dm = rd < D
-    k = tl.load(K + rk.to(tl.int64)[:, None] * skn + kh * skh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    v = tl.load(V + rk.to(tl.int64)[:, None] * svn + kh * svh + rd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    kn = tl.load(KNOISE + rk, mask=km, other=-1)
+    k0 = kt * BK
+    rk = k0 + tl.arange(0, BK)
+    k = _tile(_source(K, NK, skn, BK, BD, TMA), k0, NK, kh * D, skn, BK, D, BD, TMA)
+    v = _tile(_source(V, NK, skn, BK, BD, TMA), k0, NK, kh * D, skn, BK, D, BD, TMA)
+    Q = _source(Q, N, sqn, BQ, BD, TMA)
+    DO = _source(DO, N, sqn, BQ, BD, TMA)
+    kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
+    kn_min = tl.min(kn)
     dk = tl.zeros([BK, BD], tl.float32)
     dv = tl.zeros([BK, BD], tl.float32)
-    for t in range(t0, t1):
+    for it in range(0, (t1 - t0) * G):  # one flat loop over (query tile, head): one software pipeline
+        t = t0 + it // G
+        h = kh * G + it % G
         rq = t * BQ + tl.arange(0, BQ)
-        qm = rq < N
-        klo = tl.load(KLO + rq, mask=qm, other=0)
-        khi = tl.load(KHI + rq, mask=qm, other=0)
-        nlo = tl.load(NLO + rq, mask=qm, other=0)
-        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-        for g in range(G):
-            h = kh * G + g
-            qo = rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :]
-            q = tl.load(Q + qo, mask=qm[:, None] & dm[None, :], other=0.0)
-            do = tl.load(DO + qo, mask=qm[:, None] & dm[None, :], other=0.0)
-            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
-            delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
-            p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
-    wm = km[:, None] & dm[None, :] & ((rk * 0 + t1) > t0)[:, None]
+        qm, klo, khi, nlo, _, _, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+        q = _tile(Q, t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
+        do = _tile(DO, t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
+        lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+        delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        if (all_live == 0) | (k0 < lo_max) | (k0 + BK > hi_min) | (kn_min < nlo_max):
+            vis_t = (rk[:, None] >= klo[None, :]) & (rk[:, None] < khi[None, :]) & (kn[:, None] >= nlo[None, :])
+            p_t = tl.where(vis_t, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    rd = tl.arange(0, BD)
+    o = rk.to(tl.int64)[:, None] * skn + kh * D + rd[None, :]
+    wm = (rk < NK)[:, None] & (rd < D)[None, :] & ((rk * 0 + t1) > t0)[:, None]
     tl.atomic_add(DK + o, dk * sm_scale, mask=wm)
     tl.atomic_add(DV + o, dv, mask=wm)
 
@@ -538,6 +572,49 @@ def _topk(S, IDX, ROWS, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr
     tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out), mask=rm[:, None] & (kk[None, :] < K))
 
 
+@triton.jit
+def _gate_fwd(GATE, O1, O2, O3, OUT, NROWS, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    # rows are (query, head): out = g0 * o_cmp + g1 * o_slc + g2 * o_swa with GATE [rows, 3]
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rm = row < NROWS
+    rd = tl.arange(0, BD)
+    m = rm[:, None] & (rd < D)[None, :]
+    off = row[:, None] * D + rd[None, :]
+    g0 = tl.load(GATE + row * 3, mask=rm, other=0.0).to(tl.float32)
+    g1 = tl.load(GATE + row * 3 + 1, mask=rm, other=0.0).to(tl.float32)
+    g2 = tl.load(GATE + row * 3 + 2, mask=rm, other=0.0).to(tl.float32)
+    o = g0[:, None] * tl.load(O1 + off, mask=m, other=0.0).to(tl.float32) + \
+        g1[:, None] * tl.load(O2 + off, mask=m, other=0.0).to(tl.float32) + \
+        g2[:, None] * tl.load(O3 + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + off, o.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gate_branch_bwd(GATE, O, DO, DOB, DG, DELTA, row, rm, m, off, b: tl.constexpr, N, H):
+    # one branch b: its output gradient g_b * do, the gate gradient sum_d o_b do, and the branch's softmax delta
+    # sum_d o_b (g_b do) [H, N], which its backward kernels need
+    g = tl.load(GATE + row * 3 + b, mask=rm, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+    dg = tl.sum(o * do, 1)
+    tl.store(DOB + off, (g[:, None] * do).to(DOB.dtype.element_ty), mask=m)
+    tl.store(DG + row * 3 + b, dg, mask=rm)
+    tl.store(DELTA + (b * H + row % H) * N + row // H, g * dg, mask=rm)
+
+
+@triton.jit
+def _gate_bwd(GATE, O1, O2, O3, DO, DO1, DO2, DO3, DG, DELTA, NROWS, N, H,
+              D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rm = row < NROWS
+    rd = tl.arange(0, BD)
+    m = rm[:, None] & (rd < D)[None, :]
+    off = row[:, None] * D + rd[None, :]
+    _gate_branch_bwd(GATE, O1, DO, DO1, DG, DELTA, row, rm, m, off, 0, N, H)
+    _gate_branch_bwd(GATE, O2, DO, DO2, DG, DELTA, row, rm, m, off, 1, N, H)
+    _gate_branch_bwd(GATE, O3, DO, DO3, DG, DELTA, row, rm, m, off, 2, N, H)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch plumbing
 
@@ -546,16 +623,28 @@ def _interpret():
 
 
 def _tiles(name):
-    """Tile sizes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
-    NSA_TILES='{"name": [...]}' overrides."""
+    """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
+    NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
+    and pass."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if _interpret():
-        return dict(band_fwd=(16, 16, 1), band_dq=(16, 16, 1), band_dkdv=(16, 16, 1), qc=2, score=(16, 1),
-                    slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16)[name]
-    return dict(band_fwd=(64, 64, 4), band_dq=(128, 64, 8), band_dkdv=(64, 64, 4), qc=32, score=(64, 8), slc=(64, 4),
-                slc_bwd=(128, 8), slc_chunk=1024)[name]
+        band = (16, 16, 1, 1, True)
+        return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band, qc=2,
+                    score=(16, 1), slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16, topk=(64, 1))[name]
+    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(128, 64, 8, 2, True), cmp_dkdv=(64, 128, 8, 3, True),
+                swa_fwd=(64, 64, 4, 2, False), swa_dq=(128, 64, 8, 2, True), swa_dkdv=(32, 64, 4, 3, False), qc=32,
+                score=(64, 8), slc=(64, 4), slc_bwd=(128, 8), slc_chunk=1024, topk=(4096, 4))[name]
+
+
+def _use_tma(D, wanted):
+    """Hopper bulk tensor copies for whole-row tiles; device-side descriptors need a scratch allocator."""
+    if not (wanted and D == triton.next_power_of_2(D)):
+        return False
+    triton.set_allocator(lambda size, align, stream: torch.empty(
+        size, dtype=torch.int8, device="cpu" if _interpret() else "cuda"))
+    return True
 
 
 def _i32(t):
@@ -649,62 +738,40 @@ def _key_tile_ranges(klo, khi, nk, BQ, BK):
     return _i32(torch.where(any_, first, 0)), _i32(torch.where(any_, last, 0))
 
 
-class _BandAttention(torch.autograd.Function):
-    """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i (compressed, window)."""
+def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind):
+    """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i -> (o, lse [H, N] log2).
+    kind: "cmp" (compressed keys) or "swa" (sliding window), which pick their own tiles."""
+    N, H, D = q.shape
+    NK, KH, _ = k.shape
+    if NK == 0:  # no sample long enough for one compressed key: every row sees nothing
+        return torch.zeros_like(q), torch.full((H, N), float("inf"), device=q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+    BQ, BK, W, S, tma = _tiles(kind + "_fwd")
+    _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, N, NK, scale * math.log2(math.e),
+                                       q.stride(0), k.stride(0), G=H // KH, D=D, BD=triton.next_power_of_2(D),
+                                       BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
+    return o, lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, klo, khi, nlo, knoise, scale, plan=None):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        N, H, D = q.shape
-        NK, KH, _ = k.shape
-        BD = triton.next_power_of_2(D)
-        if NK == 0:  # no sample long enough for one compressed key: every row sees nothing
-            o, lse = torch.zeros_like(q), torch.full((H, N), float("inf"), device=q.device)
-            ctx.mark_non_differentiable(lse)
-            ctx.empty, ctx.shapes = True, (k.shape, v.shape)
-            return o, lse
-        ctx.empty = False
-        o = torch.empty_like(q)
-        lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
-        BQ, BK, W = _tiles("band_fwd")
-        _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, N, NK, scale * math.log2(math.e),
-                                           *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *o.stride()[:2],
-                                           G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
-        ctx.save_for_backward(q, k, v, o, lse, klo, khi, nlo, knoise)
-        ctx.scale, ctx.plan = scale, plan
-        ctx.mark_non_differentiable(lse)
-        return o, lse
 
-    @staticmethod
-    def backward(ctx, do, _):
-        if ctx.empty:
-            return torch.zeros_like(do), do.new_zeros(ctx.shapes[0]), do.new_zeros(ctx.shapes[1]), *[None] * 6
-        q, k, v, o, lse, klo, khi, nlo, knoise = ctx.saved_tensors
-        do = do.contiguous()
-        N, H, D = q.shape
-        NK, KH, _ = k.shape
-        BD = triton.next_power_of_2(D)
-        qk_scale = ctx.scale * math.log2(math.e)
-        delta = (o.float() * do.float()).sum(-1).t().contiguous()
-        dq = torch.empty_like(q)
-        BQ, BK, W = _tiles("band_dq")
-        _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale,
-                                              ctx.scale, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                                              G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, num_warps=W)
-        dk = torch.zeros(NK, KH, D, device=q.device, dtype=torch.float32)
-        dv = torch.zeros_like(dk)
-        BQ, BK, W = _tiles("band_dkdv")
-        QC = _tiles("qc")
-        if ctx.plan is not None:
-            qt_lo, qt_hi, n_chunks = ctx.plan.key_tiles(klo, khi, NK, BQ, BK, QC)
-        else:
-            qt_lo, qt_hi = _key_tile_ranges(klo, khi, NK, BQ, BK)
-            n_chunks = max(1, -(-int((qt_hi - qt_lo).max()) // QC))
-        _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
-            q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, ctx.scale,
-            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
-            G=H // KH, D=D, BD=BD, BQ=BQ, BK=BK, QC=QC, num_warps=W)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, plan, dq, dk, dv):
+    """Adds this branch's gradients: dq (q's dtype) and the fp32 dk, dv buffers."""
+    N, H, D = q.shape
+    NK, KH, _ = k.shape
+    if NK == 0:
+        return
+    meta = dict(G=H // KH, D=D, BD=triton.next_power_of_2(D))
+    qk_scale = scale * math.log2(math.e)
+    BQ, BK, W, S, tma = _tiles(kind + "_dq")
+    _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale, scale,
+                                          q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta,
+                                          num_warps=W, num_stages=S)
+    BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
+    QC = _tiles("qc")
+    qt_lo, qt_hi, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, QC)
+    _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
+        q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, scale,
+        q.stride(0), k.stride(0), BQ=BQ, BK=BK, QC=QC, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -760,59 +827,96 @@ def select_blocks_triton(score, topk):
     K = min(topk, NB)
     idx = torch.empty(KH, N, K, device=score.device, dtype=torch.int32)
     NBP = triton.next_power_of_2(NB)
-    BR = max(1, min(128, 4096 // NBP))
-    _topk[(triton.cdiv(KH * N, BR),)](score, idx, KH * N, NB, K=K, KP=triton.next_power_of_2(K), NBP=NBP, BR=BR)
+    elems, W = _tiles("topk")
+    BR = max(1, min(128, elems // NBP))
+    _topk[(triton.cdiv(KH * N, BR),)](score, idx, KH * N, NB, K=K, KP=triton.next_power_of_2(K), NBP=NBP, BR=BR,
+                                      num_warps=W)
     return idx
 
 
-class _SelectedAttention(torch.autograd.Function):
-    """Attention of each query over the visible tokens of its selected blocks, gathered per KV block."""
+def _selected_forward(q, k, v, idx, plan, scale):
+    """Attention of each query over the visible tokens of its selected blocks, gathered per KV block
+    -> (o, lse, state for _selected_backward)."""
+    N, H, D = q.shape
+    KH = k.shape[1]
+    K = idx.shape[2]
+    BD = triton.next_power_of_2(D)
+    qlist, work = _selection_work(idx, plan)
+    op = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
+    lp = torch.full((N, H, K), float("-inf"), device=q.device, dtype=torch.float32)
+    BM, W = _tiles("slc")
+    _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, scale * math.log2(math.e),
+                           *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+    o = torch.empty_like(q)
+    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+    _slc_combine[(triton.cdiv(N * H, 16),)](op, lp, o, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=False)
+    return o, lse, (lp, qlist, work)
+
+
+def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
+    """Writes dq (q's dtype; the first branch to do so) and adds to the fp32 dk, dv buffers."""
+    lp, qlist, work = state
+    N, H, D = q.shape
+    KH = k.shape[1]
+    K = lp.shape[2]
+    BD = triton.next_power_of_2(D)
+    dqp = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
+    BM, W = _tiles("slc_bwd")
+    _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
+                           plan.tok_noise, N, H, scale * math.log2(math.e), scale,
+                           *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
+                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+    _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=True)
+
+
+def _branches_forward(q, k, v, ck, cv, plan, cfg, scale):
+    """The three branches' outputs, with what their backward needs."""
+    o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp")
+    score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], cfg["kernel_stride"], cfg["kernel_size"],
+                                cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
+    idx = select_blocks_triton(score, cfg["topk"])
+    o_slc, lse_slc, slc_state = _selected_forward(q, k, v, idx, plan, scale)
+    o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa")
+    return (o_cmp, o_slc, o_swa), (lse_cmp, lse_slc, lse_swa), slc_state
+
+
+class _NSAAttention(torch.autograd.Function):
+    """o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa as one op: the backward splits do into the branches'
+    output gradients and softmax deltas in one pass (_gate_bwd), and the branches add into shared dq, dk, dv."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, plan, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    def forward(ctx, q, k, v, ck, cv, gate, plan, cfg, scale):
+        q, k, v, ck, cv, gate = (t.contiguous() for t in (q, k, v, ck, cv, gate))
+        outs, lses, slc_state = _branches_forward(q, k, v, ck, cv, plan, cfg, scale)
         N, H, D = q.shape
-        KH = k.shape[1]
-        K = idx.shape[2]
-        BD = triton.next_power_of_2(D)
-        qlist, work = _selection_work(idx, plan)
-        op = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
-        lp = torch.full((N, H, K), float("-inf"), device=q.device, dtype=torch.float32)
-        BM, W = _tiles("slc")
-        qk_scale = scale * math.log2(math.e)
-        _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, qk_scale,
-                               *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                               K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
         o = torch.empty_like(q)
-        lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
-        BR = 16
-        _slc_combine[(triton.cdiv(N * H, BR),)](op, lp, o, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=BR, GRAD=False)
-        ctx.save_for_backward(q, k, v, o, lse, lp, qlist, work)
+        _gate_fwd[(triton.cdiv(N * H, 16),)](gate, *outs, o, N * H, D=D, BD=triton.next_power_of_2(D), BR=16)
+        ctx.save_for_backward(q, k, v, ck, cv, gate, *outs, *lses, *slc_state)
         ctx.plan, ctx.scale = plan, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, lp, qlist, work = ctx.saved_tensors
-        plan = ctx.plan
+        q, k, v, ck, cv, gate, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, *slc_state = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
         do = do.contiguous()
         N, H, D = q.shape
-        KH = k.shape[1]
-        K = lp.shape[2]
-        BD = triton.next_power_of_2(D)
-        delta = (o.float() * do.float()).sum(-1).t().contiguous()
-        dqp = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
-        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
-        dv = torch.zeros_like(dk)
-        BM, W = _tiles("slc_bwd")
-        _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
-                               plan.tok_noise, N, H, ctx.scale * math.log2(math.e), ctx.scale,
-                               *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
-                               K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+        d_out = [torch.empty_like(do) for _ in range(3)]
+        dgate = torch.empty(N, H, 3, device=q.device, dtype=torch.float32)
+        delta = torch.empty(3, H, N, device=q.device, dtype=torch.float32)
+        _gate_bwd[(triton.cdiv(N * H, 16),)](gate, o_cmp, o_slc, o_swa, do, *d_out, dgate, delta, N * H, N, H,
+                                             D=D, BD=triton.next_power_of_2(D), BR=16)
         dq = torch.empty_like(q)
-        BR = 16
-        _slc_combine[(triton.cdiv(N * H, BR),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=BR, GRAD=True)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dk, dv = (torch.zeros(k.shape, device=q.device, dtype=torch.float32) for _ in range(2))
+        dck, dcv = (torch.zeros(ck.shape, device=q.device, dtype=torch.float32) for _ in range(2))
+        _selected_backward(q, k, v, d_out[1], lse_slc, delta[1], slc_state, plan, scale, dq, dk, dv)
+        _band_backward(q, ck, cv, d_out[0], lse_cmp, delta[0], plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
+                       "cmp", plan, dq, dck, dcv)
+        _band_backward(q, k, v, d_out[2], lse_swa, delta[2], plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
+                       "swa", plan, dq, dk, dv)
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dck.to(ck.dtype), dcv.to(cv.dtype), dgate.to(gate.dtype),
+                None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,25 +980,20 @@ class NSA(torch.nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         scale = self.head_dim ** -0.5
         backend = self.backend or ("triton" if q.is_cuda else "torch")
-        if backend == "torch":
-            o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
-        else:
-            o_cmp, o_slc, o_swa = nsa_triton(q, k, v, ck, cv, layout, c, scale, plan)
+        if backend != "torch":
+            g = gate_values(x, self.gate.weight, self.num_heads)
+            return _NSAAttention.apply(q, k, v, ck, cv, g, plan, c, scale)
+        o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
         g = gate_values(x, self.gate.weight, self.num_heads).to(o_cmp.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
 
 
 def nsa_triton(q, k, v, ck, cv, layout, cfg, scale, plan=None):
-    """Kernel twin of nsa_reference: (o_cmp, o_slc, o_swa)."""
+    """Kernel twin of nsa_reference: (o_cmp, o_slc, o_swa), forward only."""
     plan = plan or get_plan(layout, cfg)
-    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
     with torch.no_grad():
-        score = block_scores_triton(q.contiguous(), ck, lse, plan, k.shape[1], cfg["kernel_stride"],
-                                    cfg["kernel_size"], cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
-        idx = select_blocks_triton(score, cfg["topk"])
-    o_slc = _SelectedAttention.apply(q, k, v, idx, plan, scale)
-    o_swa, _ = _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, plan)
-    return o_cmp, o_slc, o_swa
+        q, k, v, ck, cv = (t.contiguous() for t in (q, k, v, ck, cv))
+        return _branches_forward(q, k, v, ck, cv, plan, cfg, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -980,135 +1079,96 @@ def init_closeness():
     print(f"init: spans {lens}  rel err vs dense {_rel(o, dense):.3e}")
 
 
-def bench(lengths=(4096, 8192, 16384, 32768, 65536)):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
-    H, KH, D = 28, 4, 128
-    rows = []
-    for N in lengths:
-        layout = span_layout([N], [N], ["causal"], device="cuda")
-        x, q, k, v = _inputs(N, hidden=3584)
-        m = NSA(3584, H, KH, D).cuda().to(torch.bfloat16)
-        with torch.no_grad():  # trained-looking compression so that selection is score-driven
-            m.compress_key.normal_(1 / 32, 0.02)
-            m.compress_value.normal_(1 / 32, 0.02)
-        # dense gets its GQA heads pre-expanded outside the timed region (the most favourable case for dense)
-        qt, kt, vt = (t.transpose(0, 1).repeat_interleave(H // t.shape[1], 0)[None].detach().requires_grad_()
-                      for t in (q, k, v))
-        leaves = [t.detach().requires_grad_() for t in (x, q, k, v)]
-        do = torch.randn_like(q)
-
-        def dense_fwd():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-        def dense_fb():
-            dense_fwd().backward(do.transpose(0, 1)[None])
-
-        def nsa_fwd():
-            return m(*leaves, layout, lambda t, p: t)
-
-        def nsa_fb():
-            nsa_fwd().backward(do)
-
-        t = [do_bench(f, warmup=50, rep=300, return_mode="median") for f in (dense_fwd, dense_fb, nsa_fwd, nsa_fb)]
-        rows.append((N, *t))
-        print(f"bench N={N:6d} dense fwd {t[0]:8.2f} fwd+bwd {t[1]:8.2f} | nsa fwd {t[2]:8.2f} fwd+bwd {t[3]:8.2f} "
-              f"| speedup fwd+bwd {t[1] / t[3]:.2f}x", flush=True)
-        del leaves, qt, kt, vt
-        torch.cuda.empty_cache()
-    print("\n| tokens | dense fwd ms | dense fwd+bwd ms | NSA fwd ms | NSA fwd+bwd ms | fwd+bwd speedup |")
-    print("|---|---|---|---|---|---|")
-    for N, a, b, c, d in rows:
-        print(f"| {N} | {a:.2f} | {b:.2f} | {c:.2f} | {d:.2f} | {b / d:.2f}x |")
-
-
-def breakdown(N=65536):
-    """Time each NSA stage once warmed up (bf16, one causal sample)."""
-    from triton.testing import do_bench
+def _module_case(N):
+    """A BAGEL-width NSA layer on one causal sample of N tokens: (dense fwd+bwd, NSA fwd, NSA fwd+bwd) closures."""
     H, KH, D = 28, 4, 128
     layout = span_layout([N], [N], ["causal"], device="cuda")
     x, q, k, v = _inputs(N, hidden=3584)
-    c = dict(block_size=64, kernel_size=32, kernel_stride=16, topk=16, init_blocks=1, local_blocks=2, window_size=512)
-    w = torch.full((KH, 32), 1 / 32, device="cuda") + 0.02 * torch.randn(KH, 32, device="cuda")
-    ck = compress(k, w, layout.cu_seqlens, 32, 16, "weightedpool")
-    cv = compress(v, w, layout.cu_seqlens, 32, 16, "weightedpool")
-    plan = get_plan(layout, c)
-    scale = D ** -0.5
-    o_cmp, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
-    score = block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2)
-    idx = select_blocks_triton(score, 16)
-    stages = {
-        "plan (once per pack)": lambda: Plan(layout, 32, 16, 64, 512),
-        "compress k+v": lambda: (compress(k, w, layout.cu_seqlens, 32, 16, "weightedpool"),
-                                 compress(v, w, layout.cu_seqlens, 32, 16, "weightedpool")),
-        "compressed attn fwd": lambda: _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo,
-                                                            plan.c_noise, scale, plan),
-        "block scores": lambda: block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2),
-        "top-k": lambda: select_blocks_triton(score, 16),
-        "selection inversion": lambda: _selection_work(idx, plan),
-        "selected attn fwd": lambda: _SelectedAttention.apply(q, k, v, idx, plan, scale),
-        "window attn fwd": lambda: _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
-                                                        plan),
-    }
-    qg, kg, vg, ckg, cvg = (t.detach().requires_grad_() for t in (q, k, v, ck, cv))
+    m = NSA(3584, H, KH, D).cuda().to(torch.bfloat16)
+    with torch.no_grad():  # trained-looking compression so that selection is score-driven
+        m.compress_key.normal_(1 / 32, 0.02)
+        m.compress_value.normal_(1 / 32, 0.02)
+    leaves = [t.detach().requires_grad_() for t in (x, q, k, v)]
+    qt, kt, vt = (t.detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
     do = torch.randn_like(q)
-    bw = {
-        "compressed attn fwd+bwd": lambda: _BandAttention.apply(qg, ckg, cvg, plan.c_klo, plan.c_khi, plan.nlo,
-                                                                plan.c_noise, scale, plan)[0].backward(do),
-        "selected attn fwd+bwd": lambda: _SelectedAttention.apply(qg, kg, vg, idx, plan, scale).backward(do),
-        "window attn fwd+bwd": lambda: _BandAttention.apply(qg, kg, vg, plan.w_lo, plan.w_hi, plan.nlo,
-                                                            plan.tok_noise, scale, plan)[0].backward(do),
-    }
-    for name, f in {**stages, **bw}.items():
-        print(f"breakdown N={N} {name:26s} {do_bench(f, warmup=20, rep=100, return_mode='median'):8.2f} ms", flush=True)
+
+    def dense_fb():  # SDPA's own choice of backend (cuDNN on an H100), GQA native
+        F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).backward(do.transpose(0, 1)[None])
+
+    def nsa_fwd():
+        with torch.no_grad():
+            return m(*leaves, layout, lambda t, p: t)
+
+    def nsa_fb():
+        m(*leaves, layout, lambda t, p: t).backward(do)
+
+    return dense_fb, nsa_fwd, nsa_fb
+
+
+def bench(lengths=(4096, 8192, 16384, 32768, 65536)):
+    """NSA (the whole module minus the q/k/v/o projections) vs dense causal SDPA, fwd+bwd."""
+    from triton.testing import do_bench
+    rows = []
+    for N in lengths:
+        t = [do_bench(f, warmup=50, rep=300, return_mode="median") for f in _module_case(N)]
+        rows.append((N, *t))
+        print(f"bench N={N:6d} dense fwd+bwd {t[0]:8.2f} | nsa fwd {t[1]:8.2f} fwd+bwd {t[2]:8.2f} "
+              f"| speedup fwd+bwd {t[0] / t[2]:.2f}x", flush=True)
+        torch.cuda.empty_cache()
+    print("\n| tokens | dense fwd+bwd ms | NSA fwd ms | NSA fwd+bwd ms | fwd+bwd speedup |")
+    print("|---|---|---|---|---|")
+    for N, a, b, c in rows:
+        print(f"| {N} | {a:.2f} | {b:.2f} | {c:.2f} | {a / c:.2f}x |")
+
+
+def breakdown(N=65536):
+    """GPU time per kernel of one NSA fwd+bwd (torch.profiler, mean of 5)."""
+    from torch.profiler import ProfilerActivity, profile
+    _, _, nsa_fb = _module_case(N)
+    for _ in range(3):
+        nsa_fb()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            nsa_fb()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        ms = e.device_time_total / 5e3
+        total += ms
+        if ms > 0.05:
+            print(f"breakdown N={N} {e.key[:70]:70s} {ms:8.2f} ms  x{e.count // 5}")
+    print(f"breakdown N={N} total kernel time {total:.2f} ms", flush=True)
+
+
+SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
+    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 2, True], [128, 128, 8, 2, True], [64, 64, 4, 2, False]],
+    "cmp_dq": [[128, 64, 8, 2, True], [128, 64, 8, 3, True], [128, 64, 8, 2, False], [64, 64, 4, 2, True]],
+    "cmp_dkdv": [[64, 128, 8, 3, True], [64, 128, 8, 2, True], [32, 128, 8, 3, True], [64, 128, 8, 3, False],
+                 [32, 64, 4, 3, True], [64, 64, 4, 2, True]],
+    "swa_fwd": [[64, 64, 4, 2, False], [64, 64, 4, 2, True], [128, 64, 8, 2, False], [64, 32, 4, 2, False]],
+    "swa_dq": [[128, 64, 8, 2, True], [64, 64, 4, 2, True], [128, 32, 8, 2, True], [128, 64, 8, 2, False]],
+    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 3, True], [64, 128, 8, 3, True], [32, 128, 8, 3, True],
+                 [32, 64, 4, 2, False], [64, 64, 4, 3, True]],
+    "topk": [[4096, 4], [1024, 1], [2048, 2], [4096, 8], [2048, 1]],
+    "score": [[64, 8], [64, 4], [32, 4]],
+    "slc": [[64, 4], [32, 4], [64, 8]],
+    "slc_bwd": [[128, 8], [64, 4], [64, 8]],
+    "slc_chunk": [1024, 512, 2048],
+}
 
 
 def sweep(N=65536):
-    """Try tile sizes per kernel (others at their defaults); prints the median ms of the stages each one drives."""
+    """Module fwd+bwd ms for each tile option in SWEEP (via NSA_TILES)."""
     from triton.testing import do_bench
-    H, KH, D = 28, 4, 128
-    layout = span_layout([N], [N], ["causal"], device="cuda")
-    x, q, k, v = _inputs(N, hidden=256)
-    w = torch.full((KH, 32), 1 / 32, device="cuda") + 0.02 * torch.randn(KH, 32, device="cuda")
-    ck = compress(k, w, layout.cu_seqlens, 32, 16, "weightedpool")
-    cv = compress(v, w, layout.cu_seqlens, 32, 16, "weightedpool")
-    plan = get_plan(layout, dict(kernel_size=32, kernel_stride=16, block_size=64, window_size=512))
-    scale = D ** -0.5
-    _, lse = _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan)
-    idx = select_blocks_triton(block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2), 16)
-    qg, kg, vg, ckg, cvg = (t.detach().requires_grad_() for t in (q, k, v, ck, cv))
-    do = torch.randn_like(q)
-    stages = {
-        "cmp": lambda: _BandAttention.apply(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, plan),
-        "cmp_fb": lambda: _BandAttention.apply(qg, ckg, cvg, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
-                                               plan)[0].backward(do),
-        "swa": lambda: _BandAttention.apply(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, plan),
-        "swa_fb": lambda: _BandAttention.apply(qg, kg, vg, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
-                                               plan)[0].backward(do),
-        "slc": lambda: _SelectedAttention.apply(q, k, v, idx, plan, scale),
-        "slc_fb": lambda: _SelectedAttention.apply(qg, kg, vg, idx, plan, scale).backward(do),
-        "score": lambda: block_scores_triton(q, ck, lse, plan, KH, 16, 32, 64, 1, 2),
-    }
-    trials = {
-        "band_fwd": ([[64, 64, 4], [128, 64, 8], [64, 128, 4]], ["cmp", "swa"]),
-        "band_dq": ([[128, 64, 8], [64, 64, 4]], ["cmp_fb", "swa_fb"]),
-        "band_dkdv": ([[64, 64, 4], [64, 64, 8], [64, 128, 8]], ["cmp_fb", "swa_fb"]),
-        "qc": ([32, 16, 64], ["cmp_fb"]),
-        "score": ([[64, 8], [64, 4], [32, 4]], ["score"]),
-        "slc": ([[64, 4], [128, 8], [32, 4]], ["slc"]),
-        "slc_bwd": ([[128, 8], [64, 4], [64, 8]], ["slc_fb"]),
-        "slc_chunk": ([1024, 256], ["slc_fb"]),
-    }
-    for name, (options, used) in trials.items():
+    _, _, nsa_fb = _module_case(N)
+    for name, options in SWEEP.items():
         for opt in options:
             os.environ["NSA_TILES"] = json.dumps({name: opt})
             try:
-                ts = [do_bench(stages[u], warmup=10, rep=60, return_mode="median") for u in used]
-                print(f"sweep N={N} {name:10s} {str(opt):16s} " + "  ".join(f"{u} {t:7.2f}" for u, t in zip(used, ts)),
-                      flush=True)
+                t = do_bench(nsa_fb, warmup=10, rep=60, return_mode="median")
+                print(f"sweep N={N} {name:10s} {str(opt):18s} {t:8.2f} ms", flush=True)
             except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
-                print(f"sweep N={N} {name:10s} {str(opt):16s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                print(f"sweep N={N} {name:10s} {str(opt):18s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
     os.environ.pop("NSA_TILES")
 
 
@@ -1119,7 +1179,7 @@ if __name__ == "__main__":
     if what in ("init", "all"):
         init_closeness()
     if what == "sweep":
-        sweep()
+        sweep(int(sys.argv[2]) if len(sys.argv) > 2 else 65536)
     if what in ("bench", "all"):
         bench()
     if what in ("breakdown", "all"):
