@@ -330,9 +330,9 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
 
 
 @triton.jit
-def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, N, NK, qk_scale, sm_scale,
-                   sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
-                   BK: tl.constexpr, QC: tl.constexpr, TMA: tl.constexpr):
+def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, QC, N, NK, qk_scale,
+                   sm_scale, sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                   BK: tl.constexpr, TMA: tl.constexpr):
     # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics. Works on
     # transposed scores [BK, BQ], as dk and dv want them.
     kt, kh, ch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -401,32 +401,43 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     delta = cl[:, None] - R - R * bl[None, :]
     w = tl.minimum(KD, R - delta) - tl.maximum(0, -delta)
     w = tl.where((w > 0) & (bl[None, :] < BB - 1), w, 0).to(tl.float32)
-    for b0 in range(0, n_blocks, BB - 1):
+    acc = tl.zeros([BQ, BK], tl.float32)
+    for it in range(0, tl.cdiv(n_blocks, BB - 1) * G):  # flat over (block tile, head): one software pipeline
+        b0 = (it // G) * (BB - 1)
+        h = kh * G + it % G
         c_rel = (b0 - 1) * R + cl
         cm = (c_rel >= 0) & (c_rel < nc)
         cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
         vis = cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo[:, None])
         ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
                      mask=cm[:, None] & dm[None, :], other=0.0)
-        acc = tl.zeros([BQ, BK], tl.float32)
-        for g in range(G):
-            h = kh * G + g
-            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
-            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
-            acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
-        raw = tl.dot(acc, w, input_precision="ieee")
-        b_rel = b0 + bl
-        bv = (bl < BB - 1) & (b_rel < nb)
-        first = ss + b_rel * BS
-        top = tl.minimum(tl.minimum(first + BS, se)[None, :] - 1, hi[:, None])
-        clean = tl.load(BCLEAN + bbase + b_rel, mask=bv, other=BIG_I32)
-        cand = bv[None, :] & (first[None, :] <= hi[:, None]) & (
-            (clean[None, :] <= top) | (tl.maximum(first[None, :], nlo[:, None]) <= top))
-        forced = (b_rel[None, :] < INIT) | ((b_rel[None, :] > qb[:, None] - LOCAL) & (b_rel[None, :] <= qb[:, None]))
-        val = tl.where(forced, float("inf"), raw + 1e-30 / (1.0 + b_rel[None, :].to(tl.float32)))
-        val = tl.where(cand, val, float("-inf"))
-        tl.store(OUT + kh.to(tl.int64) * soh + rq.to(tl.int64)[:, None] * son + b_rel[None, :], val,
-                 mask=qm[:, None] & bv[None, :] & (b_rel[None, :] < NB_OUT))
+        q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+        lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+        acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
+        if it % G == G - 1:
+            _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son,
+                                NB_OUT, BB, BS, INIT, LOCAL)
+            acc = tl.zeros([BQ, BK], tl.float32)
+
+
+@triton.jit
+def _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son, NB_OUT,
+                        BB: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Blocks b0 .. b0 + BB - 2 of a query tile: the overlap-weighted sums of the group's compressed probabilities
+    (tf32x3: fp32-accurate on the tensor cores), +inf where forced, -inf where no token is visible."""
+    raw = tl.dot(acc, w, input_precision="tf32x3")
+    b_rel = b0 + bl
+    bv = (bl < BB - 1) & (b_rel < nb)
+    first = ss + b_rel * BS
+    top = tl.minimum(tl.minimum(first + BS, se)[None, :] - 1, hi[:, None])
+    clean = tl.load(BCLEAN + bbase + b_rel, mask=bv, other=BIG_I32)
+    cand = bv[None, :] & (first[None, :] <= hi[:, None]) & (
+        (clean[None, :] <= top) | (tl.maximum(first[None, :], nlo[:, None]) <= top))
+    forced = (b_rel[None, :] < INIT) | ((b_rel[None, :] > qb[:, None] - LOCAL) & (b_rel[None, :] <= qb[:, None]))
+    val = tl.where(forced, float("inf"), raw + 1e-30 / (1.0 + b_rel[None, :].to(tl.float32)))
+    val = tl.where(cand, val, float("-inf"))
+    tl.store(OUT + kh.to(tl.int64) * soh + rq.to(tl.int64)[:, None] * son + b_rel[None, :], val,
+             mask=qm[:, None] & bv[None, :] & (b_rel[None, :] < NB_OUT))
 
 
 
@@ -631,11 +642,11 @@ def _tiles(name):
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if _interpret():
         band = (16, 16, 1, 1, True)
-        return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band, qc=2,
+        return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band,
                     score=(16, 1), slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16, topk=(64, 1))[name]
-    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(128, 64, 8, 2, True), cmp_dkdv=(64, 128, 8, 3, True),
-                swa_fwd=(64, 64, 4, 2, False), swa_dq=(128, 64, 8, 2, True), swa_dkdv=(32, 64, 4, 3, False), qc=32,
-                score=(64, 8), slc=(64, 4), slc_bwd=(128, 8), slc_chunk=1024, topk=(4096, 4))[name]
+    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(128, 64, 8, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
+                swa_fwd=(64, 64, 4, 2, False), swa_dq=(128, 64, 8, 2, True), swa_dkdv=(32, 64, 4, 3, False),
+                score=(64, 8), slc=(64, 4), slc_bwd=(128, 8), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _use_tma(D, wanted):
@@ -705,12 +716,17 @@ class Plan:
             setattr(self, name, _i32(getattr(self, name)))
 
 
-    def key_tiles(self, klo, khi, nk, BQ, BK, QC):
-        """Cached per pack (shared by all layers): _key_tile_ranges and the number of QC-tile query chunks."""
-        key = (klo.data_ptr(), nk, BQ, BK, QC)
+    def key_tiles(self, klo, khi, nk, BQ, BK, n_kv):
+        """Cached per pack (shared by all layers): _key_tile_ranges, and how many query tiles QC one dk/dv program
+        takes and the number of such chunks: about 8 waves of programs over the GPU's multiprocessors, so that
+        short packs and the causal staircase still fill it."""
+        key = (klo.data_ptr(), nk, BQ, BK, n_kv)
         if key not in self._key_tiles:
             lo, hi = _key_tile_ranges(klo, khi, nk, BQ, BK)
-            self._key_tiles[key] = (lo, hi, max(1, -(-int((hi - lo).max()) // QC)))
+            span = (hi - lo).clamp(min=0)
+            sms = 4 if _interpret() else torch.cuda.get_device_properties(klo.device).multi_processor_count
+            qc = max(2, min(64, -(-int(span.sum()) * n_kv // (8 * sms))))
+            self._key_tiles[key] = (lo, hi, qc, max(1, -(-int(span.max()) // qc)))
         return self._key_tiles[key]
 
 
@@ -767,11 +783,10 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
                                           q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta,
                                           num_warps=W, num_stages=S)
     BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
-    QC = _tiles("qc")
-    qt_lo, qt_hi, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, QC)
+    qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, KH)
     _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
-        q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, N, NK, qk_scale, scale,
-        q.stride(0), k.stride(0), BQ=BQ, BK=BK, QC=QC, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
+        q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
+        q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -1141,19 +1156,17 @@ def breakdown(N=65536):
 
 
 SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
-    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 2, True], [128, 128, 8, 2, True], [64, 64, 4, 2, False]],
-    "cmp_dq": [[128, 64, 8, 2, True], [128, 64, 8, 3, True], [128, 64, 8, 2, False], [64, 64, 4, 2, True]],
-    "cmp_dkdv": [[64, 128, 8, 3, True], [64, 128, 8, 2, True], [32, 128, 8, 3, True], [64, 128, 8, 3, False],
-                 [32, 64, 4, 3, True], [64, 64, 4, 2, True]],
-    "swa_fwd": [[64, 64, 4, 2, False], [64, 64, 4, 2, True], [128, 64, 8, 2, False], [64, 32, 4, 2, False]],
-    "swa_dq": [[128, 64, 8, 2, True], [64, 64, 4, 2, True], [128, 32, 8, 2, True], [128, 64, 8, 2, False]],
-    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 3, True], [64, 128, 8, 3, True], [32, 128, 8, 3, True],
-                 [32, 64, 4, 2, False], [64, 64, 4, 3, True]],
-    "topk": [[4096, 4], [1024, 1], [2048, 2], [4096, 8], [2048, 1]],
-    "score": [[64, 8], [64, 4], [32, 4]],
-    "slc": [[64, 4], [32, 4], [64, 8]],
-    "slc_bwd": [[128, 8], [64, 4], [64, 8]],
-    "slc_chunk": [1024, 512, 2048],
+    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 3, False], [128, 64, 4, 2, False]],
+    "cmp_dq": [[128, 64, 8, 2, True], [64, 64, 4, 2, True], [64, 64, 4, 3, True]],
+    "cmp_dkdv": [[64, 128, 8, 3, False], [32, 128, 8, 3, True], [64, 128, 8, 2, False], [32, 128, 8, 2, False],
+                 [128, 128, 8, 2, False]],
+    "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False], [64, 64, 4, 3, False]],
+    "swa_dq": [[128, 64, 8, 2, True], [64, 64, 4, 2, True], [64, 64, 4, 2, False]],
+    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False], [32, 128, 8, 2, False], [16, 64, 4, 3, False]],
+    "topk": [[1024, 1], [1024, 2], [512, 1]],
+    "score": [[64, 8], [64, 4], [128, 8], [32, 4]],
+    "slc": [[64, 4], [128, 4], [32, 2]],
+    "slc_bwd": [[128, 8], [128, 4], [64, 4]],
 }
 
 
@@ -1165,7 +1178,7 @@ def sweep(N=65536):
         for opt in options:
             os.environ["NSA_TILES"] = json.dumps({name: opt})
             try:
-                t = do_bench(nsa_fb, warmup=10, rep=60, return_mode="median")
+                t = do_bench(nsa_fb, warmup=100, rep=500, return_mode="median")
                 print(f"sweep N={N} {name:10s} {str(opt):18s} {t:8.2f} ms", flush=True)
             except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
                 print(f"sweep N={N} {name:10s} {str(opt):18s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
