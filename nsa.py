@@ -401,23 +401,22 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     delta = cl[:, None] - R - R * bl[None, :]
     w = tl.minimum(KD, R - delta) - tl.maximum(0, -delta)
     w = tl.where((w > 0) & (bl[None, :] < BB - 1), w, 0).to(tl.float32)
-    acc = tl.zeros([BQ, BK], tl.float32)
-    for it in range(0, tl.cdiv(n_blocks, BB - 1) * G):  # flat over (block tile, head): one software pipeline
-        b0 = (it // G) * (BB - 1)
-        h = kh * G + it % G
+    for b0 in range(0, n_blocks, BB - 1):
         c_rel = (b0 - 1) * R + cl
         cm = (c_rel >= 0) & (c_rel < nc)
         cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
         vis = cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo[:, None])
         ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
                      mask=cm[:, None] & dm[None, :], other=0.0)
-        q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
-        lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
-        acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
-        if it % G == G - 1:
-            _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son,
-                                NB_OUT, BB, BS, INIT, LOCAL)
-            acc = tl.zeros([BQ, BK], tl.float32)
+        acc = tl.zeros([BQ, BK], tl.float32)
+        for g in range(G):
+            h = kh * G + g
+            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :],
+                        other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+            acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
+        _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son, NB_OUT,
+                            BB, BS, INIT, LOCAL)
 
 
 @triton.jit
@@ -481,7 +480,7 @@ def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
              BS: tl.constexpr):
     # one program per work item (kv head, block's first token, block end, list offset, list length): load the
     # block once, stream the (query, head) rows that chose it, softmax within the block, write per-slot
-    # partials o_s [L, H, K_SLOTS, D] and lse_s [L, H, K_SLOTS]; _slc_combine merges a row's slots.
+    # partials o_s [L, K_SLOTS, H, D] and lse_s [L, K_SLOTS, H]; _slc_combine merges a row's slots.
     kh, E, n_rows, rk, km, rd, dm, k, v, kn = _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G, D, BD, BS)
     for r0 in range(0, n_rows, BM):
         rm, i, slot, g, hi, nlo = _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS, G, BM)
@@ -496,7 +495,7 @@ def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
         l = tl.sum(p, 1)
         ok = l > 0
         o = tl.dot(p.to(v.dtype), v) / tl.where(ok, l, 1.0)[:, None]
-        row = (i64 * H + h) * K_SLOTS + slot
+        row = (i64 * K_SLOTS + slot) * H + h  # [L, K_SLOTS, H]: a query's heads side by side
         tl.store(OP + row[:, None] * D + rd[None, :], o.to(OP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
         tl.store(LP + row, tl.where(ok, m_use + tl.log2(tl.where(ok, l, 1.0)), float("-inf")), mask=rm)
 
@@ -526,7 +525,7 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dq = tl.dot(ds.to(k.dtype), k) * sm_scale
-        row = (i64 * H + h) * K_SLOTS + slot
+        row = (i64 * K_SLOTS + slot) * H + h  # [L, K_SLOTS, H]: a query's heads side by side
         tl.store(DQP + row[:, None] * D + rd[None, :], dq.to(DQP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
     o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
     wm = km[:, None] & dm[None, :] & ((rk * 0 + n_rows) > 0)[:, None]
@@ -542,15 +541,17 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
     rm = row < NROWS
     rd = tl.arange(0, BD)
     dm = rd < D
+    slot0 = (row // H) * K_SLOTS * H + row % H  # partials are [L, K_SLOTS, H]
     m = tl.full([BR], float("-inf"), tl.float32)
     for s in range(K_SLOTS):
-        m = tl.maximum(m, tl.load(LP + row * K_SLOTS + s, mask=rm, other=float("-inf")))
+        m = tl.maximum(m, tl.load(LP + slot0 + s * H, mask=rm, other=float("-inf")))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BR, BD], tl.float32)
     l = tl.zeros([BR], tl.float32)
     for s in range(K_SLOTS):
-        ls = tl.load(LP + row * K_SLOTS + s, mask=rm, other=float("-inf"))
-        x = tl.load(XP + (row * K_SLOTS + s)[:, None] * D + rd[None, :], mask=(rm & (ls > float("-inf")))[:, None] & dm[None, :], other=0.0)
+        ls = tl.load(LP + slot0 + s * H, mask=rm, other=float("-inf"))
+        x = tl.load(XP + (slot0 + s * H)[:, None] * D + rd[None, :], mask=(rm & (ls > float("-inf")))[:, None] & dm[None, :],
+                    other=0.0)
         if GRAD:
             w = tl.where(ls > float("-inf"), 1.0, 0.0)
         else:
@@ -644,8 +645,8 @@ def _tiles(name):
         band = (16, 16, 1, 1, True)
         return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band,
                     score=(16, 1), slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16, topk=(64, 1))[name]
-    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(128, 64, 8, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
-                swa_fwd=(64, 64, 4, 2, False), swa_dq=(128, 64, 8, 2, True), swa_dkdv=(32, 64, 4, 3, False),
+    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
+                swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
                 score=(64, 8), slc=(64, 4), slc_bwd=(128, 8), slc_chunk=1024, topk=(1024, 1))[name]
 
 
@@ -857,8 +858,8 @@ def _selected_forward(q, k, v, idx, plan, scale):
     K = idx.shape[2]
     BD = triton.next_power_of_2(D)
     qlist, work = _selection_work(idx, plan)
-    op = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
-    lp = torch.full((N, H, K), float("-inf"), device=q.device, dtype=torch.float32)
+    op = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
+    lp = torch.full((N, K, H), float("-inf"), device=q.device, dtype=torch.float32)
     BM, W = _tiles("slc")
     _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, scale * math.log2(math.e),
                            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
@@ -874,9 +875,9 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     lp, qlist, work = state
     N, H, D = q.shape
     KH = k.shape[1]
-    K = lp.shape[2]
+    K = lp.shape[1]
     BD = triton.next_power_of_2(D)
-    dqp = torch.empty(N, H, K, D, device=q.device, dtype=q.dtype)
+    dqp = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     BM, W = _tiles("slc_bwd")
     _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
                            plan.tok_noise, N, H, scale * math.log2(math.e), scale,
