@@ -423,8 +423,8 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
 def _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son, NB_OUT,
                         BB: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
     """Blocks b0 .. b0 + BB - 2 of a query tile: the overlap-weighted sums of the group's compressed probabilities
-    (tf32x3: fp32-accurate on the tensor cores), +inf where forced, -inf where no token is visible."""
-    raw = tl.dot(acc, w, input_precision="tf32x3")
+    (in fp32), +inf where forced, -inf where no token is visible."""
+    raw = tl.dot(acc, w, input_precision="ieee")
     b_rel = b0 + bl
     bv = (bl < BB - 1) & (b_rel < nb)
     first = ss + b_rel * BS
@@ -644,10 +644,10 @@ def _tiles(name):
     if _interpret():
         band = (16, 16, 1, 1, True)
         return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band,
-                    score=(16, 1), slc=(16, 1), slc_bwd=(16, 1), slc_chunk=16, topk=(64, 1))[name]
+                    score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
     return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 8), slc=(64, 4), slc_bwd=(128, 8), slc_chunk=1024, topk=(1024, 1))[name]
+                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 3), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _use_tma(D, wanted):
@@ -860,10 +860,10 @@ def _selected_forward(q, k, v, idx, plan, scale):
     qlist, work = _selection_work(idx, plan)
     op = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     lp = torch.full((N, K, H), float("-inf"), device=q.device, dtype=torch.float32)
-    BM, W = _tiles("slc")
+    BM, W, S = _tiles("slc")
     _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, scale * math.log2(math.e),
                            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
     o = torch.empty_like(q)
     lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
     _slc_combine[(triton.cdiv(N * H, 16),)](op, lp, o, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=False)
@@ -878,11 +878,11 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     K = lp.shape[1]
     BD = triton.next_power_of_2(D)
     dqp = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
-    BM, W = _tiles("slc_bwd")
+    BM, W, S = _tiles("slc_bwd")
     _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
                            plan.tok_noise, N, H, scale * math.log2(math.e), scale,
                            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
-                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W)
+                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
     _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=True)
 
 
@@ -1157,17 +1157,17 @@ def breakdown(N=65536):
 
 
 SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
-    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 3, False], [128, 64, 4, 2, False]],
-    "cmp_dq": [[128, 64, 8, 2, True], [64, 64, 4, 2, True], [64, 64, 4, 3, True]],
-    "cmp_dkdv": [[64, 128, 8, 3, False], [32, 128, 8, 3, True], [64, 128, 8, 2, False], [32, 128, 8, 2, False],
-                 [128, 128, 8, 2, False]],
-    "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False], [64, 64, 4, 3, False]],
-    "swa_dq": [[128, 64, 8, 2, True], [64, 64, 4, 2, True], [64, 64, 4, 2, False]],
-    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False], [32, 128, 8, 2, False], [16, 64, 4, 3, False]],
-    "topk": [[1024, 1], [1024, 2], [512, 1]],
-    "score": [[64, 8], [64, 4], [128, 8], [32, 4]],
-    "slc": [[64, 4], [128, 4], [32, 2]],
-    "slc_bwd": [[128, 8], [128, 4], [64, 4]],
+    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 3, False], [64, 64, 4, 2, False]],
+    "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True]],
+    "cmp_dkdv": [[32, 128, 8, 3, True], [64, 128, 8, 3, False]],
+    "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False]],
+    "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True]],
+    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False]],
+    "topk": [[1024, 1], [512, 1]],
+    "score": [[64, 4], [64, 8], [32, 4]],
+    "slc": [[64, 4, 3], [64, 4, 1], [64, 4, 2], [64, 4, 4], [32, 4, 3], [64, 8, 3], [128, 8, 2]],
+    "slc_bwd": [[128, 8, 3], [128, 8, 1], [128, 8, 2], [64, 4, 2], [64, 8, 2], [64, 4, 4]],
+    "slc_chunk": [1024, 512],
 }
 
 
