@@ -220,51 +220,17 @@ def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
 # (the first noise token a key covers, BIG if none): key c is visible iff klo <= c < khi and noise[c] >= nlo.
 
 @triton.jit
-def _band_rows(KLO, KHI, NLO, tok, rm, NK):
-    """Per-row key ranges of a query tile (rows rm of tokens tok), and what a key tile needs to skip masking: it is
-    fully visible to every row iff every row has keys, the tile lies in [max klo, min khi) and none of its keys is
-    noise below max nlo."""
-    klo = tl.load(KLO + tok, mask=rm, other=0)
-    khi = tl.load(KHI + tok, mask=rm, other=0)
-    nlo = tl.load(NLO + tok, mask=rm, other=0)
+def _band_rows(KLO, KHI, NLO, rq, N, NK):
+    """Per-row key ranges of a query tile, and what a key tile needs to skip masking: it is fully visible to every
+    row iff every row has keys, the tile lies in [max klo, min khi) and none of its keys is noise below max nlo."""
+    qm = rq < N
+    klo = tl.load(KLO + rq, mask=qm, other=0)
+    khi = tl.load(KHI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
     live = khi > klo
-    all_live = tl.min(tl.where(rm & (khi <= klo), 0, 1)) > 0
-    return (klo, khi, nlo, tl.min(tl.where(live, klo, NK)), tl.max(tl.where(live, khi, 0)), all_live,
-            tl.max(tl.where(rm, klo, 0)), tl.min(tl.where(rm, khi, NK)), tl.max(tl.where(rm, nlo, 0)))
-
-
-@triton.jit
-def _query_rows(t, kh_or_h, N, G: tl.constexpr, BQ: tl.constexpr, STACK: tl.constexpr):
-    """The BQ rows of query tile t: (token, head, valid). STACK: the rows hold all G heads of one KV group for
-    BQ // GP tokens (GP = G rounded up to a power of two; GQA: each K/V tile then serves every head of the
-    group); else one head kh_or_h for BQ tokens."""
-    r = tl.arange(0, BQ)
-    if STACK:
-        GP: tl.constexpr = triton.next_power_of_2(G)
-        tok = t * (BQ // GP) + r // GP
-        return tok, kh_or_h * G + r % GP, (tok < N) & (r % GP < G)
-    else:
-        tok = t * BQ + r
-        return tok, kh_or_h + r * 0, tok < N
-
-
-@triton.jit
-def _row_tile(X, tok, h, rm, sxn, D: tl.constexpr, BD: tl.constexpr):
-    """Rows (token, head) of a [L, H, D] tensor."""
-    rd = tl.arange(0, BD)
-    return tl.load(X + tok.to(tl.int64)[:, None] * sxn + h[:, None] * D + rd[None, :],
-                   mask=rm[:, None] & (rd < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _q_tile(X, tok, h, rm, row0, h0, N, sxn, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-            TMA: tl.constexpr):
-    """A query tile's rows of q / do: a bulk copy of rows [row0, row0 + BQ) of head h0 (TMA; X a _source), or
-    gathered (token, head) rows."""
-    if TMA:
-        return _tile(X, row0, N, h0 * D, sxn, BQ, D, BD, TMA)
-    else:
-        return _row_tile(X, tok, h, rm, sxn, D, BD)
+    all_live = tl.min(tl.where(qm & live, 1, 0)) > 0
+    return (qm, klo, khi, nlo, tl.min(tl.where(live, klo, NK)), tl.max(tl.where(live, khi, 0)), all_live,
+            tl.max(tl.where(qm, klo, 0)), tl.min(tl.where(qm, khi, NK)), tl.max(tl.where(qm, nlo, 0)))
 
 
 @triton.jit
@@ -292,13 +258,13 @@ def _tile(X, row0, n_rows, col0, sxn, BR: tl.constexpr, D: tl.constexpr, BD: tl.
 @triton.jit
 def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
               G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-              TMA: tl.constexpr, TMA_Q: tl.constexpr, STACK: tl.constexpr):
-    # one program per (query tile, head), or per (query tile, kv head) when STACK
-    t, h0 = tl.program_id(0), tl.program_id(1)
-    tok, h, rm = _query_rows(t, h0, N, G, BQ, STACK)
-    kh = h0 if STACK else h0 // G
-    klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, tok, rm, NK)
-    q = _q_tile(_source(Q, N, sqn, BQ, BD, TMA_Q), tok, h, rm, t * BQ, h0, N, sqn, BQ, D, BD, TMA_Q)
+              TMA: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    kh = h // G
+    q0 = pid * BQ
+    rq = q0 + tl.arange(0, BQ)
+    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
     V = _source(V, NK, skn, BK, BD, TMA)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
@@ -323,27 +289,27 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
     ok = l_i > 0
     o = acc / tl.where(ok, l_i, 1.0)[:, None]
     rd = tl.arange(0, BD)
-    tl.store(O + tok.to(tl.int64)[:, None] * sqn + h[:, None] * D + rd[None, :], o.to(O.dtype.element_ty),
-             mask=rm[:, None] & (rd < D)[None, :])
-    tl.store(LSE + h.to(tl.int64) * N + tok, tl.where(ok, m_i + tl.log2(tl.where(ok, l_i, 1.0)), float("inf")),
-             mask=rm)
+    tl.store(O + rq.to(tl.int64)[:, None] * sqn + h * D + rd[None, :], o.to(O.dtype.element_ty),
+             mask=qm[:, None] & (rd < D)[None, :])
+    tl.store(LSE + h.to(tl.int64) * N + rq, tl.where(ok, m_i + tl.log2(tl.where(ok, l_i, 1.0)), float("inf")), mask=qm)
 
 
 @triton.jit
 def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sm_scale, sqn, skn,
                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                 TMA: tl.constexpr, TMA_Q: tl.constexpr, STACK: tl.constexpr):
+                 TMA: tl.constexpr):
     # dq += this branch's part (DQ already holds the other branches')
-    t, h0 = tl.program_id(0), tl.program_id(1)
-    tok, h, rm = _query_rows(t, h0, N, G, BQ, STACK)
-    kh = h0 if STACK else h0 // G
-    klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, tok, rm, NK)
-    q = _q_tile(_source(Q, N, sqn, BQ, BD, TMA_Q), tok, h, rm, t * BQ, h0, N, sqn, BQ, D, BD, TMA_Q)
-    do = _q_tile(_source(DO, N, sqn, BQ, BD, TMA_Q), tok, h, rm, t * BQ, h0, N, sqn, BQ, D, BD, TMA_Q)
+    pid, h = tl.program_id(0), tl.program_id(1)
+    kh = h // G
+    q0 = pid * BQ
+    rq = q0 + tl.arange(0, BQ)
+    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
+    do = _tile(_source(DO, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
     V = _source(V, NK, skn, BK, BD, TMA)
-    lse = tl.load(LSE + h.to(tl.int64) * N + tok, mask=rm, other=float("inf"))
-    delta = tl.load(DELTA + h.to(tl.int64) * N + tok, mask=rm, other=0.0)
+    lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+    delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
     dq = tl.zeros([BQ, BD], tl.float32)
     for start in range(k_start, k_end, BK):
         rk = start + tl.arange(0, BK)
@@ -357,8 +323,8 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     rd = tl.arange(0, BD)
-    dq_ptr = DQ + tok.to(tl.int64)[:, None] * sqn + h[:, None] * D + rd[None, :]
-    dq_mask = rm[:, None] & (rd < D)[None, :]
+    dq_ptr = DQ + rq.to(tl.int64)[:, None] * sqn + h * D + rd[None, :]
+    dq_mask = qm[:, None] & (rd < D)[None, :]
     dq = dq * sm_scale + tl.load(dq_ptr, mask=dq_mask, other=0.0).to(tl.float32)
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_mask)
 
@@ -366,10 +332,9 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
 @triton.jit
 def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, QC, N, NK, qk_scale,
                    sm_scale, sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
-                   BK: tl.constexpr, TMA: tl.constexpr, TMA_Q: tl.constexpr, STACK: tl.constexpr):
+                   BK: tl.constexpr, TMA: tl.constexpr):
     # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics. Works on
-    # transposed scores [BK, BQ], as dk and dv want them. One flat loop over (query tile, head), or over query
-    # tiles when STACK puts the group's heads in the rows.
+    # transposed scores [BK, BQ], as dk and dv want them.
     kt, kh, ch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(QT_LO + kt) + ch * QC
     t1 = tl.minimum(tl.load(QT_HI + kt), t0 + QC)
@@ -377,22 +342,21 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO
     rk = k0 + tl.arange(0, BK)
     k = _tile(_source(K, NK, skn, BK, BD, TMA), k0, NK, kh * D, skn, BK, D, BD, TMA)
     v = _tile(_source(V, NK, skn, BK, BD, TMA), k0, NK, kh * D, skn, BK, D, BD, TMA)
-    Q = _source(Q, N, sqn, BQ, BD, TMA_Q)
-    DO = _source(DO, N, sqn, BQ, BD, TMA_Q)
+    Q = _source(Q, N, sqn, BQ, BD, TMA)
+    DO = _source(DO, N, sqn, BQ, BD, TMA)
     kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
     kn_min = tl.min(kn)
     dk = tl.zeros([BK, BD], tl.float32)
     dv = tl.zeros([BK, BD], tl.float32)
-    HPT: tl.constexpr = 1 if STACK else G  # loop iterations per query tile
-    for it in range(0, (t1 - t0) * HPT):
-        t = t0 + it // HPT
-        h0 = kh if STACK else kh * G + it % G
-        tok, h, rm = _query_rows(t, h0, N, G, BQ, STACK)
-        klo, khi, nlo, _, _, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, tok, rm, NK)
-        q = _q_tile(Q, tok, h, rm, t * BQ, h0, N, sqn, BQ, D, BD, TMA_Q)
-        do = _q_tile(DO, tok, h, rm, t * BQ, h0, N, sqn, BQ, D, BD, TMA_Q)
-        lse = tl.load(LSE + h.to(tl.int64) * N + tok, mask=rm, other=float("inf"))
-        delta = tl.load(DELTA + h.to(tl.int64) * N + tok, mask=rm, other=0.0)
+    for it in range(0, (t1 - t0) * G):  # one flat loop over (query tile, head): one software pipeline
+        t = t0 + it // G
+        h = kh * G + it % G
+        rq = t * BQ + tl.arange(0, BQ)
+        qm, klo, khi, nlo, _, _, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+        q = _tile(Q, t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
+        do = _tile(DO, t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
+        lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
+        delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
         if (all_live == 0) | (k0 < lo_max) | (k0 + BK > hi_min) | (kn_min < nlo_max):
             vis_t = (rk[:, None] >= klo[None, :]) & (rk[:, None] < khi[None, :]) & (kn[:, None] >= nlo[None, :])
@@ -672,20 +636,18 @@ def _interpret():
 
 def _tiles(name):
     """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
-    NSA_TILES='{"name": [...]}' overrides. Band kernels, per branch and pass: (BQ rows, BK, num_warps,
-    num_stages, TMA loads, GQA-stacked rows)."""
+    NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
+    and pass."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
-    if _interpret():  # the flags mixed so that the tests cover every load path
-        return dict(cmp_fwd=(16, 16, 1, 1, True, True), cmp_dq=(16, 16, 1, 1, True, False),
-                    cmp_dkdv=(16, 16, 1, 1, False, True), swa_fwd=(16, 16, 1, 1, False, False),
-                    swa_dq=(16, 16, 1, 1, True, True), swa_dkdv=(16, 16, 1, 1, True, False),
+    if _interpret():
+        band = (16, 16, 1, 1, True)
+        return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band,
                     score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
-    return dict(cmp_fwd=(128, 64, 8, 2, False, False), cmp_dq=(64, 64, 4, 2, True, False),
-                cmp_dkdv=(32, 128, 8, 3, True, False), swa_fwd=(64, 64, 4, 2, False, False),
-                swa_dq=(64, 64, 4, 2, False, False), swa_dkdv=(32, 64, 4, 3, False, False),
-                score=(64, 8), slc=(64, 4, 3), slc_bwd=(128, 8, 3), slc_chunk=1024, topk=(1024, 1))[name]
+    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
+                swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
+                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 3), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _use_tma(D, wanted):
@@ -793,14 +755,6 @@ def _key_tile_ranges(klo, khi, nk, BQ, BK):
     return _i32(torch.where(any_, first, 0)), _i32(torch.where(any_, last, 0))
 
 
-def _band_launch(kind, H, KH):
-    """A band kernel's tiles: (BQ rows, BK, num_warps, num_stages, TMA for K/V, TMA for q-side rows, stacked GQA
-    rows, query tokens per tile)."""
-    BQ, BK, W, S, tma, stack = _tiles(kind)
-    G = H // KH
-    return BQ, BK, W, S, tma, tma and not stack, stack, BQ // triton.next_power_of_2(G) if stack else BQ
-
-
 def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind):
     """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i -> (o, lse [H, N] log2).
     kind: "cmp" (compressed keys) or "swa" (sliding window), which pick their own tiles."""
@@ -810,11 +764,10 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind):
         return torch.zeros_like(q), torch.full((H, N), float("inf"), device=q.device)
     o = torch.empty_like(q)
     lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
-    BQ, BK, W, S, tma, tma_q, stack, BT = _band_launch(kind + "_fwd", H, KH)
-    _band_fwd[(triton.cdiv(N, BT), KH if stack else H)](
-        q, k, v, o, lse, klo, khi, nlo, knoise, N, NK, scale * math.log2(math.e), q.stride(0), k.stride(0),
-        G=H // KH, D=D, BD=triton.next_power_of_2(D), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), TMA_Q=_use_tma(D, tma_q),
-        STACK=stack, num_warps=W, num_stages=S)
+    BQ, BK, W, S, tma = _tiles(kind + "_fwd")
+    _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, N, NK, scale * math.log2(math.e),
+                                       q.stride(0), k.stride(0), G=H // KH, D=D, BD=triton.next_power_of_2(D),
+                                       BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
     return o, lse
 
 
@@ -826,16 +779,15 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
         return
     meta = dict(G=H // KH, D=D, BD=triton.next_power_of_2(D))
     qk_scale = scale * math.log2(math.e)
-    BQ, BK, W, S, tma, tma_q, stack, BT = _band_launch(kind + "_dq", H, KH)
-    _band_bwd_dq[(triton.cdiv(N, BT), KH if stack else H)](
-        q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale, scale, q.stride(0), k.stride(0),
-        BQ=BQ, BK=BK, TMA=_use_tma(D, tma), TMA_Q=_use_tma(D, tma_q), STACK=stack, **meta, num_warps=W, num_stages=S)
-    BQ, BK, W, S, tma, tma_q, stack, BT = _band_launch(kind + "_dkdv", H, KH)
-    qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BT, BK, KH)
+    BQ, BK, W, S, tma = _tiles(kind + "_dq")
+    _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale, scale,
+                                          q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta,
+                                          num_warps=W, num_stages=S)
+    BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
+    qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, KH)
     _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
         q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
-        q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), TMA_Q=_use_tma(D, tma_q), STACK=stack, **meta,
-        num_warps=W, num_stages=S)
+        q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -1205,18 +1157,17 @@ def breakdown(N=65536):
 
 
 SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
-    "cmp_fwd": [[128, 64, 8, 2, False, False], [128, 64, 8, 2, False, True], [128, 64, 8, 2, True, True],
-                [64, 64, 4, 2, False, True], [128, 128, 8, 2, False, True]],
-    "cmp_dq": [[64, 64, 4, 2, True, False], [128, 64, 8, 2, True, True], [64, 64, 4, 2, True, True],
-               [128, 64, 8, 2, False, True], [128, 32, 8, 2, True, True]],
-    "cmp_dkdv": [[32, 128, 8, 3, True, False], [64, 128, 8, 3, False, True], [64, 128, 8, 2, False, True],
-                 [128, 64, 8, 2, False, True], [128, 128, 8, 2, False, True], [64, 64, 4, 2, False, True]],
-    "swa_fwd": [[64, 64, 4, 2, False, False], [128, 64, 8, 2, False, True], [64, 64, 4, 2, False, True],
-                [128, 64, 8, 2, True, True], [128, 32, 8, 2, False, True]],
-    "swa_dq": [[64, 64, 4, 2, False, False], [128, 64, 8, 2, False, True], [64, 64, 4, 2, False, True],
-               [128, 64, 8, 2, True, True], [128, 32, 8, 2, False, True]],
-    "swa_dkdv": [[32, 64, 4, 3, False, False], [64, 64, 4, 3, False, True], [64, 128, 8, 3, False, True],
-                 [128, 64, 8, 2, False, True], [64, 64, 8, 2, False, True]],
+    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 3, False], [64, 64, 4, 2, False]],
+    "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True]],
+    "cmp_dkdv": [[32, 128, 8, 3, True], [64, 128, 8, 3, False]],
+    "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False]],
+    "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True]],
+    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False]],
+    "topk": [[1024, 1], [512, 1]],
+    "score": [[64, 4], [64, 8], [32, 4]],
+    "slc": [[64, 4, 3], [64, 4, 1], [64, 4, 2], [64, 4, 4], [32, 4, 3], [64, 8, 3], [128, 8, 2]],
+    "slc_bwd": [[128, 8, 3], [128, 8, 1], [128, 8, 2], [64, 4, 2], [64, 8, 2], [64, 4, 4]],
+    "slc_chunk": [1024, 512],
 }
 
 
