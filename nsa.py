@@ -228,7 +228,7 @@ def _band_rows(KLO, KHI, NLO, rq, N, NK):
     khi = tl.load(KHI + rq, mask=qm, other=0)
     nlo = tl.load(NLO + rq, mask=qm, other=0)
     live = khi > klo
-    all_live = tl.min(tl.where(qm & live, 1, 0)) > 0
+    all_live = tl.min(tl.where(qm & (khi <= klo), 0, 1)) > 0  # rows past the end do not count
     return (qm, klo, khi, nlo, tl.min(tl.where(live, klo, NK)), tl.max(tl.where(live, khi, 0)), all_live,
             tl.max(tl.where(qm, klo, 0)), tl.min(tl.where(qm, khi, NK)), tl.max(tl.where(qm, nlo, 0)))
 
