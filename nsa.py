@@ -65,7 +65,6 @@ q/k/v/o projections; dense = SDPA flash backend, GQA pre-expanded), fwd+bwd ms:
     NSA        5.54   8.87  17.95  40.23  100.1
 At 64k: compressed branch 35 ms, selected 28, sliding 13, block scores 7, top-k 4 (`python nsa.py breakdown`).
 """
-import contextlib
 import json
 import math
 import os
@@ -298,8 +297,8 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
 @triton.jit
 def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sm_scale, sqn, skn,
                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                 TMA: tl.constexpr, ACC: tl.constexpr):
-    # dq = this branch's part, or ACC: dq += it (DQ already holds another branch's)
+                 TMA: tl.constexpr):
+    # dq += this branch's part (DQ already holds the other branches')
     pid, h = tl.program_id(0), tl.program_id(1)
     kh = h // G
     q0 = pid * BQ
@@ -326,9 +325,7 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
     rd = tl.arange(0, BD)
     dq_ptr = DQ + rq.to(tl.int64)[:, None] * sqn + h * D + rd[None, :]
     dq_mask = qm[:, None] & (rd < D)[None, :]
-    dq = dq * sm_scale
-    if ACC:
-        dq += tl.load(dq_ptr, mask=dq_mask, other=0.0).to(tl.float32)
+    dq = dq * sm_scale + tl.load(dq_ptr, mask=dq_mask, other=0.0).to(tl.float32)
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_mask)
 
 
@@ -539,8 +536,7 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
 @triton.jit
 def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
                  K_SLOTS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, GRAD: tl.constexpr):
-    # rows are (query, head) = query * H + head. Forward: merge the slots' softmaxes (o, lse); GRAD: add the slots'
-    # dq to OUT.
+    # rows are (query, head) = query * H + head. Forward: merge the slots' softmaxes (o, lse); GRAD: sum dq.
     row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = row < NROWS
     rd = tl.arange(0, BD)
@@ -563,7 +559,7 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
         acc += w[:, None] * x.to(tl.float32)
         l += w
     if GRAD:
-        out = acc + tl.load(OUT + row[:, None] * D + rd[None, :], mask=rm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        out = acc
     else:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(LSE + (row % H) * N + row // H, tl.where(l > 0, m_use + tl.log2(tl.where(l > 0, l, 1.0)), float("inf")), mask=rm)
@@ -775,8 +771,8 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind):
     return o, lse
 
 
-def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, plan, dq, dq_acc, dk, dv):
-    """This branch's gradients: writes dq (q's dtype; dq_acc: adds to it) and adds to the fp32 dk, dv buffers."""
+def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, plan, dq, dk, dv):
+    """Adds this branch's gradients: dq (q's dtype) and the fp32 dk, dv buffers."""
     N, H, D = q.shape
     NK, KH, _ = k.shape
     if NK == 0:
@@ -785,8 +781,8 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
     qk_scale = scale * math.log2(math.e)
     BQ, BK, W, S, tma = _tiles(kind + "_dq")
     _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale, scale,
-                                          q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), ACC=dq_acc,
-                                          **meta, num_warps=W, num_stages=S)
+                                          q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta,
+                                          num_warps=W, num_stages=S)
     BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
     qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, KH)
     _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
@@ -874,8 +870,8 @@ def _selected_forward(q, k, v, idx, plan, scale):
     return o, lse, (lp, qlist, work)
 
 
-def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dk, dv):
-    """Adds to the fp32 dk, dv buffers; returns the per-slot dq partials for _selected_dq."""
+def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
+    """Writes dq (q's dtype; the first branch to do so) and adds to the fp32 dk, dv buffers."""
     lp, qlist, work = state
     N, H, D = q.shape
     KH = k.shape[1]
@@ -887,53 +883,17 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dk, dv):
                            plan.tok_noise, N, H, scale * math.log2(math.e), scale,
                            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
                            K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
-    return dqp
-
-
-def _selected_dq(dqp, lp, lse, dq):
-    """dq += the sum of the slots' dq partials."""
-    N, K, H, D = dqp.shape
-    _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D,
-                                            BD=triton.next_power_of_2(D), BR=16, GRAD=True)
-
-
-_SIDE_STREAMS = {}
-
-
-def _fork(device):
-    """A second CUDA stream that starts where the current one is, so that the memory-bound selected-attention
-    kernels run beside the compute-bound band kernels; None on the CPU (everything then runs in order)."""
-    if device.type != "cuda":
-        return None
-    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
-    side.wait_stream(torch.cuda.current_stream(device))
-    return side
-
-
-def _on(side):
-    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
-
-
-def _join(side):
-    """The current stream waits for the side stream's work. Tensors that cross streams live until after the join,
-    and every fork first waits for the current stream, so the caching allocator never hands out memory that the
-    other stream still reads."""
-    if side is not None:
-        torch.cuda.current_stream(side.device).wait_stream(side)
+    _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=True)
 
 
 def _branches_forward(q, k, v, ck, cv, plan, cfg, scale):
-    """The three branches' outputs, with what their backward needs. The sliding window runs on a side stream
-    beside the selection and selected attention."""
+    """The three branches' outputs, with what their backward needs."""
     o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp")
     score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], cfg["kernel_stride"], cfg["kernel_size"],
                                 cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
     idx = select_blocks_triton(score, cfg["topk"])
-    side = _fork(q.device)
-    with _on(side):
-        o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa")
     o_slc, lse_slc, slc_state = _selected_forward(q, k, v, idx, plan, scale)
-    _join(side)
+    o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa")
     return (o_cmp, o_slc, o_swa), (lse_cmp, lse_slc, lse_swa), slc_state
 
 
@@ -966,15 +926,11 @@ class _NSAAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk, dv = (torch.zeros(k.shape, device=q.device, dtype=torch.float32) for _ in range(2))
         dck, dcv = (torch.zeros(ck.shape, device=q.device, dtype=torch.float32) for _ in range(2))
-        side = _fork(q.device)  # selected attention beside the two band branches; dk, dv take atomics from both
-        with _on(side):
-            dqp = _selected_backward(q, k, v, d_out[1], lse_slc, delta[1], slc_state, plan, scale, dk, dv)
+        _selected_backward(q, k, v, d_out[1], lse_slc, delta[1], slc_state, plan, scale, dq, dk, dv)
         _band_backward(q, ck, cv, d_out[0], lse_cmp, delta[0], plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
-                       "cmp", plan, dq, False, dck, dcv)
+                       "cmp", plan, dq, dck, dcv)
         _band_backward(q, k, v, d_out[2], lse_swa, delta[2], plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
-                       "swa", plan, dq, ck.shape[0] > 0, dk, dv)
-        _join(side)
-        _selected_dq(dqp, slc_state[0], lse_slc, dq)
+                       "swa", plan, dq, dk, dv)
         return (dq, dk.to(k.dtype), dv.to(v.dtype), dck.to(ck.dtype), dcv.to(cv.dtype), dgate.to(gate.dtype),
                 None, None, None)
 
