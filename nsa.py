@@ -630,8 +630,11 @@ def _gate_bwd(GATE, O1, O2, O3, DO, DO1, DO2, DO3, DG, DELTA, NROWS, N, H,
 # ----------------------------------------------------------------------------------------------
 # Launch plumbing
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton.jit saw it when it built these kernels
+
+
 def _interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRET
 
 
 def _tiles(name):

@@ -7,15 +7,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
+
+# nsa's kernels are built for the Triton interpreter (CPU, exact fp32) and run under it during these tests only:
+# other tests' Triton code (torch.compile on a GPU machine) is compiled as usual.
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
 import nsa  # noqa: E402
+if _saved is None:
+    os.environ.pop("TRITON_INTERPRET")
+else:
+    os.environ["TRITON_INTERPRET"] = _saved
+assert nsa.INTERPRET, "nsa was imported before this module could build its kernels for the Triton interpreter"
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter reads it again at every launch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nsa_reference"
 
