@@ -220,17 +220,20 @@ def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
 # (the first noise token a key covers, BIG if none): key c is visible iff klo <= c < khi and noise[c] >= nlo.
 
 @triton.jit
-def _band_rows(KLO, KHI, NLO, rq, N, NK):
-    """Per-row key ranges of a query tile, and what a key tile needs to skip masking: it is fully visible to every
-    row iff every row has keys, the tile lies in [max klo, min khi) and none of its keys is noise below max nlo."""
+def _band_rows(KLO, KHI, NLO, rq, N):
+    """Per-row key ranges of a query tile: (in range, klo, khi, nlo)."""
     qm = rq < N
-    klo = tl.load(KLO + rq, mask=qm, other=0)
-    khi = tl.load(KHI + rq, mask=qm, other=0)
-    nlo = tl.load(NLO + rq, mask=qm, other=0)
-    live = khi > klo
-    all_live = tl.min(tl.where(qm & (khi <= klo), 0, 1)) > 0  # rows past the end do not count
-    return (qm, klo, khi, nlo, tl.min(tl.where(live, klo, NK)), tl.max(tl.where(live, khi, 0)), all_live,
-            tl.max(tl.where(qm, klo, 0)), tl.min(tl.where(qm, khi, NK)), tl.max(tl.where(qm, nlo, 0)))
+    return (qm, tl.load(KLO + rq, mask=qm, other=0), tl.load(KHI + rq, mask=qm, other=0),
+            tl.load(NLO + rq, mask=qm, other=0))
+
+
+@triton.jit
+def _unmasked(QSTAT, KNMIN, t, k0, BK: tl.constexpr):
+    """Whether key tile [k0, k0 + BK) (BK-aligned) is visible to every row of query tile t, so that it needs no
+    mask: QSTAT[t] = (lowest such k0, highest tile end, max nlo), KNMIN[k0 // BK] = first noise token a key of the
+    tile covers (Plan.band_stats)."""
+    return (k0 >= tl.load(QSTAT + t * 3)) & (k0 + BK <= tl.load(QSTAT + t * 3 + 1)) & (
+        tl.load(KNMIN + k0 // BK) >= tl.load(QSTAT + t * 3 + 2))
 
 
 @triton.jit
@@ -256,14 +259,17 @@ def _tile(X, row0, n_rows, col0, sxn, BR: tl.constexpr, D: tl.constexpr, BD: tl.
 
 
 @triton.jit
-def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
+def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_scale, sqn, skn,
               G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
               TMA: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     kh = h // G
     q0 = pid * BQ
     rq = q0 + tl.arange(0, BQ)
-    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
+    live = khi > klo
+    k_start = tl.min(tl.where(live, klo, NK)) // BK * BK  # BK-aligned tiles: KNMIN has one entry per tile
+    k_end = tl.max(tl.where(live, khi, 0))
     q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
     V = _source(V, NK, skn, BK, BD, TMA)
@@ -276,7 +282,7 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
         v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
         kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        if (all_live == 0) | (start < lo_max) | (start + BK > hi_min) | (tl.min(kn) < nlo_max):
+        if _unmasked(QSTAT, KNMIN, pid, start, BK) == 0:
             vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -295,7 +301,8 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sqn, skn,
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_scale, sm_scale, sqn, skn,
+def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_scale, sm_scale, sqn,
+                 skn,
                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                  TMA: tl.constexpr):
     # dq += this branch's part (DQ already holds the other branches')
@@ -303,7 +310,10 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
     kh = h // G
     q0 = pid * BQ
     rq = q0 + tl.arange(0, BQ)
-    qm, klo, khi, nlo, k_start, k_end, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+    qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
+    live = khi > klo
+    k_start = tl.min(tl.where(live, klo, NK)) // BK * BK  # BK-aligned tiles: KNMIN has one entry per tile
+    k_end = tl.max(tl.where(live, khi, 0))
     q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     do = _tile(_source(DO, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
@@ -317,7 +327,7 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
         v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
         kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        if (all_live == 0) | (start < lo_max) | (start + BK > hi_min) | (tl.min(kn) < nlo_max):
+        if _unmasked(QSTAT, KNMIN, pid, start, BK) == 0:
             vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
             p = tl.where(vis, p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -330,7 +340,8 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, N, NK, qk_s
 
 
 @triton.jit
-def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO, QT_HI, QC, N, NK, qk_scale,
+def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, QT_LO, QT_HI, QC, N, NK,
+                   qk_scale,
                    sm_scale, sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
                    BK: tl.constexpr, TMA: tl.constexpr):
     # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics. Works on
@@ -345,20 +356,20 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QT_LO
     Q = _source(Q, N, sqn, BQ, BD, TMA)
     DO = _source(DO, N, sqn, BQ, BD, TMA)
     kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
-    kn_min = tl.min(kn)
     dk = tl.zeros([BK, BD], tl.float32)
     dv = tl.zeros([BK, BD], tl.float32)
     for it in range(0, (t1 - t0) * G):  # one flat loop over (query tile, head): one software pipeline
         t = t0 + it // G
         h = kh * G + it % G
         rq = t * BQ + tl.arange(0, BQ)
-        qm, klo, khi, nlo, _, _, all_live, lo_max, hi_min, nlo_max = _band_rows(KLO, KHI, NLO, rq, N, NK)
+        qm = rq < N
         q = _tile(Q, t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
         do = _tile(DO, t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
         lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
         delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-        if (all_live == 0) | (k0 < lo_max) | (k0 + BK > hi_min) | (kn_min < nlo_max):
+        if _unmasked(QSTAT, KNMIN, t, k0, BK) == 0:
+            _, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
             vis_t = (rk[:, None] >= klo[None, :]) & (rk[:, None] < khi[None, :]) & (kn[:, None] >= nlo[None, :])
             p_t = tl.where(vis_t, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
@@ -733,6 +744,25 @@ class Plan:
             self._key_tiles[key] = (lo, hi, qc, max(1, -(-int(span.max()) // qc)))
         return self._key_tiles[key]
 
+    def band_stats(self, klo, khi, nlo, knoise, nk, BQ, BK):
+        """Cached per pack: what _unmasked reads. Per query tile of BQ rows: the lowest BK-aligned key tile start
+        visible to all rows (BIG if a row sees nothing), the highest tile end, the largest nlo; per key tile: the
+        first noise token any of its keys covers."""
+        key = ("stats", klo.data_ptr(), knoise.data_ptr(), nk, BQ, BK)
+        if key not in self._key_tiles:
+            N = klo.numel()
+            T = -(-N // BQ)
+            pad = lambda t, value: F.pad(t.long(), (0, T * BQ - N), value=value).view(T, BQ)
+            valid = pad(torch.ones_like(klo), 0).bool()
+            lo, hi = pad(klo, 0), pad(khi, BIG)
+            all_live = ((hi > lo) | ~valid).all(1)
+            fast_lo = torch.where(all_live, -(-lo.amax(1) // BK) * BK, BIG)
+            qstat = torch.stack([fast_lo, hi.amin(1), pad(nlo, 0).amax(1)], 1)
+            KT = -(-nk // BK)
+            knmin = F.pad(knoise.long(), (0, KT * BK - nk), value=-1).view(KT, BK).amin(1)
+            self._key_tiles[key] = (_i32(qstat), _i32(knmin))
+        return self._key_tiles[key]
+
 
 def get_plan(layout: SpanLayout, cfg):
     """The Plan of a pack, built once and kept on the layout: every layer of a forward shares it."""
@@ -758,7 +788,7 @@ def _key_tile_ranges(klo, khi, nk, BQ, BK):
     return _i32(torch.where(any_, first, 0)), _i32(torch.where(any_, last, 0))
 
 
-def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind):
+def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
     """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i -> (o, lse [H, N] log2).
     kind: "cmp" (compressed keys) or "swa" (sliding window), which pick their own tiles."""
     N, H, D = q.shape
@@ -768,7 +798,8 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind):
     o = torch.empty_like(q)
     lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
     BQ, BK, W, S, tma = _tiles(kind + "_fwd")
-    _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, N, NK, scale * math.log2(math.e),
+    stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
+    _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, *stats, N, NK, scale * math.log2(math.e),
                                        q.stride(0), k.stride(0), G=H // KH, D=D, BD=triton.next_power_of_2(D),
                                        BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
     return o, lse
@@ -783,13 +814,16 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
     meta = dict(G=H // KH, D=D, BD=triton.next_power_of_2(D))
     qk_scale = scale * math.log2(math.e)
     BQ, BK, W, S, tma = _tiles(kind + "_dq")
-    _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, N, NK, qk_scale, scale,
+    stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
+    _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, *stats, N, NK, qk_scale,
+                                          scale,
                                           q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta,
                                           num_warps=W, num_stages=S)
     BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
     qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, KH)
+    stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
     _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
-        q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
+        q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, *stats, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
         q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
 
 
@@ -891,12 +925,12 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
 
 def _branches_forward(q, k, v, ck, cv, plan, cfg, scale):
     """The three branches' outputs, with what their backward needs."""
-    o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp")
+    o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp", plan)
     score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], cfg["kernel_stride"], cfg["kernel_size"],
                                 cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
     idx = select_blocks_triton(score, cfg["topk"])
     o_slc, lse_slc, slc_state = _selected_forward(q, k, v, idx, plan, scale)
-    o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa")
+    o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa", plan)
     return (o_cmp, o_slc, o_swa), (lse_cmp, lse_slc, lse_swa), slc_state
 
 
