@@ -452,11 +452,18 @@ def _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo,
 
 
 @triton.jit
-def _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
-    """Rows r0 .. r0+BM of a work item's gathered list: entry r // G (flat query * K_SLOTS + slot), head r % G."""
+def _slc_entries(QLIST, E, r0, n_rows, G: tl.constexpr, BM: tl.constexpr):
+    """The list entries (flat query * K_SLOTS + slot) of rows r0 .. r0+BM of a work item: entry r // G, head r % G.
+    Loaded one row chunk ahead, so that the gathers they address do not wait for them."""
+    r = r0 + tl.arange(0, BM)
+    return tl.load(QLIST + E + r // G, mask=r < n_rows, other=0)
+
+
+@triton.jit
+def _slc_rows(HI, NLO, e, r0, n_rows, K_SLOTS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    """Rows r0 .. r0+BM of a work item, from their entries: (in range, query, slot, head in group, hi, nlo)."""
     r = r0 + tl.arange(0, BM)
     rm = r < n_rows
-    e = tl.load(QLIST + E + r // G, mask=rm, other=0)
     i = e // K_SLOTS
     hi = tl.load(HI + i, mask=rm, other=-1)
     nlo = tl.load(NLO + i, mask=rm, other=BIG_I32)
@@ -493,8 +500,10 @@ def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
     # block once, stream the (query, head) rows that chose it, softmax within the block, write per-slot
     # partials o_s [L, K_SLOTS, H, D] and lse_s [L, K_SLOTS, H]; _slc_combine merges a row's slots.
     kh, E, n_rows, rk, km, rd, dm, k, v, kn = _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G, D, BD, BS)
+    e = _slc_entries(QLIST, E, 0, n_rows, G, BM)
     for r0 in range(0, n_rows, BM):
-        rm, i, slot, g, hi, nlo = _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS, G, BM)
+        e_next = _slc_entries(QLIST, E, r0 + BM, n_rows, G, BM)
+        rm, i, slot, g, hi, nlo = _slc_rows(HI, NLO, e, r0, n_rows, K_SLOTS, G, BM)
         h = kh * G + g
         i64 = i.to(tl.int64)
         q = tl.load(Q + i64[:, None] * sqn + h[:, None] * sqh + rd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
@@ -509,6 +518,7 @@ def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
         row = (i64 * K_SLOTS + slot) * H + h  # [L, K_SLOTS, H]: a query's heads side by side
         tl.store(OP + row[:, None] * D + rd[None, :], o.to(OP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
         tl.store(LP + row, tl.where(ok, m_use + tl.log2(tl.where(ok, l, 1.0)), float("-inf")), mask=rm)
+        e = e_next
 
 
 @triton.jit
@@ -521,8 +531,10 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
     kh, E, n_rows, rk, km, rd, dm, k, v, kn = _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G, D, BD, BS)
     dk = tl.zeros([BS, BD], tl.float32)
     dv = tl.zeros([BS, BD], tl.float32)
+    e = _slc_entries(QLIST, E, 0, n_rows, G, BM)
     for r0 in range(0, n_rows, BM):
-        rm, i, slot, g, hi, nlo = _slc_rows(QLIST, HI, NLO, E, r0, n_rows, K_SLOTS, G, BM)
+        e_next = _slc_entries(QLIST, E, r0 + BM, n_rows, G, BM)
+        rm, i, slot, g, hi, nlo = _slc_rows(HI, NLO, e, r0, n_rows, K_SLOTS, G, BM)
         h = kh * G + g
         i64 = i.to(tl.int64)
         qo = i64[:, None] * sqn + h[:, None] * sqh + rd[None, :]
@@ -538,6 +550,7 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
         dq = tl.dot(ds.to(k.dtype), k) * sm_scale
         row = (i64 * K_SLOTS + slot) * H + h  # [L, K_SLOTS, H]: a query's heads side by side
         tl.store(DQP + row[:, None] * D + rd[None, :], dq.to(DQP.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+        e = e_next
     o = rk.to(tl.int64)[:, None] * sdkn + kh * sdkh + rd[None, :]
     wm = km[:, None] & dm[None, :] & ((rk * 0 + n_rows) > 0)[:, None]
     tl.atomic_add(DK + o, dk * sm_scale, mask=wm)
