@@ -674,7 +674,7 @@ def _tiles(name):
                     score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
     return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 3), slc_chunk=1024, topk=(1024, 1))[name]
+                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _use_tma(D, wanted):
