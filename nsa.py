@@ -37,18 +37,26 @@ The rules for the three branches:
     already reaches w/2 ahead).
 
 Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in, fp32 accumulation):
+  - _NSAAttention is the whole gated sum as one autograd op: _gate_fwd sums the branches; in the backward one pass
+    (_gate_bwd) over do gives each branch its output gradient g_b * do, its softmax delta and the gate gradient,
+    and the branches add into shared dq and fp32 dk/dv buffers.
   - _band_fwd, _band_bwd_dq, _band_bwd_dkdv: flash attention where query i sees the keys of a contiguous range
     [klo_i, khi_i) that are not another span's noise. Used twice: compressed branch (keys = compressed tokens) and
-    sliding window (keys = tokens). dk/dv loop over the G query heads of a KV head inside one program (no G-fold
-    buffers); long query ranges are split into chunks whose dk/dv meet in fp32 atomics.
+    sliding window (keys = tokens). Key tiles visible to every row of a query tile skip the mask (decided from
+    per-pack tile statistics, Plan.band_stats, not per-iteration reductions). dk/dv loop over (query tile, head of
+    the KV group) in one flat loop (no G-fold buffers); long query ranges are cut into chunks, sized to fill the
+    GPU, whose dk/dv meet in fp32 atomics. K/V (and q/do in the backward) can load through Hopper TMA descriptors.
   - _block_scores: recomputes the compressed probabilities from the saved lse, sums the group, maps compressed
-    keys onto blocks with the overlap weights (one small matmul per tile) and writes masked/forced block scores;
-    _topk then takes the top-k per (KV head, query) and sorts the ids.
+    keys onto blocks with the overlap weights (one small fp32 matmul per tile) and writes masked/forced block
+    scores; _topk (one warp per row) then takes the top-k per (KV head, query) and sorts the ids.
   - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block (group-centric without padding G=7
     to 16): the top-k lists are inverted so that each program loads one KV block once and streams the
-    (query, head) rows that chose it. The forward writes each (row, slot) partial softmax and _slc_combine merges
-    a row's slots; the backward recomputes p with the merged lse, accumulates dk/dv per block and writes per-slot
-    dq partials that _slc_combine sums.
+    (query, head) rows that chose it, their list entries loaded one chunk ahead. The forward writes each
+    (row, slot) partial softmax ([L, K, H, D]: a query's heads side by side) and _slc_combine merges a row's slots;
+    the backward recomputes p with the merged lse, accumulates dk/dv per block and writes per-slot dq partials that
+    _slc_combine sums. These kernels are memory-bound on the partials (K reads and writes per row).
+Launch shapes (_tiles) are tuned on an H100 (`python nsa.py sweep`); NSA_TILES overrides them, and a shape that
+does not fit a GPU's shared memory is retried with one pipeline stage (_launch).
 
 Initialisation from a dense checkpoint (NSA.reset_parameters): value pooling weights 0 (o_cmp = 0), key pooling =
 mean (so selection scores mean something), pe = 0, gate weight 0 (every gate 0.5). Then o = (o_slc + o_swa) / 2,
@@ -59,11 +67,12 @@ min(window_size + 1, topk * block_size) tokens; tested). On longer samples `pyth
 nearly uniform dense attention, which no sparse pattern approximates; trained heads are peaked, so expect closer.
 
 Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128; NSA = the whole module minus the
-q/k/v/o projections; dense = SDPA flash backend, GQA pre-expanded), fwd+bwd ms:
-    tokens      4k     8k     16k    32k    64k
-    dense      1.79   5.92  21.18  82.08  336.2
-    NSA        5.54   8.87  17.95  40.23  100.1
-At 64k: compressed branch 35 ms, selected 28, sliding 13, block scores 7, top-k 4 (`python nsa.py breakdown`).
+q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
+native, measured in the same call), fwd+bwd ms:
+SPEED_TABLE
+Tried on the H100 and measured no faster (so not kept): stacking a GQA group's heads in the band kernels' rows,
+running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
+tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd.
 """
 import json
 import math
@@ -574,8 +583,8 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
     l = tl.zeros([BR], tl.float32)
     for s in range(K_SLOTS):
         ls = tl.load(LP + slot0 + s * H, mask=rm, other=float("-inf"))
-        x = tl.load(XP + (slot0 + s * H)[:, None] * D + rd[None, :], mask=(rm & (ls > float("-inf")))[:, None] & dm[None, :],
-                    other=0.0)
+        x = tl.load(XP + (slot0 + s * H)[:, None] * D + rd[None, :],
+                    mask=(rm & (ls > float("-inf")))[:, None] & dm[None, :], other=0.0)
         if GRAD:
             w = tl.where(ls > float("-inf"), 1.0, 0.0)
         else:
@@ -586,7 +595,8 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
         out = acc
     else:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(LSE + (row % H) * N + row // H, tl.where(l > 0, m_use + tl.log2(tl.where(l > 0, l, 1.0)), float("inf")), mask=rm)
+        lse = tl.where(l > 0, m_use + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+        tl.store(LSE + (row % H) * N + row // H, lse, mask=rm)
     tl.store(OUT + row[:, None] * D + rd[None, :], out.to(OUT.dtype.element_ty), mask=rm[:, None] & dm[None, :])
 
 
@@ -605,7 +615,8 @@ def _topk(S, IDX, ROWS, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr
         out = tl.where((kk[None, :] == t) & (m > float("-inf"))[:, None], a[:, None], out)
         s = tl.where(c[None, :] == a[:, None], float("-inf"), s)
     out = tl.sort(out, 1)
-    tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out), mask=rm[:, None] & (kk[None, :] < K))
+    tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out),
+             mask=rm[:, None] & (kk[None, :] < K))
 
 
 @triton.jit
@@ -675,6 +686,18 @@ def _tiles(name):
     return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
                 score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
+
+
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta). A launch shape tuned on an H100 that needs more shared memory than this GPU has
+    is retried with one pipeline stage, then reported with the way out."""
+    try:
+        return kernel[grid](*args, **meta)
+    except triton.runtime.errors.OutOfResources as e:
+        if meta.get("num_stages") == 1:
+            raise RuntimeError(f"NSA kernel {kernel.__name__} does not fit this GPU ({e}); give it smaller tiles "
+                               f"with NSA_TILES (keys and defaults: nsa._tiles)") from e
+        return _launch(kernel, grid, *args, **{**meta, "num_stages": 1})
 
 
 def _use_tma(D, wanted):
@@ -812,9 +835,9 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
     lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
     BQ, BK, W, S, tma = _tiles(kind + "_fwd")
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
-    _band_fwd[(triton.cdiv(N, BQ), H)](q, k, v, o, lse, klo, khi, nlo, knoise, *stats, N, NK, scale * math.log2(math.e),
-                                       q.stride(0), k.stride(0), G=H // KH, D=D, BD=triton.next_power_of_2(D),
-                                       BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
+    _launch(_band_fwd, (triton.cdiv(N, BQ), H), q, k, v, o, lse, klo, khi, nlo, knoise, *stats, N, NK,
+            scale * math.log2(math.e), q.stride(0), k.stride(0), G=H // KH, D=D, BD=triton.next_power_of_2(D),
+            BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
     return o, lse
 
 
@@ -828,16 +851,15 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
     qk_scale = scale * math.log2(math.e)
     BQ, BK, W, S, tma = _tiles(kind + "_dq")
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
-    _band_bwd_dq[(triton.cdiv(N, BQ), H)](q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, *stats, N, NK, qk_scale,
-                                          scale,
-                                          q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta,
-                                          num_warps=W, num_stages=S)
+    _launch(_band_bwd_dq, (triton.cdiv(N, BQ), H), q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, *stats, N, NK,
+            qk_scale, scale, q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W,
+            num_stages=S)
     BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
     qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, KH)
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
-    _band_bwd_dkdv[(triton.cdiv(NK, BK), KH, n_chunks)](
-        q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, *stats, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
-        q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
+    _launch(_band_bwd_dkdv, (triton.cdiv(NK, BK), KH, n_chunks),
+            q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, *stats, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
+            q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -853,11 +875,11 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     ck, c_noise = ck.contiguous(), plan.c_noise
     if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
         ck, c_noise = ck.new_zeros(1, *ck.shape[1:]), c_noise.new_zeros(1)
-    _block_scores[(triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads)](
-        q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
-        N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
-        G=H // num_kv_heads, D=D, BD=triton.next_power_of_2(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
-        INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
+    _launch(_block_scores, (triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads),
+            q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
+            N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
+            G=H // num_kv_heads, D=D, BD=triton.next_power_of_2(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
+            INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
     return out
 
 
@@ -911,9 +933,9 @@ def _selected_forward(q, k, v, idx, plan, scale):
     op = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     lp = torch.full((N, K, H), float("-inf"), device=q.device, dtype=torch.float32)
     BM, W, S = _tiles("slc")
-    _slc_fwd[(len(work),)](q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H, scale * math.log2(math.e),
-                           *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
+    _launch(_slc_fwd, (len(work),), q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H,
+            scale * math.log2(math.e), *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+            K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
     o = torch.empty_like(q)
     lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
     _slc_combine[(triton.cdiv(N * H, 16),)](op, lp, o, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=False)
@@ -929,10 +951,10 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     BD = triton.next_power_of_2(D)
     dqp = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     BM, W, S = _tiles("slc_bwd")
-    _slc_bwd[(len(work),)](q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
-                           plan.tok_noise, N, H, scale * math.log2(math.e), scale,
-                           *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
-                           K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
+    _launch(_slc_bwd, (len(work),), q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
+            plan.tok_noise, N, H, scale * math.log2(math.e), scale,
+            *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dk.stride()[:2],
+            K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
     _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=True)
 
 

@@ -399,3 +399,30 @@ def test_gpu_bf16_kernels_match_reference():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(Path(nsa.__file__)), "check"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_launch_retries_with_one_stage_then_explains():
+    """A launch shape that needs more shared memory than the GPU has (an H100 tuning on a smaller GPU) is retried
+    with one pipeline stage; if that does not fit either, the error says how to choose smaller tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    class Kernel:  # stands in for a @triton.jit function: kernel[grid](*args, **meta)
+        __name__ = "_fake"
+
+        def __init__(self, fits_at):
+            self.fits_at, self.calls = fits_at, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                self.calls.append(meta.get("num_stages"))
+                if meta.get("num_stages") != self.fits_at:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return "ran"
+            return launch
+
+    k = Kernel(fits_at=1)
+    assert nsa._launch(k, (1,), 0, num_warps=4, num_stages=3) == "ran" and k.calls == [3, 1]
+    k = Kernel(fits_at=None)
+    with pytest.raises(RuntimeError, match="NSA_TILES"):
+        nsa._launch(k, (1,), num_stages=2)
+    assert k.calls == [2, 1]
