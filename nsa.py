@@ -277,7 +277,7 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_sc
     rq = q0 + tl.arange(0, BQ)
     qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
     live = khi > klo
-    k_start = tl.min(tl.where(live, klo, NK)) // BK * BK  # BK-aligned tiles: KNMIN has one entry per tile
+    k_start = tl.min(tl.where(live, klo // BK * BK, NK))  # BK-aligned tiles: KNMIN has one entry per tile
     k_end = tl.max(tl.where(live, khi, 0))
     q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
@@ -321,7 +321,7 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMI
     rq = q0 + tl.arange(0, BQ)
     qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
     live = khi > klo
-    k_start = tl.min(tl.where(live, klo, NK)) // BK * BK  # BK-aligned tiles: KNMIN has one entry per tile
+    k_start = tl.min(tl.where(live, klo // BK * BK, NK))  # BK-aligned tiles: KNMIN has one entry per tile
     k_end = tl.max(tl.where(live, khi, 0))
     q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
     do = _tile(_source(DO, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
@@ -700,9 +700,14 @@ def _launch(kernel, grid, *args, **meta):
         return _launch(kernel, grid, *args, **{**meta, "num_stages": 1})
 
 
+def _bd(D):
+    """Head dim as the kernels tile it: a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(D))
+
+
 def _use_tma(D, wanted):
     """Hopper bulk tensor copies for whole-row tiles; device-side descriptors need a scratch allocator."""
-    if not (wanted and D == triton.next_power_of_2(D)):
+    if not (wanted and D == _bd(D)):
         return False
     triton.set_allocator(lambda size, align, stream: torch.empty(
         size, dtype=torch.int8, device="cpu" if _interpret() else "cuda"))
@@ -836,7 +841,7 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
     BQ, BK, W, S, tma = _tiles(kind + "_fwd")
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
     _launch(_band_fwd, (triton.cdiv(N, BQ), H), q, k, v, o, lse, klo, khi, nlo, knoise, *stats, N, NK,
-            scale * math.log2(math.e), q.stride(0), k.stride(0), G=H // KH, D=D, BD=triton.next_power_of_2(D),
+            scale * math.log2(math.e), q.stride(0), k.stride(0), G=H // KH, D=D, BD=_bd(D),
             BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
     return o, lse
 
@@ -847,7 +852,7 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
     NK, KH, _ = k.shape
     if NK == 0:
         return
-    meta = dict(G=H // KH, D=D, BD=triton.next_power_of_2(D))
+    meta = dict(G=H // KH, D=D, BD=_bd(D))
     qk_scale = scale * math.log2(math.e)
     BQ, BK, W, S, tma = _tiles(kind + "_dq")
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
@@ -878,7 +883,7 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     _launch(_block_scores, (triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads),
             q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
             N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
-            G=H // num_kv_heads, D=D, BD=triton.next_power_of_2(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
+            G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
             INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
     return out
 
@@ -928,7 +933,7 @@ def _selected_forward(q, k, v, idx, plan, scale):
     N, H, D = q.shape
     KH = k.shape[1]
     K = idx.shape[2]
-    BD = triton.next_power_of_2(D)
+    BD = _bd(D)
     qlist, work = _selection_work(idx, plan)
     op = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     lp = torch.full((N, K, H), float("-inf"), device=q.device, dtype=torch.float32)
@@ -948,7 +953,7 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     N, H, D = q.shape
     KH = k.shape[1]
     K = lp.shape[1]
-    BD = triton.next_power_of_2(D)
+    BD = _bd(D)
     dqp = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     BM, W, S = _tiles("slc_bwd")
     _launch(_slc_bwd, (len(work),), q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
@@ -979,7 +984,7 @@ class _NSAAttention(torch.autograd.Function):
         outs, lses, slc_state = _branches_forward(q, k, v, ck, cv, plan, cfg, scale)
         N, H, D = q.shape
         o = torch.empty_like(q)
-        _gate_fwd[(triton.cdiv(N * H, 16),)](gate, *outs, o, N * H, D=D, BD=triton.next_power_of_2(D), BR=16)
+        _gate_fwd[(triton.cdiv(N * H, 16),)](gate, *outs, o, N * H, D=D, BD=_bd(D), BR=16)
         ctx.save_for_backward(q, k, v, ck, cv, gate, *outs, *lses, *slc_state)
         ctx.plan, ctx.scale = plan, scale
         return o
@@ -994,7 +999,7 @@ class _NSAAttention(torch.autograd.Function):
         dgate = torch.empty(N, H, 3, device=q.device, dtype=torch.float32)
         delta = torch.empty(3, H, N, device=q.device, dtype=torch.float32)
         _gate_bwd[(triton.cdiv(N * H, 16),)](gate, o_cmp, o_slc, o_swa, do, *d_out, dgate, delta, N * H, N, H,
-                                             D=D, BD=triton.next_power_of_2(D), BR=16)
+                                             D=D, BD=_bd(D), BR=16)
         dq = torch.empty_like(q)
         dk, dv = (torch.zeros(k.shape, device=q.device, dtype=torch.float32) for _ in range(2))
         dck, dcv = (torch.zeros(ck.shape, device=q.device, dtype=torch.float32) for _ in range(2))
