@@ -14,42 +14,54 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
 
-# nsa's kernels are built for the Triton interpreter (CPU, exact fp32) and run under it during these tests only:
-# other tests' Triton code (torch.compile on a GPU machine) is compiled as usual.
+# Without a GPU, nsa's kernels are built for the Triton interpreter (exact fp32 on the CPU, as in CI) and run under
+# it during these tests only. On a CUDA machine they stay compiled for the GPU (test_gpu_bf16_kernels_match_reference
+# checks them there): switching Triton to the interpreter inside a process that also compiles for the GPU breaks the
+# other tests' torch.compile.
+ON_GPU = torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 import nsa  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-
+PROBE = """
+import torch, triton, triton.language as tl
 @triton.jit
-def _loop_to_loaded_bound(X):
+def loop_to_loaded_bound(X):
     for i in range(0, tl.load(X)):
         tl.store(X + 1, i)
+x = torch.tensor([2, 0], dtype=torch.int32)
+loop_to_loaded_bound[(1,)](x)
+assert x[1] == 1
+"""
 
 
 def _interpreter_runs_nsa():
     """The kernels loop to bounds they load; Triton 3.6's interpreter cannot (3.9's can)."""
-    try:
-        _loop_to_loaded_bound[(1,)](torch.tensor([2, 0], dtype=torch.int32))
-        return True
-    except Exception:
-        return False
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True).returncode == 0
 
 
-needs_interpreter = pytest.mark.skipif(not _interpreter_runs_nsa(), reason=f"Triton {triton.__version__}'s "
-                                       "interpreter cannot loop to loaded bounds (requirements.txt pins one that can)")
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET")
+if ON_GPU:
+    needs_interpreter = pytest.mark.skip(reason="CUDA machine: nsa's kernels are compiled for the GPU here; the exact "
+                                         "fp32 interpreter tests run where there is no GPU (CI)")
 else:
-    os.environ["TRITON_INTERPRET"] = _saved
-assert nsa.INTERPRET, "nsa was imported before this module could build its kernels for the Triton interpreter"
+    needs_interpreter = pytest.mark.skipif(not _interpreter_runs_nsa(), reason=f"Triton {triton.__version__}'s "
+                                           "interpreter cannot loop to loaded bounds (requirements.txt pins one "
+                                           "that can)")
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET")
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+    assert nsa.INTERPRET, "nsa was imported before this module could build its kernels for the Triton interpreter"
 
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter reads it again at every launch
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter reads it again at every launch
+
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nsa_reference"
 
