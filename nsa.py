@@ -686,8 +686,8 @@ def _tiles(name):
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if _interpret():
-        band = (16, 16, 1, 1, True)
-        return dict(cmp_fwd=band, cmp_dq=band, cmp_dkdv=band, swa_fwd=band, swa_dq=band, swa_dkdv=band,
+        tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
+        return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
                     score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
     return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
@@ -1248,8 +1248,8 @@ SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, 
     "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False]],
     "topk": [[1024, 1], [512, 1]],
     "score": [[64, 4], [64, 8], [32, 4]],
-    "slc": [[64, 4, 3], [64, 4, 1], [64, 4, 2], [64, 4, 4], [32, 4, 3], [64, 8, 3], [128, 8, 2]],
-    "slc_bwd": [[128, 8, 3], [128, 8, 1], [128, 8, 2], [64, 4, 2], [64, 8, 2], [64, 4, 4]],
+    "slc": [[64, 4, 3], [64, 4, 2], [32, 4, 3], [128, 8, 2]],
+    "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2]],
     "slc_chunk": [1024, 512],
 }
 
