@@ -74,7 +74,12 @@ def assert_bit_identical(a, b):
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+        x, y = a[k].reshape(-1), b[k].reshape(-1)
+        if not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
+            bad = (x.view(torch.uint8).view(-1, x.element_size()) != y.view(torch.uint8).view(-1, x.element_size()))
+            i = bad.any(1).nonzero()[:, 0]
+            raise AssertionError(f"{k}: {len(i)} of {x.numel()} elements differ, first at {i[0].item()}: "
+                                 f"{x[i[0]].item()!r} vs {y[i[0]].item()!r}")
 
 
 # ----------------------------------------------------------------------------------------------
