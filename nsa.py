@@ -80,6 +80,7 @@ Tried on the H100 and measured no faster (so not kept): stacking a GQA group's h
 running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
 tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd.
 """
+import functools
 import json
 import math
 import os
@@ -274,32 +275,48 @@ def _tile(X, row0, n_rows, col0, sxn, BR: tl.constexpr, D: tl.constexpr, BD: tl.
 
 
 @triton.jit
+def _band_query_tile(KLO, KHI, NLO, N, NK, G: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+    """This program's query tile (one head): rows, their key ranges, and the BK-aligned key span they cover
+    (KNMIN has one entry per aligned tile)."""
+    t, h = tl.program_id(0), tl.program_id(1)
+    rq = t * BQ + tl.arange(0, BQ)
+    qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
+    live = khi > klo
+    return (t, h, h // G, rq, qm, klo, khi, nlo, tl.min(tl.where(live, klo // BK * BK, NK)),
+            tl.max(tl.where(live, khi, 0)))
+
+
+@triton.jit
+def _band_key_tile(K, V, KNOISE, QSTAT, KNMIN, t, start, kh, klo, khi, nlo, q, NK, skn,
+                   D: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr):
+    """Key tile [start, start + BK): k, v and the scores q k^T, -inf at keys a row may not see (no mask at all
+    when the tile is visible to every row)."""
+    rk = start + tl.arange(0, BK)
+    k = _tile(K, start, NK, kh * D, skn, BK, D, BD, TMA)
+    v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
+    s = tl.dot(q, tl.trans(k))
+    if _unmasked(QSTAT, KNMIN, t, start, BK) == 0:
+        kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
+        vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
+        s = tl.where(vis, s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
 def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_scale, sqn, skn,
               G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
               TMA: tl.constexpr):
-    pid, h = tl.program_id(0), tl.program_id(1)
-    kh = h // G
-    q0 = pid * BQ
-    rq = q0 + tl.arange(0, BQ)
-    qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
-    live = khi > klo
-    k_start = tl.min(tl.where(live, klo // BK * BK, NK))  # BK-aligned tiles: KNMIN has one entry per tile
-    k_end = tl.max(tl.where(live, khi, 0))
-    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
+    t, h, kh, rq, qm, klo, khi, nlo, k_start, k_end = _band_query_tile(KLO, KHI, NLO, N, NK, G, BQ, BK)
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
     V = _source(V, NK, skn, BK, BD, TMA)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, BD], tl.float32)
     for start in range(k_start, k_end, BK):
-        rk = start + tl.arange(0, BK)
-        k = _tile(K, start, NK, kh * D, skn, BK, D, BD, TMA)
-        v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
-        kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if _unmasked(QSTAT, KNMIN, pid, start, BK) == 0:
-            vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-            s = tl.where(vis, s, float("-inf"))
+        k, v, s = _band_key_tile(K, V, KNOISE, QSTAT, KNMIN, t, start, kh, klo, khi, nlo, q, NK, skn,
+                                 D, BD, BK, TMA)
+        s = s * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
@@ -317,34 +334,21 @@ def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_sc
 
 @triton.jit
 def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_scale, sm_scale, sqn,
-                 skn,
-                 G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                 skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                  TMA: tl.constexpr):
     # dq += this branch's part (DQ already holds the other branches')
-    pid, h = tl.program_id(0), tl.program_id(1)
-    kh = h // G
-    q0 = pid * BQ
-    rq = q0 + tl.arange(0, BQ)
-    qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
-    live = khi > klo
-    k_start = tl.min(tl.where(live, klo // BK * BK, NK))  # BK-aligned tiles: KNMIN has one entry per tile
-    k_end = tl.max(tl.where(live, khi, 0))
-    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
-    do = _tile(_source(DO, N, sqn, BQ, BD, TMA), q0, N, h * D, sqn, BQ, D, BD, TMA)
+    t, h, kh, rq, qm, klo, khi, nlo, k_start, k_end = _band_query_tile(KLO, KHI, NLO, N, NK, G, BQ, BK)
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
+    do = _tile(_source(DO, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
     K = _source(K, NK, skn, BK, BD, TMA)
     V = _source(V, NK, skn, BK, BD, TMA)
     lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
     delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
     dq = tl.zeros([BQ, BD], tl.float32)
     for start in range(k_start, k_end, BK):
-        rk = start + tl.arange(0, BK)
-        k = _tile(K, start, NK, kh * D, skn, BK, D, BD, TMA)
-        v = _tile(V, start, NK, kh * D, skn, BK, D, BD, TMA)
-        kn = tl.load(KNOISE + rk, mask=rk < NK, other=-1)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        if _unmasked(QSTAT, KNMIN, pid, start, BK) == 0:
-            vis = (rk[None, :] >= klo[:, None]) & (rk[None, :] < khi[:, None]) & (kn[None, :] >= nlo[:, None])
-            p = tl.where(vis, p, 0.0)
+        k, v, s = _band_key_tile(K, V, KNOISE, QSTAT, KNMIN, t, start, kh, klo, khi, nlo, q, NK, skn,
+                                 D, BD, BK, TMA)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     rd = tl.arange(0, BD)
@@ -356,8 +360,7 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMI
 
 @triton.jit
 def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, QT_LO, QT_HI, QC, N, NK,
-                   qk_scale,
-                   sm_scale, sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                   qk_scale, sm_scale, sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
                    BK: tl.constexpr, TMA: tl.constexpr):
     # one program per (key tile, kv head, chunk of QC query tiles); dk/dv summed with fp32 atomics. Works on
     # transposed scores [BK, BQ], as dk and dv want them.
@@ -674,10 +677,6 @@ def _gate_bwd(GATE, O1, O2, O3, DO, DO1, DO2, DO3, DG, DELTA, NROWS, N, H,
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton.jit saw it when it built these kernels
 
 
-def _interpret():
-    return INTERPRET
-
-
 def _tiles(name):
     """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
     NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
@@ -685,7 +684,7 @@ def _tiles(name):
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
-    if _interpret():
+    if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
                     score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
@@ -711,12 +710,18 @@ def _bd(D):
     return max(16, triton.next_power_of_2(D))
 
 
+@functools.cache
+def _descriptor_scratch():
+    """Device-side TMA descriptors need a scratch allocator (set once per process)."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(
+        size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda"))
+
+
 def _use_tma(D, wanted):
-    """Hopper bulk tensor copies for whole-row tiles; device-side descriptors need a scratch allocator."""
+    """Hopper bulk tensor copies for whole-row tiles."""
     if not (wanted and D == _bd(D)):
         return False
-    triton.set_allocator(lambda size, align, stream: torch.empty(
-        size, dtype=torch.int8, device="cpu" if _interpret() else "cuda"))
+    _descriptor_scratch()
     return True
 
 
@@ -786,7 +791,7 @@ class Plan:
         if key not in self._key_tiles:
             lo, hi = _key_tile_ranges(klo, khi, nk, BQ, BK)
             span = (hi - lo).clamp(min=0)
-            sms = 4 if _interpret() else torch.cuda.get_device_properties(klo.device).multi_processor_count
+            sms = 4 if INTERPRET else torch.cuda.get_device_properties(klo.device).multi_processor_count
             qc = max(2, min(64, -(-int(span.sum()) * n_kv // (8 * sms))))
             self._key_tiles[key] = (lo, hi, qc, max(1, -(-int(span.max()) // qc)))
         return self._key_tiles[key]
@@ -882,7 +887,7 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     assert R & (R - 1) == 0, "block_size / kernel_stride must be a power of two"
     out = torch.full((num_kv_heads, N, plan.num_blocks), float("-inf"), device=q.device, dtype=torch.float32)
     BQ, W = _tiles("score")
-    BK = R * (4 if _interpret() else 16)
+    BK = R * (4 if INTERPRET else 16)
     ck, c_noise = ck.contiguous(), plan.c_noise
     if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
         ck, c_noise = ck.new_zeros(1, *ck.shape[1:]), c_noise.new_zeros(1)
