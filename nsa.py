@@ -403,10 +403,13 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT
 @triton.jit
 def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, N, qk_scale,
                   sqn, sqh, sckn, sckh, soh, son, NB_OUT,
-                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                  R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
-    # one program per (query tile of one sample, sample, kv head). Block tiles of BB = BK // R columns: the BK
-    # compressed keys starting R before the tile's first block cover the BB - 1 blocks written per tile.
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, QB: tl.constexpr,
+                  BK: tl.constexpr, R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr,
+                  LOCAL: tl.constexpr):
+    # one program per (QB queries of one sample, sample, kv head). Its rows are (query, head of the group) pairs,
+    # GP >= G rows per query (the padding rows masked): the group's queries are loaded once and a query's heads
+    # sum inside the tile. Block tiles of BB = BK // R columns: the BK compressed keys starting R before the
+    # tile's first block cover the BB - 1 blocks written per tile.
     qt, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BB: tl.constexpr = BK // R
     ss = tl.load(CU + b)
@@ -415,16 +418,26 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     nc = tl.load(CCU + b + 1) - cbase
     bbase = tl.load(BCU + b)
     nb = tl.load(BCU + b + 1) - bbase
-    rq = ss + qt * BQ + tl.arange(0, BQ)
+    rq = ss + qt * QB + tl.arange(0, QB)  # the tile's queries
     qm = rq < se
-    rd = tl.arange(0, BD)
-    dm = rd < D
     hi = tl.load(HI + rq, mask=qm, other=0)
     nlo = tl.load(NLO + rq, mask=qm, other=0)
-    ckhi = tl.load(CKHI + rq, mask=qm, other=0) - cbase
     qb = (rq - ss) // BS
     hi_max = tl.max(tl.where(qm, hi, ss))
-    n_blocks = tl.where(qt * BQ < se - ss, tl.minimum(nb, (hi_max - ss) // BS + 1), 0)
+    n_blocks = tl.where(qt * QB < se - ss, tl.minimum(nb, (hi_max - ss) // BS + 1), 0)
+    r = tl.arange(0, QB * GP)  # the tile's rows: query r // GP, head kh * G + r % GP
+    ri = ss + qt * QB + r // GP
+    h = kh * G + r % GP
+    rm = (ri < se) & (r % GP < G)
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    q = tl.load(Q + ri.to(tl.int64)[:, None] * sqn + h[:, None] * sqh + rd[None, :], mask=rm[:, None] & dm[None, :],
+                other=0.0)
+    lse = tl.load(LSE + h.to(tl.int64) * N + ri, mask=rm, other=float("inf"))
+    ckhi = tl.load(CKHI + ri, mask=rm, other=0) - cbase
+    nlo_r = tl.load(NLO + ri, mask=rm, other=0)
+    c_all = tl.minimum(nc, tl.min(tl.where(rm, ckhi, nc)))  # compressed keys before c_all are visible to all rows
+    nlo_max = tl.max(tl.where(rm, nlo_r, 0))                  # ... if they cover no noise token before nlo_max
     cl = tl.arange(0, BK)
     bl = tl.arange(0, BB)
     delta = cl[:, None] - R - R * bl[None, :]
@@ -434,18 +447,14 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
         c_rel = (b0 - 1) * R + cl
         cm = (c_rel >= 0) & (c_rel < nc)
         cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
-        vis = cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo[:, None])
         ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
                      mask=cm[:, None] & dm[None, :], other=0.0)
-        acc = tl.zeros([BQ, BK], tl.float32)
-        for g in range(G):
-            h = kh * G + g
-            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :],
-                        other=0.0)
-            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
-            acc += tl.where(vis, tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None]), 0.0)
-        _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son, NB_OUT,
-                            BB, BS, INIT, LOCAL)
+        p = tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None])  # padding rows: lse = inf, p = 0
+        if ((b0 - 1) * R < 0) | ((b0 - 1) * R + BK > c_all) | (tl.min(cn) < nlo_max):  # else no mask needed
+            p = tl.where(cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo_r[:, None]), p, 0.0)
+        p_group = tl.sum(tl.reshape(p, [QB, GP, BK]), 1)
+        _write_block_scores(OUT, BCLEAN, p_group, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son,
+                            NB_OUT, BB, BS, INIT, LOCAL)
 
 
 @triton.jit
@@ -610,19 +619,24 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
 
 
 @triton.jit
-def _topk(S, IDX, ROWS, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, BR: tl.constexpr):
-    # select_blocks for BR score rows at once: K rounds of (max, first argmax, knock out), then sort ascending
+def _topk(S, IDX, LAST, ROWS, N, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, BR: tl.constexpr):
+    # select_blocks for BR score rows (kv head, query) at once: K rounds of (max, knock out), then sort ascending.
+    # Only a query's blocks up to LAST (its last visible one) were written by _block_scores. Each score becomes one
+    # int64 key, its float bits (ordered like the values: scores are >= 0 or +inf) over the inverted column, so
+    # that one max finds the best block and, among equal scores, the first. -inf (not selectable) becomes -1.
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = r < ROWS
+    last = tl.load(LAST + r % N, mask=rm, other=-1)
     c = tl.arange(0, NBP)
-    s = tl.load(S + r[:, None] * NB + c[None, :], mask=rm[:, None] & (c[None, :] < NB), other=float("-inf"))
+    s = tl.load(S + r[:, None] * NB + c[None, :], mask=rm[:, None] & (c[None, :] <= last[:, None]),
+                other=float("-inf"))
+    key = tl.where(s >= 0, (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NBP - 1 - c[None, :]), -1)
     kk = tl.arange(0, KP)
     out = tl.full([BR, KP], BIG_I32, tl.int32)
     for t in tl.static_range(K):
-        m = tl.max(s, 1)
-        a = tl.argmax(s, 1).to(tl.int32)
-        out = tl.where((kk[None, :] == t) & (m > float("-inf"))[:, None], a[:, None], out)
-        s = tl.where(c[None, :] == a[:, None], float("-inf"), s)
+        m = tl.max(key, 1)
+        out = tl.where((kk[None, :] == t) & (m >= 0)[:, None], (NBP - 1 - (m & 0xFFFFFFFF)).to(tl.int32)[:, None], out)
+        key = tl.where(key == m[:, None], -1, key)
     out = tl.sort(out, 1)
     tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out),
              mask=rm[:, None] & (kk[None, :] < K))
@@ -646,29 +660,31 @@ def _gate_fwd(GATE, O1, O2, O3, OUT, NROWS, D: tl.constexpr, BD: tl.constexpr, B
 
 
 @triton.jit
-def _gate_branch_bwd(GATE, O, DO, DOB, DG, DELTA, row, rm, m, off, b: tl.constexpr, N, H):
-    # one branch b: its output gradient g_b * do, the gate gradient sum_d o_b do, and the branch's softmax delta
-    # sum_d o_b (g_b do) [H, N], which its backward kernels need
-    g = tl.load(GATE + row * 3 + b, mask=rm, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+def _gate_branch_bwd(GATE, O, LSE, do, DG, LSE_G, DELTA, row, rm, m, off, b: tl.constexpr, N, H):
+    # one branch b: the gate gradient dg_b = sum_d o_b do. The branch's output gradient g_b do is never formed:
+    # with p the branch's softmax, its backward needs g_b p (in dv += (g_b p)^T do and ds = g_b p (do v^T - dg_b)),
+    # and g_b p = exp2(s - (lse - log2 g_b)). So its kernels take the raw do, lse - log2 g_b and dg_b for delta.
+    g = tl.load(GATE + row * 3 + b, mask=rm, other=1.0).to(tl.float32)  # g = 0 gives lse + inf: p = 0, as it should
     o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
     dg = tl.sum(o * do, 1)
-    tl.store(DOB + off, (g[:, None] * do).to(DOB.dtype.element_ty), mask=m)
     tl.store(DG + row * 3 + b, dg, mask=rm)
-    tl.store(DELTA + (b * H + row % H) * N + row // H, g * dg, mask=rm)
+    hn = (b * H + row % H) * N + row // H  # [3, H, N]
+    tl.store(DELTA + hn, dg, mask=rm)
+    tl.store(LSE_G + hn, tl.load(LSE + (row % H) * N + row // H, mask=rm, other=0.0) - tl.log2(g), mask=rm)
 
 
 @triton.jit
-def _gate_bwd(GATE, O1, O2, O3, DO, DO1, DO2, DO3, DG, DELTA, NROWS, N, H,
-              D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+def _gate_bwd(GATE, O1, O2, O3, LSE1, LSE2, LSE3, DO, DG, LSE_G, DELTA, NROWS, N, H, D: tl.constexpr,
+              BD: tl.constexpr, BR: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = row < NROWS
     rd = tl.arange(0, BD)
     m = rm[:, None] & (rd < D)[None, :]
     off = row[:, None] * D + rd[None, :]
-    _gate_branch_bwd(GATE, O1, DO, DO1, DG, DELTA, row, rm, m, off, 0, N, H)
-    _gate_branch_bwd(GATE, O2, DO, DO2, DG, DELTA, row, rm, m, off, 1, N, H)
-    _gate_branch_bwd(GATE, O3, DO, DO3, DG, DELTA, row, rm, m, off, 2, N, H)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    _gate_branch_bwd(GATE, O1, LSE1, do, DG, LSE_G, DELTA, row, rm, m, off, 0, N, H)
+    _gate_branch_bwd(GATE, O2, LSE2, do, DG, LSE_G, DELTA, row, rm, m, off, 1, N, H)
+    _gate_branch_bwd(GATE, O3, LSE3, do, DG, LSE_G, DELTA, row, rm, m, off, 2, N, H)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -687,10 +703,10 @@ def _tiles(name):
     if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
-                    score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
+                    score=(8, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
     return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
+                score=(16, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -772,6 +788,7 @@ class Plan:
         self.b_end = torch.minimum(self.b_first + block_size, cu[b_sample + 1])
         self.b_clean = torch.where(next_clean[self.b_first] < self.b_end, next_clean[self.b_first], BIG)
         self.block_of_sample = self.bcu[sample]  # global id of each token's sample's first block
+        self.last_block = (hi - L.sample_start) // block_size  # the last block (in its sample) a query can see
         self.max_len = int(lens.max())
         self.num_blocks = -(-self.max_len // block_size)
         self.cu, self.hi, self.nlo, self.tok_noise, self.N, self.B = cu, hi, L.span_start, tok_noise, N, B
@@ -779,7 +796,7 @@ class Plan:
         self.num_blocks_total = len(self.b_first)
         self._key_tiles = {}
         for name in ["c_klo", "c_khi", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
-                     "cu", "hi", "nlo", "tok_noise"]:
+                     "cu", "hi", "nlo", "tok_noise", "last_block"]:
             setattr(self, name, _i32(getattr(self, name)))
 
 
@@ -858,7 +875,8 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
 
 
 def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, plan, dq, dk, dv):
-    """Adds this branch's gradients: dq (q's dtype) and the fp32 dk, dv buffers."""
+    """Adds this branch's gradients: dq (q's dtype) and the fp32 dk, dv buffers. do, lse and delta as _gate_bwd
+    gives them (the gate folded into lse)."""
     N, H, D = q.shape
     NK, KH, _ = k.shape
     if NK == 0:
@@ -880,21 +898,23 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
                         local_blocks):
-    """Kernel twin of block_scores_ref's `score` (float32 [Hkv, L, NB])."""
+    """Kernel twin of block_scores_ref's `score` (float32 [Hkv, L, NB]) in each query's blocks up to its last
+    visible one (plan.last_block); the rest of the row is left unwritten."""
     N, H, D = q.shape
     R, KD = block_size // kernel_stride, kernel_size // kernel_stride
     assert block_size % kernel_stride == 0 and kernel_size % kernel_stride == 0 and KD - 1 <= R
     assert R & (R - 1) == 0, "block_size / kernel_stride must be a power of two"
-    out = torch.full((num_kv_heads, N, plan.num_blocks), float("-inf"), device=q.device, dtype=torch.float32)
-    BQ, W = _tiles("score")
+    out = torch.empty((num_kv_heads, N, plan.num_blocks), device=q.device, dtype=torch.float32)
+    QB, W = _tiles("score")
     BK = R * (4 if INTERPRET else 16)
     ck, c_noise = ck.contiguous(), plan.c_noise
     if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
         ck, c_noise = ck.new_zeros(1, *ck.shape[1:]), c_noise.new_zeros(1)
-    _launch(_block_scores, (triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads),
+    G = H // num_kv_heads
+    _launch(_block_scores, (triton.cdiv(plan.max_len, QB), plan.B, num_kv_heads),
             q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
             N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
-            G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
+            G=G, GP=triton.next_power_of_2(G), D=D, BD=_bd(D), QB=QB, BK=BK, R=R, KD=KD, BS=block_size,
             INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
     return out
 
@@ -925,15 +945,16 @@ def _selection_work(idx, plan: Plan):
     return qlist, _i32(work)
 
 
-def select_blocks_triton(score, topk):
-    """Kernel twin of select_blocks (first index wins exact ties; scores carry an earlier-block tie-break)."""
+def select_blocks_triton(score, topk, plan: Plan):
+    """Kernel twin of select_blocks (first index wins exact ties; scores carry an earlier-block tie-break); reads
+    only what block_scores_triton wrote."""
     KH, N, NB = score.shape
     K = min(topk, NB)
     idx = torch.empty(KH, N, K, device=score.device, dtype=torch.int32)
     NBP = triton.next_power_of_2(NB)
     elems, W = _tiles("topk")
     BR = max(1, min(128, elems // NBP))
-    _topk[(triton.cdiv(KH * N, BR),)](score, idx, KH * N, NB, K=K, KP=triton.next_power_of_2(K), NBP=NBP, BR=BR,
+    _topk[(triton.cdiv(KH * N, BR),)](score, idx, plan.last_block, KH * N, N, NB, K=K, KP=triton.next_power_of_2(K), NBP=NBP, BR=BR,
                                       num_warps=W)
     return idx
 
@@ -959,7 +980,8 @@ def _selected_forward(q, k, v, idx, plan, scale):
 
 
 def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
-    """Writes dq (q's dtype; the first branch to do so) and adds to the fp32 dk, dv buffers."""
+    """Writes dq (q's dtype; the first branch to do so) and adds to the fp32 dk, dv buffers (do as in
+    _band_backward)."""
     lp, qlist, work = state
     N, H, D = q.shape
     KH = k.shape[1]
@@ -979,7 +1001,7 @@ def _branches_forward(q, k, v, ck, cv, plan, cfg, scale):
     o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp", plan)
     score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], cfg["kernel_stride"], cfg["kernel_size"],
                                 cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
-    idx = select_blocks_triton(score, cfg["topk"])
+    idx = select_blocks_triton(score, cfg["topk"], plan)
     o_slc, lse_slc, slc_state = _selected_forward(q, k, v, idx, plan, scale)
     o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa", plan)
     return (o_cmp, o_slc, o_swa), (lse_cmp, lse_slc, lse_swa), slc_state
@@ -1006,18 +1028,17 @@ class _NSAAttention(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         do = do.contiguous()
         N, H, D = q.shape
-        d_out = [torch.empty_like(do) for _ in range(3)]
         dgate = torch.empty(N, H, 3, device=q.device, dtype=torch.float32)
-        delta = torch.empty(3, H, N, device=q.device, dtype=torch.float32)
-        _gate_bwd[(triton.cdiv(N * H, 16),)](gate, o_cmp, o_slc, o_swa, do, *d_out, dgate, delta, N * H, N, H,
-                                             D=D, BD=_bd(D), BR=16)
+        lse_g, delta = (torch.empty(3, H, N, device=q.device, dtype=torch.float32) for _ in range(2))
+        _gate_bwd[(triton.cdiv(N * H, 16),)](gate, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, do, dgate, lse_g,
+                                             delta, N * H, N, H, D=D, BD=_bd(D), BR=16)
         dq = torch.empty_like(q)
         dk, dv = (torch.zeros(k.shape, device=q.device, dtype=torch.float32) for _ in range(2))
         dck, dcv = (torch.zeros(ck.shape, device=q.device, dtype=torch.float32) for _ in range(2))
-        _selected_backward(q, k, v, d_out[1], lse_slc, delta[1], slc_state, plan, scale, dq, dk, dv)
-        _band_backward(q, ck, cv, d_out[0], lse_cmp, delta[0], plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
+        _selected_backward(q, k, v, do, lse_g[1], delta[1], slc_state, plan, scale, dq, dk, dv)
+        _band_backward(q, ck, cv, do, lse_g[0], delta[0], plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
                        "cmp", plan, dq, dck, dcv)
-        _band_backward(q, k, v, d_out[2], lse_swa, delta[2], plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
+        _band_backward(q, k, v, do, lse_g[2], delta[2], plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
                        "swa", plan, dq, dk, dv)
         return (dq, dk.to(k.dtype), dv.to(v.dtype), dck.to(ck.dtype), dcv.to(cv.dtype), dgate.to(gate.dtype),
                 None, None, None)
@@ -1196,15 +1217,18 @@ def _module_case(N):
     qt, kt, vt = (t.detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
     do = torch.randn_like(q)
 
+    # gradients through torch.autograd.grad on both sides: no .grad accumulation (an extra read-add-write of every
+    # gradient that a training step's first backward does not pay) is timed
     def dense_fb():  # SDPA's own choice of backend (cuDNN on an H100), GQA native
-        F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).backward(do.transpose(0, 1)[None])
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(o, (qt, kt, vt), do.transpose(0, 1)[None])
 
     def nsa_fwd():
         with torch.no_grad():
             return m(*leaves, layout, lambda t, p: t)
 
     def nsa_fb():
-        m(*leaves, layout, lambda t, p: t).backward(do)
+        torch.autograd.grad(m(*leaves, layout, lambda t, p: t), leaves + list(m.parameters()), do)
 
     return dense_fb, nsa_fwd, nsa_fb
 
@@ -1226,7 +1250,8 @@ def bench(lengths=(4096, 8192, 16384, 32768, 65536)):
 
 
 def breakdown(N=65536):
-    """GPU time per kernel of one NSA fwd+bwd (torch.profiler, mean of 5)."""
+    """GPU time per kernel launch of one NSA fwd+bwd (torch.profiler, mean of 5); a kernel launched more than once
+    per step is listed per launch in step order (band kernels: #0 compressed, #1 window)."""
     from torch.profiler import ProfilerActivity, profile
     _, _, nsa_fb = _module_case(N)
     for _ in range(3):
@@ -1235,13 +1260,20 @@ def breakdown(N=65536):
         for _ in range(5):
             nsa_fb()
         torch.cuda.synchronize()
-    total = 0.0
-    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-        ms = e.device_time_total / 5e3
-        total += ms
-        if ms > 0.05:
-            print(f"breakdown N={N} {e.key[:70]:70s} {ms:8.2f} ms  x{e.count // 5}")
-    print(f"breakdown N={N} total kernel time {total:.2f} ms", flush=True)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    launches = {}
+    for e in kernels:
+        launches.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+    rows = []
+    for name, ms in launches.items():
+        per_step = max(1, len(ms) // 5)
+        for i in range(per_step):
+            rows.append((sum(ms[i::per_step]) / 5, name[:60] + (f" #{i}" if per_step > 1 else "")))
+    for ms, name in sorted(rows, reverse=True):
+        if ms > 0.01:
+            print(f"breakdown N={N} {name:66s} {ms:8.3f} ms")
+    print(f"breakdown N={N} total kernel time {sum(ms for ms, _ in rows):.2f} ms", flush=True)
 
 
 SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
@@ -1252,18 +1284,19 @@ SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, 
     "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True]],
     "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False]],
     "topk": [[1024, 1], [512, 1]],
-    "score": [[64, 4], [64, 8], [32, 4]],
+    "score": [[16, 4], [16, 8], [32, 8]],
     "slc": [[64, 4, 3], [64, 4, 2], [32, 4, 3], [128, 8, 2]],
     "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2]],
     "slc_chunk": [1024, 512],
 }
 
 
-def sweep(N=65536):
-    """Module fwd+bwd ms for each tile option in SWEEP (via NSA_TILES)."""
+def sweep(N=65536, names=tuple(SWEEP)):
+    """Module fwd+bwd ms for each tile option in SWEEP (via NSA_TILES) of the kernels named."""
     from triton.testing import do_bench
     _, _, nsa_fb = _module_case(N)
-    for name, options in SWEEP.items():
+    for name in names:
+        options = SWEEP[name]
         for opt in options:
             os.environ["NSA_TILES"] = json.dumps({name: opt})
             try:
@@ -1281,7 +1314,7 @@ if __name__ == "__main__":
     if what in ("init", "all"):
         init_closeness()
     if what == "sweep":
-        sweep(int(sys.argv[2]) if len(sys.argv) > 2 else 65536)
+        sweep(int(sys.argv[2]) if len(sys.argv) > 2 else 65536, sys.argv[3].split(",") if len(sys.argv) > 3 else SWEEP)
     if what in ("bench", "all"):
         bench()
     if what in ("breakdown", "all"):

@@ -331,6 +331,27 @@ def test_triton_branches_on_fixture(golden):
     close(o_swa[rows], E[pipe["sliding_output"]])
 
 
+@needs_interpreter
+def test_topk_kernel_matches_select_blocks():
+    """_topk (one int64 max per pick) equals select_blocks on scores with forced (+inf), unselectable (-inf) and
+    exactly zero blocks and rows with fewer selectable blocks than topk; it reads only up to each row's last block."""
+    g = torch.Generator().manual_seed(5)
+    layout = model.span_layout(*PACKS["mixed_spans"])
+    plan = nsa.Plan(layout, 8, 4, 16, 40)
+    N, NB, KH = layout.sample_start.numel(), plan.num_blocks, 2
+    col = torch.arange(NB)
+    tie_break = 1e-30 / (1.0 + col)  # as the kernels' scores carry it: no exact ties but between forced blocks
+    score = torch.rand(KH, N, NB, generator=g) * 0.01 + tie_break
+    score = torch.where(torch.rand(KH, N, NB, generator=g) < 0.2, tie_break, score)  # zero probability mass
+    score[torch.rand(KH, N, NB, generator=g) < 0.3] = float("-inf")
+    score[:, :, 0] = float("inf")  # forced, as block 0 and the query's own block are
+    score[:, torch.arange(N), plan.last_block.long()] = float("inf")
+    ref = score.masked_fill(col > plan.last_block.long()[:, None], float("-inf"))
+    garbage = score.masked_fill(col > plan.last_block.long()[:, None], 5.0)  # never written: must not be read
+    for topk in (2, 3, NB + 2):
+        torch.testing.assert_close(nsa.select_blocks_triton(garbage, topk, plan), nsa.select_blocks(ref, topk))
+
+
 # ----------------------------------------------------------------------------------------------
 # Masking semantics
 
