@@ -80,7 +80,6 @@ Tried on the H100 and measured no faster (so not kept): stacking a GQA group's h
 running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
 tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd.
 """
-import functools
 import json
 import math
 import os
@@ -135,8 +134,12 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
 
 
 def gate_values(x, weight, num_heads):
-    """sigmoid(x W^T) viewed [L, H, 3]: branch 0 compressed, 1 selected, 2 sliding."""
-    return torch.sigmoid(x @ weight.t().to(x.dtype)).view(-1, num_heads, 3)
+    """sigmoid(x W^T) viewed [L, H, 3]: branch 0 compressed, 1 selected, 2 sliding. W's rows are padded with zeros
+    to a multiple of 32 for the matmul: cuBLAS takes about 1.5x as long (forward and both gradients, H100) for
+    BAGEL's 84 = 3 x 28 output columns as for 96."""
+    n = weight.shape[0]
+    logits = x @ F.pad(weight, (0, 0, 0, -n % 32)).t().to(x.dtype)
+    return torch.sigmoid(logits[:, :n]).reshape(-1, num_heads, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,13 +406,10 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT
 @triton.jit
 def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, N, qk_scale,
                   sqn, sqh, sckn, sckh, soh, son, NB_OUT,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, QB: tl.constexpr,
-                  BK: tl.constexpr, R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr,
-                  LOCAL: tl.constexpr):
-    # one program per (QB queries of one sample, sample, kv head). Its rows are (query, head of the group) pairs,
-    # GP >= G rows per query (the padding rows masked): the group's queries are loaded once and a query's heads
-    # sum inside the tile. Block tiles of BB = BK // R columns: the BK compressed keys starting R before the
-    # tile's first block cover the BB - 1 blocks written per tile.
+                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                  R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    # one program per (query tile of one sample, sample, kv head), the group's heads summed per key tile. Block tiles of BB = BK // R columns: the BK
+    # compressed keys starting R before the tile's first block cover the BB - 1 blocks written per tile.
     qt, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BB: tl.constexpr = BK // R
     ss = tl.load(CU + b)
@@ -418,26 +418,18 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     nc = tl.load(CCU + b + 1) - cbase
     bbase = tl.load(BCU + b)
     nb = tl.load(BCU + b + 1) - bbase
-    rq = ss + qt * QB + tl.arange(0, QB)  # the tile's queries
+    rq = ss + qt * BQ + tl.arange(0, BQ)
     qm = rq < se
-    hi = tl.load(HI + rq, mask=qm, other=0)
-    nlo = tl.load(NLO + rq, mask=qm, other=0)
-    qb = (rq - ss) // BS
-    hi_max = tl.max(tl.where(qm, hi, ss))
-    n_blocks = tl.where(qt * QB < se - ss, tl.minimum(nb, (hi_max - ss) // BS + 1), 0)
-    r = tl.arange(0, QB * GP)  # the tile's rows: query r // GP, head kh * G + r % GP
-    ri = ss + qt * QB + r // GP
-    h = kh * G + r % GP
-    rm = (ri < se) & (r % GP < G)
     rd = tl.arange(0, BD)
     dm = rd < D
-    q = tl.load(Q + ri.to(tl.int64)[:, None] * sqn + h[:, None] * sqh + rd[None, :], mask=rm[:, None] & dm[None, :],
-                other=0.0)
-    lse = tl.load(LSE + h.to(tl.int64) * N + ri, mask=rm, other=float("inf"))
-    ckhi = tl.load(CKHI + ri, mask=rm, other=0) - cbase
-    nlo_r = tl.load(NLO + ri, mask=rm, other=0)
-    c_all = tl.minimum(nc, tl.min(tl.where(rm, ckhi, nc)))  # compressed keys before c_all are visible to all rows
-    nlo_max = tl.max(tl.where(rm, nlo_r, 0))                  # ... if they cover no noise token before nlo_max
+    hi = tl.load(HI + rq, mask=qm, other=0)
+    nlo = tl.load(NLO + rq, mask=qm, other=0)
+    ckhi = tl.load(CKHI + rq, mask=qm, other=0) - cbase
+    qb = (rq - ss) // BS
+    hi_max = tl.max(tl.where(qm, hi, ss))
+    n_blocks = tl.where(qt * BQ < se - ss, tl.minimum(nb, (hi_max - ss) // BS + 1), 0)
+    c_all = tl.minimum(nc, tl.min(tl.where(qm, ckhi, nc)))  # compressed keys before c_all are visible to all rows
+    nlo_max = tl.max(tl.where(qm, nlo, 0))                    # ... if they cover no noise token before nlo_max
     cl = tl.arange(0, BK)
     bl = tl.arange(0, BB)
     delta = cl[:, None] - R - R * bl[None, :]
@@ -449,12 +441,17 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
         cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
         ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
                      mask=cm[:, None] & dm[None, :], other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None])  # padding rows: lse = inf, p = 0
-        if ((b0 - 1) * R < 0) | ((b0 - 1) * R + BK > c_all) | (tl.min(cn) < nlo_max):  # else no mask needed
-            p = tl.where(cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo_r[:, None]), p, 0.0)
-        p_group = tl.sum(tl.reshape(p, [QB, GP, BK]), 1)
-        _write_block_scores(OUT, BCLEAN, p_group, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son,
-                            NB_OUT, BB, BS, INIT, LOCAL)
+        acc = tl.zeros([BQ, BK], tl.float32)
+        for g in range(G):
+            h = kh * G + g
+            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :],
+                        other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))  # rows past the sample: p = 0
+            acc += tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None])
+        if ((b0 - 1) * R < 0) | ((b0 - 1) * R + BK > c_all) | (tl.min(cn) < nlo_max):  # visibility is the group's
+            acc = tl.where(cm[None, :] & (c_rel[None, :] < ckhi[:, None]) & (cn[None, :] >= nlo[:, None]), acc, 0.0)
+        _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo, qb, rq, qm, kh, soh, son, NB_OUT,
+                            BB, BS, INIT, LOCAL)
 
 
 @triton.jit
@@ -620,23 +617,21 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
 
 @triton.jit
 def _topk(S, IDX, LAST, ROWS, N, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, BR: tl.constexpr):
-    # select_blocks for BR score rows (kv head, query) at once: K rounds of (max, knock out), then sort ascending.
-    # Only a query's blocks up to LAST (its last visible one) were written by _block_scores. Each score becomes one
-    # int64 key, its float bits (ordered like the values: scores are >= 0 or +inf) over the inverted column, so
-    # that one max finds the best block and, among equal scores, the first. -inf (not selectable) becomes -1.
+    # select_blocks for BR score rows (kv head, query) at once: K rounds of (max, first argmax, knock out), then
+    # sort ascending. Only a query's blocks up to LAST (its last visible one) were written by _block_scores.
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = r < ROWS
     last = tl.load(LAST + r % N, mask=rm, other=-1)
     c = tl.arange(0, NBP)
     s = tl.load(S + r[:, None] * NB + c[None, :], mask=rm[:, None] & (c[None, :] <= last[:, None]),
                 other=float("-inf"))
-    key = tl.where(s >= 0, (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NBP - 1 - c[None, :]), -1)
     kk = tl.arange(0, KP)
     out = tl.full([BR, KP], BIG_I32, tl.int32)
     for t in tl.static_range(K):
-        m = tl.max(key, 1)
-        out = tl.where((kk[None, :] == t) & (m >= 0)[:, None], (NBP - 1 - (m & 0xFFFFFFFF)).to(tl.int32)[:, None], out)
-        key = tl.where(key == m[:, None], -1, key)
+        m = tl.max(s, 1)
+        a = tl.argmax(s, 1).to(tl.int32)
+        out = tl.where((kk[None, :] == t) & (m > float("-inf"))[:, None], a[:, None], out)
+        s = tl.where(c[None, :] == a[:, None], float("-inf"), s)
     out = tl.sort(out, 1)
     tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out),
              mask=rm[:, None] & (kk[None, :] < K))
@@ -703,10 +698,10 @@ def _tiles(name):
     if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
-                    score=(8, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
-    return dict(cmp_fwd=(128, 64, 8, 2, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(32, 128, 8, 3, True),
+                    score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
+    return dict(cmp_fwd=(128, 64, 8, 3, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(16, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
+                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -726,19 +721,18 @@ def _bd(D):
     return max(16, triton.next_power_of_2(D))
 
 
-@functools.cache
-def _descriptor_scratch():
-    """Device-side TMA descriptors need a scratch allocator (set once per process)."""
-    triton.set_allocator(lambda size, align, stream: torch.empty(
-        size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda"))
-
-
 def _use_tma(D, wanted):
-    """Hopper bulk tensor copies for whole-row tiles."""
+    """Hopper bulk tensor copies for whole-row tiles. Device-side descriptors need a scratch allocator, which Triton
+    keeps per thread: set it on every use (the backward kernels run on autograd's thread, the forward on the
+    caller's)."""
     if not (wanted and D == _bd(D)):
         return False
-    _descriptor_scratch()
+    triton.set_allocator(_scratch)
     return True
+
+
+def _scratch(size, align, stream):
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
 def _i32(t):
@@ -905,16 +899,15 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     assert block_size % kernel_stride == 0 and kernel_size % kernel_stride == 0 and KD - 1 <= R
     assert R & (R - 1) == 0, "block_size / kernel_stride must be a power of two"
     out = torch.empty((num_kv_heads, N, plan.num_blocks), device=q.device, dtype=torch.float32)
-    QB, W = _tiles("score")
+    BQ, W = _tiles("score")
     BK = R * (4 if INTERPRET else 16)
     ck, c_noise = ck.contiguous(), plan.c_noise
     if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
         ck, c_noise = ck.new_zeros(1, *ck.shape[1:]), c_noise.new_zeros(1)
-    G = H // num_kv_heads
-    _launch(_block_scores, (triton.cdiv(plan.max_len, QB), plan.B, num_kv_heads),
+    _launch(_block_scores, (triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads),
             q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
             N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
-            G=G, GP=triton.next_power_of_2(G), D=D, BD=_bd(D), QB=QB, BK=BK, R=R, KD=KD, BS=block_size,
+            G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
             INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
     return out
 
@@ -1277,16 +1270,17 @@ def breakdown(N=65536):
 
 
 SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
-    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 3, False], [64, 64, 4, 2, False]],
-    "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True]],
-    "cmp_dkdv": [[32, 128, 8, 3, True], [64, 128, 8, 3, False]],
+    "cmp_fwd": [[128, 64, 8, 2, False], [128, 64, 8, 3, False], [128, 128, 8, 2, False], [128, 64, 8, 2, True]],
+    "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True], [64, 128, 8, 2, True]],
+    "cmp_dkdv": [[32, 128, 8, 3, True], [64, 128, 8, 3, False], [64, 128, 8, 2, True], [32, 128, 8, 2, True],
+                 [32, 64, 4, 3, True], [64, 64, 4, 2, True]],
     "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False]],
     "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True]],
-    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False]],
-    "topk": [[1024, 1], [512, 1]],
-    "score": [[16, 4], [16, 8], [32, 8]],
+    "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False], [32, 128, 8, 3, True]],
+    "topk": [[1024, 1], [512, 1], [2048, 2]],
+    "score": [[64, 4], [64, 8], [128, 8]],
     "slc": [[64, 4, 3], [64, 4, 2], [32, 4, 3], [128, 8, 2]],
-    "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2]],
+    "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2]],
     "slc_chunk": [1024, 512],
 }
 
