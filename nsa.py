@@ -239,6 +239,64 @@ def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
 # (the first noise token a key covers, BIG if none): key c is visible iff klo <= c < khi and noise[c] >= nlo.
 
 @triton.jit
+def _pool_windows(START, NC, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    """This program's BC windows (of head program_id(1)): ids, first tokens, row/column mask."""
+    rc = tl.program_id(0) * BC + tl.arange(0, BC)
+    cm = rc < NC
+    rd = tl.arange(0, BD)
+    return rc, tl.load(START + rc, mask=cm, other=0).to(tl.int64), cm[:, None] & (rd < D)[None, :], rd
+
+
+@triton.jit
+def _pool_fwd(X, W, OUT, START, NC, sxn, KS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    # out[c, h] = sum_l w[h, l] x[start_c + l, h] over BC windows of one head, in fp32, windows never materialised
+    h = tl.program_id(1)
+    rc, s, m, rd = _pool_windows(START, NC, D, BD, BC)
+    acc = tl.zeros([BC, BD], tl.float32)
+    for l in range(KS):
+        x = tl.load(X + (s + l)[:, None] * sxn + h * D + rd[None, :], mask=m, other=0.0)
+        acc += tl.load(W + h * KS + l).to(tl.float32) * x.to(tl.float32)
+    tl.store(OUT + rc.to(tl.int64)[:, None] * sxn + h * D + rd[None, :], acc.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _pool_bwd_dx(DOUT, W, DX, REL, CBASE, CCOUNT, L, sxn, KS: tl.constexpr, STRIDE: tl.constexpr, D: tl.constexpr,
+                 BD: tl.constexpr, BT: tl.constexpr):
+    # dx[t, h] = sum of w[h, t - start_c] dout[c, h] over the KS // STRIDE windows c that can hold token t: the
+    # window of t's sample with relative id rel // STRIDE - j (rel = t's index in its sample), if it exists
+    t, h = tl.program_id(0) * BT + tl.arange(0, BT), tl.program_id(1)
+    tm = t < L
+    rel = tl.load(REL + t, mask=tm, other=0)
+    cbase = tl.load(CBASE + t, mask=tm, other=0)
+    count = tl.load(CCOUNT + t, mask=tm, other=0)
+    rd = tl.arange(0, BD)
+    dm = rd < D
+    acc = tl.zeros([BT, BD], tl.float32)
+    for j in range(KS // STRIDE):
+        c = rel // STRIDE - j
+        ok = tm & (c >= 0) & (c < count)
+        w = tl.load(W + h * KS + rel - c * STRIDE, mask=ok, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + (cbase + c).to(tl.int64)[:, None] * sxn + h * D + rd[None, :],
+                       mask=ok[:, None] & dm[None, :], other=0.0)
+        acc += w[:, None] * dout.to(tl.float32)
+    tl.store(DX + t.to(tl.int64)[:, None] * sxn + h * D + rd[None, :], acc.to(DX.dtype.element_ty),
+             mask=tm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _pool_bwd_dw(DOUT, X, DW_PART, START, NC, sxn, H, KS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                 BC: tl.constexpr):
+    # this program's share of dw[h, l] = sum_c dout[c, h] . x[start_c + l, h]: DW_PART [programs, H, KS], summed
+    # by the caller (deterministic, unlike atomics)
+    h = tl.program_id(1)
+    rc, s, m, rd = _pool_windows(START, NC, D, BD, BC)
+    dout = tl.load(DOUT + rc.to(tl.int64)[:, None] * sxn + h * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+    for l in range(KS):
+        x = tl.load(X + (s + l)[:, None] * sxn + h * D + rd[None, :], mask=m, other=0.0)
+        tl.store(DW_PART + (tl.program_id(0) * H + h) * KS + l, tl.sum(dout * x.to(tl.float32)))
+
+
+@triton.jit
 def _band_rows(KLO, KHI, NLO, rq, N):
     """Per-row key ranges of a query tile: (in range, klo, khi, nlo)."""
     qm = rq < N
@@ -766,8 +824,11 @@ class Plan:
         c_noise = torch.where(next_noise[c_first] <= c_last, next_noise[c_first], BIG) if len(c_first) else c_first
         rel_hi = hi - L.sample_start
         n_vis = torch.where(rel_hi >= kernel_size - 1, (rel_hi - kernel_size + 1) // kernel_stride + 1, 0)
-        self.c_klo = ccu[sample]
+        self.c_klo = ccu[sample]  # the first compressed key of each token's sample
         self.c_khi = self.c_klo + torch.minimum(n_vis, nc[sample])
+        self.c_count = nc[sample]  # and how many it has
+        self.c_start = c_first
+        self.rel = idx - L.sample_start
         self.c_noise = c_noise
         self.ccu = ccu
         # sliding window: keys [w_lo, w_hi)
@@ -789,7 +850,7 @@ class Plan:
         self.block_size = block_size
         self.num_blocks_total = len(self.b_first)
         self._key_tiles = {}
-        for name in ["c_klo", "c_khi", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
+        for name in ["c_klo", "c_khi", "c_count", "c_start", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
                      "cu", "hi", "nlo", "tok_noise", "last_block"]:
             setattr(self, name, _i32(getattr(self, name)))
 
@@ -849,6 +910,53 @@ def _key_tile_ranges(klo, khi, nk, BQ, BK):
     first = meet.int().argmax(1)
     last = T - meet.flip(1).int().argmax(1)
     return _i32(torch.where(any_, first, 0)), _i32(torch.where(any_, last, 0))
+
+
+class _Pool(torch.autograd.Function):
+    """compress() without pe for weightedpool and avgpool: out[c] = sum_l w[:, l] x[start_c + l] as kernels,
+    forward and backward, with no [windows, kernel_size, H, D] copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, w, plan, kernel_stride):
+        x = x.contiguous()
+        L, H, D = x.shape
+        NC = plan.c_start.numel()
+        out = x.new_empty(NC, H, D)
+        ctx.save_for_backward(x, w)
+        ctx.plan, ctx.stride = plan, kernel_stride
+        if NC:
+            _pool_fwd[(triton.cdiv(NC, 64), H)](x, w, out, plan.c_start, NC, H * D, KS=w.shape[1], D=D, BD=_bd(D),
+                                               BC=64)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w = ctx.saved_tensors
+        plan = ctx.plan
+        L, H, D = x.shape
+        NC = dout.shape[0]
+        dout = dout.contiguous()
+        dx = torch.zeros_like(x) if NC == 0 else torch.empty_like(x)
+        dw = None
+        if NC:
+            _pool_bwd_dx[(triton.cdiv(L, 64), H)](dout, w, dx, plan.rel, plan.c_klo, plan.c_count, L, H * D,
+                                                 KS=w.shape[1], STRIDE=ctx.stride, D=D, BD=_bd(D), BT=64)
+        if ctx.needs_input_grad[1]:
+            part = torch.zeros(max(1, triton.cdiv(NC, 64)), H, w.shape[1], device=x.device, dtype=torch.float32)
+            if NC:
+                _pool_bwd_dw[(triton.cdiv(NC, 64), H)](dout, x, part, plan.c_start, NC, H * D, H, KS=w.shape[1], D=D,
+                                                      BD=_bd(D), BC=64)
+            dw = part.sum(0).to(w.dtype)
+        return dx, dw, None, None
+
+
+def compress_triton(x, w, plan, kernel_size, kernel_stride, pe=None):
+    """Kernel twin of compress (weightedpool, avgpool): pe enters as the bias sum_l w[:, l] pe[:, l], which is what
+    adding it to every window before pooling amounts to."""
+    if w is None:  # avgpool
+        w = torch.full((x.shape[1], kernel_size), 1.0 / kernel_size, device=x.device, dtype=torch.float32)
+    out = _Pool.apply(x, w, plan, kernel_stride)
+    return out if pe is None else out + torch.einsum("hl,hld->hd", w.to(pe.dtype), pe).to(out.dtype)
 
 
 def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
@@ -1091,13 +1199,18 @@ class NSA(torch.nn.Module):
         pos = idx - layout.sample_start if position_ids is None else position_ids
         w_k = getattr(self, "compress_key", None)
         w_v = getattr(self, "compress_value", None)
-        args = (layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type)
-        ck = compress(k, w_k, *args, pe=self.intra_block_pe, starts=plan.window_starts)
-        cv = compress(v, w_v, *args, starts=plan.window_starts)
+        backend = self.backend or ("triton" if q.is_cuda else "torch")
+        if backend == "torch" or self.compress_type == "linear":
+            args = (layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type)
+            ck = compress(k, w_k, *args, pe=self.intra_block_pe, starts=plan.window_starts)
+            cv = compress(v, w_v, *args, starts=plan.window_starts)
+        else:
+            args = (plan, c["kernel_size"], c["kernel_stride"])
+            ck = compress_triton(k, w_k, *args, pe=self.intra_block_pe)
+            cv = compress_triton(v, w_v, *args)
         ck = rope(ck, pos[plan.window_starts])
         q, k = rope(q, pos), rope(k, pos)
         scale = self.head_dim ** -0.5
-        backend = self.backend or ("triton" if q.is_cuda else "torch")
         if backend != "torch":
             g = gate_values(x, self.gate.weight, self.num_heads)
             return _NSAAttention.apply(q, k, v, ck, cv, g, plan, c, scale)
