@@ -749,17 +749,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton.jit saw 
 def _tiles(name):
     """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
     NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
-    and pass."""
+    and pass; score: (BQ, num_warps, selection blocks per key tile); slc, slc_bwd: (rows per step, num_warps,
+    num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps)."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
-                    score=(16, 1), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
+                    score=(16, 1, 4), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
     return dict(cmp_fwd=(128, 64, 8, 3, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 4), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
+                score=(64, 4, 16), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -1007,8 +1008,8 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     assert block_size % kernel_stride == 0 and kernel_size % kernel_stride == 0 and KD - 1 <= R
     assert R & (R - 1) == 0, "block_size / kernel_stride must be a power of two"
     out = torch.empty((num_kv_heads, N, plan.num_blocks), device=q.device, dtype=torch.float32)
-    BQ, W = _tiles("score")
-    BK = R * (4 if INTERPRET else 16)
+    BQ, W, blocks = _tiles("score")
+    BK = R * blocks  # compressed keys per tile: blocks - 1 blocks written per tile
     ck, c_noise = ck.contiguous(), plan.c_noise
     if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
         ck, c_noise = ck.new_zeros(1, *ck.shape[1:]), c_noise.new_zeros(1)
@@ -1391,7 +1392,7 @@ SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, 
     "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True]],
     "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False], [32, 128, 8, 3, True]],
     "topk": [[1024, 1], [512, 1], [2048, 2]],
-    "score": [[64, 4], [64, 8], [128, 8]],
+    "score": [[64, 4, 16], [64, 4, 32], [64, 8, 32], [128, 8, 16], [128, 8, 32], [32, 4, 32], [64, 8, 64]],
     "slc": [[64, 4, 3], [64, 4, 2], [32, 4, 3], [128, 8, 2]],
     "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2]],
     "slc_chunk": [1024, 512],
