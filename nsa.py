@@ -674,12 +674,16 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
 
 
 @triton.jit
-def _topk(S, IDX, LAST, ROWS, N, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, BR: tl.constexpr):
-    # select_blocks for BR score rows (kv head, query) at once: K rounds of (max, first argmax, knock out), then
-    # sort ascending. Only a query's blocks up to LAST (its last visible one) were written by _block_scores.
-    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    rm = r < ROWS
-    last = tl.load(LAST + r % N, mask=rm, other=-1)
+def _topk(S, IDX, TOKENS, LAST, N_TOKENS, N, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
+          BR: tl.constexpr):
+    # select_blocks for the score rows (kv head program_id(1), query) of BR queries from TOKENS, whose blocks up to
+    # the last one they see (LAST; all that _block_scores wrote) fit in NBP columns: K rounds of (max, first argmax,
+    # knock out), then sort ascending.
+    j = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = j < N_TOKENS
+    i = tl.load(TOKENS + j, mask=rm, other=0)
+    r = tl.program_id(1).to(tl.int64) * N + i
+    last = tl.load(LAST + i, mask=rm, other=-1)
     c = tl.arange(0, NBP)
     s = tl.load(S + r[:, None] * NB + c[None, :], mask=rm[:, None] & (c[None, :] <= last[:, None]),
                 other=float("-inf"))
@@ -750,17 +754,17 @@ def _tiles(name):
     """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
     NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
     and pass; score: (BQ, num_warps, selection blocks per key tile); slc, slc_bwd: (rows per step, num_warps,
-    num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps)."""
+    num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps, fewest columns)."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
-                    score=(16, 1, 4), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1))[name]
+                    score=(16, 1, 4), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1, 2))[name]
     return dict(cmp_fwd=(128, 64, 8, 3, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 4, 16), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1))[name]
+                score=(64, 4, 16), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1, 64))[name]
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -850,7 +854,7 @@ class Plan:
         self.cu, self.hi, self.nlo, self.tok_noise, self.N, self.B = cu, hi, L.span_start, tok_noise, N, B
         self.block_size = block_size
         self.num_blocks_total = len(self.b_first)
-        self._key_tiles = {}
+        self._cache = {}  # per-pack launch data, filled on first use (key_tiles, band_stats, topk_groups)
         for name in ["c_klo", "c_khi", "c_count", "c_start", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
                      "cu", "hi", "nlo", "tok_noise", "last_block"]:
             setattr(self, name, _i32(getattr(self, name)))
@@ -861,20 +865,32 @@ class Plan:
         takes and the number of such chunks: about 8 waves of programs over the GPU's multiprocessors, so that
         short packs and the causal staircase still fill it."""
         key = (klo.data_ptr(), nk, BQ, BK, n_kv)
-        if key not in self._key_tiles:
+        if key not in self._cache:
             lo, hi = _key_tile_ranges(klo, khi, nk, BQ, BK)
             span = (hi - lo).clamp(min=0)
             sms = 4 if INTERPRET else torch.cuda.get_device_properties(klo.device).multi_processor_count
             qc = max(2, min(64, -(-int(span.sum()) * n_kv // (8 * sms))))
-            self._key_tiles[key] = (lo, hi, qc, max(1, -(-int(span.max()) // qc)))
-        return self._key_tiles[key]
+            self._cache[key] = (lo, hi, qc, max(1, -(-int(span.max()) // qc)))
+        return self._cache[key]
+
+    def topk_groups(self, min_width):
+        """Cached per pack: the queries grouped by the power-of-two number of score columns (at least min_width)
+        that holds their blocks up to the last one they see, [(width, int32 token ids)], so that top-k scans no
+        more columns than a query can have (early queries of a long sample, short samples in a pack)."""
+        key = ("topk", min_width)
+        if key not in self._cache:
+            n = self.last_block.long() + 1
+            width = torch.where(n <= min_width, min_width, 2 ** torch.ceil(torch.log2(n.double())).long())
+            self._cache[key] = [(int(w), _i32(torch.nonzero(width == w).flatten()))
+                                    for w in torch.unique(width).tolist()]
+        return self._cache[key]
 
     def band_stats(self, klo, khi, nlo, knoise, nk, BQ, BK):
         """Cached per pack: what _unmasked reads. Per query tile of BQ rows: the lowest BK-aligned key tile start
         visible to all rows (BIG if a row sees nothing), the highest tile end, the largest nlo; per key tile: the
         first noise token any of its keys covers."""
         key = ("stats", klo.data_ptr(), knoise.data_ptr(), nk, BQ, BK)
-        if key not in self._key_tiles:
+        if key not in self._cache:
             N = klo.numel()
             T = -(-N // BQ)
             pad = lambda t, value: F.pad(t.long(), (0, T * BQ - N), value=value).view(T, BQ)
@@ -885,8 +901,8 @@ class Plan:
             qstat = torch.stack([fast_lo, hi.amin(1), pad(nlo, 0).amax(1)], 1)
             KT = -(-nk // BK)
             knmin = F.pad(knoise.long(), (0, KT * BK - nk), value=-1).view(KT, BK).amin(1)
-            self._key_tiles[key] = (_i32(qstat), _i32(knmin))
-        return self._key_tiles[key]
+            self._cache[key] = (_i32(qstat), _i32(knmin))
+        return self._cache[key]
 
 
 def get_plan(layout: SpanLayout, cfg):
@@ -1053,11 +1069,11 @@ def select_blocks_triton(score, topk, plan: Plan):
     KH, N, NB = score.shape
     K = min(topk, NB)
     idx = torch.empty(KH, N, K, device=score.device, dtype=torch.int32)
-    NBP = triton.next_power_of_2(NB)
-    elems, W = _tiles("topk")
-    BR = max(1, min(128, elems // NBP))
-    _topk[(triton.cdiv(KH * N, BR),)](score, idx, plan.last_block, KH * N, N, NB, K=K, KP=triton.next_power_of_2(K), NBP=NBP, BR=BR,
-                                      num_warps=W)
+    elems, W, min_width = _tiles("topk")
+    for width, tokens in plan.topk_groups(min_width):
+        BR = max(1, min(128, elems // width))
+        _topk[(triton.cdiv(len(tokens), BR), KH)](score, idx, tokens, plan.last_block, len(tokens), N, NB, K=K,
+                                                  KP=triton.next_power_of_2(K), NBP=width, BR=BR, num_warps=W)
     return idx
 
 
@@ -1391,7 +1407,7 @@ SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, 
     "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False]],
     "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True]],
     "swa_dkdv": [[32, 64, 4, 3, False], [32, 64, 4, 2, False], [32, 128, 8, 3, True]],
-    "topk": [[1024, 1], [512, 1], [2048, 2]],
+    "topk": [[1024, 1, 64], [1024, 1, 16], [512, 1, 64], [2048, 2, 64]],
     "score": [[64, 4, 16], [64, 4, 32], [64, 8, 32], [128, 8, 16], [128, 8, 32], [32, 4, 32], [64, 8, 64]],
     "slc": [[64, 4, 3], [64, 4, 2], [32, 4, 3], [128, 8, 2]],
     "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2]],
