@@ -38,17 +38,22 @@ The rules for the three branches:
 
 Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in, fp32 accumulation):
   - _NSAAttention is the whole gated sum as one autograd op: _gate_fwd sums the branches; in the backward one pass
-    (_gate_bwd) over do gives each branch its output gradient g_b * do, its softmax delta and the gate gradient,
-    and the branches add into shared dq and fp32 dk/dv buffers.
+    (_gate_bwd) over do gives the gate gradient and folds each branch's gate into its lse (g_b p = exp2(s - (lse -
+    log2 g_b))), so that the branch kernels take the raw do and no g_b * do copy is made; the branches add into
+    shared dq and fp32 dk/dv buffers.
+  - _pool_fwd, _pool_bwd_dx, _pool_bwd_dw: weightedpool/avgpool compression without copying the windows (the key
+    position bias pe enters as one bias vector per head); "linear" compression stays in torch.
   - _band_fwd, _band_bwd_dq, _band_bwd_dkdv: flash attention where query i sees the keys of a contiguous range
     [klo_i, khi_i) that are not another span's noise. Used twice: compressed branch (keys = compressed tokens) and
     sliding window (keys = tokens). Key tiles visible to every row of a query tile skip the mask (decided from
     per-pack tile statistics, Plan.band_stats, not per-iteration reductions). dk/dv loop over (query tile, head of
     the KV group) in one flat loop (no G-fold buffers); long query ranges are cut into chunks, sized to fill the
     GPU, whose dk/dv meet in fp32 atomics. K/V (and q/do in the backward) can load through Hopper TMA descriptors.
-  - _block_scores: recomputes the compressed probabilities from the saved lse, sums the group, maps compressed
-    keys onto blocks with the overlap weights (one small fp32 matmul per tile) and writes masked/forced block
-    scores; _topk (one warp per row) then takes the top-k per (KV head, query) and sorts the ids.
+  - _block_scores: recomputes the compressed probabilities from the saved lse, sums the group (the visibility mask
+    applied once per group, skipped on key tiles every row sees), maps compressed keys onto blocks with the overlap
+    weights (one small fp32 matmul per tile) and writes masked/forced block scores up to each query's last visible
+    block; _topk (one warp per row) then takes the top-k per (KV head, query) and sorts the ids, reading only as
+    many columns as a query's power-of-two width group needs (Plan.topk_groups).
   - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block (group-centric without padding G=7
     to 16): the top-k lists are inverted so that each program loads one KV block once and streams the
     (query, head) rows that chose it, their list entries loaded one chunk ahead. The forward writes each
@@ -68,17 +73,24 @@ nearly uniform dense attention, which no sparse pattern approximates; trained he
 
 Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128; NSA = the whole module minus the
 q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
-native, measured in the same call), fwd+bwd ms:
+native, measured in the same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
     tokens              4k     8k    16k    32k    64k
-    dense (cuDNN)     1.00   3.46  12.34  47.51  187.98
-    NSA               3.75   6.50  12.80  28.63   70.48     (forward alone: 1.97 2.44 4.83 11.05 28.80)
-    dense / NSA       0.27   0.53   0.96   1.66    2.67
-At 64k the kernels take (`python nsa.py breakdown`): band dk/dv 13.3 ms (compressed + window), selected backward
-11.3, band dq 7.8, band forward 7.7, block scores 7.2, selected forward 6.3, slot merges 5.5, top-k 2.3, the rest
-(gate projection, compression, gated sum) about 8.
+    dense (cuDNN)     0.96   3.39  12.38  47.17  188.69
+    NSA               4.29   5.74  11.24  24.71   61.29     (forward alone: 1.65 2.50 4.51 10.07 25.71)
+    dense / NSA       0.22   0.59   1.10   1.91    3.08
+At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.3 ms, compressed dk/dv 8.8,
+block scores 6.9, selected forward 6.3, compressed dq 5.2, compressed forward 4.6, window dk/dv 3.2, slot merges
+5.5 (forward and dq), window forward and dq 2.0 each, top-k 1.8, gate sum and its backward 1.3, the rest ~1.5.
+The compressed band kernels run at 415-560 TFLOP/s; the selected branch moves ~52 GB at 2-2.8 TB/s: with random queries
+every (query, slot) is its own partial, which is the floor of this design (16 slots x 7 heads x 128 x bf16
+written and read back per query, forward and backward).
 Tried on the H100 and measured no faster (so not kept): stacking a GQA group's heads in the band kernels' rows,
 running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
-tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd.
+tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd, stacking the group's heads as rows in
+_block_scores (heads summed by reshape 7.4 ms, by an fp16 matmul 6.4, against 6.9 for the per-head loop: not worth
+fp16 scores), wider block-score tiles, top-k picks by one int64 max of (score bits, column) (2.6 ms against 2.4 for
+max + argmax), scaling do rows by the gate inside the backward kernels (register pressure: +1.4 ms at 16k; folding
+the gate into lse costs nothing).
 """
 import json
 import math
