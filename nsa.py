@@ -474,12 +474,13 @@ def _band_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT
 
 
 @triton.jit
-def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, N, qk_scale,
-                  sqn, sqh, sckn, sckh, soh, son, NB_OUT,
-                  G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                  R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
-    # one program per (query tile of one sample, sample, kv head), the group's heads summed per key tile. Block tiles of BB = BK // R columns: the BK
-    # compressed keys starting R before the tile's first block cover the BB - 1 blocks written per tile.
+def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, N, NCK, qk_scale, sqn, sckn, soh,
+                  son, NB_OUT, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr,
+                  BK: tl.constexpr, R: tl.constexpr, KD: tl.constexpr, BS: tl.constexpr, INIT: tl.constexpr,
+                  LOCAL: tl.constexpr, TMA: tl.constexpr):
+    # one program per (query tile of one sample, sample, kv head), the group's heads summed per key tile. Block
+    # tiles of BB = BK // R columns: the BK compressed keys starting R before the tile's first block cover the
+    # BB - 1 blocks written per tile. CK has R zero rows in front, so that tile rows never start below 0.
     qt, b, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BB: tl.constexpr = BK // R
     ss = tl.load(CU + b)
@@ -490,8 +491,6 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     nb = tl.load(BCU + b + 1) - bbase
     rq = ss + qt * BQ + tl.arange(0, BQ)
     qm = rq < se
-    rd = tl.arange(0, BD)
-    dm = rd < D
     hi = tl.load(HI + rq, mask=qm, other=0)
     nlo = tl.load(NLO + rq, mask=qm, other=0)
     ckhi = tl.load(CKHI + rq, mask=qm, other=0) - cbase
@@ -505,17 +504,17 @@ def _block_scores(Q, CK, LSE, OUT, CU, CCU, BCU, HI, NLO, CKHI, CNOISE, BCLEAN, 
     delta = cl[:, None] - R - R * bl[None, :]
     w = tl.minimum(KD, R - delta) - tl.maximum(0, -delta)
     w = tl.where((w > 0) & (bl[None, :] < BB - 1), w, 0).to(tl.float32)
+    Q = _source(Q, N, sqn, BQ, BD, TMA)
+    CK = _source(CK, NCK + R, sckn, BK, BD, TMA)
     for b0 in range(0, n_blocks, BB - 1):
         c_rel = (b0 - 1) * R + cl
         cm = (c_rel >= 0) & (c_rel < nc)
         cn = tl.load(CNOISE + cbase + c_rel, mask=cm, other=-1)
-        ck = tl.load(CK + (cbase + c_rel).to(tl.int64)[:, None] * sckn + kh * sckh + rd[None, :],
-                     mask=cm[:, None] & dm[None, :], other=0.0)
+        ck = _tile(CK, cbase + b0 * R, NCK + R, kh * D, sckn, BK, D, BD, TMA)  # keys of other samples: masked below
         acc = tl.zeros([BQ, BK], tl.float32)
         for g in range(G):
             h = kh * G + g
-            q = tl.load(Q + rq.to(tl.int64)[:, None] * sqn + h * sqh + rd[None, :], mask=qm[:, None] & dm[None, :],
-                        other=0.0)
+            q = _tile(Q, ss + qt * BQ, N, h * D, sqn, BQ, D, BD, TMA)
             lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))  # rows past the sample: p = 0
             acc += tl.exp2(tl.dot(q, tl.trans(ck)) * qk_scale - lse[:, None])
         if ((b0 - 1) * R < 0) | ((b0 - 1) * R + BK > c_all) | (tl.min(cn) < nlo_max):  # visibility is the group's
@@ -765,7 +764,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton.jit saw 
 def _tiles(name):
     """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
     NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
-    and pass; score: (BQ, num_warps, selection blocks per key tile); slc, slc_bwd: (rows per step, num_warps,
+    and pass; score: (BQ, num_warps, selection blocks per key tile, TMA loads); slc, slc_bwd: (rows per step, num_warps,
     num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps, fewest columns)."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
@@ -773,10 +772,10 @@ def _tiles(name):
     if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
-                    score=(16, 1, 4), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1, 2))[name]
+                    score=(16, 1, 4, True), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1, 2))[name]
     return dict(cmp_fwd=(128, 64, 8, 3, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 4, 16), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1, 64))[name]
+                score=(64, 4, 16, True), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1, 64))[name]
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -1036,16 +1035,18 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     assert block_size % kernel_stride == 0 and kernel_size % kernel_stride == 0 and KD - 1 <= R
     assert R & (R - 1) == 0, "block_size / kernel_stride must be a power of two"
     out = torch.empty((num_kv_heads, N, plan.num_blocks), device=q.device, dtype=torch.float32)
-    BQ, W, blocks = _tiles("score")
+    BQ, W, blocks, tma = _tiles("score")
     BK = R * blocks  # compressed keys per tile: blocks - 1 blocks written per tile
-    ck, c_noise = ck.contiguous(), plan.c_noise
+    c_noise = plan.c_noise
     if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
-        ck, c_noise = ck.new_zeros(1, *ck.shape[1:]), c_noise.new_zeros(1)
+        c_noise = c_noise.new_zeros(1)
+    ck_pad = F.pad(ck, (0, 0, 0, 0, R, 0))  # R zero rows in front (see _block_scores)
     _launch(_block_scores, (triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads),
-            q, ck, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
-            N, (D ** -0.5) * math.log2(math.e), *q.stride()[:2], *ck.stride()[:2], *out.stride()[:2], plan.num_blocks,
+            q, ck_pad, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
+            N, ck.shape[0], (D ** -0.5) * math.log2(math.e), q.stride(0), ck_pad.stride(0), *out.stride()[:2],
+            plan.num_blocks,
             G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
-            INIT=init_blocks, LOCAL=local_blocks, num_warps=W)
+            INIT=init_blocks, LOCAL=local_blocks, TMA=_use_tma(D, tma), num_warps=W)
     return out
 
 
@@ -1422,7 +1423,7 @@ SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, 
     "swa_dkdv": [[32, 64, 4, 3, False], [64, 64, 4, 3, False], [64, 128, 8, 3, False], [32, 128, 8, 3, False],
                  [64, 64, 8, 2, False]],
     "topk": [[1024, 1, 64], [1024, 1, 16], [512, 1, 64], [2048, 2, 64]],
-    "score": [[64, 4, 16], [64, 4, 32], [64, 8, 32], [128, 8, 16], [32, 4, 32]],
+    "score": [[64, 4, 16, True], [64, 4, 16, False], [64, 8, 16, True], [128, 8, 16, True], [64, 4, 32, True]],
     "slc": [[64, 4, 3], [64, 4, 2], [64, 4, 4], [32, 4, 3], [128, 8, 2]],
     "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2], [64, 4, 3]],
     "slc_chunk": [1024, 512, 2048],
