@@ -49,8 +49,8 @@ Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in
     per-pack tile statistics, Plan.band_stats, not per-iteration reductions). dk/dv loop over (query tile, head of
     the KV group) in one flat loop (no G-fold buffers); long query ranges are cut into chunks, sized to fill the
     GPU, whose dk/dv meet in fp32 atomics. K/V (and q/do in the backward) can load through Hopper TMA descriptors.
-  - _block_scores: recomputes the compressed probabilities from the saved lse, sums the group (the visibility mask
-    applied once per group, skipped on key tiles every row sees), maps compressed keys onto blocks with the overlap
+  - _block_scores: recomputes the compressed probabilities from the saved lse (q and compressed-key tiles through
+    TMA), sums the group (the visibility mask applied once per group, skipped on key tiles every row sees), maps compressed keys onto blocks with the overlap
     weights (one small fp32 matmul per tile) and writes masked/forced block scores up to each query's last visible
     block; _topk (one warp per row) then takes the top-k per (KV head, query) and sorts the ids, reading only as
     many columns as a query's power-of-two width group needs (Plan.topk_groups).
@@ -75,11 +75,12 @@ Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128
 q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
 native, measured in the same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
     tokens              4k     8k    16k    32k    64k
-    dense (cuDNN)     0.96   3.39  12.38  47.17  188.69
-    NSA               4.29   5.74  11.24  24.71   61.29     (forward alone: 1.65 2.50 4.51 10.07 25.71)
-    dense / NSA       0.22   0.59   1.10   1.91    3.08
-At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.3 ms, compressed dk/dv 8.8,
-block scores 6.9, selected forward 6.3, compressed dq 5.2, compressed forward 4.6, window dk/dv 3.2, slot merges
+    dense (cuDNN)     0.98   3.44  12.47  47.99  188.84
+    NSA               5.11   5.68  11.05  24.34   59.69     (forward alone: 1.88 2.60 4.40 9.68 24.52)
+    dense / NSA       0.19   0.61   1.13   1.97    3.16
+(below 16k the NSA step is bound by launching its ~40 kernels, and varies by a millisecond from run to run.)
+At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.4 ms, compressed dk/dv 9.0,
+selected forward 6.3, compressed dq 5.2, block scores 5.0, compressed forward 4.6, window dk/dv 3.2, slot merges
 5.5 (forward and dq), window forward and dq 2.0 each, top-k 1.8, gate sum and its backward 1.3, the rest ~1.5.
 The compressed band kernels run at 415-560 TFLOP/s; the selected branch moves ~52 GB at 2-2.8 TB/s: with random queries
 every (query, slot) is its own partial, which is the floor of this design (16 slots x 7 heads x 128 x bf16
@@ -87,8 +88,8 @@ written and read back per query, forward and backward).
 Tried on the H100 and measured no faster (so not kept): stacking a GQA group's heads in the band kernels' rows,
 running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
 tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd, stacking the group's heads as rows in
-_block_scores (heads summed by reshape 7.4 ms, by an fp16 matmul 6.4, against 6.9 for the per-head loop: not worth
-fp16 scores), wider block-score tiles, top-k picks by one int64 max of (score bits, column) (2.6 ms against 2.4 for
+_block_scores (heads summed by reshape 7.4 ms, by an fp16 matmul 6.4, against 6.9 for the per-head loop with plain
+loads; 5.0 with TMA loads, kept), wider block-score tiles, top-k picks by one int64 max of (score bits, column) (2.6 ms against 2.4 for
 max + argmax), scaling do rows by the gate inside the backward kernels (register pressure: +1.4 ms at 16k; folding
 the gate into lse costs nothing).
 """
