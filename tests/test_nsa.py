@@ -352,6 +352,34 @@ def test_topk_kernel_matches_select_blocks():
         torch.testing.assert_close(nsa.select_blocks_triton(garbage, topk, plan), nsa.select_blocks(ref, topk))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("compress_type", ["weightedpool", "avgpool"])
+def test_pool_kernels_match_compress(compress_type):
+    """compress_triton (the pool kernels) equals compress, output and the gradients of x, w and pe, on packs with
+    samples shorter than the kernel, a head dim that is not a power of two, and kernels of 2 and 3 strides."""
+    g = torch.Generator().manual_seed(7)
+    for pack in ("mixed_spans", "many_tiny_samples"):
+        for kernel_size, stride in ((8, 4), (12, 4)):
+            layout = model.span_layout(*PACKS[pack])
+            plan = nsa.Plan(layout, kernel_size, stride, 16, 40)
+            N, H, D = layout.sample_start.numel(), 2, 12
+            inputs = {"x": torch.randn(N, H, D, generator=g), "pe": torch.randn(H, kernel_size, D, generator=g)}
+            if compress_type == "weightedpool":
+                inputs["w"] = torch.randn(H, kernel_size, generator=g)
+            dout = torch.randn(len(plan.window_starts), H, D, generator=g)
+            out = {}
+            for backend in ("torch", "triton"):
+                t = {n: v.clone().requires_grad_() for n, v in inputs.items()}
+                if backend == "torch":
+                    o = nsa.compress(t["x"], t.get("w"), layout.cu_seqlens, kernel_size, stride, compress_type, t["pe"])
+                else:
+                    o = nsa.compress_triton(t["x"], t.get("w"), plan, kernel_size, stride, t["pe"])
+                (o * dout).sum().backward()
+                out[backend] = [o.detach()] + [t[n].grad for n in sorted(t)]
+            for ref, tri in zip(out["torch"], out["triton"]):
+                torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5, msg=f"{pack} {kernel_size}/{stride}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Masking semantics
 
