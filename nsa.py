@@ -1414,9 +1414,11 @@ def breakdown(N=65536):
 
 
 SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
-    "cmp_fwd": [[128, 64, 8, 3, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [128, 64, 8, 2, True]],
+    "cmp_fwd": [[128, 64, 8, 3, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [128, 64, 8, 2, True],
+                [128, 64, 8, 3, True], [128, 64, 8, 4, False]],
     "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True], [128, 64, 8, 3, True], [64, 64, 4, 3, True]],
-    "cmp_dkdv": [[64, 128, 8, 3, False], [32, 128, 8, 3, True], [64, 128, 8, 2, True], [64, 64, 4, 2, True]],
+    "cmp_dkdv": [[64, 128, 8, 3, False], [32, 128, 8, 3, True], [64, 128, 8, 2, True], [64, 64, 4, 2, True],
+                 [64, 128, 8, 3, True], [64, 128, 8, 4, False], [128, 128, 8, 2, False]],
     "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [64, 128, 4, 2, False],
                 [64, 64, 4, 3, False], [64, 64, 4, 2, True]],
     "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True], [128, 64, 8, 2, False], [64, 128, 8, 2, False],
