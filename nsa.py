@@ -50,10 +50,11 @@ Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in
     the KV group) in one flat loop (no G-fold buffers); long query ranges are cut into chunks, sized to fill the
     GPU, whose dk/dv meet in fp32 atomics. K/V (and q/do in the backward) can load through Hopper TMA descriptors.
   - _block_scores: recomputes the compressed probabilities from the saved lse (q and compressed-key tiles through
-    TMA), sums the group (the visibility mask applied once per group, skipped on key tiles every row sees), maps compressed keys onto blocks with the overlap
-    weights (one small fp32 matmul per tile) and writes masked/forced block scores up to each query's last visible
-    block; _topk (one warp per row) then takes the top-k per (KV head, query) and sorts the ids, reading only as
-    many columns as a query's power-of-two width group needs (Plan.topk_groups).
+    TMA), sums the group (the visibility mask applied once per group, skipped on key tiles every row sees), maps
+    compressed keys onto blocks with the overlap weights (one small fp32 matmul per tile) and writes masked/forced
+    block scores up to each query's last visible block; _topk (one warp per row) then takes the top-k per
+    (KV head, query) and sorts the ids, reading only as many columns as a query's power-of-two width group needs
+    (Plan.topk_groups).
   - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block (group-centric without padding G=7
     to 16): the top-k lists are inverted so that each program loads one KV block once and streams the
     (query, head) rows that chose it, their list entries loaded one chunk ahead. The forward writes each
@@ -82,16 +83,16 @@ native, measured in the same call; gradients by torch.autograd.grad on both side
 At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.4 ms, compressed dk/dv 9.0,
 selected forward 6.3, compressed dq 5.2, block scores 5.0, compressed forward 4.6, window dk/dv 3.2, slot merges
 5.5 (forward and dq), window forward and dq 2.0 each, top-k 1.8, gate sum and its backward 1.3, the rest ~1.5.
-The compressed band kernels run at 415-560 TFLOP/s; the selected branch moves ~52 GB at 2-2.8 TB/s: with random queries
-every (query, slot) is its own partial, which is the floor of this design (16 slots x 7 heads x 128 x bf16
+The compressed band kernels run at 415-560 TFLOP/s; the selected branch moves ~52 GB at 2-2.8 TB/s: with random
+queries every (query, slot) is its own partial, which is the floor of this design (16 slots x 7 heads x 128 x bf16
 written and read back per query, forward and backward).
 Tried on the H100 and measured no faster (so not kept): stacking a GQA group's heads in the band kernels' rows,
 running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
 tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd, stacking the group's heads as rows in
 _block_scores (heads summed by reshape 7.4 ms, by an fp16 matmul 6.4, against 6.9 for the per-head loop with plain
-loads; 5.0 with TMA loads, kept), wider block-score tiles, top-k picks by one int64 max of (score bits, column) (2.6 ms against 2.4 for
-max + argmax), scaling do rows by the gate inside the backward kernels (register pressure: +1.4 ms at 16k; folding
-the gate into lse costs nothing).
+loads; 5.0 with TMA loads, kept), wider block-score tiles, top-k picks by one int64 max of (score bits, column)
+(2.6 ms against 2.4 for max + argmax), scaling do rows by the gate inside the backward kernels (register pressure:
++1.4 ms at 16k; folding the gate into lse costs nothing).
 """
 import json
 import math
@@ -867,8 +868,8 @@ class Plan:
         self.block_size = block_size
         self.num_blocks_total = len(self.b_first)
         self._cache = {}  # per-pack launch data, filled on first use (key_tiles, band_stats, topk_groups)
-        for name in ["c_klo", "c_khi", "c_count", "c_start", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first", "b_end", "b_clean",
-                     "cu", "hi", "nlo", "tok_noise", "last_block"]:
+        for name in ["c_klo", "c_khi", "c_count", "c_start", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first",
+                     "b_end", "b_clean", "cu", "hi", "nlo", "tok_noise", "last_block"]:
             setattr(self, name, _i32(getattr(self, name)))
 
 
