@@ -837,7 +837,7 @@ class Plan:
         nc = compressed_lengths(cu, kernel_size, kernel_stride)
         ccu = F.pad(nc.cumsum(0), (1, 0))
         c_first = window_starts(cu, kernel_size, kernel_stride)
-        self.window_starts = c_first  # int64, for compression and compressed-key positions
+        self.window_starts = c_first  # each compressed key's first token: compression and compressed-key positions
         c_last = c_first + kernel_size - 1
         c_noise = torch.where(next_noise[c_first] <= c_last, next_noise[c_first], BIG) if len(c_first) else c_first
         rel_hi = hi - L.sample_start
@@ -845,7 +845,6 @@ class Plan:
         self.c_klo = ccu[sample]  # the first compressed key of each token's sample
         self.c_khi = self.c_klo + torch.minimum(n_vis, nc[sample])
         self.c_count = nc[sample]  # and how many it has
-        self.c_start = c_first
         self.rel = idx - L.sample_start
         self.c_noise = c_noise
         self.ccu = ccu
@@ -868,8 +867,8 @@ class Plan:
         self.block_size = block_size
         self.num_blocks_total = len(self.b_first)
         self._cache = {}  # per-pack launch data, filled on first use (key_tiles, band_stats, topk_groups)
-        for name in ["c_klo", "c_khi", "c_count", "c_start", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu", "b_first",
-                     "b_end", "b_clean", "cu", "hi", "nlo", "tok_noise", "last_block"]:
+        for name in ["window_starts", "c_klo", "c_khi", "c_count", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu",
+                     "b_first", "b_end", "b_clean", "cu", "hi", "nlo", "tok_noise", "last_block"]:
             setattr(self, name, _i32(getattr(self, name)))
 
 
@@ -950,12 +949,12 @@ class _Pool(torch.autograd.Function):
     def forward(ctx, x, w, plan, kernel_stride):
         x = x.contiguous()
         L, H, D = x.shape
-        NC = plan.c_start.numel()
+        NC = plan.window_starts.numel()
         out = x.new_empty(NC, H, D)
         ctx.save_for_backward(x, w)
         ctx.plan, ctx.stride = plan, kernel_stride
         if NC:
-            _pool_fwd[(triton.cdiv(NC, 64), H)](x, w, out, plan.c_start, NC, H * D, KS=w.shape[1], D=D, BD=_bd(D),
+            _pool_fwd[(triton.cdiv(NC, 64), H)](x, w, out, plan.window_starts, NC, H * D, KS=w.shape[1], D=D, BD=_bd(D),
                                                BC=64)
         return out
 
@@ -974,8 +973,8 @@ class _Pool(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             part = torch.zeros(max(1, triton.cdiv(NC, 64)), H, w.shape[1], device=x.device, dtype=torch.float32)
             if NC:
-                _pool_bwd_dw[(triton.cdiv(NC, 64), H)](dout, x, part, plan.c_start, NC, H * D, H, KS=w.shape[1], D=D,
-                                                      BD=_bd(D), BC=64)
+                _pool_bwd_dw[(triton.cdiv(NC, 64), H)](dout, x, part, plan.window_starts, NC, H * D, H, KS=w.shape[1],
+                                                      D=D, BD=_bd(D), BC=64)
             dw = part.sum(0).to(w.dtype)
         return dx, dw, None, None
 
