@@ -92,7 +92,14 @@ tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd, sta
 _block_scores (heads summed by reshape 7.4 ms, by an fp16 matmul 6.4, against 6.9 for the per-head loop with plain
 loads; 5.0 with TMA loads, kept), wider block-score tiles, top-k picks by one int64 max of (score bits, column)
 (2.6 ms against 2.4 for max + argmax), scaling do rows by the gate inside the backward kernels (register pressure:
-+1.4 ms at 16k; folding the gate into lse costs nothing).
++1.4 ms at 16k; folding the gate into lse costs nothing), merging the slot partials in the epilogue of the window
+kernels instead of _slc_combine (window forward 6.6 ms against 2.0 + 2.8, window dq 5.5 against 2.0 + 2.7: the
+merge's dependent loads stall the band programs), register caps (ptxas maxnreg 128 or 168: within noise on the
+compressed forward and dq, 1-26 ms slower on the selected, score and compressed dk/dv kernels, from spills), fewer
+pipeline stages or smaller tiles for _block_scores (which spills 18 registers at its default: 0.8-3 ms slower).
+Dropping every band-kernel mask (wrong results, as a bound on what cheaper masking could give) saved 1.0 ms at 64k.
+ncu (16k): _block_scores, _slc_fwd and _slc_bwd all use 255 registers at 12.5% occupancy and issue an instruction
+every 4-7 cycles per warp: latency-bound, not bandwidth-bound.
 """
 import json
 import math
