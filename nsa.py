@@ -695,25 +695,39 @@ def _slc_combine(XP, LP, OUT, LSE, NROWS, N, H,
 
 @triton.jit
 def _topk(S, IDX, TOKENS, LAST, N_TOKENS, N, NB, K: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-          BR: tl.constexpr):
+          CW: tl.constexpr, BR: tl.constexpr):
     # select_blocks for the score rows (kv head program_id(1), query) of BR queries from TOKENS, whose blocks up to
-    # the last one they see (LAST; all that _block_scores wrote) fit in NBP columns: K rounds of (max, first argmax,
-    # knock out), then sort ascending.
+    # the last one they see (LAST; all that _block_scores wrote) fit in NBP columns. The row is cut into chunks of
+    # CW columns and each chunk's maximum kept: a pick takes the chunk with the largest (the first of equals), re-reads
+    # that chunk (L1) for its first largest column, knocks the column out (a bit per column) and updates the chunk's
+    # maximum, so that K picks cost NBP + K * (NBP / CW + CW), not K * NBP. Then the picks are sorted ascending.
+    C: tl.constexpr = NBP // CW
     j = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = j < N_TOKENS
     i = tl.load(TOKENS + j, mask=rm, other=0)
     r = tl.program_id(1).to(tl.int64) * N + i
+    row = S + r * NB
     last = tl.load(LAST + i, mask=rm, other=-1)
     c = tl.arange(0, NBP)
-    s = tl.load(S + r[:, None] * NB + c[None, :], mask=rm[:, None] & (c[None, :] <= last[:, None]),
-                other=float("-inf"))
+    s = tl.load(row[:, None] + c[None, :], mask=rm[:, None] & (c[None, :] <= last[:, None]), other=float("-inf"))
+    chunk_max = tl.max(tl.reshape(s, [BR, C, CW]), 2)
+    chunk = tl.arange(0, C)
+    w = tl.arange(0, CW)
+    taken = tl.zeros([BR, C], tl.int32)  # bit b of chunk h: column h * CW + b is picked
     kk = tl.arange(0, KP)
     out = tl.full([BR, KP], BIG_I32, tl.int32)
     for t in tl.static_range(K):
-        m = tl.max(s, 1)
-        a = tl.argmax(s, 1).to(tl.int32)
-        out = tl.where((kk[None, :] == t) & (m > float("-inf"))[:, None], a[:, None], out)
-        s = tl.where(c[None, :] == a[:, None], float("-inf"), s)
+        m = tl.max(chunk_max, 1)
+        h = tl.argmax(chunk_max, 1).to(tl.int32)
+        here = chunk[None, :] == h[:, None]
+        cols = h[:, None] * CW + w[None, :]
+        x = tl.load(row[:, None] + cols, mask=rm[:, None] & (cols <= last[:, None]), other=float("-inf"))
+        bits = tl.sum(tl.where(here, taken, 0), 1)
+        x = tl.where(((bits[:, None] >> w[None, :]) & 1) != 0, float("-inf"), x)
+        a = tl.argmax(x, 1).to(tl.int32)
+        out = tl.where((kk[None, :] == t) & (m > float("-inf"))[:, None], (h * CW + a)[:, None], out)
+        taken = tl.where(here, taken | (1 << a)[:, None], taken)
+        chunk_max = tl.where(here, tl.max(tl.where(w[None, :] == a[:, None], float("-inf"), x), 1)[:, None], chunk_max)
     out = tl.sort(out, 1)
     tl.store(IDX + r[:, None] * K + kk[None, :], tl.where(out == BIG_I32, -1, out),
              mask=rm[:, None] & (kk[None, :] < K))
@@ -774,17 +788,20 @@ def _tiles(name):
     """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
     NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
     and pass; score: (BQ, num_warps, selection blocks per key tile, TMA loads); slc, slc_bwd: (rows per step, num_warps,
-    num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps, fewest columns)."""
+    num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps, fewest columns,
+    columns per chunk)."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
     if INTERPRET:
         tma, plain = (16, 16, 1, 1, True), (16, 16, 1, 1, False)  # the tests cover both load paths
         return dict(cmp_fwd=tma, cmp_dq=tma, cmp_dkdv=tma, swa_fwd=plain, swa_dq=plain, swa_dkdv=plain,
-                    score=(16, 1, 4, True), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16, topk=(64, 1, 2))[name]
+                    score=(16, 1, 4, True), slc=(16, 1, 1), slc_bwd=(16, 1, 1), slc_chunk=16,
+                    topk=(1024, 1, 2, 4))[name]
     return dict(cmp_fwd=(128, 64, 8, 3, False), cmp_dq=(64, 64, 4, 2, True), cmp_dkdv=(64, 128, 8, 3, False),
                 swa_fwd=(64, 64, 4, 2, False), swa_dq=(64, 64, 4, 2, False), swa_dkdv=(32, 64, 4, 3, False),
-                score=(64, 4, 16, True), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024, topk=(1024, 1, 64))[name]
+                score=(64, 4, 16, True), slc=(64, 4, 3), slc_bwd=(128, 8, 2), slc_chunk=1024,
+                topk=(1024, 1, 64, 32))[name]
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -1090,11 +1107,12 @@ def select_blocks_triton(score, topk, plan: Plan):
     KH, N, NB = score.shape
     K = min(topk, NB)
     idx = torch.empty(KH, N, K, device=score.device, dtype=torch.int32)
-    elems, W, min_width = _tiles("topk")
+    elems, W, min_width, chunk = _tiles("topk")
     for width, tokens in plan.topk_groups(min_width):
         BR = max(1, min(128, elems // width))
         _topk[(triton.cdiv(len(tokens), BR), KH)](score, idx, tokens, plan.last_block, len(tokens), N, NB, K=K,
-                                                  KP=triton.next_power_of_2(K), NBP=width, BR=BR, num_warps=W)
+                                                  KP=triton.next_power_of_2(K), NBP=width, CW=min(chunk, width), BR=BR,
+                                                  num_warps=W)
     return idx
 
 
@@ -1432,7 +1450,8 @@ SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, 
                [64, 64, 4, 3, False]],
     "swa_dkdv": [[32, 64, 4, 3, False], [64, 64, 4, 3, False], [64, 128, 8, 3, False], [32, 128, 8, 3, False],
                  [64, 64, 8, 2, False]],
-    "topk": [[1024, 1, 64], [1024, 1, 16], [512, 1, 64], [2048, 2, 64]],
+    "topk": [[1024, 1, 64, 32], [2048, 1, 64, 32], [4096, 2, 64, 32], [1024, 1, 64, 16], [1024, 1, 64, 64],
+             [2048, 2, 64, 32], [512, 1, 64, 32]],
     "score": [[64, 4, 16, True], [64, 4, 16, False], [64, 8, 16, True], [128, 8, 16, True], [64, 4, 32, True]],
     "slc": [[64, 4, 3], [64, 4, 2], [64, 8, 3], [64, 8, 2], [32, 4, 3], [128, 8, 2]],
     "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2], [64, 4, 3]],

@@ -333,7 +333,7 @@ def test_triton_branches_on_fixture(golden):
 
 @needs_interpreter
 def test_topk_kernel_matches_select_blocks():
-    """_topk (one int64 max per pick) equals select_blocks on scores with forced (+inf), unselectable (-inf) and
+    """_topk equals select_blocks on scores with forced (+inf), unselectable (-inf) and
     exactly zero blocks and rows with fewer selectable blocks than topk; it reads only up to each row's last block."""
     g = torch.Generator().manual_seed(5)
     layout = model.span_layout(*PACKS["mixed_spans"])
@@ -350,6 +350,21 @@ def test_topk_kernel_matches_select_blocks():
     garbage = score.masked_fill(col > plan.last_block.long()[:, None], 5.0)  # never written: must not be read
     for topk in (2, 3, NB + 2):
         torch.testing.assert_close(nsa.select_blocks_triton(garbage, topk, plan), nsa.select_blocks(ref, topk))
+    # rows of up to 32 columns (8 chunks at the interpreter's chunk width) and exact ties everywhere: the first of
+    # equal columns wins, as a stable sort picks
+    layout = model.span_layout([450], [450], ["causal"])
+    plan = nsa.Plan(layout, 8, 4, 16, 40)
+    N, NB = 450, plan.num_blocks
+    col = torch.arange(NB)
+    score = torch.randint(0, 3, (KH, N, NB), generator=g).float()
+    score[torch.rand(KH, N, NB, generator=g) < 0.2] = float("-inf")
+    unseen = col > plan.last_block.long()[:, None]
+    ref = score.masked_fill(unseen, float("-inf"))
+    for topk in (1, 5, 16):
+        order = torch.sort(-ref, dim=-1, stable=True).indices[..., :topk]
+        chosen = torch.where(ref.gather(-1, order) > float("-inf"), order, nsa.BIG).sort(-1).values
+        want = torch.where(chosen == nsa.BIG, -1, chosen).int()
+        torch.testing.assert_close(nsa.select_blocks_triton(score.masked_fill(unseen, 9.0), topk, plan), want)
 
 
 @needs_interpreter
