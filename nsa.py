@@ -1083,12 +1083,12 @@ def _selection_work(idx, plan: Plan):
     NBT = plan.num_blocks_total
     n_keys = KH * NBT
     dev = idx.device
-    kh = torch.arange(KH, device=dev)[:, None, None]
-    key = torch.where(idx >= 0, kh * NBT + plan.block_of_sample.long()[None, :, None] + idx.long(), n_keys).flatten()
-    order = torch.argsort(key, stable=True)
+    kh = torch.arange(KH, device=dev, dtype=torch.int32)[:, None, None]
+    key = torch.where(idx >= 0, kh * NBT + plan.block_of_sample[None, :, None] + idx, n_keys).flatten()
+    order = torch.argsort(key, stable=True)  # int32 keys: half the radix passes of int64
     qlist = _i32(order % (N * K))
-    offs = torch.searchsorted(key[order], torch.arange(n_keys + 1, device=dev))
-    counts = offs[1:] - offs[:-1]
+    counts = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
+    offs = F.pad(counts.cumsum(0), (1, 0))
     chunk = _tiles("slc_chunk")
     n_chunks = (counts + chunk - 1) // chunk
     cum = n_chunks.cumsum(0)
@@ -1310,35 +1310,92 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check():
-    """bf16 kernels vs the fp32 torch reference (same bf16 inputs) on a pack with causal, full and noise spans."""
-    torch.manual_seed(0)
+CHECKS = [  # (sample lens, span lens, span modes, NSA config): the packs and configs `python nsa.py check` runs
+    ([1500, 700], [300, 256, 200, 400, 344, 100, 256, 344],
+     ["causal", "full", "causal", "noise", "causal", "causal", "full", "causal"], {}),
+    # a long sample beside many short ones (shorter than the kernel, the block, one and two blocks), spans of all kinds
+    ([2600, 5, 17, 31, 33, 64, 65, 100, 700], [600, 1024, 976, 5, 17, 31, 33, 64, 65, 100, 62, 512, 126],
+     ["causal", "noise", "causal", "causal", "full", "causal", "noise", "causal", "causal", "causal", "causal", "full",
+      "causal"], dict(compress_type="avgpool")),
+    # another config: smaller blocks and kernels, more init and fewer local blocks, a short window, linear compression
+    ([2500, 1200], [900, 600, 1000, 1200], ["causal", "full", "causal", "causal"],
+     dict(block_size=32, kernel_size=16, kernel_stride=8, topk=8, init_blocks=2, local_blocks=1, window_size=128,
+          compress_type="linear")),
+]
+
+
+def _compare(name, pairs, bound=3e-2):
+    """Print the relative error of each (label, kernels' result, reference) and return the worst."""
+    worst = 0.0
+    for label, tri, ref in pairs:
+        err = _rel(tri, ref)
+        worst = max(worst, err)
+        print(f"check {name:10s} bf16 triton vs fp32 reference  {label:24s} rel err {err:.2e}")
+    return worst
+
+
+def _check_module(sample_lens, span_lens, modes, cfg):
+    """The whole module (compression kernels, RoPE, gate projection, attention) in bf16 against the torch backend
+    in fp32 on the same inputs: outputs and every gradient."""
     H, KH, D = 28, 4, 128
-    layout = span_layout([1500, 700], [300, 256, 200, 400, 344, 100, 256, 344], ["causal", "full", "causal", "noise",
-                         "causal", "causal", "full", "causal"], device="cuda")
-    x, q, k, v = _inputs(2200, hidden=256)
+    torch.manual_seed(0)
+    layout = span_layout(sample_lens, span_lens, modes, device="cuda")
+    x, q, k, v = _inputs(sum(sample_lens), hidden=256)
     do = torch.randn_like(q)
-    m = NSA(256, H, KH, D).cuda()
+    m = NSA(256, H, KH, D, **cfg).cuda()
     with torch.no_grad():  # trained-looking parameters rather than the near-dense init
         m.compress_key.normal_(1 / 32, 0.02)
         m.compress_value.normal_(1 / 32, 0.02)
         m.intra_block_pe.normal_(0, 0.1)
         m.gate.weight.normal_(0, 0.05)
-    rope = _rope_fn(D)
-    res, worst = {}, 0.0
+    res = {}
     for backend, dtype in (("torch", torch.float32), ("triton", torch.bfloat16)):
         m.backend = backend
         m.zero_grad()
         leaves = [t.to(dtype).clone().requires_grad_() for t in (x, q, k, v)]
         mm = m.to(dtype)
-        o = mm(*leaves, layout, rope)
+        o = mm(*leaves, layout, _rope_fn(D))
         (o * do.to(dtype)).sum().backward()
         res[backend] = [("o", o)] + [("d" + n, t.grad) for n, t in zip("xqkv", leaves)] + \
                        [("d" + n, p.grad.clone()) for n, p in mm.named_parameters()]
-    for (name, ref), (_, tri) in zip(res["torch"], res["triton"]):
-        err = _rel(tri, ref)
-        worst = max(worst, err)
-        print(f"check bf16 triton vs fp32 reference  {name:28s} rel err {err:.2e}")
+    return _compare("module", [(a, t, r) for (a, r), (_, t) in zip(res["torch"], res["triton"])])
+
+
+def _check_op(case, sample_lens, span_lens, modes, cfg):
+    """The attention op (three branches and the gated sum) in bf16 against nsa_reference in fp32 on the same bf16
+    q, k, v, compressed keys/values and gates: outputs and the gradients of all six. Both sides see the same
+    compressed keys, so that block selection does not flip on near-ties between bf16 and fp32 compression (the module
+    check above, fed one rounding apart, flips a few queries' blocks on such packs)."""
+    H, KH, D = 28, 4, 128
+    cfg = {**NSA(1, H, KH, D, **cfg).cfg}
+    layout = span_layout(sample_lens, span_lens, modes, device="cuda")
+    N = sum(sample_lens)
+    _, q, k, v = _inputs(N, hidden=16, seed=case)
+    g = torch.Generator(device="cuda").manual_seed(case)
+    w = torch.randn(KH, cfg["kernel_size"], device="cuda", generator=g) * 0.02 + 1 / cfg["kernel_size"]
+    args = (layout.cu_seqlens, cfg["kernel_size"], cfg["kernel_stride"], "weightedpool")
+    ck, cv = (compress(t.float(), w, *args).to(torch.bfloat16) for t in (k, v))
+    gate = torch.rand(N, H, 3, device="cuda", generator=g).to(torch.bfloat16)
+    do = torch.randn(q.shape, device="cuda", generator=g).to(torch.bfloat16)
+    scale = D ** -0.5
+    tri = [t.clone().requires_grad_() for t in (q, k, v, ck, cv, gate)]
+    o_t = _NSAAttention.apply(*tri, get_plan(layout, cfg), cfg, scale)
+    o_t.backward(do)
+    ref = [t.float().requires_grad_() for t in (q, k, v, ck, cv, gate)]
+    branches = nsa_reference(*ref[:5], layout, cfg, scale)
+    o_r = sum(ref[5][..., b:b + 1] * o for b, o in enumerate(branches))
+    o_r.backward(do.float())
+    return _compare(f"op {case}", [("o", o_t, o_r)] + [("d" + n, t.grad, r.grad) for n, t, r in
+                                                        zip(("q", "k", "v", "ck", "cv", "gate"), tri, ref)])
+
+
+def check():
+    """bf16 kernels vs the fp32 torch reference: the whole module on CHECKS[0], the attention op on every pack and
+    config of CHECKS."""
+    worst = _check_module(*CHECKS[0])
+    for case, spec in enumerate(CHECKS):
+        worst = max(worst, _check_op(case, *spec))
+        torch.cuda.empty_cache()
     assert worst < 3e-2, f"bf16 kernels disagree with the reference (worst rel err {worst:.2e})"
     print("check OK")
 
