@@ -76,13 +76,14 @@ Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128
 q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
 native, measured in the same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
     tokens              4k     8k    16k    32k    64k
-    dense (cuDNN)     0.98   3.44  12.47  47.99  188.84
-    NSA               5.11   5.68  11.05  24.34   59.69     (forward alone: 1.88 2.60 4.40 9.68 24.52)
-    dense / NSA       0.19   0.61   1.13   1.97    3.16
-(below 16k the NSA step is bound by launching its ~40 kernels, and varies by a millisecond from run to run.)
-At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.4 ms, compressed dk/dv 9.0,
-selected forward 6.3, compressed dq 5.2, block scores 5.0, compressed forward 4.6, window dk/dv 3.2, slot merges
-5.5 (forward and dq), window forward and dq 2.0 each, top-k 1.8, gate sum and its backward 1.3, the rest ~1.5.
+    dense (cuDNN)     0.98   3.47  12.48  48.09  191.76
+    NSA               4.28   6.44  11.99  24.89   59.98     (forward alone: 2.14 2.92 5.09 10.22 24.55)
+    dense / NSA       0.23   0.54   1.04   1.93    3.20
+(four runs on one day: 16k 1.03-1.13x, 64k 3.20-3.25x; below 16k the step is bound by the host launching its ~130
+kernels and torch ops, ~6.7 ms at 4k, and varies by a millisecond from run to run.)
+At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.3 ms, compressed dk/dv 8.9,
+selected forward 6.2, compressed dq 5.2, block scores 5.1, compressed forward 4.6, window dk/dv 3.2, slot merges
+5.5 (forward and dq), window forward and dq 2.0 each, gate sum and its backward 1.3, top-k 0.6, the rest ~1.5.
 The compressed band kernels run at 415-560 TFLOP/s; the selected branch moves ~52 GB at 2-2.8 TB/s: with random
 queries every (query, slot) is its own partial, which is the floor of this design (16 slots x 7 heads x 128 x bf16
 written and read back per query, forward and backward).
