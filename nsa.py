@@ -52,9 +52,9 @@ Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in
   - _block_scores: recomputes the compressed probabilities from the saved lse (q and compressed-key tiles through
     TMA), sums the group (the visibility mask applied once per group, skipped on key tiles every row sees), maps
     compressed keys onto blocks with the overlap weights (one small fp32 matmul per tile) and writes masked/forced
-    block scores up to each query's last visible block; _topk (one warp per row) then takes the top-k per
-    (KV head, query) and sorts the ids, reading only as many columns as a query's power-of-two width group needs
-    (Plan.topk_groups).
+    block scores up to each query's last visible block; _topk then takes the top-k per (KV head, query) from
+    per-chunk maxima (a pick re-reads one 32-column chunk, not the row) and sorts the ids, reading only as many
+    columns as a query's power-of-two width group needs (Plan.topk_groups).
   - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block (group-centric without padding G=7
     to 16): the top-k lists are inverted so that each program loads one KV block once and streams the
     (query, head) rows that chose it, their list entries loaded one chunk ahead. The forward writes each
