@@ -1368,7 +1368,7 @@ def _check_op(case, sample_lens, span_lens, modes, cfg):
     compressed keys, so that block selection does not flip on near-ties between bf16 and fp32 compression (the module
     check above, fed one rounding apart, flips a few queries' blocks on such packs)."""
     H, KH, D = 28, 4, 128
-    cfg = {**NSA(1, H, KH, D, **cfg).cfg}
+    cfg = NSA(1, H, KH, D, **cfg).cfg  # the module's defaults filled in
     layout = span_layout(sample_lens, span_lens, modes, device="cuda")
     N = sum(sample_lens)
     _, q, k, v = _inputs(N, hidden=16, seed=case)

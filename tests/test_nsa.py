@@ -333,8 +333,8 @@ def test_triton_branches_on_fixture(golden):
 
 @needs_interpreter
 def test_topk_kernel_matches_select_blocks():
-    """_topk equals select_blocks on scores with forced (+inf), unselectable (-inf) and
-    exactly zero blocks and rows with fewer selectable blocks than topk; it reads only up to each row's last block."""
+    """_topk equals select_blocks on scores with forced (+inf), unselectable (-inf) and exactly zero blocks and rows
+    with fewer selectable blocks than topk; it reads only up to each row's last block."""
     g = torch.Generator().manual_seed(5)
     layout = model.span_layout(*PACKS["mixed_spans"])
     plan = nsa.Plan(layout, 8, 4, 16, 40)
