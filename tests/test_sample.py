@@ -2,6 +2,7 @@
 (tests/fixtures/bagel_tiny, driven by its cases.json), guidance, seeds, FSDP2, and a tiny model overfit on one
 image-caption pair that the sampler reproduces from its caption."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -277,6 +278,9 @@ def fsdp_rank(rank, world, init_file):
         bagel(pack)["ce"].sum().backward()
     finally:
         dist.destroy_process_group()
+    # Passed. Skip the interpreter's teardown: after the group is destroyed, gloo's C++ state aborts ~5% of exits
+    # with "terminate called without an active exception" (both ranks done, a barrier before destroy no help).
+    os._exit(0)
 
 
 def test_sample_grid_under_fsdp2(tmp_path):
