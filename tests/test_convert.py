@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import convert
 import data
 import model
+import train
 from test_data_pack import FIX, fixture_samples, load_fixture
 from test_model import ACT, LOSS, load_tiny
 
@@ -462,7 +463,7 @@ def sharded_worker(folder, out):
     ema = {n: 2 * p.detach() for n, p in bagel.named_parameters()}  # train.py's EMA: DTensors, wrapped names
     convert.save_nanobagel(out, bagel, vae, cfg, ema_state=ema)
     print(f"sharded load ok: rank {rank} read {read[0]:,} of {total:,} values", flush=True)
-    dist.destroy_process_group()
+    train.finish_distributed()
 
 
 def write_random_checkpoint(folder, size="7b"):
@@ -524,7 +525,7 @@ def measure_sharded_load(folder, broadcast=False):
     print(f"rank {dist.get_rank()}: loaded {sum(p.numel() for p in bagel.parameters()):,} parameters in "
           f"{seconds:.1f} s{' (rank 0 + broadcast)' if broadcast else ''}; host RSS peak {peak:.2f} GiB, "
           f"now {now['RssAnon']:.2f} GiB anonymous + {now['RssFile']:.2f} GiB mapped file pages", flush=True)
-    dist.destroy_process_group()
+    train.finish_distributed()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 (tests/fixtures/bagel_tiny, driven by its cases.json), guidance, seeds, FSDP2, and a tiny model overfit on one
 image-caption pair that the sampler reproduces from its caption."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import convert
 import data
 import model
 import sample
+import train
 from test_data_pack import fixture_samples, load_fixture
 from test_model import case_names, load_tiny
 
@@ -262,25 +262,20 @@ def fsdp_rank(rank, world, init_file):
     from torch.distributed.fsdp import fully_shard
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        bagel, vae, _ = load_tiny()
-        special = load_fixture()[4]
-        tok, prompts = ByteTokenizer(special), ["a red circle", "a blue square"]
-        kw = dict(image_size=(32, 32), num_timesteps=3)
-        reference = np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw))
-        for block in list(bagel.layers) + list(bagel.vit.layers):  # train.py's wrapping
-            fully_shard(block)
-        fully_shard(bagel)
-        pack = data.pack_samples([[{"type": "text", "ids": [5, 6, 7], "loss": True}]], special)
-        bagel(pack)["ce"].sum().backward()  # train.py samples after training steps
-        assert np.array_equal(np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw)), reference)
-        assert bagel.training
-        bagel(pack)["ce"].sum().backward()
-    finally:
-        dist.destroy_process_group()
-    # Passed. Skip the interpreter's teardown: after the group is destroyed, gloo's C++ state aborts ~5% of exits
-    # with "terminate called without an active exception" (both ranks done, a barrier before destroy no help).
-    os._exit(0)
+    bagel, vae, _ = load_tiny()
+    special = load_fixture()[4]
+    tok, prompts = ByteTokenizer(special), ["a red circle", "a blue square"]
+    kw = dict(image_size=(32, 32), num_timesteps=3)
+    reference = np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw))
+    for block in list(bagel.layers) + list(bagel.vit.layers):  # train.py's wrapping
+        fully_shard(block)
+    fully_shard(bagel)
+    pack = data.pack_samples([[{"type": "text", "ids": [5, 6, 7], "loss": True}]], special)
+    bagel(pack)["ce"].sum().backward()  # train.py samples after training steps
+    assert np.array_equal(np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw)), reference)
+    assert bagel.training
+    bagel(pack)["ce"].sum().backward()
+    train.finish_distributed()  # passed
 
 
 def test_sample_grid_under_fsdp2(tmp_path):
