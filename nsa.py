@@ -99,6 +99,12 @@ merge's dependent loads stall the band programs), register caps (ptxas maxnreg 1
 compressed forward and dq, 1-26 ms slower on the selected, score and compressed dk/dv kernels, from spills), fewer
 pipeline stages or smaller tiles for _block_scores (which spills 18 registers at its default: 0.8-3 ms slower).
 Dropping every band-kernel mask (wrong results, as a bound on what cheaper masking could give) saved 1.0 ms at 64k.
+Also tried at 64k and not kept: the selected branch's local blocks attended inside the window kernels (same
+scores; a second softmax accumulator in the forward, ds summed in the backward), the gathered selection skipping
+them: selected fwd+bwd and merges fell 23.2 -> 20.9 ms, but the window kernels rose 7.2 -> 10.9 ms (forward 2.0 ->
+3.9: two accumulators and a branch in the pipelined loop), 1.4 ms slower in all (H100). dq of the compressed branch
+by relaxed fp32 atomics from its dk/dv kernel instead of the dq kernel: 15.9 ms against 8.4 + 5.2 (H200; module
+57.0 against 56.3 ms); likewise slower for the window at every tile shape tried.
 ncu (16k): _block_scores, _slc_fwd and _slc_bwd all use 255 registers at 12.5% occupancy and issue an instruction
 every 4-7 cycles per warp: latency-bound, not bandwidth-bound.
 """
