@@ -492,6 +492,8 @@ def train_step(run, packs, lr, step=0):
 
 
 def main(argv):
+    """Train as the config and --key=value overrides say; ends the process when done (finish_distributed), so run
+    it as a script or a subprocess, not inside a Python session you want to keep."""
     cfg = load_config(argv)
     run = build(cfg)
     log, master, device, world = run.log, run.master, run.device, run.world
