@@ -104,7 +104,13 @@ scores; a second softmax accumulator in the forward, ds summed in the backward),
 them: selected fwd+bwd and merges fell 23.2 -> 20.9 ms, but the window kernels rose 7.2 -> 10.9 ms (forward 2.0 ->
 3.9: two accumulators and a branch in the pipelined loop), 1.4 ms slower in all (H100). dq of the compressed branch
 by relaxed fp32 atomics from its dk/dv kernel instead of the dq kernel: 15.9 ms against 8.4 + 5.2 (H200; module
-57.0 against 56.3 ms); likewise slower for the window at every tile shape tried.
+57.0 against 56.3 ms); likewise slower for the window at every tile shape tried. Selected-branch work items cut
+by query range and run range by range, so that the programs running together gather q and do rows from one
+L2-sized range: slower at every range (64k, ranges of 16384 .. 1024 queries: forward 6.44 -> 6.52 .. 10.4 ms,
+backward 11.25 -> 12.0 .. 36.4), as the items multiply and with them the block loads and dk/dv atomics; the
+gathers were not the limit. The compressed and window branches in one launch (forward, and dq; one q and do load
+and one dq read-add-write per tile): within run-to-run noise at 16k and 64k (module 59.3-61.5 ms against
+59.8-62.2, same call).
 ncu (16k): _block_scores, _slc_fwd and _slc_bwd all use 255 registers at 12.5% occupancy and issue an instruction
 every 4-7 cycles per warp: latency-bound, not bandwidth-bound.
 """
