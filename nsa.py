@@ -76,11 +76,14 @@ Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128
 q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
 native, measured in the same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
     tokens              4k     8k    16k    32k    64k
-    dense (cuDNN)     0.98   3.47  12.48  48.09  191.76
-    NSA               4.28   6.44  11.99  24.89   59.98     (forward alone: 2.14 2.92 5.09 10.22 24.55)
-    dense / NSA       0.23   0.54   1.04   1.93    3.20
-(four runs on one day: 16k 1.03-1.13x, 64k 3.20-3.25x; below 16k the step is bound by the host launching its ~130
-kernels and torch ops, ~6.7 ms at 4k, and varies by a millisecond from run to run.)
+    dense (cuDNN)     0.97   3.42  12.37  47.65  189.01
+    NSA               6.00   5.82  10.95  23.85   58.33     (forward alone: 2.71 2.25 4.25 9.31 22.60)
+    dense / NSA       0.16   0.59   1.13   2.00    3.24
+(Below 16k the step is bound by the host launching its ~130 kernels and torch ops and varies from run to run and
+machine to machine: 4k took 4.3 ms on an earlier day. The selection's inversion once counted its entries with
+torch.bincount, which reads the keys' max on the host: that host sync drained the launch queue in every layer.
+Counting by binary search instead took the module from 12.26 to 11.00 ms at 16k and from 60.2 to 58.4 ms at 64k,
+three runs each in one call.)
 At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.3 ms, compressed dk/dv 8.9,
 selected forward 6.2, compressed dq 5.2, block scores 5.1, compressed forward 4.6, window dk/dv 3.2, slot merges
 5.5 (forward and dq), window forward and dq 2.0 each, gate sum and its backward 1.3, top-k 0.6, the rest ~1.5.
@@ -124,7 +127,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model import CAUSAL, NOISE, SpanLayout, dense_mask, span_layout
+from model import CAUSAL, NOISE, Rotary, SpanLayout, dense_mask, span_layout
 
 BIG = 2 ** 30  # int32 sentinel, larger than any token index
 BIG_I32 = tl.constexpr(BIG)
@@ -1098,10 +1101,11 @@ def _selection_work(idx, plan: Plan):
     dev = idx.device
     kh = torch.arange(KH, device=dev, dtype=torch.int32)[:, None, None]
     key = torch.where(idx >= 0, kh * NBT + plan.block_of_sample[None, :, None] + idx, n_keys).flatten()
-    order = torch.argsort(key, stable=True)  # int32 keys: half the radix passes of int64
+    sorted_key, order = torch.sort(key, stable=True)  # int32 keys: half the radix passes of int64
     qlist = _i32(order % (N * K))
-    counts = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
-    offs = F.pad(counts.cumsum(0), (1, 0))
+    # each key's entries start where a binary search puts it (torch.bincount would read the keys' max on the host)
+    offs = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev, dtype=sorted_key.dtype))
+    counts = offs.diff()
     chunk = _tiles("slc_chunk")
     n_chunks = (counts + chunk - 1) // chunk
     cum = n_chunks.cumsum(0)
@@ -1301,15 +1305,9 @@ def nsa_triton(q, k, v, ck, cv, layout, cfg, scale, plan=None):
 # step-0 closeness to dense attention, timings against dense causal SDPA (flash backend), per-stage timings and a
 # tile sweep. BAGEL heads: 28 query / 4 KV, head_dim 128.
 
-def _rope_fn(D, theta=1e6):
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
-
-    def rope(t, pos):
-        ang = pos.float()[:, None] * inv.to(t.device)[None]
-        cos = torch.cat([ang.cos()] * 2, -1)[:, None].to(t.dtype)
-        sin = torch.cat([ang.sin()] * 2, -1)[:, None].to(t.dtype)
-        return t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1) * sin
-    return rope
+def _rope(t, pos):
+    """Qwen2's RoPE (theta 1e6), as the model applies it."""
+    return Rotary(t.shape[-1], 1e6, pos, t.dtype)(t)
 
 
 def _inputs(N, H=28, KH=4, D=128, hidden=3584, dtype=torch.bfloat16, seed=0):
@@ -1367,10 +1365,19 @@ def _check_module(sample_lens, span_lens, modes, cfg):
         m.zero_grad()
         leaves = [t.to(dtype).clone().requires_grad_() for t in (x, q, k, v)]
         mm = m.to(dtype)
-        o = mm(*leaves, layout, _rope_fn(D))
+        o = mm(*leaves, layout, _rope)
         (o * do.to(dtype)).sum().backward()
         res[backend] = [("o", o)] + [("d" + n, t.grad) for n, t in zip("xqkv", leaves)] + \
                        [("d" + n, p.grad.clone()) for n, p in mm.named_parameters()]
+    # with the pack's plan built, a layer's forward and backward never wait for the GPU: a host sync in every layer
+    # would drain the launch queue at each one
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fresh = [t.detach().clone().requires_grad_() for t in leaves]  # the compared grads stay as they are
+        (m(*fresh, layout, _rope) * do.to(dtype)).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("check module   no host sync in forward and backward")
     return _compare("module", [(a, t, r) for (a, r), (_, t) in zip(res["torch"], res["triton"])])
 
 
