@@ -76,12 +76,13 @@ Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128
 q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
 native, measured in the same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
     tokens              4k     8k    16k    32k    64k
-    dense (cuDNN)     0.97   3.42  12.37  47.65  189.01
-    NSA               6.00   5.82  10.95  23.85   58.33     (forward alone: 2.71 2.25 4.25 9.31 22.60)
-    dense / NSA       0.16   0.59   1.13   2.00    3.24
+    dense (cuDNN)     0.99   3.46  12.50  48.16  197.93
+    NSA               4.82   5.62  10.95  23.83   58.76     (forward alone: 2.91 2.24 4.24 9.33 22.70)
+    dense / NSA       0.21   0.61   1.14   2.02    3.37
 (Below 16k the step is bound by the host launching its ~130 kernels and torch ops and varies from run to run and
-machine to machine: 4k took 4.3 ms on an earlier day. The selection's inversion once counted its entries with
-torch.bincount, which reads the keys' max on the host: that host sync drained the launch queue in every layer.
+machine to machine: 4k took 4.3 to 6.0 ms on other days; dense at 64k 189 to 198 ms. The selection's inversion
+once counted its entries with torch.bincount, which reads the keys' max on the host: that host sync drained the
+launch queue in every layer.
 Counting by binary search instead took the module from 12.26 to 11.00 ms at 16k and from 60.2 to 58.4 ms at 64k,
 three runs each in one call.)
 At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.3 ms, compressed dk/dv 8.9,
@@ -113,9 +114,20 @@ L2-sized range: slower at every range (64k, ranges of 16384 .. 1024 queries: for
 backward 11.25 -> 12.0 .. 36.4), as the items multiply and with them the block loads and dk/dv atomics; the
 gathers were not the limit. The compressed and window branches in one launch (forward, and dq; one q and do load
 and one dq read-add-write per tile): within run-to-run noise at 16k and 64k (module 59.3-61.5 ms against
-59.8-62.2, same call).
+59.8-62.2, same call). _slc_bwd on transposed scores [block, rows] as _band_bwd_dkdv has them (one transpose for
+dq instead of two for dk and dv): 154 spilled registers at the default tile, 33.4 ms against 11.3 (64k); 17.5 at its
+best tile (64 rows, 4 warps). Triton 3.6's Hopper warp specialisation (tl.range(warp_specialize=True), TMA loads) on
+the band kernels' loops: no gain at any tile tried (compressed forward 5.38 ms against 5.26 with the same tiles and
+4.63 at the default; dq 5.23 and 5.90 against 5.19; dk/dv 9.98 against 8.90; window forward 2.01 against 2.02).
 ncu (16k): _block_scores, _slc_fwd and _slc_bwd all use 255 registers at 12.5% occupancy and issue an instruction
-every 4-7 cycles per warp: latency-bound, not bandwidth-bound.
+every 4-7 cycles per warp: latency-bound, not bandwidth-bound (_slc_bwd: 12 spilled registers and 194 KB of shared
+memory, so one 8-warp program per SM; 37% of DRAM bandwidth).
+The floor at 64k, for any kernels of this design: compressed branch 8 matmul-equivalents of 0.96 TFLOP (forward 2,
+block scores 1, backward 5 with dq by atomics) and the window 7 of 0.24, at the 545-570 TFLOP/s that cuDNN's
+dense fwd+bwd reaches on the same GPU: 13.5 + 3.0 ms; the gathered selection's 12.5 KB per (query, KV head, slot) (q and
+do gathers, partials written and read back) x 4.2M = 52.6 GB at 3.0 TB/s: 17.5 ms; gate, pooling and top-k ~3 ms.
+About 37 ms in all, against the 58 measured and the 47-49 that 4x dense needs: every part at 75-80% of its floor
+at once.
 """
 import json
 import math
