@@ -127,7 +127,9 @@ block scores 1, backward 5 with dq by atomics) and the window 7 of 0.24, at the 
 dense fwd+bwd reaches on the same GPU: 13.5 + 3.0 ms; the gathered selection's 12.5 KB per (query, KV head, slot) (q and
 do gathers, partials written and read back) x 4.2M = 52.6 GB at 3.0 TB/s: 17.5 ms; gate, pooling and top-k ~3 ms.
 About 37 ms in all, against the 58 measured and the 47-49 that 4x dense needs: every part at 75-80% of its floor
-at once.
+at once. Not built: on a causal sample the compressed branch is 16 interleaved causal attentions (query 16a + r sees
+compressed keys c <= a - 2, or a - 1 for r = 15), which cuDNN's SDPA could run with bottom-right alignment; full and
+noise spans break that, so it would serve text-only packs, not BAGEL's.
 """
 import json
 import math
