@@ -1,21 +1,33 @@
-"""Time train.py's own training step on a fixed, realistic pack.
+"""Benchmarks on a GPU: train.py's own training step, and the NSA kernels.
 
-    python bench.py                                    # real width, 4 MoT layers, one 16k pack (1 GPU)
-    python bench.py --activation_checkpointing=True
+    python bench.py                                    # the step: real width, 4 MoT layers, one 16k pack (1 GPU)
+    python bench.py --activation_checkpointing=True    # any train.py key can be given
     torchrun --nproc_per_node=2 bench.py               # FSDP2 over 2 GPUs (one pack per GPU)
+    python bench.py nsa check|init|bench|breakdown|sweep [N] [KERNELS]   # NSA (nsa.py) on one GPU
 
-The pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
-markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute,
-fp32 master weights and AdamW state (FSDP2), the frozen VAE encoding included. Any train.py key can be given.
+The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
+markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
+master weights and AdamW state (FSDP2), the frozen VAE encoding included.
+NSA, BAGEL's heads (28 query / 4 KV, head dim 128): check = bf16 kernels against the fp32 torch reference (and no host
+sync in a layer); init = step-0 closeness to dense attention; bench = fwd+bwd against dense causal SDPA at 4k..64k;
+breakdown = GPU time per kernel launch at 16k and 64k (or N); sweep = launch shapes (SWEEP) at N.
 """
+import json
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data
 import train
+from model import Rotary, span_layout
+
+try:
+    import nsa  # Triton: only `bench.py nsa ...` needs it
+except ImportError:
+    nsa = None
 
 BENCH = dict(model="7b", model_args={"num_layers": 4, "attn_backend": "flex"}, packing_length=16384,
              ema=0.0, warmup_steps=0, lr=1e-5, compile=True, log_every=1)
@@ -42,39 +54,90 @@ def bench_pack(tokenizer, length, seed):
     return data.pack_samples(samples, tokenizer.special)
 
 
+class Phases:
+    """GPU time per phase of train_step (VAE encode, ViT, forward, backward, optimizer), from CUDA events around the
+    functions train_step calls; and the activation memory a forward leaves for its backward (memory allocated after
+    minus before), in all and per decoder layer (between the embedding's end and the final norm's start)."""
+
+    def __init__(self, run):
+        self.events, self.memory, self.num_layers = [], {}, len(run.model.layers)
+        train.encode_images = self.timed("encode", train.encode_images)
+        run.model.vit.forward = self.timed("vit", run.model.vit.forward)
+        run.model.forward = self.timed("forward", run.model.forward, memory="activations")
+        run.model.embed = self.timed(None, run.model.embed, memory="embedded")
+        run.model.norm_und.register_forward_pre_hook(lambda *_: self.memory.update(
+            layers=torch.cuda.memory_allocated() / 2**30) if torch.is_grad_enabled() else None)
+        run.opt.step = self.timed("optimizer", run.opt.step)
+        torch.autograd.backward = self.timed("backward", torch.autograd.backward)
+
+    def timed(self, name, fn, memory=None):
+        def wrapper(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before = torch.cuda.memory_allocated()
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            if memory and torch.is_grad_enabled():
+                self.memory[memory] = (torch.cuda.memory_allocated() - before) / 2**30
+                self.memory[memory + " end"] = torch.cuda.memory_allocated() / 2**30
+            if name:
+                self.events.append((name, start, end))
+            return out
+        return wrapper
+
+    def take(self):
+        """{phase: ms} of the steps since the last call (call after a synchronize)."""
+        ms = {}
+        for name, start, end in self.events:
+            ms[name] = ms.get(name, 0.0) + start.elapsed_time(end)
+        self.events = []
+        ms["forward"] = ms.get("forward", 0.0) - ms.get("vit", 0.0)  # the ViT runs inside the forward
+        return ms
+
+
 def main(argv):
-    cfg = dict(train.DEFAULTS)
-    cfg.update(BENCH)
+    config = dict(train.DEFAULTS)
+    config.update(BENCH)
     for arg in argv:  # the same --key=value overrides as train.py
         key, value = arg[2:].split("=", 1)
-        train.set_key(cfg, key, train.literal(value), "command line")
-    cfg["model_args"] = {**BENCH["model_args"], **cfg["model_args"]}
+        train.set_key(config, key, train.literal(value), "command line")
+    config["model_args"] = {**BENCH["model_args"], **config["model_args"]}
     steps, warmup = 12, 3
-    run = train.build(cfg)
-    pack = bench_pack(run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run), cfg["packing_length"],
+    run = train.build(config)
+    pack = bench_pack(run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run), config["packing_length"],
                       seed=run.rank)
     run.log(f"pack: {pack.num_tokens} tokens, {len(pack.sample_lens)} samples, {pack.ce_indexes.numel()} CE, "
             f"{pack.mse_indexes.numel()} MSE")
-    peak = train.peak_flops(run.device, cfg["peak_tflops"])
-    times = []
+    peak = train.peak_flops(run.device, config["peak_tflops"])
+    phases = Phases(run) if run.device.type == "cuda" else None
+    times, phase_ms = [], []
     for i in range(warmup + steps):
         sync(run)
         t0 = time.time()
-        r = train.train_step(run, [pack], cfg["lr"])
+        r = train.train_step(run, [pack], config["lr"])
         sync(run)
         times.append(time.time() - t0)
+        phase_ms.append(phases.take() if phases else {})
         run.log(f"step {i}: {times[-1] * 1000:.0f} ms, loss {r['loss']:.4f}")
     if os.environ.get("BENCH_PROFILE"):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                train.train_step(run, [pack], cfg["lr"])
+                train.train_step(run, [pack], config["lr"])
             sync(run)
-        run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+        run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["BENCH_PROFILE"]),
+                                          max_name_column_width=80))
     dt = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    per_phase = {k: median([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in (phase_ms[-1] or {})}
     tokens, flops = train.all_sum([r["tokens"], r["flops"]], run.device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0
-    run.log(f"RESULT world {run.world} | ac {cfg['activation_checkpointing']} | compile {cfg['compile']} | "
+    if phases:
+        m = phases.memory
+        per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
+        run.log("phases (GPU ms, median): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
+                f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB")
+    run.log(f"RESULT world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
             f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt * 1000:.0f} ms "
             f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {flops / dt / run.world / peak if peak else 0:.3f} | "
@@ -93,5 +156,279 @@ class BigVocab:
         self.special, self.vocab_size = run.tokenizer.special, run.model_cfg.vocab_size
 
 
+# ----------------------------------------------------------------------------------------------
+# NSA
+
+def _rope(t, pos):
+    """Qwen2's RoPE (theta 1e6), as the model applies it."""
+    return Rotary(t.shape[-1], 1e6, pos, t.dtype)(t)
+
+
+def _inputs(N, H=28, KH=4, D=128, hidden=3584, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, hidden, device="cuda", generator=g, dtype=dtype)
+    q, k, v = (torch.randn(N, h, D, device="cuda", generator=g, dtype=dtype) for h in (H, KH, KH))
+    return x, q, k, v
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+CHECKS = [  # (sample lens, span lens, span modes, NSA pattern): the packs and patterns `nsa check` runs
+    ([1500, 700], [300, 256, 200, 400, 344, 100, 256, 344],
+     ["causal", "full", "causal", "noise", "causal", "causal", "full", "causal"], {}),
+    # a long sample beside many short ones (shorter than the kernel, the block, one and two blocks), spans of all kinds
+    ([2600, 5, 17, 31, 33, 64, 65, 100, 700], [600, 1024, 976, 5, 17, 31, 33, 64, 65, 100, 62, 512, 126],
+     ["causal", "noise", "causal", "causal", "full", "causal", "noise", "causal", "causal", "causal", "causal", "full",
+      "causal"], dict(compress_type="avgpool")),
+    # another config: smaller blocks and kernels, more init and fewer local blocks, a short window, linear compression
+    ([2500, 1200], [900, 600, 1000, 1200], ["causal", "full", "causal", "causal"],
+     dict(block_size=32, kernel_size=16, kernel_stride=8, topk=8, init_blocks=2, local_blocks=1, window_size=128,
+          compress_type="linear")),
+]
+
+
+def _compare(name, pairs, bound=3e-2):
+    """Print the relative error of each (label, kernels' result, reference) and return the worst."""
+    worst = 0.0
+    for label, tri, ref in pairs:
+        err = _rel(tri, ref)
+        worst = max(worst, err)
+        print(f"check {name:10s} bf16 triton vs fp32 reference  {label:24s} rel err {err:.2e}")
+    return worst
+
+
+def _check_module(sample_lens, span_lens, modes, pattern):
+    """The whole module (compression kernels, RoPE, gate projection, attention) in bf16 against the torch backend
+    in fp32 on the same inputs: outputs and every gradient."""
+    H, KH, D = 28, 4, 128
+    torch.manual_seed(0)
+    layout = span_layout(sample_lens, span_lens, modes, device="cuda")
+    x, q, k, v = _inputs(sum(sample_lens), hidden=256)
+    do = torch.randn_like(q)
+    m = nsa.NSA(256, H, KH, D, **pattern).cuda()
+    with torch.no_grad():  # trained-looking parameters rather than the near-dense init
+        m.compress_key.normal_(1 / 32, 0.02)
+        m.compress_value.normal_(1 / 32, 0.02)
+        m.intra_block_pe.normal_(0, 0.1)
+        m.gate.weight.normal_(0, 0.05)
+    res = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.bfloat16)):
+        m.backend = backend
+        m.zero_grad()
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (x, q, k, v)]
+        mm = m.to(dtype)
+        o = mm.attend(*leaves, layout, _rope)
+        (o * do.to(dtype)).sum().backward()
+        res[backend] = [("o", o)] + [("d" + n, t.grad) for n, t in zip("xqkv", leaves)] + \
+                       [("d" + n, p.grad.clone()) for n, p in mm.named_parameters()]
+    # with the pack's plan built, a layer's forward and backward never wait for the GPU: a host sync in every layer
+    # would drain the launch queue at each one
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fresh = [t.detach().clone().requires_grad_() for t in leaves]  # the compared grads stay as they are
+        (m.attend(*fresh, layout, _rope) * do.to(dtype)).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("check module   no host sync in forward and backward")
+    return _compare("module", [(a, t, r) for (a, r), (_, t) in zip(res["torch"], res["triton"])])
+
+
+def _check_op(case, sample_lens, span_lens, modes, pattern):
+    """The attention op (three branches and the gated sum) in bf16 against nsa.nsa_reference in fp32 on the same bf16
+    q, k, v, compressed keys/values and gates: outputs and the gradients of all six. Both sides see the same
+    compressed keys, so that block selection does not flip on near-ties between bf16 and fp32 compression (the module
+    check above, fed one rounding apart, flips a few queries' blocks on such packs)."""
+    H, KH, D = 28, 4, 128
+    pattern = nsa.NSA(1, H, KH, D, **pattern).pattern  # the module's defaults filled in
+    layout = span_layout(sample_lens, span_lens, modes, device="cuda")
+    N = sum(sample_lens)
+    _, q, k, v = _inputs(N, hidden=16, seed=case)
+    g = torch.Generator(device="cuda").manual_seed(case)
+    w = torch.randn(KH, pattern["kernel_size"], device="cuda", generator=g) * 0.02 + 1 / pattern["kernel_size"]
+    args = (layout.cu_seqlens, pattern["kernel_size"], pattern["kernel_stride"], "weightedpool")
+    ck, cv = (nsa.compress(t.float(), w, *args).to(torch.bfloat16) for t in (k, v))
+    gate = torch.rand(N, H, 3, device="cuda", generator=g).to(torch.bfloat16)
+    do = torch.randn(q.shape, device="cuda", generator=g).to(torch.bfloat16)
+    scale = D ** -0.5
+    tri = [t.clone().requires_grad_() for t in (q, k, v, ck, cv, gate)]
+    o_t = nsa._NSAAttention.apply(*tri, nsa.get_plan(layout, pattern), pattern, scale)
+    o_t.backward(do)
+    ref = [t.float().requires_grad_() for t in (q, k, v, ck, cv, gate)]
+    branches = nsa.nsa_reference(*ref[:5], layout, pattern, scale)
+    o_r = sum(ref[5][..., b:b + 1] * o for b, o in enumerate(branches))
+    o_r.backward(do.float())
+    return _compare(f"op {case}", [("o", o_t, o_r)] + [("d" + n, t.grad, r.grad) for n, t, r in
+                                                        zip(("q", "k", "v", "ck", "cv", "gate"), tri, ref)])
+
+
+def nsa_check():
+    """bf16 kernels vs the fp32 torch reference: the whole module on CHECKS[0], the attention op on every pack and
+    config of CHECKS."""
+    worst = _check_module(*CHECKS[0])
+    for case, spec in enumerate(CHECKS):
+        worst = max(worst, _check_op(case, *spec))
+        torch.cuda.empty_cache()
+    assert worst < 3e-2, f"bf16 kernels disagree with the reference (worst rel err {worst:.2e})"
+    print("check OK")
+
+
+def nsa_init():
+    """Step-0 NSA (near-dense init) vs dense attention with the exact mask, random bf16 inputs."""
+    H, KH, D = 28, 4, 128
+    for N in (513, 2048, 4096, 16384):
+        layout = span_layout([N], [N], ["causal"], device="cuda")
+        x, q, k, v = _inputs(N, hidden=256)
+        m = nsa.NSA(256, H, KH, D).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            o = m.attend(x, q, k, v, layout, lambda t, p: t)
+            dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                   is_causal=True, enable_gqa=True).transpose(0, 1)
+        print(f"init: causal N={N:6d}  rel err vs dense {_rel(o, dense):.3e}")
+    lens = [300, 1000, 300, 448]  # text, image (full), text, noised latents: sample of 2048
+    layout = span_layout([2048], lens, ["causal", "full", "causal", "noise"], device="cuda")
+    x, q, k, v = _inputs(2048, hidden=256)
+    mask = layout.dense_mask()
+    with torch.no_grad():
+        o = nsa.NSA(256, H, KH, D).cuda().to(torch.bfloat16).attend(x, q, k, v, layout, lambda t, p: t)
+        dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                               attn_mask=mask, enable_gqa=True).transpose(0, 1)
+    print(f"init: spans {lens}  rel err vs dense {_rel(o, dense):.3e}")
+
+
+def _module_case(N):
+    """A BAGEL-width NSA layer on one causal sample of N tokens: (dense fwd+bwd, NSA fwd, NSA fwd+bwd) closures."""
+    H, KH, D = 28, 4, 128
+    layout = span_layout([N], [N], ["causal"], device="cuda")
+    x, q, k, v = _inputs(N, hidden=3584)
+    m = nsa.NSA(3584, H, KH, D).cuda().to(torch.bfloat16)
+    with torch.no_grad():  # trained-looking compression so that selection is score-driven
+        m.compress_key.normal_(1 / 32, 0.02)
+        m.compress_value.normal_(1 / 32, 0.02)
+    leaves = [t.detach().requires_grad_() for t in (x, q, k, v)]
+    qt, kt, vt = (t.detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    # gradients through torch.autograd.grad on both sides: no .grad accumulation (an extra read-add-write of every
+    # gradient that a training step's first backward does not pay) is timed
+    def dense_fb():  # SDPA's own choice of backend (cuDNN on an H100), GQA native
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(o, (qt, kt, vt), do.transpose(0, 1)[None])
+
+    def nsa_fwd():
+        with torch.no_grad():
+            return m.attend(*leaves, layout, lambda t, p: t)
+
+    def nsa_fb():
+        torch.autograd.grad(m.attend(*leaves, layout, lambda t, p: t), leaves + list(m.parameters()), do)
+
+    return dense_fb, nsa_fwd, nsa_fb
+
+
+def nsa_bench(lengths=(4096, 8192, 16384, 32768, 65536)):
+    """NSA (the whole module minus the q/k/v/o projections) vs dense causal SDPA, fwd+bwd."""
+    from triton.testing import do_bench
+    rows = []
+    for N in lengths:
+        t = [do_bench(f, warmup=50, rep=300, return_mode="median") for f in _module_case(N)]
+        rows.append((N, *t))
+        print(f"bench N={N:6d} dense fwd+bwd {t[0]:8.2f} | nsa fwd {t[1]:8.2f} fwd+bwd {t[2]:8.2f} "
+              f"| speedup fwd+bwd {t[0] / t[2]:.2f}x", flush=True)
+        torch.cuda.empty_cache()
+    print("\n| tokens | dense fwd+bwd ms | NSA fwd ms | NSA fwd+bwd ms | fwd+bwd speedup |")
+    print("|---|---|---|---|---|")
+    for N, a, b, c in rows:
+        print(f"| {N} | {a:.2f} | {b:.2f} | {c:.2f} | {a / c:.2f}x |")
+
+
+def nsa_breakdown(N=65536):
+    """GPU time per kernel launch of one NSA fwd+bwd (torch.profiler, mean of 5); a kernel launched more than once
+    per step is listed per launch in step order (band kernels: #0 compressed, #1 window)."""
+    from torch.profiler import ProfilerActivity, profile
+    _, _, nsa_fb = _module_case(N)
+    for _ in range(3):
+        nsa_fb()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            nsa_fb()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    launches = {}
+    for e in kernels:
+        launches.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+    rows = []
+    for name, ms in launches.items():
+        per_step = max(1, len(ms) // 5)
+        for i in range(per_step):
+            rows.append((sum(ms[i::per_step]) / 5, name[:60] + (f" #{i}" if per_step > 1 else "")))
+    for ms, name in sorted(rows, reverse=True):
+        if ms > 0.01:
+            print(f"breakdown N={N} {name:66s} {ms:8.3f} ms")
+    print(f"breakdown N={N} total kernel time {sum(ms for ms, _ in rows):.2f} ms", flush=True)
+
+
+SWEEP = {  # tile options tried by `nsa sweep`, one kernel at a time, the others at their defaults
+    "cmp_fwd": [[128, 64, 8, 3, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [128, 64, 8, 2, True],
+                [128, 64, 8, 3, True], [128, 64, 8, 4, False]],
+    "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True], [128, 64, 8, 3, True], [64, 64, 4, 3, True]],
+    "cmp_dkdv": [[64, 128, 8, 3, False], [32, 128, 8, 3, True], [64, 128, 8, 2, True], [64, 64, 4, 2, True],
+                 [64, 128, 8, 3, True], [64, 128, 8, 4, False], [128, 128, 8, 2, False]],
+    "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [64, 128, 4, 2, False],
+                [64, 64, 4, 3, False], [64, 64, 4, 2, True]],
+    "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True], [128, 64, 8, 2, False], [64, 128, 8, 2, False],
+               [64, 64, 4, 3, False]],
+    "swa_dkdv": [[32, 64, 4, 3, False], [64, 64, 4, 3, False], [64, 128, 8, 3, False], [32, 128, 8, 3, False],
+                 [64, 64, 8, 2, False]],
+    "topk": [[1024, 1, 64, 32], [2048, 1, 64, 32], [4096, 2, 64, 32], [1024, 1, 64, 16], [1024, 1, 64, 64],
+             [2048, 2, 64, 32], [512, 1, 64, 32]],
+    "score": [[64, 4, 16, True], [64, 4, 16, False], [64, 8, 16, True], [128, 8, 16, True], [64, 4, 32, True]],
+    "slc": [[64, 4, 3], [64, 4, 2], [64, 8, 3], [64, 8, 2], [32, 4, 3], [128, 8, 2]],
+    "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2], [64, 4, 3]],
+    "slc_chunk": [1024, 512, 2048],
+}
+
+
+def nsa_sweep(N=65536, names=tuple(SWEEP)):
+    """Module fwd+bwd ms for each tile option in SWEEP (via NSA_TILES) of the kernels named."""
+    from triton.testing import do_bench
+    _, _, nsa_fb = _module_case(N)
+    for name in names:
+        options = SWEEP[name]
+        for opt in options:
+            os.environ["NSA_TILES"] = json.dumps({name: opt})
+            try:
+                t = do_bench(nsa_fb, warmup=100, rep=500, return_mode="median")
+                print(f"sweep N={N} {name:10s} {str(opt):18s} {t:8.2f} ms", flush=True)
+            except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
+                print(f"sweep N={N} {name:10s} {str(opt):18s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    os.environ.pop("NSA_TILES")
+
+
+def nsa_main(args):
+    if nsa is None or not torch.cuda.is_available():
+        raise SystemExit("bench.py nsa needs a CUDA GPU and triton")
+    what, rest = args[0] if args else "", args[1:]
+    if what == "check":
+        nsa_check()
+    elif what == "init":
+        nsa_init()
+    elif what == "bench":
+        nsa_bench()
+    elif what == "breakdown":
+        for N in ([int(rest[0])] if rest else [16384, 65536]):
+            nsa_breakdown(N)
+    elif what == "sweep":
+        nsa_sweep(int(rest[0]) if rest else 65536, rest[1].split(",") if len(rest) > 1 else SWEEP)
+    else:
+        raise SystemExit(f"bench.py nsa: expected check, init, bench, breakdown or sweep, got {what!r}\n" + __doc__)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+    elif sys.argv[1:2] == ["nsa"]:
+        nsa_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -380,20 +380,6 @@ def load_checkpoint(folder, device="cpu", dtype=torch.float32, ema=False, cfg=No
     return model, vae, cfg
 
 
-def load_official(folder, cfg: BagelConfig = None, device="cpu", dtype=torch.float32, **overrides):
-    """(Bagel, AutoEncoder, cfg) from an official-layout folder's ema.safetensors + ae.safetensors."""
-    if detect_layout(folder) != "official":
-        raise CheckpointError(f"{folder} is not an official-layout checkpoint")
-    return load_checkpoint(folder, device, dtype, ema=True, cfg=cfg, **overrides)
-
-
-def load_nanobagel(folder, weights="model", device="cpu", dtype=torch.float32):
-    """(Bagel, AutoEncoder, cfg) from a nanobagel folder; weights="ema" takes the EMA weights."""
-    if detect_layout(folder) != "nanobagel":
-        raise CheckpointError(f"{folder} is not a nanobagel checkpoint")
-    return load_checkpoint(folder, device, dtype, ema=weights == "ema")
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing: safetensors one tensor at a time, the three layouts, tokenizer files
 
@@ -563,8 +549,7 @@ def save_nanobagel(folder, model, vae, cfg, ema_state=None, tokenizer_from=None,
     full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
 
     def entries(state, cast):
-        return [(k.replace("_checkpoint_wrapped_module.", ""), tuple(v.shape), cast or v.dtype,
-                 lambda v=v: full(v)) for k, v in state.items()]
+        return [(k, tuple(v.shape), cast or v.dtype, lambda v=v: full(v)) for k, v in state.items()]
     files = [("model.safetensors", entries(state(model), dtype)), ("vae.safetensors", entries(state(vae), None))]
     if ema_state is not None:
         files.insert(1, ("ema.safetensors", entries(ema_state, dtype)))
@@ -607,8 +592,7 @@ def load_into_sharded(model, folder, ema=False, vae=None):
     whole. Parameters no layout carries (NSA's) keep their values and are returned by name."""
     _, cfg, source = read_checkpoint(folder, ema=ema)
     left = []
-    for name, param in model.named_parameters():
-        ours = name.replace("_checkpoint_wrapped_module.", "")
+    for ours, param in model.named_parameters():
         if ours not in source:
             left.append(ours)
             continue

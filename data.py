@@ -16,7 +16,7 @@ What train.py uses (everything else is the machinery behind it):
     python data.py PATH[:FORMAT] ... checks datasets before a run: fill, skips by reason, speed.
 
 Read top to bottom:
-  1. Pack + pack_samples: the exact official BAGEL layout of a list of samples (the contract, notes/PACK.md)
+  1. Pack + pack_samples: the exact official BAGEL layout of a list of samples (tests/fixtures/bagel_tiny checks it)
   2. Tokenizer: tokenizers' tokenizer.json plus BAGEL's four special tokens; a tiny one built on the fly
   3. Images: decode (with guards), the official resize rule, [-1, 1] tensors
   4. Samples: a conversation in the OpenAI "messages" shape -> items, CFG condition dropout, the random draws
@@ -34,6 +34,7 @@ import math
 import os
 import queue
 import random
+import sys
 import threading
 from dataclasses import dataclass, fields
 
@@ -425,17 +426,17 @@ def parse_messages(messages):
     return parts
 
 
-def text_item(ids, loss=False, cfg=False):
+def text_item(ids, loss=False, droppable=False):
     return {"type": "text", "ids": ids, "loss": loss, "special_token_loss": False, "special_token_label": None,
-            "cfg": cfg}
+            "droppable": droppable}
 
 
-def vae_item(pixels, loss, cfg=False):
+def vae_item(pixels, loss, droppable=False):
     return {"type": "vae_image", "latent": None, "pixels": pixels, "loss": loss, "timestep_raw": None,
-            "noise": None, "posterior_eps": None, "cfg": cfg}
+            "noise": None, "posterior_eps": None, "droppable": droppable}
 
 
-def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout=(0.1, 0.3, 0.3)):
+def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout):
     """Items of one conversation:
     - system/user text: no loss; assistant text: CE on its ids and the closing <|im_end|>.
     - an assistant image is generated: a noised VAE target (MSE); when more follows it also gets a clean VAE + ViT
@@ -446,24 +447,24 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
       ViT conditions are dropped with probabilities dropout = (text, vit, vae).
     A part may carry a fourth element, a dict of flags that replace these rules (IRG, UniCoT, recA): text {"loss"},
     image {"loss": a noised target, "vae": a clean VAE copy, "vit": a ViT copy}, each False unless given, and
-    "cfg" (default True): may be dropped as a CFG condition. A loss target is never dropped.
+    "droppable" (default True): may be dropped as a CFG condition. A loss target is never dropped.
     Random draws, all from `gen`, in sequence order: the CFG decisions, then per VAE image timestep_raw ~ N(0, 1)
     and flow noise (noised ones), and the VAE posterior eps."""
     generates = any(p[1] == "image" and (p[3].get("loss") if len(p) > 3 else p[0] == "assistant") for p in parts)
 
     def rules(i, role, kind):  # the conventions above, as flags
         if kind == "text":
-            return {"loss": role == "assistant", "cfg": generates and role == "user"}
+            return {"loss": role == "assistant", "droppable": generates and role == "user"}
         more = i < len(parts) - 1
         return {"loss": role == "assistant", "vae": generates and (role != "assistant" or more),
-                "vit": role != "assistant" or more, "cfg": generates}
+                "vit": role != "assistant" or more, "droppable": generates}
     items = []
     for i, part in enumerate(parts):
         role, kind, value = part[:3]
         given = part[3] if len(part) > 3 else rules(i, role, kind)
-        cfg = given.get("cfg", True)
+        droppable = given.get("droppable", True)
         if kind == "text":
-            items.append(text_item(tok.encode(value), loss=given.get("loss", False), cfg=cfg))
+            items.append(text_item(tok.encode(value), loss=given.get("loss", False), droppable=droppable))
             continue
         loss, vae_copy, vit_copy = (given.get(k, False) for k in ("loss", "vae", "vit"))
         if not (loss or vae_copy or vit_copy):
@@ -473,14 +474,15 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
         if loss:
             items.append(vae_item(vae, loss=True))
         if vae_copy:
-            items.append(vae_item(vae, loss=False, cfg=cfg))
+            items.append(vae_item(vae, loss=False, droppable=droppable))
         if vit_copy:
-            items.append({"type": "vit_image", "pixels": image_bytes(img, vit_size, 14, max_pixels), "cfg": cfg})
+            items.append({"type": "vit_image", "pixels": image_bytes(img, vit_size, 14, max_pixels),
+                          "droppable": droppable})
     if not any(it.get("loss") for it in items):
         raise BadSample("no_targets", "nothing to learn: no assistant text or image")
     probs = {"text": dropout[0], "vit_image": dropout[1], "vae_image": dropout[2]}
     for it in items:
-        if it.pop("cfg") and not it.get("loss") and torch.rand((), generator=gen).item() < probs[it["type"]]:
+        if it.pop("droppable") and not it.get("loss") and torch.rand((), generator=gen).item() < probs[it["type"]]:
             it["drop"] = True
     for it in items:
         if it["type"] == "vae_image" and not it.get("drop"):
@@ -518,7 +520,7 @@ SIZES = {  # official data config (data/configs/example.yaml): VAE (min, max) si
     "reca": ((512, 1024), (224, 224), 14 * 14 * 9 * 1024),     # recA's bottleneck: the smallest ViT view
 }
 COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["image_list", "instruction_list"],
-           "vlm": ["conversations"], "irg": ["conversation"], "reca": ["image"],
+           "vlm": ["conversations"], "irg": ["conversation"], "reca": ["image"], "shapes": ["index"],
            "unicot": []}  # two row shapes: checked per row
 
 # recA's prompts: the ViT view of an image is the condition; the prompt only says what to do with it
@@ -643,35 +645,193 @@ def pick(options, gen):
     return options[int(torch.randint(len(options), (), generator=gen))]
 
 
+def read_messages(r, gen, src):
+    parts = parse_messages(r["messages"])
+    images = r.get("images", r.get("image"))
+    images = list(images) if isinstance(images, (list, tuple, np.ndarray)) else [] if images is None else [images]
+    out, k = [], 0
+    for role, kind, value in parts:
+        if kind == "image" and value is None:  # the row's next image
+            if k >= len(images):
+                raise BadSample("missing_image", "more image items than entries in the images column")
+            value, k = images[k], k + 1
+        out.append((role, kind, value))
+    return out
+
+
+def read_t2i(r, gen, src):
+    captions = r["captions"]
+    captions = json.loads(captions) if isinstance(captions, str) else captions
+    captions = list(captions.values()) if isinstance(captions, dict) else captions
+    captions = [c for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise BadSample("malformed_row", "no caption")
+    return [("user", "text", pick(captions, gen)), ("assistant", "image", r["image"])]
+
+
+def read_edit(r, gen, src):
+    """Official edit plan: a random window of 1-2 steps from image start to image end; with probability 0.5 a
+    2-step window is one concatenated instruction and only the final image."""
+    images, instructions = r["image_list"], r["instruction_list"]
+    if len(images) < 2 or len(instructions) < len(images) - 1:
+        raise BadSample("malformed_row", f"{len(images)} images, {len(instructions)} instruction lists")
+    say = lambda k: pick(instructions[k - 1], gen) if isinstance(instructions[k - 1], list) else instructions[k - 1]
+    start = pick(range(len(images) - 1), gen)
+    end = pick(range(start + 1, min(start + 3, len(images))), gen)
+    parts = [("user", "image", images[start])]
+    if end - start > 1 and torch.rand((), generator=gen).item() < 0.5:
+        text = " ".join(say(k).rstrip(".") + "." for k in range(start + 1, end + 1))
+        return parts + [("user", "text", text), ("assistant", "image", images[end])]
+    for k in range(start + 1, end + 1):
+        parts += [("user", "text", say(k)), ("assistant", "image", images[k])]
+    return parts
+
+
+def read_vlm(r, gen, src):
+    """LLaVA conversations: human turns are user text with <image> placeholders, gpt turns assistant text."""
+    if "video" in r:
+        raise BadSample("unsupported", "video rows")
+    images = r.get("image")
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    parts, k = [], 0
+    for turn in r["conversations"]:
+        who, value = turn["from"], turn["value"]
+        if who == "think":  # UniCoT: the model's reasoning, left out with probability think_drop
+            if torch.rand((), generator=gen).item() < src.think_drop:
+                continue
+            who = "gpt"
+        if who == "gpt":
+            parts.append(("assistant", "text", value))
+            continue
+        if who not in ("human", "system"):
+            raise BadSample("unknown_role", repr(who)[:40])
+        pieces = value.split("<image>")
+        for j, text in enumerate(pieces):
+            if text.strip():
+                parts.append(("user" if who == "human" else "system", "text", text.strip()))
+            if j < len(pieces) - 1:
+                if k >= len(images):
+                    raise BadSample("image_count_mismatch", f"more <image> tags than the {len(images)} images")
+                parts.append(("user", "image", images[k]))
+                k += 1
+    if k != len(images):
+        raise BadSample("image_count_mismatch", f"{k} <image> tags for {len(images)} images")
+    return parts
+
+
+def read_irg(r, gen, src):
+    """IRG: user turns are text (need_loss, default False); assistant turns are lists of parts: text (need_loss,
+    default True) or a base64 image with need_loss (a generation target), need_vae / need_vit (clean copies for
+    what follows), each default False. Other roles (system) are ignored, as IRG does."""
+    turns = json.loads(r["conversation"]) if isinstance(r["conversation"], str) else r["conversation"]
+    parts = []
+    for turn in turns:
+        role, content = turn["role"], turn["content"]
+        if role == "user":
+            if not isinstance(content, str):
+                raise BadSample("malformed_row", "a user turn's content is not a string")
+            parts.append(("user", "text", content, {"loss": bool(turn.get("need_loss", False))}))
+        elif role == "assistant":
+            for part in content:
+                if part["type"] == "text":
+                    loss = bool(part.get("need_loss", True))
+                    parts.append(("assistant", "text", part["content"], {"loss": loss}))
+                elif part["type"] == "image":
+                    ref = part["content"]
+                    ref = ref if ref.startswith("data:") else "data:;base64," + ref  # decoded by open_image
+                    flags = {k: bool(part.get("need_" + k, False)) for k in ("loss", "vae", "vit")}
+                    parts.append(("assistant", "image", ref, flags))
+                else:
+                    raise BadSample("unknown_content_type", repr(part["type"])[:40])
+    if not parts:
+        raise BadSample("empty_messages")
+    return parts
+
+
+def read_unicot(r, gen, src):
+    """UniCoT MDP rows, no text loss: [system_prompt] prompt [think] -> the generated image (T2I), or
+    -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step).
+    Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and step-4 add image_list[1]
+    (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then image_list[-1] is generated."""
+    if r.get("task_type") is not None:
+        images, texts, task = r["image_list"], r["instruction_list"], r["task_type"]
+        if task not in ("step-1", "step-2", "step-3", "step-4"):
+            raise BadSample("malformed_row", f"unknown task_type {task!r}")
+        parts = [("user", "text", texts[0]), ("user", "image", images[0])]
+        if task in ("step-2", "step-4"):
+            parts.append(("user", "image", images[1]))
+        if task in ("step-3", "step-4"):
+            parts.append(("assistant", "text", texts[-1]))
+        return parts + [("assistant", "image", images[-1])]
+    parts = [("system", "text", r["system_prompt"])] if r.get("system_prompt") else []
+    parts.append(("user", "text", r["prompt"]))
+    if r.get("think") and torch.rand((), generator=gen).item() >= src.think_drop:
+        parts.append(("user", "text", r["think"]))
+    if r.get("image") is not None:
+        return parts + [("assistant", "image", r["image"])]
+    return parts + [("user", "image", r["source_image"]), ("user", "text", r["edit_instruction"]),
+                    ("assistant", "image", r["target_image"])]
+
+
+def read_reca(r, gen, src):
+    """recA: the image is its own condition: its ViT view (never dropped), a random describe-prompt (dropped with
+    text_cond_dropout_prob), then the same image as the generation target. Image loss only."""
+    return [("user", "image", r["image"], {"vit": True, "droppable": False}),
+            ("user", "text", pick(RECON_PROMPTS, gen), {"droppable": True}),
+            ("assistant", "image", r["image"], {"loss": True})]
+
+
+def read_shapes(r, gen, src):
+    return shapes_parts(src.seed, r["index"], src.image_size)
+
+
+READERS = {"messages": read_messages, "t2i": read_t2i, "edit": read_edit, "vlm": read_vlm, "irg": read_irg,
+           "unicot": read_unicot, "reca": read_reca, "shapes": read_shapes}
+
+
+class ShapeRows:
+    """The built-in dataset's rows (section 6): row i is {"index": i}; its scene is drawn from the index."""
+
+    def __init__(self, num_rows):
+        self.columns, self.block_starts = ["index"], np.arange(num_rows + 1)
+
+    def __len__(self):
+        return len(self.block_starts) - 1
+
+    def where(self, i):
+        return f"shapes row {i}"
+
+    def __getitem__(self, i):
+        return {"index": i}
+
+
 class Source:
-    """One dataset: a file or folder in one format, its sampling weight, and its image sizes: (min side, max side)
-    for the VAE and the ViT, and max_pixels (defaults: the official data config, SIZES). Image paths are relative
-    to data_folder (default: the data's own folder). The built-in "shapes" dataset needs no files: num_rows
-    scenes drawn at image_size px, resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
+    """One dataset: a file or folder in one format (READERS), its sampling weight, and its image sizes: (min side,
+    max side) for the VAE and the ViT, and max_pixels (defaults: the official data config, SIZES). Image paths are
+    relative to data_folder (default: the data's own folder). The built-in "shapes" dataset needs no files:
+    num_rows scenes drawn at image_size px, resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
 
     def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
                  vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0, think_drop=0.0):
         self.format = format or ("shapes" if path == "shapes" else "messages")
-        if self.format not in ("messages", "t2i", "edit", "vlm", "irg", "unicot", "reca", "shapes"):
-            raise ValueError(f"unknown source format {self.format!r}")
+        if self.format not in READERS:
+            raise ValueError(f"unknown source format {self.format!r} (formats: {', '.join(READERS)})")
         if not weight > 0:
             raise ValueError(f"source {path}: weight must be > 0, got {weight}")
         if not 0 <= think_drop <= 1:
             raise ValueError(f"source {path}: think_drop must be in [0, 1], got {think_drop}")
         self.path, self.weight, self.name, self.think_drop = path, weight, name or str(path), think_drop
+        self.image_size, self.seed = image_size, seed
         if self.format == "shapes":
-            self.rows, self.num_rows, self.image_size, self.seed = None, num_rows, image_size, seed
-            self.folder, self.block_starts = None, np.arange(num_rows + 1)
-            self.vae_size = vae_size or (image_size, image_size)
-            self.vit_size = vit_size or (image_size // 14 * 14,) * 2
-            self.max_pixels = max_pixels or 14 * 14 * 9 * 1024
-            return
-        vae, vit, pixels = SIZES[self.format]
+            self.rows, self.folder = ShapeRows(num_rows), None
+            vae, vit, pixels = (image_size, image_size), (image_size // 14 * 14,) * 2, 14 * 14 * 9 * 1024
+        else:
+            self.rows = Rows(path)
+            self.folder = data_folder or (path if os.path.isdir(path) else os.path.dirname(path))
+            vae, vit, pixels = SIZES[self.format]
         self.vae_size, self.vit_size, self.max_pixels = vae_size or vae, vit_size or vit, max_pixels or pixels
-        self.rows = Rows(path)
-        self.num_rows, self.block_starts = len(self.rows), self.rows.block_starts
-        self.folder = data_folder or (path if os.path.isdir(path) else os.path.dirname(path))
-        if self.num_rows == 0:
+        self.block_starts = self.rows.block_starts
+        if len(self.rows) == 0:
             raise ValueError(f"source {self.name}: no rows")
         columns = self.rows.columns
         if columns is None:  # json/jsonl: look at the first row
@@ -684,151 +844,20 @@ class Source:
             raise ValueError(f"source {self.name} ({self.format}): missing column(s) {missing}; found {columns}")
 
     def __len__(self):
-        return self.num_rows
+        return len(self.rows)
 
     def where(self, row):
-        return f"shapes row {row}" if self.rows is None else self.rows.where(row)
+        return self.rows.where(row)
 
     def read(self, row, gen):
         """Row -> parts (role, kind, value); image values are refs for open_image."""
-        if self.format == "shapes":
-            return shapes_parts(self.seed, row, self.image_size)
         r = self.rows[row]
         try:
-            return getattr(self, "read_" + self.format)(r, gen)
+            return READERS[self.format](r, gen, self)
         except json.JSONDecodeError as e:  # a JSON string column
             raise BadSample("malformed_json", str(e)[:80])
         except (KeyError, TypeError, AttributeError, IndexError) as e:  # a row of the wrong shape
             raise BadSample("malformed_row", f"{type(e).__name__}: {e}"[:80])
-
-    def read_messages(self, r, gen):
-        parts = parse_messages(r["messages"])
-        images = r.get("images", r.get("image"))
-        images = list(images) if isinstance(images, (list, tuple, np.ndarray)) else [] if images is None else [images]
-        out, k = [], 0
-        for role, kind, value in parts:
-            if kind == "image" and value is None:  # the row's next image
-                if k >= len(images):
-                    raise BadSample("missing_image", "more image items than entries in the images column")
-                value, k = images[k], k + 1
-            out.append((role, kind, value))
-        return out
-
-    def read_t2i(self, r, gen):
-        captions = r["captions"]
-        captions = json.loads(captions) if isinstance(captions, str) else captions
-        captions = list(captions.values()) if isinstance(captions, dict) else captions
-        captions = [c for c in captions if isinstance(c, str) and c.strip()]
-        if not captions:
-            raise BadSample("malformed_row", "no caption")
-        return [("user", "text", pick(captions, gen)), ("assistant", "image", r["image"])]
-
-    def read_edit(self, r, gen):
-        """Official edit plan: a random window of 1-2 steps from image start to image end; with probability 0.5 a
-        2-step window is one concatenated instruction and only the final image."""
-        images, instructions = r["image_list"], r["instruction_list"]
-        if len(images) < 2 or len(instructions) < len(images) - 1:
-            raise BadSample("malformed_row", f"{len(images)} images, {len(instructions)} instruction lists")
-        say = lambda k: pick(instructions[k - 1], gen) if isinstance(instructions[k - 1], list) else instructions[k - 1]
-        start = pick(range(len(images) - 1), gen)
-        end = pick(range(start + 1, min(start + 3, len(images))), gen)
-        parts = [("user", "image", images[start])]
-        if end - start > 1 and torch.rand((), generator=gen).item() < 0.5:
-            text = " ".join(say(k).rstrip(".") + "." for k in range(start + 1, end + 1))
-            return parts + [("user", "text", text), ("assistant", "image", images[end])]
-        for k in range(start + 1, end + 1):
-            parts += [("user", "text", say(k)), ("assistant", "image", images[k])]
-        return parts
-
-    def read_vlm(self, r, gen):
-        """LLaVA conversations: human turns are user text with <image> placeholders, gpt turns assistant text."""
-        if "video" in r:
-            raise BadSample("unsupported", "video rows")
-        images = r.get("image")
-        images = [] if images is None else images if isinstance(images, list) else [images]
-        parts, k = [], 0
-        for turn in r["conversations"]:
-            who, value = turn["from"], turn["value"]
-            if who == "think":  # UniCoT: the model's reasoning, left out with probability think_drop
-                if torch.rand((), generator=gen).item() < self.think_drop:
-                    continue
-                who = "gpt"
-            if who == "gpt":
-                parts.append(("assistant", "text", value))
-                continue
-            if who not in ("human", "system"):
-                raise BadSample("unknown_role", repr(who)[:40])
-            pieces = value.split("<image>")
-            for j, text in enumerate(pieces):
-                if text.strip():
-                    parts.append(("user" if who == "human" else "system", "text", text.strip()))
-                if j < len(pieces) - 1:
-                    if k >= len(images):
-                        raise BadSample("image_count_mismatch", f"more <image> tags than the {len(images)} images")
-                    parts.append(("user", "image", images[k]))
-                    k += 1
-        if k != len(images):
-            raise BadSample("image_count_mismatch", f"{k} <image> tags for {len(images)} images")
-        return parts
-
-    def read_irg(self, r, gen):
-        """IRG: user turns are text (need_loss, default False); assistant turns are lists of parts: text (need_loss,
-        default True) or a base64 image with need_loss (a generation target), need_vae / need_vit (clean copies for
-        what follows), each default False. Other roles (system) are ignored, as IRG does."""
-        turns = json.loads(r["conversation"]) if isinstance(r["conversation"], str) else r["conversation"]
-        parts = []
-        for turn in turns:
-            role, content = turn["role"], turn["content"]
-            if role == "user":
-                if not isinstance(content, str):
-                    raise BadSample("malformed_row", "a user turn's content is not a string")
-                parts.append(("user", "text", content, {"loss": bool(turn.get("need_loss", False))}))
-            elif role == "assistant":
-                for part in content:
-                    if part["type"] == "text":
-                        loss = bool(part.get("need_loss", True))
-                        parts.append(("assistant", "text", part["content"], {"loss": loss}))
-                    elif part["type"] == "image":
-                        ref = part["content"]
-                        ref = ref if ref.startswith("data:") else "data:;base64," + ref  # decoded by open_image
-                        flags = {k: bool(part.get("need_" + k, False)) for k in ("loss", "vae", "vit")}
-                        parts.append(("assistant", "image", ref, flags))
-                    else:
-                        raise BadSample("unknown_content_type", repr(part["type"])[:40])
-        if not parts:
-            raise BadSample("empty_messages")
-        return parts
-
-    def read_unicot(self, r, gen):
-        """UniCoT MDP rows, no text loss: [system_prompt] prompt [think] -> the generated image (T2I), or
-        -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step).
-        Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and step-4 add image_list[1]
-        (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then image_list[-1] is generated."""
-        if r.get("task_type") is not None:
-            images, texts, task = r["image_list"], r["instruction_list"], r["task_type"]
-            if task not in ("step-1", "step-2", "step-3", "step-4"):
-                raise BadSample("malformed_row", f"unknown task_type {task!r}")
-            parts = [("user", "text", texts[0]), ("user", "image", images[0])]
-            if task in ("step-2", "step-4"):
-                parts.append(("user", "image", images[1]))
-            if task in ("step-3", "step-4"):
-                parts.append(("assistant", "text", texts[-1]))
-            return parts + [("assistant", "image", images[-1])]
-        parts = [("system", "text", r["system_prompt"])] if r.get("system_prompt") else []
-        parts.append(("user", "text", r["prompt"]))
-        if r.get("think") and torch.rand((), generator=gen).item() >= self.think_drop:
-            parts.append(("user", "text", r["think"]))
-        if r.get("image") is not None:
-            return parts + [("assistant", "image", r["image"])]
-        return parts + [("user", "image", r["source_image"]), ("user", "text", r["edit_instruction"]),
-                        ("assistant", "image", r["target_image"])]
-
-    def read_reca(self, r, gen):
-        """recA: the image is its own condition: its ViT view (never dropped), a random describe-prompt (dropped with
-        text_cond_dropout_prob), then the same image as the generation target. Image loss only."""
-        return [("user", "image", r["image"], {"vit": True, "cfg": False}),
-                ("user", "text", pick(RECON_PROMPTS, gen), {"cfg": True}),
-                ("assistant", "image", r["image"], {"loss": True})]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -918,67 +947,25 @@ def shapes_corpus(rows=2000):
 # Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
 # dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source index, epoch, row).
 # So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
-# the keys of the buffered samples, which load_state_dict rebuilds by reading their rows again.
-# Packing. Up to open_packs packs are open; a sample goes into the first open pack it fits (packing_length
-# bounds every LLM position of a pack); if none has room and all slots are taken, the fullest open pack is
-# emitted to make room; a pack is emitted at once when even the smallest sample seen so far no longer fits.
+# the keys of the samples waiting in the packer, which load_state_dict rebuilds by reading their rows again.
 
 log = logging.getLogger("nanobagel.data")
 
 
-class Loader:
-    """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; open_packs is the first-fit
-    buffer; max_latent_size / vit_side are the model's position tables; *_cond_dropout_prob are CFG condition
-    dropout (official defaults); max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad
-    rows in a row from one source is an error, not an endless skip; prefetch packs are made ahead in a thread."""
+class SourceOrder:
+    """Which row of which source one rank reads next (the order described above): sample keys [source, epoch, row]."""
 
-    def __init__(self, sources, tokenizer, packing_length=16384, open_packs=8, max_latent_size=64, vit_side=70,
-                 text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,
-                 max_image_pixels=2 ** 26, max_bad_streak=1000, prefetch=0, rank=0, world_size=1, seed=0):
-        if not sources:
-            raise ValueError("no data sources")
-        if len({s.name for s in sources}) != len(sources):
-            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
-        for s in sources:
-            if s.vae_size[1] > 16 * max_latent_size or s.vit_size[1] > 14 * vit_side:
-                raise ValueError(f"source {s.name}: images up to {s.vae_size[1]} px (VAE) / {s.vit_size[1]} px (ViT) "
-                                 f"exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.sources, self.tok, self.P, self.K = sources, tokenizer, packing_length, open_packs
-        self.max_latent_size, self.vit_side, self.max_image_pixels = max_latent_size, vit_side, max_image_pixels
-        self.dropout = (text_cond_dropout_prob, vit_cond_dropout_prob, vae_cond_dropout_prob)
-        self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
-        self.prefetch, self.thread = prefetch, None
+    def __init__(self, sources, rank, world_size, seed):
+        self.block_starts = [s.block_starts for s in sources]
         self.cum_weights = np.cumsum([s.weight for s in sources]).tolist()
-        self.shard_cache = {}
-        self.reset()
-        for s, src in enumerate(sources):  # systemic problems fail here, not hours into a run
-            shard = self.shard(s, 0)
-            if len(shard) == 0:
-                raise ValueError(f"source {src.name}: {len(src)} rows leave rank {rank} of {world_size} nothing")
-            errors = []
-            for row in shard[:8]:
-                try:
-                    self.build([s, 0, int(row)])
-                    break
-                except BadSample as e:
-                    errors.append(f"{src.where(int(row))}: {e}")
-            else:
-                raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
-                                 "\n  ".join(errors))
-
-    def reset(self):
-        self.positions = [[0, 0] for _ in self.sources]  # [epoch, cursor into this rank's shard]
-        self.draws, self.min_cost = 0, None
-        self.open, self.ready = [], []  # packs: {"keys", "samples", "used"}
-        self.bad_streak = [0] * len(self.sources)
-        self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.positions = [[0, 0] for _ in sources]  # [epoch, cursor into this rank's shard]
+        self.draws, self.shard_cache = 0, {}
 
     def shard(self, s, epoch):
         """This rank's rows of source s in epoch `epoch`, in order."""
         if (s, epoch) not in self.shard_cache:
-            starts = self.sources[s].block_starts
+            starts = self.block_starts[s]
             rng = np.random.default_rng([self.seed, s, epoch])
             if len(starts) - 1 == starts[-1]:  # one row per block
                 order = rng.permutation(int(starts[-1]))
@@ -993,12 +980,108 @@ class Loader:
     def next_key(self):
         u = random.Random(f"{self.seed}/{self.rank}/{self.draws}").random() * self.cum_weights[-1]
         self.draws += 1
-        s = min(bisect.bisect_right(self.cum_weights, u), len(self.sources) - 1)
+        s = min(bisect.bisect_right(self.cum_weights, u), len(self.cum_weights) - 1)
         epoch, cursor = self.positions[s]
         shard = self.shard(s, epoch)
         row = int(shard[cursor])
         self.positions[s] = [epoch + 1, 0] if cursor + 1 == len(shard) else [epoch, cursor + 1]
         return [s, epoch, row]
+
+
+class FirstFitPacker:
+    """Up to `open_packs` packs are open; a sample goes into the first open pack it fits (`capacity` bounds every
+    LLM position of a pack); if none has room and all slots are taken, the fullest open pack is emitted to make
+    room; a pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
+    {"keys", "samples", "used"}; its keys (where its samples came from) are all the state needs."""
+
+    def __init__(self, capacity, open_packs):
+        self.capacity, self.open_packs = capacity, open_packs
+        self.open, self.ready, self.min_cost = [], [], None
+
+    def add(self, key, items, cost):
+        self.min_cost = cost if self.min_cost is None else min(self.min_cost, cost)
+        target = next((p for p in self.open if p["used"] + cost <= self.capacity), None)  # first fit
+        if target is None:
+            if len(self.open) == self.open_packs:  # make room: the fullest open pack goes out
+                self.emit(max(self.open, key=lambda p: p["used"]))
+            target = {"keys": [], "samples": [], "used": 0}
+            self.open.append(target)
+        target["keys"].append(key)
+        target["samples"].append(items)
+        target["used"] += cost
+        if self.capacity - target["used"] < self.min_cost:  # full: no sample seen so far would fit any more
+            self.emit(target)
+
+    def emit(self, pack):
+        self.open.remove(pack)
+        self.ready.append(pack)
+
+    def pop(self):
+        """The next finished pack, or None."""
+        return self.ready.pop(0) if self.ready else None
+
+    def state_dict(self):
+        return {"min_cost": self.min_cost, "open": [p["keys"] for p in self.open],
+                "ready": [p["keys"] for p in self.ready]}
+
+    def load_state_dict(self, state, build):
+        """build(key) -> (items, cost) remakes each waiting sample from its key."""
+        def rebuild(keys):
+            pack = {"keys": keys, "samples": [], "used": 0}
+            for key in keys:
+                items, cost = build(key)
+                pack["samples"].append(items)
+                pack["used"] += cost
+            return pack
+        self.min_cost = state["min_cost"]
+        self.open = [rebuild(k) for k in state["open"]]
+        self.ready = [rebuild(k) for k in state["ready"]]
+
+
+class Loader:
+    """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
+    CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
+    model's position tables; max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows
+    in a row from one source is an error, not an endless skip; prefetch packs are made ahead in a thread."""
+
+    def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
+                 max_image_pixels=2 ** 26, max_bad_streak=1000, prefetch=0, rank=0, world_size=1, seed=0):
+        if not sources:
+            raise ValueError("no data sources")
+        if len({s.name for s in sources}) != len(sources):
+            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
+        for s in sources:
+            if s.vae_size[1] > 16 * max_latent_size or s.vit_size[1] > 14 * vit_side:
+                raise ValueError(f"source {s.name}: images up to {s.vae_size[1]} px (VAE) / {s.vit_size[1]} px (ViT) "
+                                 f"exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
+        self.max_latent_size, self.vit_side, self.max_image_pixels = max_latent_size, vit_side, max_image_pixels
+        self.dropout = tuple(dropout)
+        self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
+        self.prefetch, self.thread = prefetch, None
+        self.reset()
+        for s, src in enumerate(sources):  # systemic problems fail here, not hours into a run
+            shard = self.order.shard(s, 0)
+            if len(shard) == 0:
+                raise ValueError(f"source {src.name}: {len(src)} rows leave rank {rank} of {world_size} nothing")
+            errors = []
+            for row in shard[:8]:
+                try:
+                    self.build([s, 0, int(row)])
+                    break
+                except BadSample as e:
+                    errors.append(f"{src.where(int(row))}: {e}")
+            else:
+                raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
+                                 "\n  ".join(errors))
+
+    def reset(self):
+        self.order = SourceOrder(self.sources, self.rank, self.world_size, self.seed)
+        self.packer = FirstFitPacker(self.packing_length, self.open_packs)
+        self.bad_streak = [0] * len(self.sources)
+        self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
 
     def build(self, key):
         """key [source, epoch, row] -> (items, LLM positions). Raises BadSample."""
@@ -1010,13 +1093,13 @@ class Loader:
         load = lambda ref: open_image(ref, src.folder, self.max_image_pixels)
         items = build_sample(parts, load, self.tok, src.vae_size, src.vit_size, src.max_pixels, gen, self.dropout)
         cost = sample_len(items)
-        if cost > self.P:
-            raise BadSample("too_long", f"{cost} positions > packing_length {self.P}")
+        if cost > self.packing_length:
+            raise BadSample("too_long", f"{cost} positions > packing_length {self.packing_length}")
         return items, cost
 
     def next_sample(self):
         """Draw a source, read its next row: (key, items, cost), or None for a bad row (counted and logged)."""
-        key = self.next_key()
+        key = self.order.next_key()
         s = key[0]
         try:
             items, cost = self.build(key)
@@ -1034,33 +1117,12 @@ class Loader:
         self.bad_streak[s] = 0
         return key, items, cost
 
-    def place(self, key, items, cost):
-        target = next((p for p in self.open if p["used"] + cost <= self.P), None)  # first fit
-        if target is None:
-            if len(self.open) == self.K:  # make room: the fullest open pack goes out
-                self.emit(max(self.open, key=lambda p: p["used"]))
-            target = {"keys": [], "samples": [], "used": 0}
-            self.open.append(target)
-        target["keys"].append(key)
-        target["samples"].append(items)
-        target["used"] += cost
-        if self.P - target["used"] < self.min_cost:  # full: no sample seen so far would fit any more
-            self.emit(target)
-
-    def emit(self, p):
-        self.open.remove(p)
-        self.ready.append(p)
-
     def make_pack(self) -> Pack:
-        while not self.ready:
+        while (p := self.packer.pop()) is None:
             sample = self.next_sample()
-            if sample is None:
-                continue
-            key, items, cost = sample
-            self.counts["samples"] += 1
-            self.min_cost = cost if self.min_cost is None else min(self.min_cost, cost)
-            self.place(key, items, cost)
-        p = self.ready.pop(0)
+            if sample is not None:
+                self.counts["samples"] += 1
+                self.packer.add(*sample)
         self.counts["packs"] += 1
         self.counts["tokens"] += p["used"]
         pack = pack_samples(p["samples"], self.tok.special, self.max_latent_size, self.vit_side)
@@ -1096,9 +1158,8 @@ class Loader:
     def live_state(self):
         return json.loads(json.dumps({
             "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "sources": [s.name for s in self.sources], "positions": self.positions, "draws": self.draws,
-            "min_cost": self.min_cost, "open": [p["keys"] for p in self.open],
-            "ready": [p["keys"] for p in self.ready], "bad_streak": self.bad_streak, "counts": self.counts}))
+            "sources": [s.name for s in self.sources], "positions": self.order.positions, "draws": self.order.draws,
+            "packer": self.packer.state_dict(), "bad_streak": self.bad_streak, "counts": self.counts}))
 
     def state_dict(self):
         """Everything that decides the next packs, as plain JSON-able Python."""
@@ -1110,7 +1171,8 @@ class Loader:
         state = self.state_dict()
         c = state["counts"]
         return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
-                "fill": c["tokens"] / (c["packs"] * self.P) if c["packs"] else 0.0, "skipped": dict(c["skipped"]),
+                "fill": c["tokens"] / (c["packs"] * self.packing_length) if c["packs"] else 0.0,
+                "skipped": dict(c["skipped"]),
                 "epochs": {src.name: pos[0] for src, pos in zip(self.sources, state["positions"])}}
 
     def load_state_dict(self, state):
@@ -1123,40 +1185,61 @@ class Loader:
             raise ValueError(f"loader state is for {theirs}, this loader is {mine}")
         self.reset()
         state = json.loads(json.dumps(state))
-        self.positions, self.draws, self.min_cost = state["positions"], state["draws"], state["min_cost"]
+        self.order.positions, self.order.draws = state["positions"], state["draws"]
         self.bad_streak, self.counts = state["bad_streak"], state["counts"]
 
-        def rebuild(keys):
-            p = {"keys": keys, "samples": [], "used": 0}
-            for key in keys:
-                try:
-                    items, cost = self.build(key)
-                except BadSample as e:
-                    raise RuntimeError(f"cannot rebuild buffered sample {key} "
-                                       f"({self.sources[key[0]].where(key[2])}): {e}; has the data changed?")
-                p["samples"].append(items)
-                p["used"] += cost
-            return p
-        self.open = [rebuild(k) for k in state["open"]]
-        self.ready = [rebuild(k) for k in state["ready"]]
+        def build(key):
+            try:
+                return self.build(key)
+            except BadSample as e:
+                raise RuntimeError(f"cannot rebuild buffered sample {key} ({self.sources[key[0]].where(key[2])}): "
+                                   f"{e}; has the data changed?")
+        self.packer.load_state_dict(state["packer"], build)
 
 
-if __name__ == "__main__":
-    # Check datasets before training: pack a few, print fill, skips by reason and speed.
-    #   python data.py [PATH[:FORMAT] ...] [--packs N] [--packing_length L] [--tokenizer DIR]
-    # No PATH: the built-in dataset. FORMAT: messages (default), t2i, edit, vlm, irg, unicot, reca.
+def guess_format(path):
+    """The format whose required columns a file or folder has (messages when several fit), or None."""
+    rows = Rows(path)
+    columns = rows.columns or list(rows[0])
+    fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
+    return "messages" if "messages" in fits else (fits[0] if fits else None)
+
+
+def main(argv):
+    """Check datasets before training: pack a few, print fill, skips by reason and speed."""
     import argparse
     import time
-    parser = argparse.ArgumentParser(description="pack a few batches from datasets and report")
-    parser.add_argument("paths", nargs="*", default=["shapes"])
-    parser.add_argument("--packs", type=int, default=20)
-    parser.add_argument("--packing_length", type=int, default=16384)
-    parser.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: tiny)")
-    args = parser.parse_args()
+    import train  # the training defaults: one place for packing_length and the CFG dropout
+    formats = ", ".join(f for f in READERS if f != "shapes")
+    parser = argparse.ArgumentParser(
+        description="Pack a few batches from datasets as train.py would, and report fill, skips and speed.",
+        epilog=f"PATH is a data file or folder (.jsonl .json .parquet .arrow), 'shapes' for the built-in dataset, or a "
+               f"train.py config (.py) whose sources to check. FORMAT: {formats}; guessed from the columns if left "
+               f"out.")
+    parser.add_argument("paths", nargs="*", default=["shapes"], metavar="PATH[:FORMAT]")
+    parser.add_argument("--packs", type=int, default=20, help="packs to make (default 20)")
+    parser.add_argument("--packing_length", type=int, default=None,
+                        help=f"LLM positions per pack (default: the config's, else train.py's "
+                             f"{train.DEFAULTS['packing_length']})")
+    parser.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: the built-in)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    config, sources = dict(train.DEFAULTS), []
+    for p in args.paths:
+        if p.endswith(".py"):
+            config = train.load_config([p])
+            sources += [Source(**s) for s in config["sources"]]
+            continue
+        path, _, fmt = p.rpartition(":") if ":" in p and not os.path.exists(p) else (p, "", "")
+        if not fmt and path != "shapes":
+            fmt = guess_format(path)
+            if fmt is None:
+                raise SystemExit(f"{path}: no format's columns found; say PATH:FORMAT ({formats})")
+            print(f"{path}: format {fmt} (from its columns)")
+        sources.append(Source(path, fmt or None))
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else tiny_tokenizer()
-    sources = [Source(*p.rsplit(":", 1)) if ":" in p else Source(p) for p in args.paths]
-    loader = Loader(sources, tok, packing_length=args.packing_length)
+    dropout = [config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
+    loader = Loader(sources, tok, args.packing_length or config["packing_length"], dropout)
     t0 = time.perf_counter()
     for i in range(args.packs):
         pack = loader.next_pack()
@@ -1165,3 +1248,7 @@ if __name__ == "__main__":
               f"{pack.ce_indexes.numel()} CE targets")
     dt = time.perf_counter() - t0
     print(f"{loader.stats}\n{loader.stats['samples'] / dt:.1f} samples/s, {args.packs / dt:.2f} packs/s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -93,7 +93,7 @@ MODE_IDS = {"causal": CAUSAL, "full": FULL, "noise": NOISE}
 
 @dataclass
 class SpanLayout:
-    """Per-token description of a pack's attention rule (int64 [L] each, mode int8 [L]).
+    """Per-token description of a pack's attention rule (int64 [L] each, mode int8 [L]), and the rule itself.
 
     Key j is visible to query i iff both lie in the same sample and either
       - j is in i's own span and (the span is not causal or j <= i), or
@@ -106,6 +106,30 @@ class SpanLayout:
     span_end: torch.Tensor
     span_mode: torch.Tensor
     cu_seqlens: torch.Tensor  # int32 [S+1], sample boundaries for varlen kernels
+
+    @property
+    def noise(self):
+        """[L] bool: the token lies in a noise span."""
+        return self.span_mode == NOISE
+
+    def last_key(self):
+        """[L]: the last key each query may see: itself in a causal span, else its span's last token. With it the
+        rule reads: visible(i, j) iff sample_start(i) <= j <= last_key(i) and (j is not noise or j >= span_start(i))."""
+        idx = torch.arange(self.span_mode.numel(), device=self.span_mode.device)
+        return torch.where(self.span_mode == CAUSAL, idx, self.span_end - 1)
+
+    def visible(self, q_idx, k_idx):
+        """Boolean visibility of key k_idx from query q_idx (broadcasting index tensors)."""
+        same_sample = (k_idx >= self.sample_start[q_idx]) & (k_idx < self.sample_end[q_idx])
+        own_span = (k_idx >= self.span_start[q_idx]) & (k_idx < self.span_end[q_idx])
+        own_ok = own_span & ((self.span_mode[q_idx] != CAUSAL) | (k_idx <= q_idx))
+        earlier_ok = (k_idx < self.span_start[q_idx]) & (self.span_mode[k_idx] != NOISE)
+        return same_sample & (own_ok | earlier_ok)
+
+    def dense_mask(self):
+        """[L, L] boolean mask, True = may attend. Exact; for SDPA on CPU and for tests."""
+        idx = torch.arange(self.sample_start.numel(), device=self.sample_start.device)
+        return self.visible(idx[:, None], idx[None, :])
 
 
 def span_layout(sample_lens, split_lens, split_modes, device=None) -> SpanLayout:
@@ -123,24 +147,12 @@ def span_layout(sample_lens, split_lens, split_modes, device=None) -> SpanLayout
     return SpanLayout(*(t.to(device, non_blocking=True) for t in fields))
 
 
-def visible(layout: SpanLayout, q_idx, k_idx):
-    """Boolean visibility of key k_idx from query q_idx (broadcasting index tensors)."""
-    L = layout
-    same_sample = (k_idx >= L.sample_start[q_idx]) & (k_idx < L.sample_end[q_idx])
-    own_span = (k_idx >= L.span_start[q_idx]) & (k_idx < L.span_end[q_idx])
-    own_ok = own_span & ((L.span_mode[q_idx] != CAUSAL) | (k_idx <= q_idx))
-    earlier_ok = (k_idx < L.span_start[q_idx]) & (L.span_mode[k_idx] != NOISE)
-    return same_sample & (own_ok | earlier_ok)
-
-
-def dense_mask(layout: SpanLayout):
-    """[L, L] boolean mask, True = may attend. Exact; for SDPA on CPU and for tests."""
-    idx = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
-    return visible(layout, idx[:, None], idx[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
-# Attention: the only place that knows about masks. q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]
+# Attention. One interface for every backend: a decoder layer calls its `attn` module as attn(h, q, k, v, ctx),
+# with h [N, C] the layer's normed input (NSA's gate reads it), q [N, Hq, D] and k, v [N, Hkv, D] before RoPE,
+# rows in the layer's order (understanding tokens first), and ctx the pack's PackAttention, made once per forward.
+# The backend is chosen once, when the layer is built: DenseAttention for "sdpa" (the exact boolean mask) and
+# "flex" (a block mask, GPU), with no weights of its own; nsa.NSA for "nsa", with its compression and gate.
 
 def sdpa(q, k, v, mask):
     """Exact attention of q [n, Hq, D] over k, v [m, Hkv, D] with a boolean mask [n, m] (True = may attend) or
@@ -150,33 +162,88 @@ def sdpa(q, k, v, mask):
     return o[0].transpose(0, 1)
 
 
-def make_llm_attention(backend, pack, layout, order):
-    """Attention over a pack whose tokens sit in `order` (order[i] = pack position of row i)."""
-    if backend == "sdpa":
-        mask = dense_mask(layout)[order][:, order]
-        return lambda q, k, v: sdpa(q, k, v, mask)
-    if backend == "flex":
-        # Pad to a multiple of FLEX_PAD so a few shapes cover all packs (one compile each); the padding is a
-        # causal sample of its own, so no real token sees it and no padded row is empty.
-        from torch.nn.attention.flex_attention import create_block_mask
-        N = order.numel()
-        pad = -N % FLEX_PAD
-        padded = span_layout(pack.sample_lens + [pad], pack.split_lens + [pad], pack.split_modes + ["causal"],
-                             device=order.device) if pad else layout
-        order = torch.cat([order, torch.arange(N, N + pad, device=order.device)])
+@dataclass
+class PackAttention:
+    """What every layer's attention needs to know about the pack, made once per forward (pack_attention)."""
+    rope: "Rotary"               # RoPE tables at the rows' positions
+    attend: object               # attend(q, k, v) -> o: dense attention over the rows with the pack's mask
+    layout: SpanLayout = None    # the pack's spans, in pack order
+    order: torch.Tensor = None   # order[row] = token (pack position) of each row
+    where: torch.Tensor = None   # where[token] = its row
+    positions: torch.Tensor = None  # RoPE position of each token, pack order
+    rope_theta: float = 1e6
 
-        def mask_mod(b, h, qi, ki):
-            return visible(padded, order[qi], order[ki])
-        block_mask = create_block_mask(mask_mod, None, None, N + pad, N + pad, device=order.device,
-                                       _compile=order.is_cuda)
-        return lambda q, k, v: flex(q, k, v, block_mask, pad)
-    raise ValueError(f"unknown attention backend {backend!r}")
+    def rotate(self, x, positions):
+        """RoPE of x [n, H, D] at the given positions (NSA rotates its compressed keys at their windows' starts)."""
+        return Rotary(x.shape[-1], self.rope_theta, positions, x.dtype)(x)
 
 
-def make_vit_attention(backend, image_lens, device, dtype):
-    """Bidirectional attention inside each image of a packed set of ViT images."""
+class DenseAttention(nn.Module):
+    """sdpa / flex: exact attention under the pack's mask; no weights of its own."""
+    def forward(self, h, q, k, v, ctx: PackAttention):
+        return ctx.attend(ctx.rope(q), ctx.rope(k), v)
+
+    def reset_parameters(self):
+        pass
+
+
+def attention_module(cfg):
+    """The attention of one decoder layer, as cfg.attn_backend chooses."""
+    if cfg.attn_backend in ("sdpa", "flex"):
+        return DenseAttention()
+    if cfg.attn_backend == "nsa":
+        from nsa import NSA  # Triton: imported only by models that use it
+        return NSA(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, **(cfg.nsa or {}))
+    raise ValueError(f"unknown attention backend {cfg.attn_backend!r} (sdpa, flex, nsa)")
+
+
+def pack_attention(cfg, pack, order, where, rope) -> PackAttention:
+    """The pack's attention context; the mask of a dense backend is made here, once, for every layer."""
+    layout = span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device=order.device)
+    attend = None
+    if cfg.attn_backend == "sdpa":
+        mask = layout.dense_mask()[order][:, order]
+        attend = lambda q, k, v: sdpa(q, k, v, mask)
+    elif cfg.attn_backend == "flex":
+        attend = flex_attention(pack, layout, order)
+    return PackAttention(rope, attend, layout, order, where, pack.position_ids, cfg.rope_theta)
+
+
+FLEX_PAD = 2048
+_compiled_flex = None
+
+
+def flex_attention(pack, layout, order):
+    """attend(q, k, v) through flex attention with the pack's block mask. The pack is padded to a multiple of
+    FLEX_PAD so a few shapes cover all packs (one compile each); the padding is a causal sample of its own, so no
+    real token sees it and no padded row is empty."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    N = order.numel()
+    pad = -N % FLEX_PAD
+    padded = span_layout(pack.sample_lens + [pad], pack.split_lens + [pad], pack.split_modes + ["causal"],
+                         device=order.device) if pad else layout
+    padded_order = torch.cat([order, torch.arange(N, N + pad, device=order.device)])
+
+    def mask_mod(b, h, qi, ki):
+        return padded.visible(padded_order[qi], padded_order[ki])
+    block_mask = create_block_mask(mask_mod, None, None, N + pad, N + pad, device=order.device,
+                                   _compile=order.is_cuda)
+
+    def attend(q, k, v):
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
+        o = _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+        return o[0].transpose(0, 1)[:N]
+    return attend
+
+
+def vit_attention(image_lens, device, dtype):
+    """Bidirectional attention inside each image of a packed set of ViT images: varlen kernels on GPU in half
+    precision, else SDPA with a block-diagonal mask."""
     lens = torch.tensor(image_lens, dtype=torch.long)
-    if backend == "sdpa" or not image_lens or dtype not in (torch.float16, torch.bfloat16):
+    if device.type != "cuda" or not image_lens or dtype not in (torch.float16, torch.bfloat16):
         image_of = torch.repeat_interleave(torch.arange(len(image_lens)), lens).to(device)
         mask = image_of[:, None] == image_of[None, :]
         return lambda q, k, v: sdpa(q, k, v, mask)
@@ -187,20 +254,6 @@ def make_vit_attention(backend, image_lens, device, dtype):
     cu = F.pad(lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
     longest = max(image_lens)
     return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)
-
-
-FLEX_PAD = 2048
-_compiled_flex = None
-
-
-def flex(q, k, v, block_mask, pad):
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
-    o = _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-    return o[0].transpose(0, 1)[:o.shape[2] - pad]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,29 +341,36 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-class DecoderLayer(nn.Module):
-    """Tokens arrive sorted: the first n_und use the understanding expert, the rest the generation expert.
+class CheckpointedLayer(nn.Module):
+    """A layer whose activations may be recomputed in backward instead of kept: train.py sets `checkpoint` to a
+    torch.utils.checkpoint context_fn (noop_context_fn: everything recomputed; a selective policy's: only what it
+    does not save). The parameter names stay those of the layer (no wrapper module)."""
+    checkpoint = None
+
+    def forward(self, *args):
+        if self.checkpoint is None or not torch.is_grad_enabled():
+            return self.layer(*args)
+        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, context_fn=self.checkpoint,
+                                                 preserve_rng_state=False)
+
+
+class DecoderLayer(CheckpointedLayer):
+    """Tokens arrive sorted: the first n use the understanding expert, the rest the generation expert.
     Each sub-layer runs per expert on its slice; attention runs once over all tokens."""
     def __init__(self, cfg: BagelConfig):
         super().__init__()
         self.cfg = cfg
         self.und, self.gen = Expert(cfg), Expert(cfg)
-        if cfg.attn_backend == "nsa":
-            from nsa import NSA
-            self.nsa = NSA(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, **(cfg.nsa or {}))
+        self.attn = attention_module(cfg)
 
-    def forward(self, x, n, ctx):
+    def layer(self, x, n, ctx: PackAttention):
         frozen = (lambda t: t.detach()) if self.cfg.freeze_und else (lambda t: t)
         hu, qu, ku, vu = self.und.qkv(x[:n])
         hg, qg, kg, vg = self.gen.qkv(x[n:])
         q = torch.cat([frozen(qu), qg])
         k = torch.cat([frozen(ku), kg])
         v = torch.cat([frozen(vu), vg])
-        if self.cfg.attn_backend == "nsa":
-            o = ctx.nsa(self.nsa, torch.cat([hu, hg]), q, k, v)
-        else:
-            o = ctx.attend(ctx.rope(q), ctx.rope(k), v)
-        o = o.flatten(1)
+        o = self.attn(torch.cat([hu, hg]), q, k, v, ctx).flatten(1)
         x = x + torch.cat([frozen(self.und.o_proj(o[:n])), self.gen.o_proj(o[n:])])
         return x + torch.cat([frozen(self.und.mlp(x[:n])), self.gen.mlp(x[n:])])
 
@@ -318,7 +378,7 @@ class DecoderLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # SigLIP NaViT vision encoder: Linear patch embedding, learned 70x70 positions, pre-LN layers
 
-class ViTLayer(nn.Module):
+class ViTLayer(CheckpointedLayer):
     def __init__(self, cfg: BagelConfig):
         super().__init__()
         C, eps = cfg.vit_hidden_size, cfg.vit_layer_norm_eps
@@ -329,7 +389,7 @@ class ViTLayer(nn.Module):
         self.fc1 = nn.Linear(C, cfg.vit_intermediate_size)
         self.fc2 = nn.Linear(cfg.vit_intermediate_size, C)
 
-    def forward(self, x, attend):
+    def layer(self, x, attend):
         h = self.norm1(x)
         q, k, v = (p(h).unflatten(-1, (self.num_heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
         x = x + self.out_proj(attend(q, k, v).flatten(1))
@@ -573,12 +633,6 @@ def expert_order(is_gen):
     return order, where
 
 
-class Context:
-    """What every decoder layer needs about the pack: rotary tables and the attention function."""
-    def __init__(self, rope, attend, nsa=None):
-        self.rope, self.attend, self.nsa = rope, attend, nsa
-
-
 class Bagel(nn.Module):
     """The trainable BAGEL: MoT LLM, ViT, connector and latent heads (the VAE is separate and frozen)."""
     def __init__(self, cfg: BagelConfig):
@@ -613,9 +667,8 @@ class Bagel(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
-        for layer in self.layers:
-            if hasattr(layer, "nsa"):
-                layer.nsa.reset_parameters()
+        for layer in self.layers:  # the attention's own weights (NSA's) have their own starting values
+            layer.attn.reset_parameters()
         self.init_buffers()
 
     @torch.no_grad()
@@ -638,7 +691,7 @@ class Bagel(nn.Module):
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))
         vit_out = None
         if run_vit or (run_vit is None and pack.vit_lens):
-            attend = make_vit_attention("varlen" if x.is_cuda else "sdpa", pack.vit_lens, x.device, dtype)
+            attend = vit_attention(pack.vit_lens, x.device, dtype)
             vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
             vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)
             x = x.index_put((pack.vit_indexes,), vit_emb)
@@ -656,9 +709,8 @@ class Bagel(nn.Module):
         x = x.index_put((pack.vae_indexes,), vae_emb)
         return x, dict(vit_out=vit_out, t=t, x_t=x_t, target=pack.vae_noise.float() - x0)
 
-    def forward(self, pack, timestep_shift=1.0, inspect=False, run_vit=None):
-        """Per-token losses of a pack: {"ce": [Nce], "mse": [Nmse]} (sums and means belong to train.py).
-        With inspect=True also the intermediate tensors, in pack order (for tests)."""
+    def forward(self, pack, timestep_shift=1.0, run_vit=None):
+        """Per-token losses of a pack: {"ce": [Nce], "mse": [Nmse]} (sums and means belong to train.py)."""
         cfg = self.cfg
         x, aux = self.embed(pack, timestep_shift, run_vit)
         L = pack.num_tokens
@@ -666,32 +718,17 @@ class Bagel(nn.Module):
         is_gen[pack.vae_indexes] = True
         order, where = expert_order(is_gen)
         n = L - pack.vae_indexes.numel()
-        layout = span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device=x.device)
-        positions = pack.position_ids[order]
-        rope = Rotary(cfg.head_dim, cfg.rope_theta, positions, x.dtype)
-        if cfg.attn_backend == "nsa":
-            def run_nsa(module, h, q, k, v):  # NSA works in pack order
-                o = module(h[where], q[where], k[where], v[where], layout, rope_at, pack.position_ids)
-                return o[order]
-            rope_at = lambda t, pos: Rotary(cfg.head_dim, cfg.rope_theta, pos, t.dtype)(t)
-            ctx = Context(rope, None, run_nsa)
-        else:
-            ctx = Context(rope, make_llm_attention(cfg.attn_backend, pack, layout, order))
-        x_in, x = x, x[order]
-        layer_outs = []
+        rope = Rotary(cfg.head_dim, cfg.rope_theta, pack.position_ids[order], x.dtype)
+        ctx = pack_attention(cfg, pack, order, where, rope)
+        x = x[order]
         for layer in self.layers:
             x = layer(x, n, ctx)
-            if inspect:
-                layer_outs.append(x[where])
         h = self.final_norm(x, n)
         ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head, pack.ce_labels)
         pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
         noised = torch.searchsorted(pack.vae_indexes, pack.mse_indexes)  # MSE tokens among the latent tokens
         mse = (pred - aux["target"][noised]).pow(2).mean(-1)
-        out = dict(ce=ce, mse=mse)
-        if inspect:
-            out.update(aux, input_embeds=x_in, layer_outs=layer_outs, hidden=h[where], mse_pred=pred)
-        return out
+        return dict(ce=ce, mse=mse)
 
 
 # ----------------------------------------------------------------------------------------------

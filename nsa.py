@@ -6,142 +6,63 @@ NSA (arXiv 2502.11089) replaces one softmax over all keys by three gated branche
   - selected:   attention over the `topk` blocks of `block_size` tokens that the compressed attention
                 probabilities (summed over the query heads of a GQA group) rate highest;
   - sliding:    attention over a window of `window_size` + 1 keys.
-For a causal single-span sequence this is exactly the reference library (XunhaoLai native-sparse-attention-
-triton, 9bea856; tests/fixtures/nsa_reference checks it). Everything below generalises it to BAGEL's packs.
+For a causal single-span sequence this is exactly the reference library (XunhaoLai native-sparse-attention-triton,
+9bea856; tests/fixtures/nsa_reference checks it); what follows generalises it to BAGEL's packs.
 
-Visibility (model.visible): key j is visible to query i iff same sample and (j in i's span and (span not causal
-or j <= i)) or (j in an earlier non-noise span). Equivalently, with
-    hi(i)  = i for a causal span, else the last token of i's span        (the last key i may see)
+Visibility (model.SpanLayout, the pack's layout every call receives): key j is visible to query i iff same sample
+and (j in i's span and (span not causal or j <= i)) or (j in an earlier non-noise span). Equivalently, with
+    hi(i)  = layout.last_key(): i for a causal span, else the last token of i's span (the last key i may see)
     nlo(i) = the first token of i's span                                 (noise keys must be at or after it)
   visible(i, j)  <=>  sample_start(i) <= j <= hi(i)  and  (j is not noise or j >= nlo(i)).
 The kernels use only this form (per query: a key range and nlo; per key: a noise marker); the reference builds
-dense masks from model.visible, so each checks the other.
+dense masks from layout.dense_mask(), so each checks the other.
 
 The rules for the three branches:
-  - Compressed key c pools tokens [c*stride, c*stride + kernel_size) of its sample. It is visible to query i iff
-    ALL its tokens are visible to i. This is the library's rule in the causal case (the whole window at or before
-    i), and it is the only rule under which a pooled key never carries information i may not see: a window
-    reaching past hi(i) would leak the future, one touching another span's noised latents would leak them.
-    RoPE of a compressed key uses the position id of its window's first token (the library's choice).
+  - Compressed key c pools tokens [c*stride, c*stride + kernel_size) of its sample and is visible to query i iff
+    ALL its tokens are (the library's rule in the causal case; the only rule under which a pooled key never carries
+    the future past hi(i) or another span's noised latents). Its RoPE position is its window's first token's.
   - Selection: block b (tokens [b*block_size, (b+1)*block_size) of the sample) can be chosen by query i iff it
-    holds at least one token visible to i; its score is the library's overlap-weighted sum of i's compressed
-    probabilities; forced blocks (+inf) are blocks b < init_blocks and the local blocks
-    qb - local_blocks < b <= qb with qb = i's own block; zero-score ties go to the earlier block. Inside a chosen
-    block, keys are masked token by token with the visibility rule.
-  - Sliding window: the interval of window_size + 1 keys centred on i, slid to lie inside
-    [sample_start(i), hi(i)], masked with the visibility rule: it ends at
-    hi_w(i) = min(hi(i), max(i + w // 2, sample_start(i) + w)). For causal queries hi_w = i, the library's
-    [i - w, i]. A query in a full or noise span sees its span's future, so its window reaches w/2 ahead; in a
-    sample of at most w + 1 tokens every query's window covers everything it may see.
-    The local blocks are the query's own block and its predecessors for full and noise spans too (the window
-    already reaches w/2 ahead).
+    holds a token visible to i; its score is the library's overlap-weighted sum of i's compressed probabilities;
+    forced blocks (+inf) are b < init_blocks and the local blocks qb - local_blocks < b <= qb (qb = i's own block,
+    for every span mode); zero-score ties go to the earlier block. Chosen blocks are masked token by token.
+  - Sliding window: the window_size + 1 keys [hi_w - w, hi_w], hi_w(i) = min(hi(i), max(i + w // 2,
+    sample_start(i) + w)), masked by the rule: the library's [i - w, i] for causal queries; full and noise spans
+    see w/2 ahead; in a sample of at most w + 1 tokens the window covers everything a query may see.
 
 Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in, fp32 accumulation):
-  - _NSAAttention is the whole gated sum as one autograd op: _gate_fwd sums the branches; in the backward one pass
-    (_gate_bwd) over do gives the gate gradient and folds each branch's gate into its lse (g_b p = exp2(s - (lse -
-    log2 g_b))), so that the branch kernels take the raw do and no g_b * do copy is made; the branches add into
-    shared dq and fp32 dk/dv buffers.
-  - _pool_fwd, _pool_bwd_dx, _pool_bwd_dw: weightedpool/avgpool compression without copying the windows (the key
-    position bias pe enters as one bias vector per head); "linear" compression stays in torch.
-  - _band_fwd, _band_bwd_dq, _band_bwd_dkdv: flash attention where query i sees the keys of a contiguous range
-    [klo_i, khi_i) that are not another span's noise. Used twice: compressed branch (keys = compressed tokens) and
-    sliding window (keys = tokens). Key tiles visible to every row of a query tile skip the mask (decided from
-    per-pack tile statistics, Plan.band_stats, not per-iteration reductions). dk/dv loop over (query tile, head of
-    the KV group) in one flat loop (no G-fold buffers); long query ranges are cut into chunks, sized to fill the
-    GPU, whose dk/dv meet in fp32 atomics. K/V (and q/do in the backward) can load through Hopper TMA descriptors.
-  - _block_scores: recomputes the compressed probabilities from the saved lse (q and compressed-key tiles through
-    TMA), sums the group (the visibility mask applied once per group, skipped on key tiles every row sees), maps
-    compressed keys onto blocks with the overlap weights (one small fp32 matmul per tile) and writes masked/forced
-    block scores up to each query's last visible block; _topk then takes the top-k per (KV head, query) from
-    per-chunk maxima (a pick re-reads one 32-column chunk, not the row) and sorts the ids, reading only as many
-    columns as a query's power-of-two width group needs (Plan.topk_groups).
-  - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block (group-centric without padding G=7
-    to 16): the top-k lists are inverted so that each program loads one KV block once and streams the
-    (query, head) rows that chose it, their list entries loaded one chunk ahead. The forward writes each
-    (row, slot) partial softmax ([L, K, H, D]: a query's heads side by side) and _slc_combine merges a row's slots;
-    the backward recomputes p with the merged lse, accumulates dk/dv per block and writes per-slot dq partials that
-    _slc_combine sums. These kernels are memory-bound on the partials (K reads and writes per row).
-Launch shapes (_tiles) are tuned on an H100 (`python nsa.py sweep`); NSA_TILES overrides them, and a shape that
-does not fit a GPU's shared memory is retried with one pipeline stage (_launch).
+  - _NSAAttention: the gated sum as one autograd op. The backward's one pass over do (_gate_bwd) gives the gate
+    gradient and folds each gate into its branch's lse (g p = exp2(s - (lse - log2 g))), so the branch kernels take
+    the raw do; the branches add into shared dq and fp32 dk/dv buffers.
+  - _pool_*: weightedpool/avgpool compression without copying the windows (pe enters as a per-head bias).
+  - _band_fwd, _band_bwd_dq, _band_bwd_dkdv: flash attention where query i sees the keys in [klo_i, khi_i) that are
+    not another span's noise, for the compressed branch and the sliding window. Key tiles every row of a query
+    tile sees skip the mask (Plan.band_stats); dk/dv programs loop over (query tile, head of the group) and long
+    query ranges are cut into chunks that meet in fp32 atomics; tiles may load through Hopper TMA descriptors.
+  - _block_scores: the compressed probabilities recomputed from the saved lse, summed over the group and mapped
+    onto blocks by the overlap weights (one small fp32 matmul per tile); _topk takes the top-k per (KV head,
+    query) from per-chunk maxima, reading only the columns a query's width group needs (Plan.topk_groups).
+  - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block: the top-k lists are inverted so a
+    program loads one block once and streams the (query, head) rows that chose it. The forward writes per-(row,
+    slot) partial softmaxes that _slc_combine merges; the backward writes per-slot dq partials it sums.
+Launch shapes (_tiles) are tuned on an H100 (`python bench.py nsa sweep`); NSA_TILES overrides them.
 
-Initialisation from a dense checkpoint (NSA.reset_parameters): value pooling weights 0 (o_cmp = 0), key pooling =
-mean (so selection scores mean something), pe = 0, gate weight 0 (every gate 0.5). Then o = (o_slc + o_swa) / 2,
-which is dense attention exactly when the window and the top-k blocks cover every visible key (samples of at most
-min(window_size + 1, topk * block_size) tokens; tested). On longer samples `python nsa.py init` measures the gap
-(H100, bf16, random inputs, relative L2 error vs exact dense attention): 2.2e-3 at 513 tokens (bf16 rounding),
-0.28 at 2k, 0.49 at 4k, 1.14 at 16k, 0.35 on a 2k text/image/text/latents pack. Random queries and keys give
-nearly uniform dense attention, which no sparse pattern approximates; trained heads are peaked, so expect closer.
-
-Speed (`python nsa.py bench`, H100, bf16, one causal sequence, 28/4 heads, d=128; NSA = the whole module minus the
-q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend choice (cuDNN), GQA
-native, measured in the same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
+Speed (`python bench.py nsa bench`, H100, bf16, one causal sequence, 28/4 heads, d=128; NSA = the whole module
+minus the q/k/v/o projections, gate projection and compression included; dense = SDPA's own backend (cuDNN), GQA
+native, same call; gradients by torch.autograd.grad on both sides), fwd+bwd ms:
     tokens              4k     8k    16k    32k    64k
     dense (cuDNN)     0.99   3.46  12.50  48.16  197.93
     NSA               4.82   5.62  10.95  23.83   58.76     (forward alone: 2.91 2.24 4.24 9.33 22.70)
     dense / NSA       0.21   0.61   1.14   2.02    3.37
-(Below 16k the step is bound by the host launching its ~130 kernels and torch ops and varies from run to run and
-machine to machine: 4k took 4.3 to 6.0 ms on other days; dense at 64k 189 to 198 ms. The selection's inversion
-once counted its entries with torch.bincount, which reads the keys' max on the host: that host sync drained the
-launch queue in every layer.
-Counting by binary search instead took the module from 12.26 to 11.00 ms at 16k and from 60.2 to 58.4 ms at 64k,
-three runs each in one call.)
-At 64k the kernels take (`python nsa.py breakdown`, per launch): selected backward 11.3 ms, compressed dk/dv 8.9,
-selected forward 6.2, compressed dq 5.2, block scores 5.1, compressed forward 4.6, window dk/dv 3.2, slot merges
-5.5 (forward and dq), window forward and dq 2.0 each, gate sum and its backward 1.3, top-k 0.6, the rest ~1.5.
-The compressed band kernels run at 415-560 TFLOP/s; the selected branch moves ~52 GB at 2-2.8 TB/s: with random
-queries every (query, slot) is its own partial, which is the floor of this design (16 slots x 7 heads x 128 x bf16
-written and read back per query, forward and backward).
-Tried on the H100 and measured no faster (so not kept): stacking a GQA group's heads in the band kernels' rows,
-running the selected attention on a second CUDA stream beside the band kernels, one flat loop in _block_scores,
-tf32x3 overlap sums, prefetching q rows (not only list entries) in _slc_fwd, stacking the group's heads as rows in
-_block_scores (heads summed by reshape 7.4 ms, by an fp16 matmul 6.4, against 6.9 for the per-head loop with plain
-loads; 5.0 with TMA loads, kept), wider block-score tiles, top-k picks by one int64 max of (score bits, column)
-(2.6 ms against 2.4 for max + argmax), scaling do rows by the gate inside the backward kernels (register pressure:
-+1.4 ms at 16k; folding the gate into lse costs nothing), merging the slot partials in the epilogue of the window
-kernels instead of _slc_combine (window forward 6.6 ms against 2.0 + 2.8, window dq 5.5 against 2.0 + 2.7: the
-merge's dependent loads stall the band programs), register caps (ptxas maxnreg 128 or 168: within noise on the
-compressed forward and dq, 1-26 ms slower on the selected, score and compressed dk/dv kernels, from spills), fewer
-pipeline stages or smaller tiles for _block_scores (which spills 18 registers at its default: 0.8-3 ms slower).
-Dropping every band-kernel mask (wrong results, as a bound on what cheaper masking could give) saved 1.0 ms at 64k.
-Also tried at 64k and not kept: the selected branch's local blocks attended inside the window kernels (same
-scores; a second softmax accumulator in the forward, ds summed in the backward), the gathered selection skipping
-them: selected fwd+bwd and merges fell 23.2 -> 20.9 ms, but the window kernels rose 7.2 -> 10.9 ms (forward 2.0 ->
-3.9: two accumulators and a branch in the pipelined loop), 1.4 ms slower in all (H100). dq of the compressed branch
-by relaxed fp32 atomics from its dk/dv kernel instead of the dq kernel: 15.9 ms against 8.4 + 5.2 (H200; module
-57.0 against 56.3 ms); likewise slower for the window at every tile shape tried. Selected-branch work items cut
-by query range and run range by range, so that the programs running together gather q and do rows from one
-L2-sized range: slower at every range (64k, ranges of 16384 .. 1024 queries: forward 6.44 -> 6.52 .. 10.4 ms,
-backward 11.25 -> 12.0 .. 36.4), as the items multiply and with them the block loads and dk/dv atomics; the
-gathers were not the limit. The compressed and window branches in one launch (forward, and dq; one q and do load
-and one dq read-add-write per tile): within run-to-run noise at 16k and 64k (module 59.3-61.5 ms against
-59.8-62.2, same call). _slc_bwd on transposed scores [block, rows] as _band_bwd_dkdv has them (one transpose for
-dq instead of two for dk and dv): 154 spilled registers at the default tile, 33.4 ms against 11.3 (64k); 17.5 at its
-best tile (64 rows, 4 warps). Triton 3.6's Hopper warp specialisation (tl.range(warp_specialize=True), TMA loads) on
-the band kernels' loops: no gain at any tile tried (compressed forward 5.38 ms against 5.26 with the same tiles and
-4.63 at the default; dq 5.23 and 5.90 against 5.19; dk/dv 9.98 against 8.90; window forward 2.01 against 2.02).
-ncu (16k): _block_scores, _slc_fwd and _slc_bwd all use 255 registers at 12.5% occupancy and issue an instruction
-every 4-7 cycles per warp: latency-bound, not bandwidth-bound (_slc_bwd: 12 spilled registers and 194 KB of shared
-memory, so one 8-warp program per SM; 37% of DRAM bandwidth).
-The floor at 64k, for any kernels of this design: compressed branch 8 matmul-equivalents of 0.96 TFLOP (forward 2,
-block scores 1, backward 5 with dq by atomics) and the window 7 of 0.24, at the 545-570 TFLOP/s that cuDNN's
-dense fwd+bwd reaches on the same GPU: 13.5 + 3.0 ms; the gathered selection's 12.5 KB per (query, KV head, slot) (q and
-do gathers, partials written and read back) x 4.2M = 52.6 GB at 3.0 TB/s: 17.5 ms; gate, pooling and top-k ~3 ms.
-About 37 ms in all, against the 58 measured and the 47-49 that 4x dense needs: every part at 75-80% of its floor
-at once. Not built: on a causal sample the compressed branch is 16 interleaved causal attentions (query 16a + r sees
-compressed keys c <= a - 2, or a - 1 for r = 15), which cuDNN's SDPA could run with bottom-right alignment; full and
-noise spans break that, so it would serve text-only packs, not BAGEL's.
+Below 16k the host launching ~130 kernels bounds the step. Per-kernel times, designs tried, the floor: notes/nsa.md.
 """
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from model import CAUSAL, NOISE, Rotary, SpanLayout, dense_mask, span_layout
 
 BIG = 2 ** 30  # int32 sentinel, larger than any token index
 BIG_I32 = tl.constexpr(BIG)
@@ -185,9 +106,8 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
 
 
 def gate_values(x, weight, num_heads):
-    """sigmoid(x W^T) viewed [L, H, 3]: branch 0 compressed, 1 selected, 2 sliding. W's rows are padded with zeros
-    to a multiple of 32 for the matmul: cuBLAS takes about 1.5x as long (forward and both gradients, H100) for
-    BAGEL's 84 = 3 x 28 output columns as for 96."""
+    """sigmoid(x W^T) viewed [L, H, 3]: branch 0 compressed, 1 selected, 2 sliding. W's rows are zero-padded to a
+    multiple of 32: cuBLAS takes 1.5x as long for BAGEL's 84 = 3 x 28 output columns as for 96 (H100)."""
     n = weight.shape[0]
     logits = x @ F.pad(weight, (0, 0, 0, -n % 32)).t().to(x.dtype)
     return torch.sigmoid(logits[:, :n]).reshape(-1, num_heads, 3)
@@ -208,7 +128,7 @@ def _masked_attention(q, k, v, mask, scale):
 
 def compressed_visibility(layout, kernel_size, kernel_stride):
     """[L, NC]: compressed key c is visible to query i iff all tokens of its window are."""
-    vis = dense_mask(layout).float()
+    vis = layout.dense_mask().float()
     starts = window_starts(layout.cu_seqlens, kernel_size, kernel_stride)
     member = torch.zeros(vis.shape[1], len(starts), device=vis.device)
     member[starts[:, None] + torch.arange(kernel_size, device=vis.device),
@@ -220,9 +140,7 @@ def block_scores_ref(probs, layout, num_kv_heads, kernel_size, kernel_stride, bl
     """probs [Hq, L, NC] -> (raw [Hkv, L, NB], score [Hkv, L, NB]) over each query's sample-relative blocks b < NB.
     raw: probabilities summed over the group, weighted by how many stride-chunks window c shares with block b.
     score: raw (+ a tiny earlier-block tie-break) on selectable blocks, +inf on forced ones, -inf elsewhere."""
-    L = probs.shape[1]
-    dev = probs.device
-    cu = layout.cu_seqlens.long()
+    L, dev, cu = probs.shape[1], probs.device, layout.cu_seqlens.long()
     NB = int(math.ceil(int(cu.diff().max()) / block_size))
     rel_start = window_starts(cu, kernel_size, kernel_stride) - cu[:-1][
         torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev),
@@ -236,7 +154,7 @@ def block_scores_ref(probs, layout, num_kv_heads, kernel_size, kernel_stride, bl
     idx = torch.arange(L, device=dev)
     rel = idx - layout.sample_start
     onehot = F.one_hot(rel // block_size, NB).float()  # key j -> its block within its sample
-    cand = (dense_mask(layout).float() @ onehot) > 0  # [L, NB]
+    cand = (layout.dense_mask().float() @ onehot) > 0  # [L, NB]
     qb = rel // block_size
     b = torch.arange(NB, device=dev)
     forced = (b[None] < init_blocks) | ((b[None] > qb[:, None] - local_blocks) & (b[None] <= qb[:, None]))
@@ -249,8 +167,7 @@ def select_blocks(score, topk):
     """score [Hkv, L, NB] -> int32 [Hkv, L, min(topk, NB)]: chosen block ids ascending, then -1 padding."""
     K = min(topk, score.shape[-1])
     val, idx = score.topk(K, dim=-1)
-    idx = torch.where(val == float("-inf"), BIG, idx)
-    idx = idx.sort(-1).values
+    idx = torch.where(val == float("-inf"), BIG, idx).sort(-1).values
     return torch.where(idx == BIG, -1, idx).to(torch.int32)
 
 
@@ -258,29 +175,26 @@ def selected_mask(layout, idx, block_size):
     """[Hkv, L, L]: visible keys inside the blocks listed in idx (sample-relative block ids, -1 = none)."""
     rel_block = (torch.arange(idx.shape[1], device=idx.device) - layout.sample_start) // block_size
     chosen = (idx.long()[:, :, :, None] == rel_block[None, None, None, :]).any(2)
-    return chosen & dense_mask(layout)[None]
+    return chosen & layout.dense_mask()[None]
 
 
 def window_mask(layout, window_size):
-    """[L, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, max(i + w // 2, sample_start + w)) (see the
-    module docstring)."""
+    """[L, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, max(i + w // 2, sample_start + w)) (docstring)."""
     idx = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
-    hi = torch.where(layout.span_mode == CAUSAL, idx, layout.span_end - 1)
-    hi_w = torch.minimum(hi, torch.maximum(idx + window_size // 2, layout.sample_start + window_size))
-    j = idx[None, :]
-    return dense_mask(layout) & (j <= hi_w[:, None]) & (j >= hi_w[:, None] - window_size)
+    hi_w = torch.minimum(layout.last_key(), torch.maximum(idx + window_size // 2, layout.sample_start + window_size))
+    return layout.dense_mask() & (idx <= hi_w[:, None]) & (idx >= hi_w[:, None] - window_size)
 
 
-def nsa_reference(q, k, v, ck, cv, layout, cfg, scale):
+def nsa_reference(q, k, v, ck, cv, layout, pattern, scale):
     """All three branches with dense masks. q [L, Hq, D] and k [L, Hkv, D] rotated, ck/cv [NC, Hkv, D]."""
-    cvis = compressed_visibility(layout, cfg["kernel_size"], cfg["kernel_stride"])
+    cvis = compressed_visibility(layout, pattern["kernel_size"], pattern["kernel_stride"])
     o_cmp, probs = _masked_attention(q, ck, cv, cvis[None], scale)
     with torch.no_grad():
-        _, score = block_scores_ref(probs, layout, k.shape[1], cfg["kernel_size"], cfg["kernel_stride"],
-                                   cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
-        idx = select_blocks(score, cfg["topk"])
-    o_slc, _ = _masked_attention(q, k, v, selected_mask(layout, idx, cfg["block_size"]), scale)
-    o_swa, _ = _masked_attention(q, k, v, window_mask(layout, cfg["window_size"])[None], scale)
+        _, score = block_scores_ref(probs, layout, k.shape[1], pattern["kernel_size"], pattern["kernel_stride"],
+                                   pattern["block_size"], pattern["init_blocks"], pattern["local_blocks"])
+        idx = select_blocks(score, pattern["topk"])
+    o_slc, _ = _masked_attention(q, k, v, selected_mask(layout, idx, pattern["block_size"]), scale)
+    o_swa, _ = _masked_attention(q, k, v, window_mask(layout, pattern["window_size"])[None], scale)
     return o_cmp, o_slc, o_swa
 
 
@@ -387,15 +301,17 @@ def _tile(X, row0, n_rows, col0, sxn, BR: tl.constexpr, D: tl.constexpr, BD: tl.
 
 
 @triton.jit
-def _band_query_tile(KLO, KHI, NLO, N, NK, G: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    """This program's query tile (one head): rows, their key ranges, and the BK-aligned key span they cover
-    (KNMIN has one entry per aligned tile)."""
+def _band_query_tile(Q, K, V, KLO, KHI, NLO, N, NK, sqn, skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                     BQ: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr):
+    """This program's query tile (one head): rows, their key ranges, the BK-aligned key span they cover (KNMIN has
+    one entry per aligned tile), the q tile, and K and V as _tile reads them."""
     t, h = tl.program_id(0), tl.program_id(1)
     rq = t * BQ + tl.arange(0, BQ)
     qm, klo, khi, nlo = _band_rows(KLO, KHI, NLO, rq, N)
     live = khi > klo
+    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
     return (t, h, h // G, rq, qm, klo, khi, nlo, tl.min(tl.where(live, klo // BK * BK, NK)),
-            tl.max(tl.where(live, khi, 0)))
+            tl.max(tl.where(live, khi, 0)), q, _source(K, NK, skn, BK, BD, TMA), _source(V, NK, skn, BK, BD, TMA))
 
 
 @triton.jit
@@ -418,10 +334,8 @@ def _band_key_tile(K, V, KNOISE, QSTAT, KNMIN, t, start, kh, klo, khi, nlo, q, N
 def _band_fwd(Q, K, V, O, LSE, KLO, KHI, NLO, KNOISE, QSTAT, KNMIN, N, NK, qk_scale, sqn, skn,
               G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
               TMA: tl.constexpr):
-    t, h, kh, rq, qm, klo, khi, nlo, k_start, k_end = _band_query_tile(KLO, KHI, NLO, N, NK, G, BQ, BK)
-    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
-    K = _source(K, NK, skn, BK, BD, TMA)
-    V = _source(V, NK, skn, BK, BD, TMA)
+    t, h, kh, rq, qm, klo, khi, nlo, k_start, k_end, q, K, V = _band_query_tile(
+        Q, K, V, KLO, KHI, NLO, N, NK, sqn, skn, G, D, BD, BQ, BK, TMA)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, BD], tl.float32)
@@ -449,11 +363,9 @@ def _band_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KLO, KHI, NLO, KNOISE, QSTAT, KNMI
                  skn, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                  TMA: tl.constexpr):
     # dq += this branch's part (DQ already holds the other branches')
-    t, h, kh, rq, qm, klo, khi, nlo, k_start, k_end = _band_query_tile(KLO, KHI, NLO, N, NK, G, BQ, BK)
-    q = _tile(_source(Q, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
+    t, h, kh, rq, qm, klo, khi, nlo, k_start, k_end, q, K, V = _band_query_tile(
+        Q, K, V, KLO, KHI, NLO, N, NK, sqn, skn, G, D, BD, BQ, BK, TMA)
     do = _tile(_source(DO, N, sqn, BQ, BD, TMA), t * BQ, N, h * D, sqn, BQ, D, BD, TMA)
-    K = _source(K, NK, skn, BK, BD, TMA)
-    V = _source(V, NK, skn, BK, BD, TMA)
     lse = tl.load(LSE + h.to(tl.int64) * N + rq, mask=qm, other=float("inf"))
     delta = tl.load(DELTA + h.to(tl.int64) * N + rq, mask=qm, other=0.0)
     dq = tl.zeros([BQ, BD], tl.float32)
@@ -582,7 +494,6 @@ def _write_block_scores(OUT, BCLEAN, acc, w, b0, bl, nb, ss, se, bbase, hi, nlo,
              mask=qm[:, None] & bv[None, :] & (b_rel[None, :] < NB_OUT))
 
 
-
 @triton.jit
 def _slc_entries(QLIST, E, r0, n_rows, G: tl.constexpr, BM: tl.constexpr):
     """The list entries (flat query * K_SLOTS + slot) of rows r0 .. r0+BM of a work item: entry r // G, head r % G.
@@ -592,14 +503,15 @@ def _slc_entries(QLIST, E, r0, n_rows, G: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _slc_rows(HI, NLO, e, r0, n_rows, K_SLOTS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
-    """Rows r0 .. r0+BM of a work item, from their entries: (in range, query, slot, head in group, hi, nlo)."""
+def _slc_rows(HI, NLO, e, r0, n_rows, kh, K_SLOTS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    """Rows r0 .. r0+BM of a work item of KV head kh, from their entries: (in range, query (int64), slot, head, hi,
+    nlo)."""
     r = r0 + tl.arange(0, BM)
     rm = r < n_rows
     i = e // K_SLOTS
     hi = tl.load(HI + i, mask=rm, other=-1)
     nlo = tl.load(NLO + i, mask=rm, other=BIG_I32)
-    return rm, i, e % K_SLOTS, r % G, hi, nlo
+    return rm, i.to(tl.int64), e % K_SLOTS, kh * G + r % G, hi, nlo
 
 
 @triton.jit
@@ -635,9 +547,7 @@ def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
     e = _slc_entries(QLIST, E, 0, n_rows, G, BM)
     for r0 in range(0, n_rows, BM):
         e_next = _slc_entries(QLIST, E, r0 + BM, n_rows, G, BM)
-        rm, i, slot, g, hi, nlo = _slc_rows(HI, NLO, e, r0, n_rows, K_SLOTS, G, BM)
-        h = kh * G + g
-        i64 = i.to(tl.int64)
+        rm, i64, slot, h, hi, nlo = _slc_rows(HI, NLO, e, r0, n_rows, kh, K_SLOTS, G, BM)
         q = tl.load(Q + i64[:, None] * sqn + h[:, None] * sqh + rd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
         vis = km[None, :] & (rk[None, :] <= hi[:, None]) & (kn[None, :] >= nlo[:, None])
         s = tl.where(vis, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
@@ -666,9 +576,7 @@ def _slc_bwd(Q, K, V, DO, DQP, DK, DV, LSE, DELTA, QLIST, WORK, HI, NLO, KNOISE,
     e = _slc_entries(QLIST, E, 0, n_rows, G, BM)
     for r0 in range(0, n_rows, BM):
         e_next = _slc_entries(QLIST, E, r0 + BM, n_rows, G, BM)
-        rm, i, slot, g, hi, nlo = _slc_rows(HI, NLO, e, r0, n_rows, K_SLOTS, G, BM)
-        h = kh * G + g
-        i64 = i.to(tl.int64)
+        rm, i64, slot, h, hi, nlo = _slc_rows(HI, NLO, e, r0, n_rows, kh, K_SLOTS, G, BM)
         qo = i64[:, None] * sqn + h[:, None] * sqh + rd[None, :]
         q = tl.load(Q + qo, mask=rm[:, None] & dm[None, :], other=0.0)
         do = tl.load(DO + qo, mask=rm[:, None] & dm[None, :], other=0.0)
@@ -764,13 +672,18 @@ def _topk(S, IDX, TOKENS, LAST, N_TOKENS, N, NB, K: tl.constexpr, KP: tl.constex
 
 
 @triton.jit
-def _gate_fwd(GATE, O1, O2, O3, OUT, NROWS, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    # rows are (query, head): out = g0 * o_cmp + g1 * o_slc + g2 * o_swa with GATE [rows, 3]
+def _gate_rows(NROWS, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """This program's BR (query, head) rows of [rows, D] tensors: (rows, in range, element mask, element offsets)."""
     row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = row < NROWS
     rd = tl.arange(0, BD)
-    m = rm[:, None] & (rd < D)[None, :]
-    off = row[:, None] * D + rd[None, :]
+    return row, rm, rm[:, None] & (rd < D)[None, :], row[:, None] * D + rd[None, :]
+
+
+@triton.jit
+def _gate_fwd(GATE, O1, O2, O3, OUT, NROWS, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    # rows are (query, head): out = g0 * o_cmp + g1 * o_slc + g2 * o_swa with GATE [rows, 3]
+    row, rm, m, off = _gate_rows(NROWS, D, BD, BR)
     g0 = tl.load(GATE + row * 3, mask=rm, other=0.0).to(tl.float32)
     g1 = tl.load(GATE + row * 3 + 1, mask=rm, other=0.0).to(tl.float32)
     g2 = tl.load(GATE + row * 3 + 2, mask=rm, other=0.0).to(tl.float32)
@@ -797,11 +710,7 @@ def _gate_branch_bwd(GATE, O, LSE, do, DG, LSE_G, DELTA, row, rm, m, off, b: tl.
 @triton.jit
 def _gate_bwd(GATE, O1, O2, O3, LSE1, LSE2, LSE3, DO, DG, LSE_G, DELTA, NROWS, N, H, D: tl.constexpr,
               BD: tl.constexpr, BR: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    rm = row < NROWS
-    rd = tl.arange(0, BD)
-    m = rm[:, None] & (rd < D)[None, :]
-    off = row[:, None] * D + rd[None, :]
+    row, rm, m, off = _gate_rows(NROWS, D, BD, BR)
     do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
     _gate_branch_bwd(GATE, O1, LSE1, do, DG, LSE_G, DELTA, row, rm, m, off, 0, N, H)
     _gate_branch_bwd(GATE, O2, LSE2, do, DG, LSE_G, DELTA, row, rm, m, off, 1, N, H)
@@ -815,11 +724,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton.jit saw 
 
 
 def _tiles(name):
-    """Launch shapes: small under the CPU interpreter (tiny tests), tuned on an H100 (`python nsa.py sweep`);
-    NSA_TILES='{"name": [...]}' overrides. Band kernels: (BQ, BK, num_warps, num_stages, TMA loads) per branch
-    and pass; score: (BQ, num_warps, selection blocks per key tile, TMA loads); slc, slc_bwd: (rows per step, num_warps,
-    num_stages); slc_chunk: list entries per work item; topk: (row elements per program, num_warps, fewest columns,
-    columns per chunk)."""
+    """Launch shapes: tiny under the CPU interpreter, tuned on an H100; NSA_TILES='{"name": [...]}' overrides. Band:
+    (BQ, BK, num_warps, num_stages, TMA loads); score: (BQ, num_warps, blocks per key tile, TMA); slc, slc_bwd: (rows
+    per step, num_warps, num_stages); slc_chunk: entries per work item; topk: (elements per program, num_warps,
+    fewest columns, columns per chunk)."""
     override = json.loads(os.environ.get("NSA_TILES", "{}"))
     if name in override:
         return tuple(override[name]) if isinstance(override[name], list) else override[name]
@@ -872,18 +780,14 @@ def _i32(t):
 class Plan:
     """Per-pack index tensors for the kernels (int32) from a SpanLayout; get_plan builds it once per pack."""
 
-    def __init__(self, layout: SpanLayout, kernel_size, kernel_stride, block_size, window_size):
-        L = layout
-        dev = L.sample_start.device
-        N = L.sample_start.numel()
+    def __init__(self, layout, kernel_size, kernel_stride, block_size, window_size):
+        L, dev, N = layout, layout.sample_start.device, layout.sample_start.numel()
         assert N < BIG, "pack too long for int32 token indices"
         idx = torch.arange(N, device=dev)
         cu = L.cu_seqlens.long()
-        lens = cu.diff()
-        B = len(lens)
+        lens, B = cu.diff(), len(cu) - 1
         sample = torch.repeat_interleave(torch.arange(B, device=dev), lens)
-        noise = L.span_mode == NOISE
-        hi = torch.where(L.span_mode == CAUSAL, idx, L.span_end - 1)
+        noise, hi = L.noise, L.last_key()
         tok_noise = torch.where(noise, idx, BIG)
         next_noise = tok_noise.flip(0).cummin(0).values.flip(0)  # first noise token at or after j
         next_clean = torch.where(noise, BIG, idx).flip(0).cummin(0).values.flip(0)
@@ -896,12 +800,9 @@ class Plan:
         c_noise = torch.where(next_noise[c_first] <= c_last, next_noise[c_first], BIG) if len(c_first) else c_first
         rel_hi = hi - L.sample_start
         n_vis = torch.where(rel_hi >= kernel_size - 1, (rel_hi - kernel_size + 1) // kernel_stride + 1, 0)
-        self.c_klo = ccu[sample]  # the first compressed key of each token's sample
+        self.c_klo, self.c_count = ccu[sample], nc[sample]  # the first compressed key of each token's sample, how many
         self.c_khi = self.c_klo + torch.minimum(n_vis, nc[sample])
-        self.c_count = nc[sample]  # and how many it has
-        self.rel = idx - L.sample_start
-        self.c_noise = c_noise
-        self.ccu = ccu
+        self.rel, self.c_noise, self.ccu = idx - L.sample_start, c_noise, ccu
         # sliding window: keys [w_lo, w_hi)
         hi_w = torch.minimum(hi, torch.maximum(idx + window_size // 2, L.sample_start + window_size))
         self.w_lo = torch.maximum(L.sample_start, hi_w - window_size)
@@ -917,22 +818,26 @@ class Plan:
         self.last_block = (hi - L.sample_start) // block_size  # the last block (in its sample) a query can see
         self.max_len = int(lens.max())
         self.num_blocks = -(-self.max_len // block_size)
-        self.cu, self.hi, self.nlo, self.tok_noise, self.N, self.B = cu, hi, L.span_start, tok_noise, N, B
-        self.block_size = block_size
-        self.num_blocks_total = len(self.b_first)
+        self.cu, self.hi, self.nlo, self.tok_noise, self.B = cu, hi, L.span_start, tok_noise, B
+        self.block_size, self.num_blocks_total = block_size, len(self.b_first)
         self._cache = {}  # per-pack launch data, filled on first use (key_tiles, band_stats, topk_groups)
         for name in ["window_starts", "c_klo", "c_khi", "c_count", "rel", "c_noise", "ccu", "w_lo", "w_hi", "bcu",
                      "b_first", "b_end", "b_clean", "cu", "hi", "nlo", "tok_noise", "last_block"]:
             setattr(self, name, _i32(getattr(self, name)))
 
-
     def key_tiles(self, klo, khi, nk, BQ, BK, n_kv):
-        """Cached per pack (shared by all layers): _key_tile_ranges, and how many query tiles QC one dk/dv program
-        takes and the number of such chunks: about 8 waves of programs over the GPU's multiprocessors, so that
-        short packs and the causal staircase still fill it."""
+        """Cached per pack (shared by all layers): for each key tile, the hull [lo, hi) of query tiles with a row whose
+        key range meets it; how many query tiles QC one dk/dv program takes, and the number of such chunks: about 8
+        waves of programs over the GPU's multiprocessors, so that short packs and the causal staircase fill it."""
         key = (klo.data_ptr(), nk, BQ, BK, n_kv)
         if key not in self._cache:
-            lo, hi = _key_tile_ranges(klo, khi, nk, BQ, BK)
+            N, T, live = klo.numel(), -(-klo.numel() // BQ), khi > klo
+            lo = F.pad(torch.where(live, klo, BIG), (0, T * BQ - N), value=BIG).view(T, BQ).amin(1)
+            hi = F.pad(torch.where(live, khi, 0), (0, T * BQ - N), value=0).view(T, BQ).amax(1)
+            k0 = torch.arange(-(-nk // BK), device=klo.device) * BK
+            meet = (lo[None, :] < k0[:, None] + BK) & (hi[None, :] > k0[:, None])
+            lo = _i32(torch.where(meet.any(1), meet.int().argmax(1), 0))
+            hi = _i32(torch.where(meet.any(1), T - meet.flip(1).int().argmax(1), 0))
             span = (hi - lo).clamp(min=0)
             sms = 4 if INTERPRET else torch.cuda.get_device_properties(klo.device).multi_processor_count
             qc = max(2, min(64, -(-int(span.sum()) * n_kv // (8 * sms))))
@@ -971,28 +876,11 @@ class Plan:
         return self._cache[key]
 
 
-def get_plan(layout: SpanLayout, cfg):
+def get_plan(layout, pattern):
     """The Plan of a pack, built once and kept on the layout: every layer of a forward shares it."""
-    key = (cfg["kernel_size"], cfg["kernel_stride"], cfg["block_size"], cfg["window_size"])
+    key = (pattern["kernel_size"], pattern["kernel_stride"], pattern["block_size"], pattern["window_size"])
     plans = layout.__dict__.setdefault("_nsa_plans", {})
-    if key not in plans:
-        plans[key] = Plan(layout, *key)
-    return plans[key]
-
-
-def _key_tile_ranges(klo, khi, nk, BQ, BK):
-    """For each key tile, the hull [lo, hi) of query tiles with a row whose key range meets the tile."""
-    N = klo.numel()
-    T = -(-N // BQ)
-    live = khi > klo
-    lo = F.pad(torch.where(live, klo, BIG), (0, T * BQ - N), value=BIG).view(T, BQ).amin(1)
-    hi = F.pad(torch.where(live, khi, 0), (0, T * BQ - N), value=0).view(T, BQ).amax(1)
-    k0 = torch.arange(-(-nk // BK), device=klo.device) * BK
-    meet = (lo[None, :] < k0[:, None] + BK) & (hi[None, :] > k0[:, None])
-    any_ = meet.any(1)
-    first = meet.int().argmax(1)
-    last = T - meet.flip(1).int().argmax(1)
-    return _i32(torch.where(any_, first, 0)), _i32(torch.where(any_, last, 0))
+    return plans[key] if key in plans else plans.setdefault(key, Plan(layout, *key))
 
 
 class _Pool(torch.autograd.Function):
@@ -1002,8 +890,7 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, plan, kernel_stride):
         x = x.contiguous()
-        L, H, D = x.shape
-        NC = plan.window_starts.numel()
+        (L, H, D), NC = x.shape, plan.window_starts.numel()
         out = x.new_empty(NC, H, D)
         ctx.save_for_backward(x, w)
         ctx.plan, ctx.stride = plan, kernel_stride
@@ -1014,11 +901,8 @@ class _Pool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, w = ctx.saved_tensors
-        plan = ctx.plan
-        L, H, D = x.shape
-        NC = dout.shape[0]
-        dout = dout.contiguous()
+        (x, w), plan, dout = ctx.saved_tensors, ctx.plan, dout.contiguous()
+        (L, H, D), NC = x.shape, dout.shape[0]
         dx = torch.zeros_like(x) if NC == 0 else torch.empty_like(x)
         dw = None
         if NC:
@@ -1184,12 +1068,12 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=True)
 
 
-def _branches_forward(q, k, v, ck, cv, plan, cfg, scale):
+def _branches_forward(q, k, v, ck, cv, plan, pattern, scale):
     """The three branches' outputs, with what their backward needs."""
     o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp", plan)
-    score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], cfg["kernel_stride"], cfg["kernel_size"],
-                                cfg["block_size"], cfg["init_blocks"], cfg["local_blocks"])
-    idx = select_blocks_triton(score, cfg["topk"], plan)
+    score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], pattern["kernel_stride"], pattern["kernel_size"],
+                                pattern["block_size"], pattern["init_blocks"], pattern["local_blocks"])
+    idx = select_blocks_triton(score, pattern["topk"], plan)
     o_slc, lse_slc, slc_state = _selected_forward(q, k, v, idx, plan, scale)
     o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa", plan)
     return (o_cmp, o_slc, o_swa), (lse_cmp, lse_slc, lse_swa), slc_state
@@ -1200,9 +1084,9 @@ class _NSAAttention(torch.autograd.Function):
     output gradients and softmax deltas in one pass (_gate_bwd), and the branches add into shared dq, dk, dv."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ck, cv, gate, plan, cfg, scale):
+    def forward(ctx, q, k, v, ck, cv, gate, plan, pattern, scale):
         q, k, v, ck, cv, gate = (t.contiguous() for t in (q, k, v, ck, cv, gate))
-        outs, lses, slc_state = _branches_forward(q, k, v, ck, cv, plan, cfg, scale)
+        outs, lses, slc_state = _branches_forward(q, k, v, ck, cv, plan, pattern, scale)
         N, H, D = q.shape
         o = torch.empty_like(q)
         _gate_fwd[(triton.cdiv(N * H, 16),)](gate, *outs, o, N * H, D=D, BD=_bd(D), BR=16)
@@ -1221,8 +1105,7 @@ class _NSAAttention(torch.autograd.Function):
         _gate_bwd[(triton.cdiv(N * H, 16),)](gate, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, do, dgate, lse_g,
                                              delta, N * H, N, H, D=D, BD=_bd(D), BR=16)
         dq = torch.empty_like(q)
-        dk, dv = (torch.zeros(k.shape, device=q.device, dtype=torch.float32) for _ in range(2))
-        dck, dcv = (torch.zeros(ck.shape, device=q.device, dtype=torch.float32) for _ in range(2))
+        dk, dv, dck, dcv = (torch.zeros(t.shape, device=q.device, dtype=torch.float32) for t in (k, v, ck, cv))
         _selected_backward(q, k, v, do, lse_g[1], delta[1], slc_state, plan, scale, dq, dk, dv)
         _band_backward(q, ck, cv, do, lse_g[0], delta[0], plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale,
                        "cmp", plan, dq, dck, dcv)
@@ -1246,8 +1129,8 @@ class NSA(torch.nn.Module):
         assert num_heads % num_kv_heads == 0 and kernel_size % kernel_stride == 0 and block_size % kernel_stride == 0
         assert topk >= init_blocks + local_blocks, "topk must cover the forced blocks"
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.cfg = dict(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, topk=topk,
-                        init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size)
+        self.pattern = dict(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, topk=topk,
+                            init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size)
         self.compress_type = compress_type
         self.backend = backend  # None: triton on CUDA, torch elsewhere; or force "torch" / "triton"
         shape = {"weightedpool": (num_kv_heads, kernel_size),
@@ -1261,21 +1144,30 @@ class NSA(torch.nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Near-dense start: key pooling = mean, value pooling = 0 (o_cmp = 0), pe = 0, every gate 0.5."""
+        """Near-dense start: key pooling = mean (selection scores mean something), value pooling = 0 (o_cmp = 0),
+        pe = 0, every gate 0.5. Then o = (o_slc + o_swa) / 2: dense attention exactly on samples the window and the
+        top-k blocks cover (at most min(window_size + 1, topk * block_size) tokens; tested)."""
         if self.compress_type == "weightedpool":
-            self.compress_key.fill_(1.0 / self.cfg["kernel_size"])
+            self.compress_key.fill_(1.0 / self.pattern["kernel_size"])
             self.compress_value.zero_()
         elif self.compress_type == "linear":
-            l, D = self.cfg["kernel_size"], self.head_dim
+            l, D = self.pattern["kernel_size"], self.head_dim
             self.compress_key.copy_(torch.eye(D).repeat(l, 1).expand(self.num_kv_heads, l * D, D) / l)
             self.compress_value.zero_()
         self.intra_block_pe.zero_()
         self.gate.weight.zero_()
 
-    def forward(self, x, q, k, v, layout: SpanLayout, rope, position_ids=None):
-        """x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k before RoPE;
-        rope(t, positions) rotates a [n, H, D] tensor; position_ids [L] (default: index within the sample)."""
-        c = self.cfg
+    def forward(self, h, q, k, v, ctx):
+        """The decoder layer's attention interface (model.DenseAttention's): rows in the layer's order, q and k before
+        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order."""
+        w = ctx.where
+        return self.attend(h[w], q[w], k[w], v[w], ctx.layout, ctx.rotate, ctx.positions)[ctx.order]
+
+    def attend(self, x, q, k, v, layout, rope, position_ids=None):
+        """In pack order: x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k
+        before RoPE; layout the pack's model.SpanLayout; rope(t, positions) rotates a [n, H, D] tensor; position_ids
+        [L] (default: index within the sample)."""
+        c = self.pattern
         L = layout.sample_start.numel()
         H, KH, D = self.num_heads, self.num_kv_heads, self.head_dim
         if q.shape != (L, H, D) or k.shape != (L, KH, D) or v.shape != (L, KH, D) or x.shape[0] != L:
@@ -1304,278 +1196,3 @@ class NSA(torch.nn.Module):
         o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
         g = gate_values(x, self.gate.weight, self.num_heads).to(o_cmp.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
-
-
-def nsa_triton(q, k, v, ck, cv, layout, cfg, scale, plan=None):
-    """Kernel twin of nsa_reference: (o_cmp, o_slc, o_swa), forward only."""
-    plan = plan or get_plan(layout, cfg)
-    with torch.no_grad():
-        q, k, v, ck, cv = (t.contiguous() for t in (q, k, v, ck, cv))
-        return _branches_forward(q, k, v, ck, cv, plan, cfg, scale)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# `python nsa.py [check | init | bench | breakdown | sweep | all]` (GPU): bf16 kernels vs the fp32 reference,
-# step-0 closeness to dense attention, timings against dense causal SDPA (flash backend), per-stage timings and a
-# tile sweep. BAGEL heads: 28 query / 4 KV, head_dim 128.
-
-def _rope(t, pos):
-    """Qwen2's RoPE (theta 1e6), as the model applies it."""
-    return Rotary(t.shape[-1], 1e6, pos, t.dtype)(t)
-
-
-def _inputs(N, H=28, KH=4, D=128, hidden=3584, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(N, hidden, device="cuda", generator=g, dtype=dtype)
-    q, k, v = (torch.randn(N, h, D, device="cuda", generator=g, dtype=dtype) for h in (H, KH, KH))
-    return x, q, k, v
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-CHECKS = [  # (sample lens, span lens, span modes, NSA config): the packs and configs `python nsa.py check` runs
-    ([1500, 700], [300, 256, 200, 400, 344, 100, 256, 344],
-     ["causal", "full", "causal", "noise", "causal", "causal", "full", "causal"], {}),
-    # a long sample beside many short ones (shorter than the kernel, the block, one and two blocks), spans of all kinds
-    ([2600, 5, 17, 31, 33, 64, 65, 100, 700], [600, 1024, 976, 5, 17, 31, 33, 64, 65, 100, 62, 512, 126],
-     ["causal", "noise", "causal", "causal", "full", "causal", "noise", "causal", "causal", "causal", "causal", "full",
-      "causal"], dict(compress_type="avgpool")),
-    # another config: smaller blocks and kernels, more init and fewer local blocks, a short window, linear compression
-    ([2500, 1200], [900, 600, 1000, 1200], ["causal", "full", "causal", "causal"],
-     dict(block_size=32, kernel_size=16, kernel_stride=8, topk=8, init_blocks=2, local_blocks=1, window_size=128,
-          compress_type="linear")),
-]
-
-
-def _compare(name, pairs, bound=3e-2):
-    """Print the relative error of each (label, kernels' result, reference) and return the worst."""
-    worst = 0.0
-    for label, tri, ref in pairs:
-        err = _rel(tri, ref)
-        worst = max(worst, err)
-        print(f"check {name:10s} bf16 triton vs fp32 reference  {label:24s} rel err {err:.2e}")
-    return worst
-
-
-def _check_module(sample_lens, span_lens, modes, cfg):
-    """The whole module (compression kernels, RoPE, gate projection, attention) in bf16 against the torch backend
-    in fp32 on the same inputs: outputs and every gradient."""
-    H, KH, D = 28, 4, 128
-    torch.manual_seed(0)
-    layout = span_layout(sample_lens, span_lens, modes, device="cuda")
-    x, q, k, v = _inputs(sum(sample_lens), hidden=256)
-    do = torch.randn_like(q)
-    m = NSA(256, H, KH, D, **cfg).cuda()
-    with torch.no_grad():  # trained-looking parameters rather than the near-dense init
-        m.compress_key.normal_(1 / 32, 0.02)
-        m.compress_value.normal_(1 / 32, 0.02)
-        m.intra_block_pe.normal_(0, 0.1)
-        m.gate.weight.normal_(0, 0.05)
-    res = {}
-    for backend, dtype in (("torch", torch.float32), ("triton", torch.bfloat16)):
-        m.backend = backend
-        m.zero_grad()
-        leaves = [t.to(dtype).clone().requires_grad_() for t in (x, q, k, v)]
-        mm = m.to(dtype)
-        o = mm(*leaves, layout, _rope)
-        (o * do.to(dtype)).sum().backward()
-        res[backend] = [("o", o)] + [("d" + n, t.grad) for n, t in zip("xqkv", leaves)] + \
-                       [("d" + n, p.grad.clone()) for n, p in mm.named_parameters()]
-    # with the pack's plan built, a layer's forward and backward never wait for the GPU: a host sync in every layer
-    # would drain the launch queue at each one
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fresh = [t.detach().clone().requires_grad_() for t in leaves]  # the compared grads stay as they are
-        (m(*fresh, layout, _rope) * do.to(dtype)).sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    print("check module   no host sync in forward and backward")
-    return _compare("module", [(a, t, r) for (a, r), (_, t) in zip(res["torch"], res["triton"])])
-
-
-def _check_op(case, sample_lens, span_lens, modes, cfg):
-    """The attention op (three branches and the gated sum) in bf16 against nsa_reference in fp32 on the same bf16
-    q, k, v, compressed keys/values and gates: outputs and the gradients of all six. Both sides see the same
-    compressed keys, so that block selection does not flip on near-ties between bf16 and fp32 compression (the module
-    check above, fed one rounding apart, flips a few queries' blocks on such packs)."""
-    H, KH, D = 28, 4, 128
-    cfg = NSA(1, H, KH, D, **cfg).cfg  # the module's defaults filled in
-    layout = span_layout(sample_lens, span_lens, modes, device="cuda")
-    N = sum(sample_lens)
-    _, q, k, v = _inputs(N, hidden=16, seed=case)
-    g = torch.Generator(device="cuda").manual_seed(case)
-    w = torch.randn(KH, cfg["kernel_size"], device="cuda", generator=g) * 0.02 + 1 / cfg["kernel_size"]
-    args = (layout.cu_seqlens, cfg["kernel_size"], cfg["kernel_stride"], "weightedpool")
-    ck, cv = (compress(t.float(), w, *args).to(torch.bfloat16) for t in (k, v))
-    gate = torch.rand(N, H, 3, device="cuda", generator=g).to(torch.bfloat16)
-    do = torch.randn(q.shape, device="cuda", generator=g).to(torch.bfloat16)
-    scale = D ** -0.5
-    tri = [t.clone().requires_grad_() for t in (q, k, v, ck, cv, gate)]
-    o_t = _NSAAttention.apply(*tri, get_plan(layout, cfg), cfg, scale)
-    o_t.backward(do)
-    ref = [t.float().requires_grad_() for t in (q, k, v, ck, cv, gate)]
-    branches = nsa_reference(*ref[:5], layout, cfg, scale)
-    o_r = sum(ref[5][..., b:b + 1] * o for b, o in enumerate(branches))
-    o_r.backward(do.float())
-    return _compare(f"op {case}", [("o", o_t, o_r)] + [("d" + n, t.grad, r.grad) for n, t, r in
-                                                        zip(("q", "k", "v", "ck", "cv", "gate"), tri, ref)])
-
-
-def check():
-    """bf16 kernels vs the fp32 torch reference: the whole module on CHECKS[0], the attention op on every pack and
-    config of CHECKS."""
-    worst = _check_module(*CHECKS[0])
-    for case, spec in enumerate(CHECKS):
-        worst = max(worst, _check_op(case, *spec))
-        torch.cuda.empty_cache()
-    assert worst < 3e-2, f"bf16 kernels disagree with the reference (worst rel err {worst:.2e})"
-    print("check OK")
-
-
-def init_closeness():
-    """Step-0 NSA (near-dense init) vs dense attention with the exact mask, random bf16 inputs."""
-    H, KH, D = 28, 4, 128
-    for N in (513, 2048, 4096, 16384):
-        layout = span_layout([N], [N], ["causal"], device="cuda")
-        x, q, k, v = _inputs(N, hidden=256)
-        m = NSA(256, H, KH, D).cuda().to(torch.bfloat16)
-        with torch.no_grad():
-            o = m(x, q, k, v, layout, lambda t, p: t)
-            dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                   is_causal=True, enable_gqa=True).transpose(0, 1)
-        print(f"init: causal N={N:6d}  rel err vs dense {_rel(o, dense):.3e}")
-    lens = [300, 1000, 300, 448]  # text, image (full), text, noised latents: sample of 2048
-    layout = span_layout([2048], lens, ["causal", "full", "causal", "noise"], device="cuda")
-    x, q, k, v = _inputs(2048, hidden=256)
-    mask = dense_mask(layout)
-    with torch.no_grad():
-        o = NSA(256, H, KH, D).cuda().to(torch.bfloat16)(x, q, k, v, layout, lambda t, p: t)
-        dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=mask, enable_gqa=True).transpose(0, 1)
-    print(f"init: spans {lens}  rel err vs dense {_rel(o, dense):.3e}")
-
-
-def _module_case(N):
-    """A BAGEL-width NSA layer on one causal sample of N tokens: (dense fwd+bwd, NSA fwd, NSA fwd+bwd) closures."""
-    H, KH, D = 28, 4, 128
-    layout = span_layout([N], [N], ["causal"], device="cuda")
-    x, q, k, v = _inputs(N, hidden=3584)
-    m = NSA(3584, H, KH, D).cuda().to(torch.bfloat16)
-    with torch.no_grad():  # trained-looking compression so that selection is score-driven
-        m.compress_key.normal_(1 / 32, 0.02)
-        m.compress_value.normal_(1 / 32, 0.02)
-    leaves = [t.detach().requires_grad_() for t in (x, q, k, v)]
-    qt, kt, vt = (t.detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v))
-    do = torch.randn_like(q)
-
-    # gradients through torch.autograd.grad on both sides: no .grad accumulation (an extra read-add-write of every
-    # gradient that a training step's first backward does not pay) is timed
-    def dense_fb():  # SDPA's own choice of backend (cuDNN on an H100), GQA native
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        torch.autograd.grad(o, (qt, kt, vt), do.transpose(0, 1)[None])
-
-    def nsa_fwd():
-        with torch.no_grad():
-            return m(*leaves, layout, lambda t, p: t)
-
-    def nsa_fb():
-        torch.autograd.grad(m(*leaves, layout, lambda t, p: t), leaves + list(m.parameters()), do)
-
-    return dense_fb, nsa_fwd, nsa_fb
-
-
-def bench(lengths=(4096, 8192, 16384, 32768, 65536)):
-    """NSA (the whole module minus the q/k/v/o projections) vs dense causal SDPA, fwd+bwd."""
-    from triton.testing import do_bench
-    rows = []
-    for N in lengths:
-        t = [do_bench(f, warmup=50, rep=300, return_mode="median") for f in _module_case(N)]
-        rows.append((N, *t))
-        print(f"bench N={N:6d} dense fwd+bwd {t[0]:8.2f} | nsa fwd {t[1]:8.2f} fwd+bwd {t[2]:8.2f} "
-              f"| speedup fwd+bwd {t[0] / t[2]:.2f}x", flush=True)
-        torch.cuda.empty_cache()
-    print("\n| tokens | dense fwd+bwd ms | NSA fwd ms | NSA fwd+bwd ms | fwd+bwd speedup |")
-    print("|---|---|---|---|---|")
-    for N, a, b, c in rows:
-        print(f"| {N} | {a:.2f} | {b:.2f} | {c:.2f} | {a / c:.2f}x |")
-
-
-def breakdown(N=65536):
-    """GPU time per kernel launch of one NSA fwd+bwd (torch.profiler, mean of 5); a kernel launched more than once
-    per step is listed per launch in step order (band kernels: #0 compressed, #1 window)."""
-    from torch.profiler import ProfilerActivity, profile
-    _, _, nsa_fb = _module_case(N)
-    for _ in range(3):
-        nsa_fb()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            nsa_fb()
-        torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
-    launches = {}
-    for e in kernels:
-        launches.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
-    rows = []
-    for name, ms in launches.items():
-        per_step = max(1, len(ms) // 5)
-        for i in range(per_step):
-            rows.append((sum(ms[i::per_step]) / 5, name[:60] + (f" #{i}" if per_step > 1 else "")))
-    for ms, name in sorted(rows, reverse=True):
-        if ms > 0.01:
-            print(f"breakdown N={N} {name:66s} {ms:8.3f} ms")
-    print(f"breakdown N={N} total kernel time {sum(ms for ms, _ in rows):.2f} ms", flush=True)
-
-
-SWEEP = {  # tile options tried by `python nsa.py sweep`, one kernel at a time, the others at their defaults
-    "cmp_fwd": [[128, 64, 8, 3, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [128, 64, 8, 2, True],
-                [128, 64, 8, 3, True], [128, 64, 8, 4, False]],
-    "cmp_dq": [[64, 64, 4, 2, True], [128, 64, 8, 2, True], [128, 64, 8, 3, True], [64, 64, 4, 3, True]],
-    "cmp_dkdv": [[64, 128, 8, 3, False], [32, 128, 8, 3, True], [64, 128, 8, 2, True], [64, 64, 4, 2, True],
-                 [64, 128, 8, 3, True], [64, 128, 8, 4, False], [128, 128, 8, 2, False]],
-    "swa_fwd": [[64, 64, 4, 2, False], [128, 64, 8, 2, False], [128, 128, 8, 2, False], [64, 128, 4, 2, False],
-                [64, 64, 4, 3, False], [64, 64, 4, 2, True]],
-    "swa_dq": [[64, 64, 4, 2, False], [64, 64, 4, 2, True], [128, 64, 8, 2, False], [64, 128, 8, 2, False],
-               [64, 64, 4, 3, False]],
-    "swa_dkdv": [[32, 64, 4, 3, False], [64, 64, 4, 3, False], [64, 128, 8, 3, False], [32, 128, 8, 3, False],
-                 [64, 64, 8, 2, False]],
-    "topk": [[1024, 1, 64, 32], [2048, 1, 64, 32], [4096, 2, 64, 32], [1024, 1, 64, 16], [1024, 1, 64, 64],
-             [2048, 2, 64, 32], [512, 1, 64, 32]],
-    "score": [[64, 4, 16, True], [64, 4, 16, False], [64, 8, 16, True], [128, 8, 16, True], [64, 4, 32, True]],
-    "slc": [[64, 4, 3], [64, 4, 2], [64, 8, 3], [64, 8, 2], [32, 4, 3], [128, 8, 2]],
-    "slc_bwd": [[128, 8, 2], [128, 8, 1], [64, 8, 2], [64, 4, 2], [64, 4, 3]],
-    "slc_chunk": [1024, 512, 2048],
-}
-
-
-def sweep(N=65536, names=tuple(SWEEP)):
-    """Module fwd+bwd ms for each tile option in SWEEP (via NSA_TILES) of the kernels named."""
-    from triton.testing import do_bench
-    _, _, nsa_fb = _module_case(N)
-    for name in names:
-        options = SWEEP[name]
-        for opt in options:
-            os.environ["NSA_TILES"] = json.dumps({name: opt})
-            try:
-                t = do_bench(nsa_fb, warmup=100, rep=500, return_mode="median")
-                print(f"sweep N={N} {name:10s} {str(opt):18s} {t:8.2f} ms", flush=True)
-            except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
-                print(f"sweep N={N} {name:10s} {str(opt):18s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
-    os.environ.pop("NSA_TILES")
-
-
-if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if what in ("check", "all"):
-        check()
-    if what in ("init", "all"):
-        init_closeness()
-    if what == "sweep":
-        sweep(int(sys.argv[2]) if len(sys.argv) > 2 else 65536, sys.argv[3].split(",") if len(sys.argv) > 3 else SWEEP)
-    if what in ("bench", "all"):
-        bench()
-    if what in ("breakdown", "all"):
-        breakdown(16384)
-        breakdown(65536)

@@ -5,7 +5,7 @@
     python sample.py --ckpt BAGEL-7B --prompt "make the sky pink" --image in.png --out edit.png
     python sample.py --ckpt BAGEL-7B --prompt "What is in the picture?" --image in.png --understand
 
-Inference follows the official BAGEL inferencer (notes in /work/shared/reference/bagel_official.md §9):
+Inference follows the official BAGEL inferencer (Bagel's inferencer.py):
   1. KV cache: context items (text causal; an input image as clean VAE latents at t = 0 through the generation
      expert, then as ViT tokens; each image one position id) are prefilled once; new tokens see all of them.
   2. Images: Euler steps of the flow from t = 1 (noise) to 0 (data) on shifted timesteps, with classifier-free
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from model import Context, Rotary, dense_mask, expert_order, sdpa, span_layout, unpatchify
+from model import PackAttention, Rotary, expert_order, sdpa, span_layout, unpatchify
 
 # Official inference settings (app.py / inference.ipynb). Editing also guides with the source image.
 T2I = dict(num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
@@ -69,7 +69,7 @@ def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
             if keep:
                 cache.k[i], cache.v[i] = k, v
             return sdpa(q, k, v, mask)
-        x = layer(x, n_und, Context(rope, attend))
+        x = layer(x, n_und, PackAttention(rope, attend))
     return model.final_norm(x, n_und)[where]
 
 
@@ -87,7 +87,7 @@ def prefill(model, cache, items, special):
     x, _ = model.embed(pack, 1.0)  # clean latents: t = 0
     is_gen = torch.zeros(pack.num_tokens, dtype=torch.bool, device=device)
     is_gen[pack.vae_indexes] = True
-    mask = dense_mask(span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device))
+    mask = span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device).dense_mask()
     positions = pack.position_ids + cache.pos
     h = run_tokens(model, cache, x, is_gen, positions, mask, keep=True)
     cache.pos = int(positions.max()) + 1  # text advances by one per token, an image by one

@@ -17,9 +17,8 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -83,7 +82,7 @@ DEFAULTS = dict(
 
 def load_config(argv):
     """DEFAULTS <- config file (plain Python) <- --key=value overrides, each checked against the defaults' type."""
-    cfg = dict(DEFAULTS)
+    config = dict(DEFAULTS)
     args = list(argv)
     if args and not args[0].startswith("--"):
         path = args.pop(0)
@@ -95,13 +94,13 @@ def load_config(argv):
         for key, value in scope.items():
             if key.startswith("_") or callable(value) or isinstance(value, type(sys)):
                 continue
-            set_key(cfg, key, value, path)
+            set_key(config, key, value, path)
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         key, text = arg[2:].split("=", 1)
-        set_key(cfg, key, literal(text), "command line")
-    return cfg
+        set_key(config, key, literal(text), "command line")
+    return config
 
 
 def literal(text):
@@ -112,7 +111,7 @@ def literal(text):
         return text
 
 
-def set_key(cfg, key, value, where):
+def set_key(config, key, value, where):
     if key not in DEFAULTS:
         raise SystemExit(f"{where}: unknown config key {key!r}")
     want = type(DEFAULTS[key])
@@ -120,7 +119,7 @@ def set_key(cfg, key, value, where):
         value = float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r}")
-    cfg[key] = value
+    config[key] = value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,25 +157,24 @@ def all_sum(values, device):
 # ----------------------------------------------------------------------------------------------
 # What trains
 
-def trainable_mask(names, cfg):
+def trainable_mask(names, config):
     """{param name: trains?} from the freeze switches and patterns."""
-    frozen = list(cfg["freeze"])
-    if cfg["freeze_vit"] or not cfg["visual_und"]:
+    frozen = list(config["freeze"])
+    if config["freeze_vit"] or not config["visual_und"]:
         frozen += ["vit.*"]
-    if cfg["freeze_connector"] or not cfg["visual_und"]:
+    if config["freeze_connector"] or not config["visual_und"]:
         frozen += ["connector.*"]
-    if cfg["freeze_llm"]:
+    if config["freeze_llm"]:
         frozen += ["embed_tokens.*", "layers.*", "norm_und.*", "norm_gen.*", "lm_head.*"]
-    if not cfg["visual_gen"]:
+    if not config["visual_gen"]:
         frozen += ["layers.*.gen.*", "norm_gen.*", "time_embedder.*", "vae2llm.*", "llm2vae.*"]
     train = {}
     for name in names:
-        clean = name.replace("_checkpoint_wrapped_module.", "")
-        ok = not any(fnmatch(clean, p) for p in frozen)
-        if cfg["train_only"]:
-            ok = ok and any(fnmatch(clean, p) for p in cfg["train_only"])
-        if cfg["lora_targets"]:  # LoRA: every base weight frozen
-            ok = ".lora_A." in clean or ".lora_B." in clean
+        ok = not any(fnmatch(name, p) for p in frozen)
+        if config["train_only"]:
+            ok = ok and any(fnmatch(name, p) for p in config["train_only"])
+        if config["lora_targets"]:  # LoRA: every base weight frozen
+            ok = ".lora_A." in name or ".lora_B." in name
         train[name] = ok
     return train
 
@@ -264,7 +262,7 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(ckpt_dir, step, model, opt, ema, extra, cfg, rank, world, keep):
+def save_checkpoint(ckpt_dir, step, model, opt, ema, extra, config, rank, world, keep):
     final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -277,7 +275,7 @@ def save_checkpoint(ckpt_dir, step, model, opt, ema, extra, cfg, rank, world, ke
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump({"step": step, "world_size": world, "config": cfg}, f, indent=1, default=str)
+            json.dump({"step": step, "world_size": world, "config": config}, f, indent=1, default=str)
         os.replace(tmp, final)
         with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
@@ -313,139 +311,188 @@ def load_checkpoint(path, model, opt, ema, rank, world):
 
 
 # ----------------------------------------------------------------------------------------------
-# Main
+# Build: the FSDP2 recipe as named steps (torchtitan's order): setup -> model (meta) -> shard -> weights ->
+# optimiser and EMA. Each returns what the next needs; `Run` holds what the loop needs.
 
-def build(cfg):
+@dataclass
+class Run:
+    config: dict                  # the resolved training config (DEFAULTS <- file <- overrides)
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype            # compute dtype (parameters stay fp32 masters)
+    log: object                   # print on rank 0, silent elsewhere
+    model: M.Bagel                # FSDP2-sharded
+    vae: torch.nn.Module          # frozen, replicated, compute dtype
+    model_cfg: M.BagelConfig
+    tokenizer: data.TextTokenizer
+    params: list                  # the trainable parameters, in model order
+    param_names: list             # and their names
+    groups: dict                  # which weight groups train (for pack_flops)
+    opt: torch.optim.Optimizer
+    ema: dict                     # {name: sharded fp32 EMA} of the trainable parameters; {} without EMA
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def build(config):
     """Everything a training step needs, as the distributed recipe makes it (also used by bench.py)."""
-    rank, world, device, mesh = setup_distributed(cfg["device"])
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    rank, world, device, mesh = setup_distributed(config["device"])
+    log = print if rank == 0 else (lambda *a, **k: None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
-    torch.manual_seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
+             "bf16": torch.bfloat16, "fp32": torch.float32}[config["dtype"]]
+    torch.manual_seed(config["seed"] + rank)
+    random.seed(config["seed"] + rank)
+    model_cfg, fresh = model_config(config, rank == 0, device)
+    tokenizer = load_tokenizer(config, model_cfg)
+    log(json.dumps(config, indent=1, default=str))
+    log(model_cfg)
+    model = meta_model(config, model_cfg, log)
+    shard(model, mesh, dtype, config)
+    vae = load_weights(model, model_cfg, config, fresh, device, log)
+    vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, used under no_grad
+    trains = trainable_mask([n for n, _ in model.named_parameters()], config)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains[name])
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
+        f"trainable), world {world}, device {device}, compute {dtype}")
+    opt, ema = optimizer_and_ema(model, params, config, device)
+    return Run(config, rank, world, device, dtype, log, model, vae, model_cfg, tokenizer, params, param_names,
+               weight_groups(trains), opt, ema)
 
-    # --- model config and tokenizer. Initial weights: from init_from, every rank reads only its own shards from
-    # the memory-mapped files (convert.load_into_sharded); a fresh init on GPUs runs sharded (DTensor's random
-    # ops); a fresh init on CPUs is made on rank 0 and broadcast, so it is the same whatever the world size. ---
-    initial = [None, None, None]  # rank 0, fresh CPU init: (model, vae, config)
-    fresh_on_device = not cfg["init_from"] and device.type == "cuda"
-    if cfg["init_from"]:
-        initial[2] = convert.checkpoint_config(cfg["init_from"])
+
+def model_config(config, master, device):
+    """The BagelConfig (from init_from's folder, or the preset with model_args), the same on every rank; and, for a
+    fresh CPU init, rank 0's freshly initialised (model, vae), broadcast later so that the initial weights are the
+    same whatever the world size (a fresh init on GPUs runs sharded, through DTensor's random ops)."""
+    cfg, fresh = None, None
+    if config["init_from"]:
+        cfg = convert.checkpoint_config(config["init_from"])
     elif master:
-        base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[cfg["model"]]()
-        initial[2] = M.BagelConfig(**{**asdict(base), **cfg["model_args"]})
-        initial[1] = M.build_vae(initial[2])
-        if not fresh_on_device:
-            initial[0] = M.Bagel(initial[2])
-            initial[0].init_weights()
-    shared = [initial[2]]
+        base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[config["model"]]()
+        cfg = M.BagelConfig(**{**asdict(base), **config["model_args"]})
+        if device.type != "cuda":
+            fresh = (M.Bagel(cfg), M.build_vae(cfg))
+            fresh[0].init_weights()
+    shared = [cfg]
     dist.broadcast_object_list(shared, src=0)
-    model_cfg = M.BagelConfig(**{**asdict(shared[0]), **cfg["model_args"], "freeze_und": cfg["freeze_und"]})
-    tok_dir = cfg["tokenizer"] or cfg["init_from"]
-    tokenizer = data.load_tokenizer(tok_dir) if tok_dir else data.tiny_tokenizer()
+    return M.BagelConfig(**{**asdict(shared[0]), **config["model_args"], "freeze_und": config["freeze_und"]}), fresh
+
+
+def load_tokenizer(config, model_cfg):
+    folder = config["tokenizer"] or config["init_from"]
+    tokenizer = data.load_tokenizer(folder) if folder else data.tiny_tokenizer()
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise SystemExit(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model_cfg.vocab_size}")
-    log(json.dumps(cfg, indent=1, default=str))
-    log(model_cfg)
+    return tokenizer
 
-    # --- FSDP2: meta init -> activation checkpointing -> shard per block, then root -> to_empty -> load ---
+
+def meta_model(config, model_cfg, log):
+    """The model on the meta device, with LoRA adapters, activation checkpointing and per-layer compile applied."""
     with torch.device("meta"):
         model = M.Bagel(model_cfg)
-    if cfg["lora_targets"]:  # before checkpoint wrapping and sharding: FSDP2 shards the adapters like the rest
-        adapted = M.apply_lora(model, cfg["lora_targets"], cfg["lora_rank"], cfg["lora_alpha"])
-        log(f"LoRA rank {cfg['lora_rank']} alpha {cfg['lora_alpha']} on {len(adapted)} Linear layers")
-    if set(cfg["loss_off_from_step"]) - {"ce", "mse"}:
-        raise SystemExit(f"loss_off_from_step keys must be 'ce' or 'mse', got {list(cfg['loss_off_from_step'])}")
-    if cfg["activation_checkpointing"]:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for blocks in (model.layers, model.vit.layers):
-            for i, block in enumerate(blocks):
-                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    if cfg["compile"]:
-        for block in model.layers:
-            block.compile()
+    if config["lora_targets"]:  # before sharding: FSDP2 shards the adapters like the rest
+        adapted = M.apply_lora(model, config["lora_targets"], config["lora_rank"], config["lora_alpha"])
+        log(f"LoRA rank {config['lora_rank']} alpha {config['lora_alpha']} on {len(adapted)} Linear layers")
+    if config["activation_checkpointing"]:
+        for layer in list(model.layers) + list(model.vit.layers):
+            layer.checkpoint = torch.utils.checkpoint.noop_context_fn
+    if config["compile"]:
+        for layer in model.layers:
+            layer.compile()
+    return model
+
+
+def shard(model, mesh, dtype, config):
+    """FSDP2: every decoder and ViT layer its own unit, then the root; bf16 compute, fp32 gradient reduction."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=cfg["reshard_after_forward"])
-    for block in list(model.layers) + list(model.vit.layers):
-        fully_shard(block, **shard)
-    fully_shard(model, **{**shard, "reshard_after_forward": False})  # the root is needed again at once
-    if device.type == "cpu":  # gloo's AVG reduce-scatter sums (pytorch#162338): force SUM, then divide
+    kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=config["reshard_after_forward"])
+    for layer in list(model.layers) + list(model.vit.layers):
+        fully_shard(layer, **kw)
+    fully_shard(model, **{**kw, "reshard_after_forward": False})  # the root is needed again at once
+    if mesh.device_type == "cpu":  # gloo's AVG reduce-scatter sums (pytorch#162338): force SUM, then divide
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
+
+
+def load_weights(model, model_cfg, config, fresh, device, log):
+    """Materialise the sharded model and fill it: from init_from (every rank reads only its own shards from the
+    memory-mapped files), a fresh init on the GPU (the same seed on every rank), or rank 0's fresh CPU init
+    (broadcast). Returns the VAE, with its weights."""
     model.to_empty(device=device)
     vae = M.build_vae(model_cfg).to(device)
-    if fresh_on_device or cfg["init_from"]:
-        torch.manual_seed(cfg["seed"])  # the same on every rank
+    master = dist.get_rank() == 0
+    if config["init_from"] or device.type == "cuda":
+        torch.manual_seed(config["seed"])
         model.init_weights()
         for m in model.modules():
             if isinstance(m, M.LoRALinear):
                 m.reset_lora()
-        if cfg["init_from"]:  # parameters no checkpoint holds (NSA, LoRA) keep their fresh init
-            fresh = convert.load_into_sharded(model, cfg["init_from"], ema=cfg["init_weights"] == "ema", vae=vae)
-            log(f"loaded {cfg['init_from']} ({cfg['init_weights']} weights); freshly initialised: {len(fresh)}")
+        if config["init_from"]:  # parameters no checkpoint holds (NSA, LoRA) keep their fresh init
+            started = convert.load_into_sharded(model, config["init_from"], ema=config["init_weights"] == "ema",
+                                                vae=vae)
+            log(f"loaded {config['init_from']} ({config['init_weights']} weights); freshly initialised: {len(started)}")
     else:
         model.init_buffers()
-        if master and cfg["lora_targets"]:  # the initial adapters, seeded
+        if master and config["lora_targets"]:  # the initial adapters, seeded
             with torch.random.fork_rng():
-                torch.manual_seed(cfg["seed"])
-                M.apply_lora(initial[0], cfg["lora_targets"], cfg["lora_rank"], cfg["lora_alpha"])
-        full = initial[0].state_dict() if master else {}
+                torch.manual_seed(config["seed"])
+                M.apply_lora(fresh[0], config["lora_targets"], config["lora_rank"], config["lora_alpha"])
+        full = fresh[0].state_dict() if master else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
-    if not cfg["init_from"]:
-        vae_state = [initial[1].state_dict() if master else None]
+    if not config["init_from"]:  # the fresh VAE (the pooled stand-in has no weights), rank 0's
+        vae_state = [(fresh[1] if master and fresh else vae).state_dict()]
         dist.broadcast_object_list(vae_state, src=0)
         vae.load_state_dict(vae_state[0])
-    vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, used under no_grad
-    del initial
+    return vae
 
-    # --- what trains; optimiser with fp32 master weights (FSDP2 keeps the sharded parameters in fp32); EMA ---
-    names = [n for n, _ in model.named_parameters()]
-    trains = trainable_mask(names, cfg)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trains[name])
-    params = [p for p in model.parameters() if p.requires_grad]
-    param_names = [n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad]
-    log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
-        f"trainable), world {world}, device {device}, compute {dtype}")
-    groups = {g: any(trains[n] for n in names
-                     if ".lora_" not in n and fnmatch(n.replace("_checkpoint_wrapped_module.", ""), pat))
+
+def weight_groups(trains):
+    """{"und", "gen", "vit", "connector", "lm_head", "latent", "lora"} -> whether weights of that group train.
+    LoRA: the base weights take no weight gradient, but gradient flows through them (the adapters' own small
+    matmuls are not counted: MFU errs low)."""
+    groups = {g: any(t for n, t in trains.items() if ".lora_" not in n and fnmatch(n, pat))
               for g, pat in [("und", "layers.*.und.*"), ("gen", "layers.*.gen.*"), ("vit", "vit.*"),
                              ("connector", "connector.*"), ("lm_head", "lm_head.*"), ("latent", "vae2llm.*")]}
-    # LoRA: the base weights take no weight gradient, but gradient flows through them (the adapters' own small
-    # matmuls are not counted: MFU errs low)
-    groups["lora"] = any(trains[n] for n in names if ".lora_" in n)
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                            weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
-    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg["ema"] else {}
-    return SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, master=master, log=log,
-                           model=model, vae=vae, model_cfg=model_cfg, tokenizer=tokenizer, params=params,
-                           param_names=param_names, groups=groups, opt=opt, ema=ema)
+    groups["lora"] = any(t for n, t in trains.items() if ".lora_" in n)
+    return groups
 
 
-def lr_at(cfg, step):
-    if step < cfg["warmup_steps"]:
-        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
-    if cfg["lr_schedule"] == "cosine":
-        progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
-        return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg["lr"]
+def optimizer_and_ema(model, params, config, device):
+    """AdamW over the local shards of the trainable parameters (fp32 masters: FSDP2 keeps the sharded parameters in
+    fp32); the EMA a sharded fp32 copy of them."""
+    opt = torch.optim.AdamW(params, lr=config["lr"], betas=(config["beta1"], config["beta2"]), eps=config["eps"],
+                            weight_decay=config["weight_decay"], fused=device.type == "cuda")
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config["ema"] else {}
+    return opt, ema
+
+
+def lr_at(config, step):
+    if step < config["warmup_steps"]:
+        return config["lr"] * (step + 1) / config["warmup_steps"]
+    if config["lr_schedule"] == "cosine":
+        progress = (step - config["warmup_steps"]) / max(1, config["max_steps"] - config["warmup_steps"])
+        return config["min_lr"] + 0.5 * (config["lr"] - config["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config["lr"]
 
 
 def train_step(run, packs, lr, step=0):
     """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
     counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
     packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules."""
-    cfg, world, model = run.cfg, run.world, run.model
-    off = [k for k, s in cfg["loss_off_from_step"].items() if step >= s]
-    ce_w, mse_w = (0.0 if k in off else cfg[k + "_weight"] for k in ("ce", "mse"))
-    frozen = [pat for pat, s in cfg["freeze_from_step"].items() if step >= s]
+    config, world, model = run.config, run.world, run.model
+    off = [k for k, s in config["loss_off_from_step"].items() if step >= s]
+    ce_w, mse_w = (0.0 if k in off else config[k + "_weight"] for k in ("ce", "mse"))
+    frozen = [pat for pat, s in config["freeze_from_step"].items() if step >= s]
     for g in run.opt.param_groups:
         g["lr"] = lr
     # one collective: global CE and MSE token counts, and which micro-steps have ViT images on any rank
-    reweight = cfg["ce_loss_reweighting"]
+    reweight = config["ce_loss_reweighting"]
     ce_count = (lambda p: float(p.ce_weights.sum())) if reweight else (lambda p: p.ce_indexes.numel())
     counts = all_sum([sum(ce_count(p) for p in packs), sum(p.mse_indexes.numel() for p in packs)] +
                      [len(p.vit_lens) for p in packs], run.device)
@@ -454,7 +501,7 @@ def train_step(run, packs, lr, step=0):
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
         pack = encode_images(run.vae, pack.to(run.device), run.dtype)
-        out = model(pack, timestep_shift=cfg["timestep_shift"], run_vit=images > 0)
+        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce_tokens = out["ce"] * pack.ce_weights if reweight else out["ce"]
         ce = ce_tokens.sum() * world / (n_ce or 1)
@@ -469,7 +516,7 @@ def train_step(run, packs, lr, step=0):
     for p, stop in zip(run.params, stopped):
         if stop:  # scheduled freezing: no gradient, so AdamW leaves it
             p.grad = None
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["max_grad_norm"], foreach=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config["max_grad_norm"], foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = torch.stack([ce_sum, mse_sum]).double()
     dist.all_reduce(sums)
@@ -482,7 +529,7 @@ def train_step(run, packs, lr, step=0):
         if run.ema:
             with torch.no_grad():  # on the local shards: the EMA is sharded exactly like its parameter
                 ema, params = [local(e) for e in run.ema.values()], [local(p) for p in run.params]
-                torch._foreach_lerp_(ema, params, 1 - cfg["ema"])
+                torch._foreach_lerp_(ema, params, 1 - config["ema"])
                 for e, p, stop in zip(ema, params, stopped):
                     if stop:  # frozen by its schedule: its EMA becomes the parameter itself (as IRG)
                         e.copy_(p)
@@ -494,22 +541,20 @@ def train_step(run, packs, lr, step=0):
 def main(argv):
     """Train as the config and --key=value overrides say; ends the process when done (finish_distributed), so run
     it as a script or a subprocess, not inside a Python session you want to keep."""
-    cfg = load_config(argv)
-    run = build(cfg)
+    config = load_config(argv)
+    run = build(config)
     log, master, device, world = run.log, run.master, run.device, run.world
 
     def make_loader(seed):
-        return data.Loader([data.Source(**src) for src in cfg["sources"]], run.tokenizer,
-                           packing_length=cfg["packing_length"], max_latent_size=run.model_cfg.max_latent_size,
-                           vit_side=run.model_cfg.vit_max_patches_per_side,
-                           text_cond_dropout_prob=cfg["text_cond_dropout_prob"],
-                           vit_cond_dropout_prob=cfg["vit_cond_dropout_prob"],
-                           vae_cond_dropout_prob=cfg["vae_cond_dropout_prob"],
-                           seed=seed, rank=run.rank, world_size=world, **cfg["data_args"])
-    loader = make_loader(cfg["seed"])
+        dropout = [config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
+        return data.Loader([data.Source(**src) for src in config["sources"]], run.tokenizer, config["packing_length"],
+                           dropout, max_latent_size=run.model_cfg.max_latent_size,
+                           vit_side=run.model_cfg.vit_max_patches_per_side, seed=seed, rank=run.rank, world_size=world,
+                           **config["data_args"])
+    loader = make_loader(config["seed"])
 
     # --- resume: the newest complete checkpoint in out_dir, if any ---
-    ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
+    ckpt_dir = os.path.join(config["out_dir"], "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     step, bad_in_row, skipped = 0, 0, 0
     resume = latest_checkpoint(ckpt_dir)
@@ -517,28 +562,28 @@ def main(argv):
         step, extra = load_checkpoint(resume, run.model, run.opt, run.ema, run.rank, world)
         if extra is None:
             log(f"world size changed: model, optimiser and EMA resharded; the data order restarts from seed "
-                f"{cfg['seed'] + step} (per-rank loader states do not map across world sizes)")
-            loader = make_loader(cfg["seed"] + step)
+                f"{config['seed'] + step} (per-rank loader states do not map across world sizes)")
+            loader = make_loader(config["seed"] + step)
         else:
             loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"], device)
             bad_in_row, skipped = extra["bad_in_row"], extra["skipped"]
         log(f"resumed from {resume} at step {step}")
 
-    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") if master else None
+    metrics = open(os.path.join(config["out_dir"], "metrics.jsonl"), "a") if master else None
     wandb = None
-    if cfg["wandb_project"] and master:
+    if config["wandb_project"] and master:
         import wandb  # optional: asked for, so a missing install is an error
-        wandb.init(project=cfg["wandb_project"], config=cfg, dir=cfg["out_dir"], resume="allow")
-    peak = peak_flops(device, cfg["peak_tflops"])
+        wandb.init(project=config["wandb_project"], config=config, dir=config["out_dir"], resume="allow")
+    peak = peak_flops(device, config["peak_tflops"])
     window_time, window_tokens, window_flops = 0.0, 0, 0
-    while step < cfg["max_steps"]:
+    while step < config["max_steps"]:
         t0 = time.time()
-        packs = [loader.next_pack() for _ in range(cfg["grad_accum"])]
+        packs = [loader.next_pack() for _ in range(config["grad_accum"])]
         for pack in packs:
-            if (not cfg["visual_und"] and pack.vit_lens) or (not cfg["visual_gen"] and pack.mse_indexes.numel()):
+            if (not config["visual_und"] and pack.vit_lens) or (not config["visual_gen"] and pack.mse_indexes.numel()):
                 raise SystemExit("visual_und/visual_gen is off but the data has ViT images/generation targets")
-        lr = lr_at(cfg, step)
+        lr = lr_at(config, step)
         r = train_step(run, packs, lr, step)
         if r["ok"]:
             bad_in_row = 0
@@ -546,7 +591,7 @@ def main(argv):
             bad_in_row, skipped = bad_in_row + 1, skipped + 1
             log(f"step {step}: non-finite loss {r['loss']} or grad norm {r['grad_norm']}: step skipped "
                 f"({bad_in_row} in a row)")
-            if bad_in_row >= cfg["max_bad_steps"]:
+            if bad_in_row >= config["max_bad_steps"]:
                 raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping (lower lr? bad data?)")
         step += 1
         if device.type == "cuda":
@@ -554,7 +599,7 @@ def main(argv):
         window_time += time.time() - t0
         window_tokens, window_flops = window_tokens + r["tokens"], window_flops + r["flops"]
 
-        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+        if step % config["log_every"] == 0 or step == config["max_steps"]:
             tokens, flops = all_sum([window_tokens, window_flops], device)
             tok_s = tokens / window_time
             mfu = flops / window_time / (peak * world) if peak else 0.0
@@ -571,13 +616,13 @@ def main(argv):
                 if wandb:
                     wandb.log(row, step=step)
             window_time, window_tokens, window_flops = 0.0, 0, 0
-        if cfg["sample_every"] and step % cfg["sample_every"] == 0 and cfg["sample_prompts"]:
+        if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
             write_samples(run, step)
-        if step % cfg["save_steps"] == 0 or step == cfg["max_steps"]:
+        if step % config["save_steps"] == 0 or step == config["max_steps"]:
             extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
                      "skipped": skipped}
-            save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, cfg, run.rank, world,
-                            cfg["keep_checkpoints"])
+            save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, config, run.rank, world,
+                            config["keep_checkpoints"])
     export(run)
     if master:
         metrics.close()
@@ -620,42 +665,40 @@ def encode_images(vae, pack, dtype):
 
 def write_samples(run, step):
     import sample
-    cfg = run.cfg
-    size = (cfg["sample_size"], cfg["sample_size"])
-    image = sample.sample_grid(run.model, run.vae, run.tokenizer, cfg["sample_prompts"], image_size=size,
-                               num_timesteps=cfg["sample_steps"], cfg_text_scale=cfg["sample_cfg"], seed=cfg["seed"])
+    config = run.config
+    size = (config["sample_size"], config["sample_size"])
+    image = sample.sample_grid(run.model, run.vae, run.tokenizer, config["sample_prompts"], image_size=size,
+                               num_timesteps=config["sample_steps"], cfg_text_scale=config["sample_cfg"], seed=config["seed"])
     if run.master:
-        os.makedirs(os.path.join(cfg["out_dir"], "samples"), exist_ok=True)
-        image.save(os.path.join(cfg["out_dir"], "samples", f"step_{step:06d}.png"))
+        os.makedirs(os.path.join(config["out_dir"], "samples"), exist_ok=True)
+        image.save(os.path.join(config["out_dir"], "samples", f"step_{step:06d}.png"))
 
 
 def export(run):
     """Consolidated safetensors (raw and EMA) for sample.py and convert.py; every rank takes part in the gathers
     (one tensor at a time), rank 0 writes. LoRA: the adapters alone in lora.safetensors, and merged weights
     (W + alpha/r B A) that load without LoRA code. save_ema_as_default=False: the EMA goes to export_ema/."""
-    cfg = run.cfg
-    folder = os.path.join(cfg["out_dir"], "export")
+    config = run.config
+    folder = os.path.join(config["out_dir"], "export")
     model_sd = run.model.state_dict()
-    # frozen parameters are their own EMA; state_dict() names drop activation checkpointing's wrapper, so must these
-    ema_sd = {**model_sd, **{k.replace("_checkpoint_wrapped_module.", ""): v for k, v in run.ema.items()}} \
-        if run.ema else None
-    adapters = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in model_sd.items() if ".lora_" in k}
+    ema_sd = {**model_sd, **run.ema} if run.ema else None  # frozen parameters are their own EMA
+    adapters = {k: v for k, v in model_sd.items() if ".lora_" in k}
     if adapters:
-        model_sd = M.merge_lora(model_sd, cfg["lora_alpha"])
-        ema_sd = M.merge_lora(ema_sd, cfg["lora_alpha"]) if ema_sd else None
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg["export_dtype"]]
+        model_sd = M.merge_lora(model_sd, config["lora_alpha"])
+        ema_sd = M.merge_lora(ema_sd, config["lora_alpha"]) if ema_sd else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config["export_dtype"]]
     vae_sd = {k: v.float() for k, v in run.vae.state_dict().items()}
     folders = [folder]
-    if ema_sd is not None and not cfg["save_ema_as_default"]:
-        folders.append(os.path.join(cfg["out_dir"], "export_ema"))
+    if ema_sd is not None and not config["save_ema_as_default"]:
+        folders.append(os.path.join(config["out_dir"], "export_ema"))
         convert.save_nanobagel(folders[-1], ema_sd, vae_sd, run.model_cfg, dtype=dtype)
         ema_sd = None
     convert.save_nanobagel(folder, model_sd, vae_sd, run.model_cfg, ema_sd, dtype=dtype)
     full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
     entries = [(k, tuple(v.shape), v.dtype, lambda v=v: full(v)) for k, v in adapters.items()]
     if adapters and run.master:
-        meta = {"format": "pt", "lora_rank": str(cfg["lora_rank"]), "lora_alpha": str(cfg["lora_alpha"]),
-                "lora_targets": json.dumps(cfg["lora_targets"])}
+        meta = {"format": "pt", "lora_rank": str(config["lora_rank"]), "lora_alpha": str(config["lora_alpha"]),
+                "lora_targets": json.dumps(config["lora_targets"])}
         convert.write_safetensors(os.path.join(folder, "lora.safetensors"), entries, meta)
     elif adapters:
         for *_, get in entries:  # take part in each gather, in rank 0's order

@@ -17,8 +17,7 @@ import convert
 import data
 import model
 import train
-from test_data_pack import FIX, fixture_samples, load_fixture
-from test_model import ACT, LOSS, load_tiny
+from conftest import ACT, FIX, LOSS, fixture_samples, inspect_forward, load_fixture, load_tiny
 
 CKPT = FIX / "checkpoint"
 
@@ -184,14 +183,14 @@ def test_nsa_parameters_start_fresh_and_never_drop_silently(tmp_path):
     bagel, _, cfg = convert.load_checkpoint(str(CKPT), attn_backend="nsa")
     fixture, names = load_file(CKPT / "ema.safetensors"), convert.official_names(cfg)
     nsa = [n for n, _ in bagel.named_parameters() if n not in names]
-    assert nsa and all(".nsa." in n for n in nsa)
+    assert nsa and all(".attn." in n for n in nsa)
     assert all(torch.equal(p, fixture[names[n]]) for n, p in bagel.named_parameters() if n in names)
     assert convert.load_into_sharded(bagel, str(CKPT)) == nsa  # the names left as they were
     convert.save_nanobagel(str(tmp_path / "nano"), bagel, model.build_vae(cfg), cfg)
-    with pytest.raises(convert.CheckpointError, match=r"official layout has no place for layers\.0\.nsa\."):
+    with pytest.raises(convert.CheckpointError, match=r"official layout has no place for layers\.0\.attn\."):
         convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
     plain, _, _ = convert.load_checkpoint(str(CKPT))
-    with pytest.raises(convert.CheckpointError, match=r"no parameter layers\.0\.nsa\..*built from another config"):
+    with pytest.raises(convert.CheckpointError, match=r"no parameter layers\.0\.attn\..*built from another config"):
         convert.load_into_sharded(plain, str(tmp_path / "nano"))
 
 
@@ -216,7 +215,7 @@ def assert_reproduces_fixture(bagel, vae, cfg):
         pack = data.pack_samples(fixture_samples(case, tensors), special, cfg.max_latent_size,
                                  cfg.vit_max_patches_per_side)
         with torch.no_grad():
-            out = bagel(pack, timestep_shift=case["timestep_shift"], inspect=True)
+            out = inspect_forward(bagel, pack, case["timestep_shift"])
         torch.testing.assert_close(out["hidden"], E[f"{name}.hidden"], **ACT)
         torch.testing.assert_close(out["ce"], E[f"{name}.ce_per_token"], **LOSS)
         if f"{name}.mse" in E:
@@ -312,11 +311,7 @@ def test_errors_missing_files_and_wrong_folders(tmp_path):
         convert.official_config(str(src))
     convert.convert(str(CKPT), str(tmp_path / "nano"), "nanobagel")
     with pytest.raises(convert.CheckpointError, match="missing .*nano/ema.safetensors"):
-        convert.load_nanobagel(str(tmp_path / "nano"), weights="ema")
-    with pytest.raises(convert.CheckpointError, match="not an official-layout checkpoint"):
-        convert.load_official(str(tmp_path / "nano"))
-    with pytest.raises(convert.CheckpointError, match="not a nanobagel checkpoint"):
-        convert.load_nanobagel(str(CKPT))
+        convert.load_checkpoint(str(tmp_path / "nano"), ema=True)
     hf = make_hf(tmp_path / "hf")
     with pytest.raises(convert.CheckpointError, match="one set of weights"):
         convert.load_checkpoint(str(hf), ema=True)
@@ -420,7 +415,7 @@ def test_load_into_sharded_and_save_from_shards_two_ranks(tmp_path):
     # ... and saved it back from the shards, one gathered tensor at a time: raw weights, and an EMA of 2x them
     fixture = load_file(CKPT / "ema.safetensors")
     for weights, scale in (("model", 1), ("ema", 2)):
-        bagel, _, cfg = convert.load_nanobagel(str(saved), weights)
+        bagel, _, cfg = convert.load_checkpoint(str(saved), ema=weights == "ema")
         for ours, key in convert.official_names(cfg).items():
             assert torch.equal(bagel.state_dict()[ours], scale * fixture[key]), (weights, ours)
     assert_bit_identical(load_file(saved / "vae.safetensors"), load_file(CKPT / "ae.safetensors"))
@@ -428,17 +423,16 @@ def test_load_into_sharded_and_save_from_shards_two_ranks(tmp_path):
 
 def sharded_worker(folder, out):
     import torch.distributed as dist
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     cfg = convert.checkpoint_config(folder)
-    with torch.device("meta"):  # as train.py: meta init, checkpoint wrappers, shard per block, then the root
+    with torch.device("meta"):  # as train.py: meta init, activation checkpointing, shard per block, then the root
         bagel = model.Bagel(cfg)
-    for i, block in enumerate(bagel.layers):
-        bagel.layers[i] = checkpoint_wrapper(block)
+    for block in bagel.layers:
+        block.checkpoint = torch.utils.checkpoint.noop_context_fn
     for block in [*bagel.layers, *bagel.vit.layers]:
         fully_shard(block, mesh=mesh)
     fully_shard(bagel, mesh=mesh)
@@ -458,9 +452,9 @@ def sharded_worker(folder, out):
     fixture = load_file(CKPT / "ema.safetensors")
     names = convert.official_names(cfg)
     for name, p in bagel.named_parameters():
-        assert torch.equal(p.full_tensor(), fixture[names[name.replace("_checkpoint_wrapped_module.", "")]]), name
+        assert torch.equal(p.full_tensor(), fixture[names[name]]), name
     assert_reproduces_fixture(bagel, vae, cfg)
-    ema = {n: 2 * p.detach() for n, p in bagel.named_parameters()}  # train.py's EMA: DTensors, wrapped names
+    ema = {n: 2 * p.detach() for n, p in bagel.named_parameters()}  # train.py's EMA: DTensors
     convert.save_nanobagel(out, bagel, vae, cfg, ema_state=ema)
     print(f"sharded load ok: rank {rank} read {read[0]:,} of {total:,} values", flush=True)
     train.finish_distributed()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import data
-from test_data_util import png, word_tokenizer, write_jsonl
+from conftest import DEFAULT_DROPOUT, png, word_tokenizer, write_jsonl
 
 TOK = word_tokenizer()
 
@@ -52,13 +52,13 @@ def test_every_bad_input_kind_is_counted_and_logged(tmp_path, caplog):
         rows.insert(bad_rows[reason], row)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="nanobagel.data"):
-        loader = data.Loader([data.Source(path)], TOK, packing_length=256, max_image_pixels=4_000_000, seed=0)
+        loader = data.Loader([data.Source(path)], TOK, packing_length=256, max_image_pixels=4_000_000, seed=0, dropout=DEFAULT_DROPOUT)
         while loader.stats["epochs"][path] < 1:  # exactly one epoch, row by row
             loader.next_sample()
     assert loader.stats["skipped"] == {reason: 1 for reason in BAD}
     for reason, row in bad_rows.items():
         assert sum(f"d.jsonl row {row} " in m and reason in m for m in caplog.messages) == 1, reason
-    assert loader.draws == len(rows)
+    assert loader.order.draws == len(rows)
 
 
 def test_bad_rows_of_the_official_formats(tmp_path):
@@ -85,7 +85,7 @@ def test_bad_rows_of_the_official_formats(tmp_path):
               "v.jsonl": ("vlm", {"image_count_mismatch": 2, "unsupported": 1, "unknown_role": 1})}
     for name, (fmt, skipped) in expect.items():
         src = data.Source(str(tmp_path / name), format=fmt, vae_size=(32, 32), vit_size=(28, 28))
-        loader = data.Loader([src], TOK, packing_length=256, seed=0)
+        loader = data.Loader([src], TOK, packing_length=256, seed=0, dropout=DEFAULT_DROPOUT)
         while loader.stats["epochs"][src.name] < 1:
             loader.next_sample()
         assert loader.stats["skipped"] == skipped, name
@@ -114,18 +114,18 @@ def test_systemic_problems_fail_at_start(tmp_path):
     # every sample bad: a clear error listing the rows and reasons, before any training
     path = write_jsonl(tmp_path / "allbad.jsonl", [with_image(f"gone{i}.png") for i in range(20)])
     with pytest.raises(ValueError, match=r"first 8 samples are all bad:\n.*allbad.jsonl row \d+: missing_file"):
-        data.Loader([data.Source(path)], TOK)
+        data.Loader([data.Source(path)], TOK, dropout=DEFAULT_DROPOUT, packing_length=16384)
     # going bad later (e.g. a mount disappears): an error after max_bad_streak, not an endless loop
     rows = [good(i) for i in range(8)] + [with_image(f"gone{i}.png") for i in range(40)]
-    loader = data.Loader([data.Source(write_jsonl(tmp_path / "late.jsonl", rows))], TOK, max_bad_streak=30, seed=0)
+    loader = data.Loader([data.Source(write_jsonl(tmp_path / "late.jsonl", rows))], TOK, max_bad_streak=30, seed=0, dropout=DEFAULT_DROPOUT, packing_length=16384)
     with pytest.raises(RuntimeError, match="30 bad samples in a row"):
         for _ in range(100):
             loader.next_pack()
     # more ranks than rows; images larger than the position tables; duplicate names
     small = data.Source(write_jsonl(tmp_path / "two.jsonl", [good(1), good(2)]))
     with pytest.raises(ValueError, match="leave rank"):
-        data.Loader([small], TOK, rank=0, world_size=4)
+        data.Loader([small], TOK, rank=0, world_size=4, dropout=DEFAULT_DROPOUT, packing_length=16384)
     with pytest.raises(ValueError, match="exceed the position tables"):
-        data.Loader([data.Source(small.path, vae_size=(512, 2048))], TOK)
+        data.Loader([data.Source(small.path, vae_size=(512, 2048))], TOK, dropout=DEFAULT_DROPOUT, packing_length=16384)
     with pytest.raises(ValueError, match="unique"):
-        data.Loader([small, data.Source(small.path)], TOK)
+        data.Loader([small, data.Source(small.path)], TOK, dropout=DEFAULT_DROPOUT, packing_length=16384)

@@ -8,7 +8,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models
 
 import data
-from test_data_util import SPECIAL_IDS, solid, word_tokenizer
+from conftest import DEFAULT_DROPOUT, SPECIAL_IDS, solid, word_tokenizer
 
 
 def test_tiny_tokenizer():
@@ -92,7 +92,7 @@ def test_shapes_dataset():
             assert (images[1].reshape(-1, 3) == rgb[new]).all(1).sum() > 50
     assert seen == {"t2i", "vqa", "edit"}
     src = data.Source("shapes", image_size=64)
-    loader = data.Loader([src], tok, packing_length=512, seed=0)
+    loader = data.Loader([src], tok, packing_length=512, seed=0, dropout=DEFAULT_DROPOUT)
     items, _ = loader.build([0, 0, 0])
     assert all(it["pixels"].shape[1:] in [(64, 64), (56, 56)] for it in items if it["type"] != "text")
 
@@ -102,7 +102,7 @@ def test_command_line_check(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    from test_data_util import png, write_jsonl
+    from conftest import png, write_jsonl
     (tmp_path / "a.png").write_bytes(png(56, 28))
     rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image> what is it?"},
                                                 {"from": "gpt", "value": "a pink rectangle"}]}] * 30

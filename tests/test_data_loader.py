@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-from test_data_util import png, word_tokenizer, words, write_jsonl
+from conftest import DEFAULT_DROPOUT, png, word_tokenizer, words, write_jsonl
 
 TOK = word_tokenizer()
 
@@ -33,11 +33,11 @@ def test_first_fit_against_a_reference_simulation(tmp_path):
     rows, costs = chat_rows(300)
     src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
     P, K = 1024, 4
-    loader = data.Loader([src], TOK, packing_length=P, open_packs=K, seed=3)
+    loader = data.Loader([src], TOK, packing_length=P, open_packs=K, seed=3, dropout=DEFAULT_DROPOUT)
     packs = [loader.next_pack() for _ in range(60)]
     # the stream of samples the loader draws (its order is not what is tested here)
-    stream = data.Loader([src], TOK, packing_length=P, open_packs=K, seed=3)
-    keys = [stream.next_key() for _ in range(loader.counts["samples"])]
+    stream = data.Loader([src], TOK, packing_length=P, open_packs=K, seed=3, dropout=DEFAULT_DROPOUT)
+    keys = [stream.order.next_key() for _ in range(loader.counts["samples"])]
     # textbook first fit with K open bins; room is made by closing the fullest bin; a bin closes once even the
     # smallest sample seen so far cannot fit
     open_bins, closed, smallest = [], [], float("inf")
@@ -78,15 +78,15 @@ def test_an_epoch_loses_and_duplicates_nothing_across_ranks(tmp_path):
     src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
     seen = []
     for rank in range(2):
-        loader = data.Loader([src], TOK, packing_length=512, rank=rank, world_size=2, seed=1)
+        loader = data.Loader([src], TOK, packing_length=512, rank=rank, world_size=2, seed=1, dropout=DEFAULT_DROPOUT)
         epoch0 = []
         while True:
             epoch0 += [k[2] for k in loader.next_pack().sample_keys if k[1] == 0]
-            buffered = [k for p in loader.open + loader.ready for k in p["keys"] if k[1] == 0]
+            buffered = [k for p in loader.packer.open + loader.packer.ready for k in p["keys"] if k[1] == 0]
             if loader.stats["epochs"][src.name] >= 1 and not buffered:
                 break
         assert len(epoch0) == len(set(epoch0))
-        mine = set(loader.shard(0, 0).tolist())
+        mine = set(loader.order.shard(0, 0).tolist())
         assert 7 not in epoch0 and ("empty_messages" in loader.stats["skipped"]) == (7 in mine)
         seen.append(set(epoch0) | (mine & {7}))
     assert not seen[0] & seen[1]
@@ -141,7 +141,7 @@ def one_thread():
 
 def test_fill_on_a_realistic_mix(tmp_path, one_thread):
     sources = realistic_mix(tmp_path, 700)
-    loader = data.Loader(sources, TOK, packing_length=32768, open_packs=8, seed=0)
+    loader = data.Loader(sources, TOK, packing_length=32768, open_packs=8, seed=0, dropout=DEFAULT_DROPOUT)
     packs = [loader.next_pack() for _ in range(20)]
     fill = sum(p.num_tokens for p in packs) / (20 * 32768)
     assert loader.stats["fill"] == fill
@@ -171,12 +171,12 @@ def test_resume_gives_the_identical_next_packs(tmp_path):
     rows[3] = "{not json"
     chats = data.Source(write_jsonl(tmp_path / "c.jsonl", rows), vae_size=(32, 64), vit_size=(28, 56))
     make = lambda: data.Loader([data.Source("shapes", num_rows=500), chats], TOK, packing_length=400, open_packs=4,
-                               seed=7, rank=1, world_size=2)
+                               seed=7, rank=1, world_size=2, dropout=DEFAULT_DROPOUT)
     a = make()
     for _ in range(5):
         a.next_pack()
     state = json.dumps(a.state_dict())  # plain JSON
-    assert json.loads(state)["open"], "the test needs buffered samples"
+    assert json.loads(state)["packer"]["open"], "the test needs buffered samples"
     after = [a.next_pack() for _ in range(8)]
     b = make()
     b.load_state_dict(json.loads(state))
@@ -186,24 +186,23 @@ def test_resume_gives_the_identical_next_packs(tmp_path):
     assert sum(after[0].vae_timestep_raw.isfinite()) > 0  # draws (timesteps, noise) were part of what matched
     with pytest.raises(ValueError, match="state is for"):
         data.Loader([data.Source("shapes", num_rows=500), chats], TOK, packing_length=400, open_packs=4, seed=7,
-                    rank=0, world_size=2).load_state_dict(json.loads(state))
+                    rank=0, world_size=2, dropout=DEFAULT_DROPOUT).load_state_dict(json.loads(state))
 
 
 def test_weighted_sources(tmp_path):
     a, b = data.Source("shapes", name="a", weight=3.0), data.Source("shapes", name="b", weight=1.0)
-    loader = data.Loader([a, b], TOK, packing_length=512, seed=0)
-    picks = [loader.next_key()[0] for _ in range(4000)]
+    loader = data.Loader([a, b], TOK, packing_length=512, seed=0, dropout=DEFAULT_DROPOUT)
+    picks = [loader.order.next_key()[0] for _ in range(4000)]
     share = picks.count(0) / len(picks)
     assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 4000) ** 0.5
     # and a source's rows come in its own shuffled order, continuing where it stopped
-    rows_a = [k for k in [loader.next_key() for _ in range(50)] if k[0] == 0]
-    assert [r for _, _, r in rows_a] == loader.shard(0, 0)[picks.count(0):picks.count(0) + len(rows_a)].tolist()
+    rows_a = [k for k in [loader.order.next_key() for _ in range(50)] if k[0] == 0]
+    assert [r for _, _, r in rows_a] == loader.order.shard(0, 0)[picks.count(0):picks.count(0) + len(rows_a)].tolist()
 
 
 def test_cfg_dropout_only_on_conditions_of_generating_samples():
     probs = (0.1, 0.3, 0.5)  # text, ViT, VAE
-    loader = data.Loader([data.Source("shapes", image_size=32)], TOK, packing_length=4096, seed=0,
-                         text_cond_dropout_prob=probs[0], vit_cond_dropout_prob=probs[1], vae_cond_dropout_prob=probs[2])
+    loader = data.Loader([data.Source("shapes", image_size=32)], TOK, packing_length=4096, seed=0, dropout=probs)
     dropped = {"text": [0, 0], "vit_image": [0, 0], "vae_image": [0, 0]}
     for row in range(3000):
         items, _ = loader.build([0, 0, row])
@@ -220,7 +219,7 @@ def test_cfg_dropout_only_on_conditions_of_generating_samples():
 
 def test_packs_feed_position_tables():
     """Every position id of a packed image stays inside the model's tables, and every split is accounted for."""
-    loader = data.Loader([data.Source("shapes")], TOK, packing_length=256, seed=0)
+    loader = data.Loader([data.Source("shapes")], TOK, packing_length=256, seed=0, dropout=DEFAULT_DROPOUT)
     for _ in range(10):
         p = loader.next_pack()
         assert p.num_tokens == sum(p.split_lens) == p.position_ids.numel() <= 256
@@ -235,7 +234,7 @@ def test_prefetch_changes_nothing_but_timing(tmp_path):
     rows[5] = {"messages": []}
     src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
     make = lambda **kw: data.Loader([data.Source("shapes", num_rows=300), src], TOK, packing_length=300,
-                                    open_packs=4, seed=2, **kw)
+                                    open_packs=4, seed=2, **kw, dropout=DEFAULT_DROPOUT)
     plain, ahead = make(), make(prefetch=3)
     for _ in range(6):
         assert_same_pack(plain.next_pack(), ahead.next_pack())
@@ -255,7 +254,7 @@ def test_prefetch_changes_nothing_but_timing(tmp_path):
         pictured.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"}]},
                                       {"role": "assistant", "content": "w1"}]})
     broken = data.Loader([data.Source(write_jsonl(tmp_path / "p.jsonl", pictured), vit_size=(28, 28))], TOK,
-                         packing_length=300, max_bad_streak=20, prefetch=2, seed=0)
+                         packing_length=300, max_bad_streak=20, prefetch=2, seed=0, dropout=DEFAULT_DROPOUT)
     for i in range(30):  # the images vanish after the start-up checks passed
         (tmp_path / "img" / f"{i}.png").unlink()
     for _ in range(2):  # raised again, not a hang, when called after the failure

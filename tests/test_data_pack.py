@@ -9,35 +9,7 @@ from safetensors.torch import load_file
 
 import data
 import model
-
-FIX = Path(__file__).parent / "fixtures" / "bagel_tiny"
-
-
-def load_fixture():
-    cases = json.loads((FIX / "cases.json").read_text())
-    tensors = load_file(str(FIX / cases["tensors_file"]))
-    expected = load_file(str(FIX / cases["expected_file"]))
-    meta = json.loads((FIX / "expected_meta.json").read_text())
-    names = json.loads((FIX / cases["special_tokens_file"]).read_text())
-    special = {"im_start": names["<|im_start|>"], "im_end": names["<|im_end|>"],
-               "vision_start": names["<|vision_start|>"], "vision_end": names["<|vision_end|>"]}
-    return cases, tensors, expected, meta, special
-
-
-def fixture_samples(case, tensors):
-    """cases.json items with tensor names replaced by the tensors."""
-    out = []
-    for sample in case["samples"]:
-        items = []
-        for it in sample:
-            it = dict(it)
-            for key in ("pixels", "latent", "noise"):
-                if isinstance(it.get(key), str):
-                    it[key] = tensors[it[key]]
-            items.append(it)
-        out.append(items)
-    return out
-
+from conftest import fixture_samples, load_fixture
 
 def token_tables(pack):
     """Per-token kind / id / sample / item, recomputed from the Pack fields (fixture conventions)."""
@@ -86,7 +58,7 @@ def test_pack_matches_official_layout(case):
     assert [(s, n, m) for s, n, m in zip(starts, pack.split_lens, pack.split_modes)] == \
         [(sp["start"], sp["length"], sp["mode"]) for sp in meta["splits"]]
     # the attention mask of every sample, and nothing across samples
-    mask = model.dense_mask(model.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes))
+    mask = model.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes).dense_mask()
     cu = [0] + torch.tensor(pack.sample_lens).cumsum(0).tolist()
     block = torch.zeros(L, L, dtype=torch.bool)
     for i in range(len(pack.sample_lens)):

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 import data
-from test_data_pack import CASES, EXPECTED, FIX, META, SPECIAL, TENSORS, fixture_samples
-from test_data_util import png, solid, word_tokenizer, words, write_jsonl
+from conftest import FIX, NO_DROPOUT, fixture_samples, load_fixture, png, solid, word_tokenizer, words, write_jsonl
+
+CASES, TENSORS, EXPECTED, META, SPECIAL = load_fixture()
 
 TOK = word_tokenizer()
-NO_DROP = (0.0, 0.0, 0.0)
 
 
-def build(src, row, seed=0, dropout=NO_DROP, tok=TOK):
+def build(src, row, seed=0, dropout=NO_DROPOUT, tok=TOK):
     gen = torch.Generator().manual_seed(seed)
     parts = src.read(row, gen)
     load = lambda ref: data.open_image(ref, src.folder, 2 ** 26)
@@ -133,7 +133,7 @@ def reference_items(colour_a, colour_b):
              ("assistant", "image", Image.new("RGB", (48, 64), colour_b)), ("assistant", "text", "w4 w5")]
     gen = torch.Generator().manual_seed(0)
     return data.build_sample(parts, lambda im: data.rgb(im), TOK, src.vae_size, src.vit_size, src.max_pixels, gen,
-                             NO_DROP)
+                             NO_DROPOUT)
 
 
 def assert_same_items(a, b):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import data
-from test_data_util import word_tokenizer, words, write_jsonl
+from conftest import DEFAULT_DROPOUT, word_tokenizer, words, write_jsonl
 
 
 def jpeg(w, h, rng):
@@ -52,7 +52,7 @@ def test_read_decode_pack_throughput(tmp_path):
     torch.set_num_threads(1)
     os.sched_setaffinity(0, {min(cpus)})  # one core (Linux)
     try:
-        loader = data.Loader(sources, word_tokenizer(), packing_length=32768, seed=0)
+        loader = data.Loader(sources, word_tokenizer(), packing_length=32768, seed=0, dropout=DEFAULT_DROPOUT)
         loader.next_pack()  # warm up (file handles, first row groups)
         s0, t0 = loader.stats["samples"], time.perf_counter()
         n = 8

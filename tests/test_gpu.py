@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import data
-from test_data_pack import fixture_samples, load_fixture
-from test_model import LOSS, load_tiny
+from conftest import LOSS, fixture_samples, inspect_forward, load_fixture, load_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,7 +20,7 @@ def setup():
 
 def losses_and_grads(bagel, pack):
     bagel.zero_grad()
-    out = bagel(pack, inspect=True)
+    out = inspect_forward(bagel, pack)
     (out["ce"].sum() + out["mse"].sum()).backward()
     return out, {n: p.grad.clone() for n, p in bagel.named_parameters() if p.grad is not None}
 
@@ -49,9 +48,9 @@ def test_flex_bf16_close_to_sdpa_bf16(setup):
     bagel.to(torch.bfloat16)
     try:
         bagel.cfg.attn_backend = "sdpa"
-        ref = bagel(pack, inspect=True)["hidden"].float()
+        ref = inspect_forward(bagel, pack)["hidden"].float()
         bagel.cfg.attn_backend = "flex"
-        out = bagel(pack, inspect=True)["hidden"].float()
+        out = inspect_forward(bagel, pack)["hidden"].float()
     finally:
         bagel.to(torch.float32)
         bagel.cfg.attn_backend = "sdpa"

@@ -8,23 +8,7 @@ import torch
 import convert
 import data
 import model
-from test_data_pack import FIX, fixture_samples, load_fixture
-
-ACT = dict(atol=1e-4, rtol=1e-4)      # activations, ViT, mse_pred, VAE (fixture README)
-LOSS = dict(atol=2e-5, rtol=1e-5)     # per-token and mean losses
-GRAD = dict(atol=1e-6, rtol=1e-4)
-
-
-def load_tiny(folder=FIX / "checkpoint", **kw):
-    """The fixture checkpoint, with the constants its README says the release files do not carry."""
-    fc = json.loads((FIX / "fixture_config.json").read_text())
-    v, b = fc["vae"], fc["bagel"]
-    return convert.load_official(
-        str(folder), vae_ch=v["ch"], vae_ch_mult=tuple(v["ch_mult"]),
-        vae_num_res_blocks=v["num_res_blocks"], vae_scale_factor=v["scale_factor"],
-        vae_shift_factor=v["shift_factor"], latent_patch_size=b["latent_patch_size"],
-        max_latent_size=b["max_latent_size"], vit_max_patches_per_side=b["vit_max_num_patch_per_side"],
-        **kw)
+from conftest import ACT, FIX, GRAD, LOSS, case_names, fixture_samples, inspect_forward, load_fixture, load_tiny
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +21,6 @@ def golden():
     return bagel, vae, cfg, cases, tensors, expected, packs
 
 
-def case_names():
-    return [c["name"] for c in json.loads((FIX / "cases.json").read_text())["cases"]]
-
 
 @pytest.mark.parametrize("name", case_names())
 def test_forward_and_gradients_match_official(golden, name):
@@ -48,7 +29,7 @@ def test_forward_and_gradients_match_official(golden, name):
     pack = packs[name]
     has = lambda key: f"{name}.{key}" in E
     bagel.zero_grad()
-    out = bagel(pack, timestep_shift=case["timestep_shift"], inspect=True)
+    out = inspect_forward(bagel, pack, case["timestep_shift"])
     torch.testing.assert_close(out["input_embeds"], E[f"{name}.input_embeds"], **ACT)
     for k in range(cfg.num_layers - 1):
         torch.testing.assert_close(out["layer_outs"][k], E[f"{name}.layer_out.{k}"], **ACT)
@@ -102,11 +83,11 @@ def test_routing_gen_expert_touches_only_latent_tokens(golden):
     bagel, _, _, _, _, _, _ = golden
     pack = mm_pack(golden)
     with torch.no_grad():
-        base = bagel(pack, inspect=True)["hidden"]
+        base = inspect_forward(bagel, pack)["hidden"]
         saved = [p.clone() for p in bagel.layers[0].gen.parameters()]
         for p in bagel.layers[0].gen.mlp_norm.parameters():
             p.mul_(1.5)
-        changed = bagel(pack, inspect=True)["hidden"]
+        changed = inspect_forward(bagel, pack)["hidden"]
         for p, s in zip(bagel.layers[0].gen.parameters(), saved):
             p.copy_(s)
     diff = (changed - base).abs().amax(-1) > 1e-6
@@ -115,7 +96,7 @@ def test_routing_gen_expert_touches_only_latent_tokens(golden):
     # latent tokens change; a non-latent token may only change if it can see a clean latent (attention)
     assert diff[is_latent].all()
     layout = model.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes)
-    sees_latent = (model.dense_mask(layout) & is_latent[None, :]).any(1)
+    sees_latent = (layout.dense_mask() & is_latent[None, :]).any(1)
     assert not diff[~is_latent & ~sees_latent].any()
 
 
@@ -124,7 +105,7 @@ def test_masks_no_cross_sample_and_noise_invisible(golden):
     bagel, _, _, _, _, _, _ = golden
     pack = mm_pack(golden)
     layout = model.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes)
-    mask = model.dense_mask(layout)
+    mask = layout.dense_mask()
     starts = torch.tensor([0] + pack.split_lens).cumsum(0).tolist()
     for s, n, mode in zip(starts, pack.split_lens, pack.split_modes):
         span = torch.zeros(pack.num_tokens, dtype=torch.bool)
@@ -151,7 +132,7 @@ def run_layers(bagel, pack, x):
     real = bagel.embed
     bagel.embed = lambda p, s, run_vit: (x, real(p, s, run_vit)[1])
     try:
-        return bagel(pack, inspect=True)["hidden"]
+        return inspect_forward(bagel, pack)["hidden"]
     finally:
         del bagel.embed
 
@@ -194,11 +175,12 @@ def test_7b_parameter_count_on_meta():
 
 def test_convert_errors_name_the_problem(tmp_path, golden):
     import shutil
+    cfg = golden[2]
     src = FIX / "checkpoint"
     bad = tmp_path / "ckpt"
     shutil.copytree(src, bad)
-    with pytest.raises(convert.CheckpointError, match="shape"):
-        load_tiny(bad, num_layers=2, intermediate_size=96)
+    with pytest.raises(convert.CheckpointError, match="intermediate_size|shape"):  # a config the files do not fit
+        load_tiny(bad, intermediate_size=cfg.intermediate_size + 32)
     (bad / "ae.safetensors").write_bytes((src / "ae.safetensors").read_bytes()[:1000])
     with pytest.raises(convert.CheckpointError, match="ae.safetensors"):
         load_tiny(bad)
@@ -207,7 +189,6 @@ def test_convert_errors_name_the_problem(tmp_path, golden):
         load_tiny(bad)
     with pytest.raises(convert.CheckpointError, match="not a folder"):
         load_tiny(tmp_path / "nowhere")
-
 
 
 def test_nsa_backend_starts_as_dense_attention_and_trains(golden):
@@ -221,13 +202,13 @@ def test_nsa_backend_starts_as_dense_attention_and_trains(golden):
                window_size=longest)
     sparse, _, _ = load_tiny(attn_backend="nsa", nsa=nsa)
     with torch.no_grad():
-        dense = bagel(pack, inspect=True)
-    out = sparse(pack, inspect=True)
+        dense = inspect_forward(bagel, pack)
+    out = inspect_forward(sparse, pack)
     torch.testing.assert_close(out["hidden"], dense["hidden"], **ACT)
     torch.testing.assert_close(out["ce"], dense["ce"], **LOSS)
     (out["ce"].sum() + out["mse"].sum()).backward()
     for layer in sparse.layers:
-        assert layer.nsa.gate.weight.grad.abs().sum() > 0
+        assert layer.attn.gate.weight.grad.abs().sum() > 0
 
 
 def test_flex_backend_forward_matches_sdpa(golden):
@@ -238,9 +219,9 @@ def test_flex_backend_forward_matches_sdpa(golden):
         for pack in packs.values():
             with torch.no_grad():
                 bagel.cfg.attn_backend = "sdpa"
-                ref = bagel(pack, inspect=True)
+                ref = inspect_forward(bagel, pack)
                 bagel.cfg.attn_backend = "flex"
-                out = bagel(pack, inspect=True)
+                out = inspect_forward(bagel, pack)
             torch.testing.assert_close(out["hidden"], ref["hidden"], **ACT)
     finally:
         bagel.cfg.attn_backend = "sdpa"

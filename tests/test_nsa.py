@@ -1,6 +1,6 @@
 """NSA tests (CPU): the torch reference against the library's golden fixture, the Triton kernels (run by the
 Triton interpreter) against the torch reference on packs with causal, full and noise spans, and the masking
-semantics against model.dense_mask."""
+semantics against model.SpanLayout.dense_mask."""
 import json
 import os
 import subprocess
@@ -245,7 +245,7 @@ def test_pipelines_end_to_end(golden):
                 m.compress_value.copy_(w_v)
             m.intra_block_pe.copy_(I[fwd["inputs"]["pe"]])
             m.gate.weight.copy_(get(I, E, gate["inputs"]["weight"]))
-            o = m(I[gate["inputs"]["x"]], I["q"], I["k"], I["v"], layout, no_rope)
+            o = m.attend(I[gate["inputs"]["x"]], I["q"], I["k"], I["v"], layout, no_rope)
         close(o[rows], E[ch["final_output"]])
 
 
@@ -290,7 +290,7 @@ def run_both(m, layout, H, KH, D, seed=0):
         m.backend = backend
         m.zero_grad()
         leaves = [t.clone().requires_grad_() for t in (x, q, k, v)]
-        o = m(*leaves, layout, rope_default(D), position_ids=pos)
+        o = m.attend(*leaves, layout, rope_default(D), position_ids=pos)
         (o * do).sum().backward()
         out[backend] = [("o", o.detach())] + [(n, t.grad) for n, t in zip("xqkv", leaves)] + \
                        [(n, p.grad.clone()) for n, p in m.named_parameters()]
@@ -325,7 +325,10 @@ def test_triton_branches_on_fixture(golden):
     full_cfg = dict(cfg, topk=pipe["topk"], window_size=pipe["window_size"])
     fwd = _compressed_inputs(C, pipe["compress_type"])
     ck, cv = E[fwd["expected"]["ck"]], E[fwd["expected"]["cv"]]
-    o_cmp, o_slc, o_swa = nsa.nsa_triton(I["q"], I["k"], I["v"], ck, cv, layout, full_cfg, C["dims"]["head_dim"] ** -0.5)
+    with torch.no_grad():  # the three branches' kernels, forward
+        plan = nsa.get_plan(layout, full_cfg)
+        o_cmp, o_slc, o_swa = nsa._branches_forward(I["q"], I["k"], I["v"], ck, cv, plan, full_cfg,
+                                                    C["dims"]["head_dim"] ** -0.5)[0]
     close(o_cmp[rows], E[pipe["compressed_output"]])
     close(o_slc[rows], E[pipe["selected_output"]])
     close(o_swa[rows], E[pipe["sliding_output"]])
@@ -408,8 +411,8 @@ def random_layout(g, n_samples=3):
     return model.span_layout(sample_lens, split_lens, modes)
 
 
-def test_plan_visibility_form_equals_model_visible():
-    """The kernels' form of the rule (key ranges + noise markers) is exactly model.visible."""
+def test_plan_visibility_form_equals_span_layout_visible():
+    """The kernels' form of the rule (key ranges + noise markers) is exactly SpanLayout.visible."""
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         layout = random_layout(g)
@@ -417,7 +420,7 @@ def test_plan_visibility_form_equals_model_visible():
         j = torch.arange(layout.sample_start.numel())[None]
         form = (j >= layout.sample_start[:, None]) & (j <= plan.hi.long()[:, None]) & \
                (plan.tok_noise.long()[None] >= plan.nlo.long()[:, None])
-        assert torch.equal(form, model.dense_mask(layout))
+        assert torch.equal(form, layout.dense_mask())
         # compressed keys: the kernels' [klo, khi) + noise marker == "all tokens of the window visible"
         c = torch.arange(len(plan.c_noise))[None]
         cform = (c >= plan.c_klo.long()[:, None]) & (c < plan.c_khi.long()[:, None]) & \
@@ -426,17 +429,17 @@ def test_plan_visibility_form_equals_model_visible():
 
 
 def test_reference_gradients_vanish_on_invisible_keys():
-    """d o_i / d k_j and d o_i / d v_j are zero wherever model.dense_mask says j is invisible to i: no query sees
+    """d o_i / d k_j and d o_i / d v_j are zero wherever SpanLayout.dense_mask says j is invisible to i: no query sees
     another sample, a later token of a causal span, or another span's noised latents (compressed keys included)."""
     H, KH, D = 4, 2, 8
     layout = model.span_layout(*PACKS["mixed_spans"])
-    mask = model.dense_mask(layout)
+    mask = layout.dense_mask()
     m = random_module(H, KH, D, 12, topk=3, window_size=16, backend="torch", **CFG)
     N = layout.sample_start.numel()
     g = torch.Generator().manual_seed(3)
     x, q = torch.randn(N, 12, generator=g), torch.randn(N, H, D, generator=g)
     k, v = (torch.randn(N, KH, D, generator=g).requires_grad_() for _ in range(2))
-    o = m(x, q, k, v, layout, rope_default(D))
+    o = m.attend(x, q, k, v, layout, rope_default(D))
     for i in range(0, N, 2):
         dk, dv = torch.autograd.grad(o[i].sum(), (k, v), retain_graph=True)
         leak = (dk.abs().sum((1, 2)) + dv.abs().sum((1, 2)))[~mask[i]]
@@ -450,7 +453,7 @@ def test_triton_output_ignores_invisible_keys():
     bit-for-bit unchanged, selection included."""
     H, KH, D = 4, 2, 8
     layout = model.span_layout(*PACKS["noise_then_text_partial_blocks"])
-    mask = model.dense_mask(layout)
+    mask = layout.dense_mask()
     m = random_module(H, KH, D, 12, topk=3, window_size=16, backend="triton", **CFG)
     N = layout.sample_start.numel()
     g = torch.Generator().manual_seed(4)
@@ -460,11 +463,11 @@ def test_triton_output_ignores_invisible_keys():
     hidden = ~mask[queries].any(0)
     assert hidden[9:49].all() and hidden[83:].all()
     with torch.no_grad():
-        o = m(x, q, k, v, layout, rope_default(D))
+        o = m.attend(x, q, k, v, layout, rope_default(D))
         k2, v2 = k.clone(), v.clone()
         k2[hidden] += 5 * torch.randn(int(hidden.sum()), KH, D, generator=g)
         v2[hidden] += 5 * torch.randn(int(hidden.sum()), KH, D, generator=g)
-        o2 = m(x, q, k2, v2, layout, rope_default(D))
+        o2 = m.attend(x, q, k2, v2, layout, rope_default(D))
     assert torch.equal(o[queries], o2[queries])
     assert not torch.equal(o, o2)
 
@@ -481,24 +484,25 @@ def test_init_is_dense_attention_on_short_samples():
     k, v = torch.randn(N, KH, D, generator=g), torch.randn(N, KH, D, generator=g)
     rope = rope_default(D)
     pos = torch.arange(N) - layout.sample_start
-    dense, _ = nsa._masked_attention(rope(q, pos), rope(k, pos), v, model.dense_mask(layout)[None], D ** -0.5)
+    dense, _ = nsa._masked_attention(rope(q, pos), rope(k, pos), v, layout.dense_mask()[None], D ** -0.5)
     for backend in ("torch", "triton"):
         m = nsa.NSA(12, H, KH, D, topk=3, window_size=40, backend=backend, **CFG)
         with torch.no_grad():
-            torch.testing.assert_close(m(x, q, k, v, layout, rope), dense, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.attend(x, q, k, v, layout, rope), dense, atol=1e-5, rtol=1e-5)
 
 
 def test_shape_mismatch_is_a_clear_error():
     layout = model.span_layout([10], [10], ["causal"])
     m = nsa.NSA(8, 4, 2, 8, block_size=16, kernel_size=8, kernel_stride=4, topk=3, window_size=8)
     with pytest.raises(ValueError, match="NSA expects"):
-        m(torch.randn(10, 8), torch.randn(10, 4, 8), torch.randn(9, 2, 8), torch.randn(10, 2, 8), layout, no_rope)
+        m.attend(torch.randn(10, 8), torch.randn(10, 4, 8), torch.randn(9, 2, 8), torch.randn(10, 2, 8), layout, no_rope)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_kernels_match_reference():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(Path(nsa.__file__)), "check"], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(Path(nsa.__file__).parent / "bench.py"), "nsa", "check"], env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -25,11 +25,10 @@ import convert
 import data
 import model as M
 import train
-from test_data_util import word_tokenizer, words
+from conftest import NO_DROPOUT, word_tokenizer, words
 
 ROOT = Path(__file__).parent.parent
 TOK = word_tokenizer()
-NO_DROP = (0.0, 0.0, 0.0)
 SMALL = {"vae_size": (32, 32), "vit_size": (28, 28)}  # 2x2 latent tokens, 2x2 ViT patches: tiny packs
 TINY = ["--model=tiny", "--init_from=", "--model_args={'vocab_size': 512, 'vae_kind': 'pooled'}", "--dtype=fp32",
         "--export_dtype=fp32", "--lr=1e-3", "--warmup_steps=1", "--log_every=1", "--save_steps=1000",
@@ -53,7 +52,7 @@ def write_parquet(path, rows):
     return str(path)
 
 
-def build(src, row, seed=0, dropout=NO_DROP, tok=TOK):
+def build(src, row, seed=0, dropout=NO_DROPOUT, tok=TOK):
     gen = torch.Generator().manual_seed(seed)
     parts = src.read(row, gen)
     load = lambda ref: data.open_image(ref, src.folder, 2 ** 26)
@@ -345,14 +344,14 @@ def test_unicot_lora_trains_adapters_only_and_merges(files):
     adapters = load_file(str(out / "export/lora.safetensors"))
     assert set(adapters) == {k.replace(".weight", f".{ab}.weight") for k in adapted for ab in ("lora_A", "lora_B")}
     # the LoRA model (initial weights + adapters) and the merged plain checkpoint compute the same losses on a pack
-    base, vae, cfg = convert.load_nanobagel(str(d / "base"))
-    with_lora, _, _ = convert.load_nanobagel(str(d / "base"))
+    base, vae, cfg = convert.load_checkpoint(str(d / "base"))
+    with_lora, _, _ = convert.load_checkpoint(str(d / "base"))
     M.apply_lora(with_lora, targets, 4, 8.0)
     missing, unexpected = with_lora.load_state_dict(adapters, strict=False)
     assert not unexpected and not [k for k in missing if ".lora_" in k]
-    plain, _, _ = convert.load_nanobagel(str(out / "export"))
+    plain, _, _ = convert.load_checkpoint(str(out / "export"))
     loader = data.Loader([data.Source(**sources["unicot"][0])], data.tiny_tokenizer(), packing_length=256,
-                         text_cond_dropout_prob=0.0, vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0)
+                         dropout=NO_DROPOUT)
     pack = train.encode_images(vae, loader.next_pack(), torch.float32)
     with torch.no_grad():
         want, got, before = (m(pack)["mse"] for m in (with_lora, plain, base))

@@ -12,8 +12,7 @@ import data
 import model
 import sample
 import train
-from test_data_pack import fixture_samples, load_fixture
-from test_model import case_names, load_tiny
+from conftest import case_names, fixture_samples, inspect_forward, load_fixture, load_tiny
 
 GOLDEN = dict(atol=1e-4, rtol=1e-4)   # against the official fp32 outputs (fixture README)
 SAME = dict(atol=1e-5, rtol=1e-5)     # cached vs uncached forward: same weights, only the summation order differs
@@ -65,7 +64,7 @@ def test_cached_replay_equals_forward_and_official(tiny, name, text_by_token):
     samples = fixture_samples(case, tensors)
     pack = data.pack_samples(samples, special, cfg.max_latent_size, cfg.vit_max_patches_per_side)
     with torch.no_grad():
-        out = bagel(pack, timestep_shift=case["timestep_shift"], inspect=True)
+        out = inspect_forward(bagel, pack, case["timestep_shift"])
         logits = bagel.lm_head(out["hidden"])
     row_of_latent = {int(j): r for r, j in enumerate(pack.vae_indexes)}   # pack position -> latent row
     mse_row = {int(j): r for r, j in enumerate(pack.mse_indexes)}
@@ -107,7 +106,7 @@ def test_greedy_text_matches_uncached_argmax(tiny):
     full = context + [{"type": "text", "ids": ids, "loss": True}]
     pack = data.pack_samples([full], special, cfg.max_latent_size, cfg.vit_max_patches_per_side)
     with torch.no_grad():
-        pred = bagel.lm_head(bagel(pack, inspect=True)["hidden"][pack.ce_indexes]).argmax(-1).tolist()
+        pred = bagel.lm_head(inspect_forward(bagel, pack)["hidden"][pack.ce_indexes]).argmax(-1).tolist()
     assert pred[:len(ids)] == ids
     if len(ids) < 8:  # stopped at <|im_end|>
         assert pred[len(ids)] == special["im_end"]
@@ -165,7 +164,7 @@ def test_sampler_equals_uncached_euler_with_guidance(tiny):
         item = {"type": "vae_image", "latent": torch.zeros_like(noise), "loss": True, "noise": noise,
                 "timestep_raw": math.inf if t == 1 else math.log(t / (1 - t))}
         pack = data.pack_samples([context + [item]], special, cfg.max_latent_size, cfg.vit_max_patches_per_side)
-        return bagel(pack, timestep_shift=1.0, inspect=True)["mse_pred"].double()
+        return inspect_forward(bagel, pack, 1.0)["mse_pred"].double()
 
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)).double()
     u = torch.linspace(1, 0, steps, dtype=torch.float64)

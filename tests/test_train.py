@@ -162,7 +162,7 @@ def test_flop_count_matches_torch_flop_counter():
         cfg.vit_num_layers * per_pair_vit * sum(n * n for n in pack.vit_lens)
     everything = dict(und=True, gen=True, vit=True, connector=True, lm_head=True, latent=True)
     assert train.pack_flops(pack, cfg, everything) - visible == counted - dense
-    mask = M.dense_mask(M.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes))
+    mask = M.span_layout(pack.sample_lens, pack.split_lens, pack.split_modes).dense_mask()
     assert train.visible_pairs(pack) == int(mask.sum())
 
 
@@ -186,7 +186,7 @@ def test_training_runs_with_nsa_attention(tmp_path):
     rows = curve(tmp_path)
     assert all(r["loss"] == r["loss"] and r["skipped"] == 0 for r in rows.values())
     exported = load_file(str(tmp_path / "export/model.safetensors"))
-    assert "layers.0.nsa.gate.weight" in exported and exported["layers.0.nsa.gate.weight"].abs().sum() > 0
+    assert "layers.0.attn.gate.weight" in exported and exported["layers.0.attn.gate.weight"].abs().sum() > 0
 
 
 def test_init_from_checkpoint_loads_sharded_exactly(tmp_path):

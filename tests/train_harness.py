@@ -33,7 +33,7 @@ def synthetic_samples(g, vocab):
 
 
 class FixedLoader:
-    def __init__(self, sources, tokenizer, rank, world_size, seed, **_):
+    def __init__(self, sources, tokenizer, packing_length, dropout, rank, world_size, seed, **_):
         self.tokenizer, self.rank, self.world, self.seed = tokenizer, rank, world_size, seed
         self.accum = ACCUM
         # train.py makes a new loader seeded seed + step when the world size changed: continue at that step
