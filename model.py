@@ -601,26 +601,67 @@ def flow_timesteps(timestep_raw, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def logits_ce(h, weight, labels):
-    return F.cross_entropy(F.linear(h, weight).float(), labels, reduction="none")
+def ce_chunk(logits, labels, weights):
+    """Per-token CE of a chunk of logits [n, V] (in float32, or float64 for float64 logits), and the gradient of
+    sum(weights * ce) with respect to the logits, in the logits' dtype: weights * (softmax - onehot)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, -1)
+    ce = lse - x.gather(1, labels[:, None])[:, 0]
+    grad = torch.exp(x - lse[:, None]).scatter_add(1, labels[:, None], -torch.ones_like(lse)[:, None])
+    return ce, (grad * weights[:, None]).to(logits.dtype)
 
 
-_compiled_ce = None
+_compiled_ce_chunk = None
 
 
-def cross_entropy(h, lm_head, labels, chunk=4096):
-    """Per-token CE of lm_head(h) in float32, a chunk of rows at a time; under autograd each chunk's logits are
-    recomputed in backward, so at most one chunk of [chunk, vocab] logits is alive (152k vocab: 2.4 GB/4k rows).
-    On GPU the float32 cast and the softmax are fused by torch.compile (one compile for all sizes)."""
-    global _compiled_ce
-    one = logits_ce
-    if h.is_cuda:
-        _compiled_ce = _compiled_ce or torch.compile(logits_ce, dynamic=True)
-        one = _compiled_ce
-    if h.shape[0] <= chunk or not torch.is_grad_enabled():
-        return one(h, lm_head.weight, labels)
-    return torch.cat([torch.utils.checkpoint.checkpoint(one, hc, lm_head.weight, lc, use_reentrant=False)
-                      for hc, lc in zip(h.split(chunk), labels.split(chunk))])
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-token CE of h @ W^T, fused with its gradient: the [N, vocab] logits exist one chunk of rows at a time, and
+    the gradients of h and W are made in the forward from the chunk's logits (3 matmuls, not the 4 of recomputing
+    the logits in backward). That needs the upstream gradient before it arrives: it is taken to be c * weights for
+    a scalar c (the training loss is a weighted sum of per-token CE; c is read off in backward, and an upstream
+    gradient of another form is an error)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, weights, chunk):
+        global _compiled_ce_chunk
+        one = ce_chunk
+        if h.is_cuda:  # the fp32 softmax fused into one pass over each chunk's bf16 logits
+            _compiled_ce_chunk = _compiled_ce_chunk or torch.compile(ce_chunk, dynamic=True)
+            one = _compiled_ce_chunk
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ce = torch.empty(h.shape[0], device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
+        dh = torch.empty_like(h) if grads else None
+        dw = None
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i:i + chunk]
+            ce[i:i + chunk], g = one(hc @ weight.t(), labels[i:i + chunk], weights[i:i + chunk])
+            if grads:
+                dh[i:i + chunk] = g @ weight
+                dw = g.t() @ hc if dw is None else dw.addmm_(g.t(), hc)
+        if dw is None:
+            dw = torch.zeros_like(weight)
+        ctx.save_for_backward(dh, dw, weights)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        dh, dw, weights = ctx.saved_tensors
+        c = (grad_ce * weights).sum() / (weights * weights).sum()
+        torch._assert_async(((grad_ce - c * weights).abs() <= 1e-4 * grad_ce.abs().max() + 1e-30).all(),
+                            "LinearCrossEntropy: the upstream gradient is not proportional to the CE weights")
+        return dh * c.to(dh.dtype), dw * c.to(dw.dtype), None, None, None
+
+
+def cross_entropy(h, weight, labels, weights=None, chunk=4096):
+    """Per-token CE [N] (float32) of the logits h @ weight^T at the CE positions, a chunk of rows at a time (the
+    152k-vocab logits of 4k rows: 1.2 GB in bf16). Under autograd, the training loss must be sum(c * weights * ce)
+    (weights: ones if None): LinearCrossEntropy."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    weights = torch.ones_like(labels, dtype=dtype) if weights is None else weights.to(dtype)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, labels, weights, chunk)
+    return torch.cat([ce_chunk(h[i:i + chunk] @ weight.t(), labels[i:i + chunk], weights[i:i + chunk])[0]
+                      for i in range(0, h.shape[0], chunk)]) if h.shape[0] else h.new_zeros(0, dtype=dtype)
 
 
 def expert_order(is_gen):
@@ -709,8 +750,9 @@ class Bagel(nn.Module):
         x = x.index_put((pack.vae_indexes,), vae_emb)
         return x, dict(vit_out=vit_out, t=t, x_t=x_t, target=pack.vae_noise.float() - x0)
 
-    def forward(self, pack, timestep_shift=1.0, run_vit=None):
-        """Per-token losses of a pack: {"ce": [Nce], "mse": [Nmse]} (sums and means belong to train.py)."""
+    def forward(self, pack, timestep_shift=1.0, run_vit=None, ce_weights=None):
+        """Per-token losses of a pack: {"ce": [Nce], "mse": [Nmse]} (sums and means belong to train.py). Under
+        autograd the loss backpropagated must weigh the CE tokens proportionally to ce_weights (default: equally)."""
         cfg = self.cfg
         x, aux = self.embed(pack, timestep_shift, run_vit)
         L = pack.num_tokens
@@ -724,7 +766,7 @@ class Bagel(nn.Module):
         for layer in self.layers:
             x = layer(x, n, ctx)
         h = self.final_norm(x, n)
-        ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head, pack.ce_labels)
+        ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head.weight, pack.ce_labels, ce_weights)
         pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
         noised = torch.searchsorted(pack.vae_indexes, pack.mse_indexes)  # MSE tokens among the latent tokens
         mse = (pred - aux["target"][noised]).pow(2).mean(-1)

@@ -9,6 +9,7 @@ The same code path everywhere: even a single process runs as a world of one, so 
 the loss normalisation are always the ones a cluster uses.
 """
 import ast
+import functools
 import json
 import math
 import os
@@ -68,7 +69,11 @@ DEFAULTS = dict(
     # systems
     device="auto",                # "auto" | "cpu" | "cuda"
     dtype="auto",                 # compute dtype: "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
-    reshard_after_forward=True, activation_checkpointing=False, compile=False,
+    reshard_after_forward=True,
+    activation_checkpointing="none",  # "none" | "full": recompute each layer in backward | "selective": keep the
+                                      # matmul and attention outputs, recompute norms, RoPE and activations
+    checkpoint_every=1,           # checkpoint every k-th decoder layer only (layers 0, k, 2k, ...); the ViT's all
+    compile=False,
     peak_tflops=0.0,              # per device, for MFU; 0 = look it up (0 on CPU: no MFU)
     # output
     out_dir="out/run", log_every=10, save_steps=500, keep_checkpoints=3,
@@ -398,13 +403,32 @@ def meta_model(config, model_cfg, log):
     if config["lora_targets"]:  # before sharding: FSDP2 shards the adapters like the rest
         adapted = M.apply_lora(model, config["lora_targets"], config["lora_rank"], config["lora_alpha"])
         log(f"LoRA rank {config['lora_rank']} alpha {config['lora_alpha']} on {len(adapted)} Linear layers")
-    if config["activation_checkpointing"]:
-        for layer in list(model.layers) + list(model.vit.layers):
-            layer.checkpoint = torch.utils.checkpoint.noop_context_fn
+    if config["activation_checkpointing"] != "none":
+        context = checkpoint_context(config["activation_checkpointing"])
+        for layer in list(model.layers)[::config["checkpoint_every"]] + list(model.vit.layers):
+            layer.checkpoint = context
     if config["compile"]:
         for layer in model.layers:
             layer.compile()
     return model
+
+
+SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,  # the linear layers
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.higher_order.flex_attention}
+
+
+def checkpoint_context(mode):
+    """The torch.utils.checkpoint context_fn of an activation checkpointing mode: "full" recomputes the whole layer;
+    "selective" saves what the matmuls and attention produce and recomputes only the cheap elementwise work."""
+    if mode == "full":
+        return torch.utils.checkpoint.noop_context_fn
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 def shard(model, mesh, dtype, config):
@@ -464,10 +488,10 @@ def weight_groups(trains):
 
 
 def optimizer_and_ema(model, params, config, device):
-    """AdamW over the local shards of the trainable parameters (fp32 masters: FSDP2 keeps the sharded parameters in
-    fp32); the EMA a sharded fp32 copy of them."""
+    """Fused AdamW over the local shards of the trainable parameters (fp32 masters: FSDP2 keeps the sharded parameters
+    in fp32); the EMA a sharded fp32 copy of them."""
     opt = torch.optim.AdamW(params, lr=config["lr"], betas=(config["beta1"], config["beta2"]), eps=config["eps"],
-                            weight_decay=config["weight_decay"], fused=device.type == "cuda")
+                            weight_decay=config["weight_decay"], fused=True)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config["ema"] else {}
     return opt, ema
 
@@ -484,7 +508,8 @@ def lr_at(config, step):
 def train_step(run, packs, lr, step=0):
     """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
     counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
-    packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules."""
+    packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules.
+    The step reads the GPU once, at its end, after the optimiser step is launched."""
     config, world, model = run.config, run.world, run.model
     off = [k for k, s in config["loss_off_from_step"].items() if step >= s]
     ce_w, mse_w = (0.0 if k in off else config[k + "_weight"] for k in ("ce", "mse"))
@@ -501,7 +526,8 @@ def train_step(run, packs, lr, step=0):
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
         pack = encode_images(run.vae, pack.to(run.device), run.dtype)
-        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0)
+        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0,
+                    ce_weights=pack.ce_weights if reweight else None)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce_tokens = out["ce"] * pack.ce_weights if reweight else out["ce"]
         ce = ce_tokens.sum() * world / (n_ce or 1)
@@ -516,26 +542,29 @@ def train_step(run, packs, lr, step=0):
     for p, stop in zip(run.params, stopped):
         if stop:  # scheduled freezing: no gradient, so AdamW leaves it
             p.grad = None
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config["max_grad_norm"], foreach=True)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = torch.stack([ce_sum, mse_sum]).double()
     dist.all_reduce(sums)
-    ce_tot, mse_tot, grad_norm = torch.cat([sums, grad_norm.double()[None]]).tolist()  # the step's one sync
-    ce_mean, mse_mean = ce_tot / (n_ce or 1), mse_tot / (n_mse or 1)
-    loss = ce_w * ce_mean + mse_w * mse_mean
-    ok = math.isfinite(loss) and math.isfinite(grad_norm)
-    if ok:
-        run.opt.step()
-        if run.ema:
-            with torch.no_grad():  # on the local shards: the EMA is sharded exactly like its parameter
-                ema, params = [local(e) for e in run.ema.values()], [local(p) for p in run.params]
-                torch._foreach_lerp_(ema, params, 1 - config["ema"])
-                for e, p, stop in zip(ema, params, stopped):
-                    if stop:  # frozen by its schedule: its EMA becomes the parameter itself (as IRG)
-                        e.copy_(p)
+    finite = torch.isfinite(grad_norm) & torch.isfinite(sums).all()
+    # Clipping and skipping happen inside the fused AdamW kernel: it divides the gradients by grad_scale, and where
+    # found_inf is set it leaves parameters and state as they were. No pass over the gradients, no host sync.
+    max_norm = config["max_grad_norm"]
+    run.opt.grad_scale = (grad_norm / max_norm).clamp(min=1.0).float() if max_norm else None
+    run.opt.found_inf = (~finite).float()
+    run.opt.step()
+    if run.ema:
+        with torch.no_grad():  # on the local shards: the EMA is sharded exactly like its parameter
+            ema, params = [local(e) for e in run.ema.values()], [local(p) for p in run.params]
+            torch._foreach_lerp_(ema, params, (1 - config["ema"]) * finite.float())  # a skipped step moves nothing
+            for e, p, stop in zip(ema, params, stopped):
+                if stop:  # frozen by its schedule: its EMA becomes the parameter itself (as IRG)
+                    e.copy_(p)
     run.opt.zero_grad(set_to_none=True)
-    return dict(ok=ok, loss=loss, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm, n_ce=n_ce, n_mse=n_mse,
-                tokens=tokens, flops=flops)
+    ce_tot, mse_tot, grad_norm, ok = torch.cat([sums, grad_norm.double()[None], finite.double()[None]]).tolist()
+    ce_mean, mse_mean = ce_tot / (n_ce or 1), mse_tot / (n_mse or 1)
+    return dict(ok=bool(ok), loss=ce_w * ce_mean + mse_w * mse_mean, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm,
+                n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops)
 
 
 def main(argv):

@@ -25,7 +25,7 @@ max_steps = 500_000               # official total_steps; stop earlier with --ma
 ema = 0.9999
 timestep_shift = 1.0
 freeze_vit = freeze_connector = freeze_llm = freeze_und = False  # everything but the (always frozen) VAE trains
-activation_checkpointing = True  # needed on 80 GB cards; on 141 GB H200s turn it off: ~1.6x faster (bench.py)
+activation_checkpointing = "full"  # needed on 80 GB cards (README: memory table); "selective" or "none" where it fits
 compile = True                    # per-layer torch.compile: ~1.4x faster; the first step compiles (minutes)
 reshard_after_forward = True      # FSDP2 full sharding of every block over the 8 GPUs
 dtype = "bf16"
