@@ -725,8 +725,9 @@ class Bagel(nn.Module):
 
     def embed(self, pack, timestep_shift, run_vit=None):
         """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token.
-        run_vit: run the ViT (default: when the pack has ViT images). Under FSDP every rank must make the same
-        choice (it enters the ViT's sharded modules), so train.py passes True when any rank has images."""
+        run_vit: run the ViT (default: when the pack has ViT images); when it does not, ViT tokens stay zero vectors
+        (the official visual_und=False). Under FSDP every rank must make the same choice (it enters the ViT's sharded
+        modules), so train.py passes True when any rank has images."""
         cfg, dtype = self.cfg, self.embed_tokens.weight.dtype
         x = self.embed_tokens.weight.new_zeros(pack.num_tokens, cfg.hidden_size)
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))

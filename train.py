@@ -59,7 +59,8 @@ DEFAULTS = dict(
     ema=0.9999,                   # EMA decay; 0 turns the EMA off
     # what trains
     freeze_vit=False, freeze_connector=False, freeze_llm=False, freeze_und=False,
-    visual_und=True, visual_gen=True,  # False: that side frozen, and the data must not use it (checked)
+    visual_und=True,              # False: ViT and connector frozen and never run; ViT tokens are zero vectors (official)
+    visual_gen=True,              # False: the generation side frozen, and the data must have no generation target
     freeze=[],                    # extra fnmatch patterns of parameter names to freeze
     train_only=[],                # if not empty: only parameters matching these patterns train
     lora_targets=[],              # fnmatch patterns of Linear layers given LoRA adapters; then only adapters train
@@ -209,8 +210,9 @@ def visible_pairs(pack):
     return pairs
 
 
-def pack_flops(pack, c: M.BagelConfig, trains):
-    """trains: {"und", "gen", "vit", "connector", "lm_head", "latent"} -> bool (weights of that group train).
+def pack_flops(pack, c: M.BagelConfig, trains, vit_runs=True):
+    """trains: {"und", "gen", "vit", "connector", "lm_head", "latent"} -> bool (weights of that group train);
+    vit_runs: False when the ViT is not run (visual_und off: its tokens are zeros).
     Exact for the matmuls when everything trains; when parts are frozen, the first decoder layer may count an
     input gradient that is not needed."""
     C, D, F_, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
@@ -227,10 +229,10 @@ def pack_flops(pack, c: M.BagelConfig, trains):
     flops += pack.mse_indexes.numel() * C * c.latent_dim * mult(trains["latent"], llm_grad)
     flops += n_gen * (c.latent_dim * C + 256 * C) * mult(trains["latent"], False)  # vae2llm, time mlp.0
     flops += n_gen * C * C * mult(trains["latent"], trains["latent"])             # time mlp.2
-    Cv, n_vit, vit = c.vit_hidden_size, pack.vit_patches.shape[0], trains["vit"]
+    Cv, n_vit, vit = c.vit_hidden_size, pack.vit_patches.shape[0] if vit_runs else 0, trains["vit"]
     flops += n_vit * 3 * c.vit_patch_size ** 2 * Cv * mult(vit, False)
     flops += c.vit_num_layers * n_vit * (4 * Cv * Cv + 2 * Cv * c.vit_intermediate_size) * mult(vit, vit)
-    flops += c.vit_num_layers * 4 * Cv * sum(n * n for n in pack.vit_lens) * (3 if vit else 1)
+    flops += c.vit_num_layers * 4 * Cv * sum(n * n for n in pack.vit_lens) * (3 if vit else 1) * vit_runs
     flops += n_vit * Cv * C * mult(trains["connector"], vit) + n_vit * C * C * mult(
         trains["connector"], vit or trains["connector"])
     return flops
@@ -497,8 +499,8 @@ def optimizer_and_ema(model, params, config, device):
 
 
 def lr_at(config, step):
-    if step < config["warmup_steps"]:
-        return config["lr"] * (step + 1) / config["warmup_steps"]
+    if step < config["warmup_steps"]:  # as the official schedule: step k of the warm-up at lr * k / W
+        return config["lr"] * step / config["warmup_steps"]
     if config["lr_schedule"] == "cosine":
         progress = (step - config["warmup_steps"]) / max(1, config["max_steps"] - config["warmup_steps"])
         return config["min_lr"] + 0.5 * (config["lr"] - config["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -526,7 +528,7 @@ def train_step(run, packs, lr, step=0):
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
         pack = encode_images(run.vae, pack.to(run.device), run.dtype)
-        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0,
+        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0 and config["visual_und"],
                     ce_weights=pack.ce_weights if reweight else None)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce_tokens = out["ce"] * pack.ce_weights if reweight else out["ce"]
@@ -537,7 +539,7 @@ def train_step(run, packs, lr, step=0):
             objective.backward()
         ce_sum, mse_sum = ce_sum + ce_tokens.detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
-        flops += pack_flops(pack, run.model_cfg, run.groups)
+        flops += pack_flops(pack, run.model_cfg, run.groups, vit_runs=config["visual_und"])
     stopped = [any(fnmatch(name, pat) for pat in frozen) for name in run.param_names]
     for p, stop in zip(run.params, stopped):
         if stop:  # scheduled freezing: no gradient, so AdamW leaves it
@@ -610,8 +612,8 @@ def main(argv):
         t0 = time.time()
         packs = [loader.next_pack() for _ in range(config["grad_accum"])]
         for pack in packs:
-            if (not config["visual_und"] and pack.vit_lens) or (not config["visual_gen"] and pack.mse_indexes.numel()):
-                raise SystemExit("visual_und/visual_gen is off but the data has ViT images/generation targets")
+            if not config["visual_gen"] and pack.mse_indexes.numel():
+                raise SystemExit("visual_gen is off but the data has generation targets")
         lr = lr_at(config, step)
         r = train_step(run, packs, lr, step)
         if r["ok"]:
