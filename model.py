@@ -540,10 +540,12 @@ class AutoEncoder(nn.Module):
         """Posterior mean and log-variance of images x [B, 3, H, W] in [-1, 1]."""
         return self.encoder(x).chunk(2, dim=1)
 
-    def encode(self, x, eps):
-        """Sampled, scaled latent; eps is the posterior noise (the same shape as the latent)."""
-        mean, logvar = self.moments(x)
+    def latent(self, mean, logvar, eps):
+        """The sampled, scaled latent of posterior moments; eps is the posterior noise (the shape of the latent)."""
         return self.scale * (mean + torch.exp(0.5 * logvar) * eps - self.shift)
+
+    def encode(self, x, eps):
+        return self.latent(*self.moments(x), eps)
 
     def decode(self, z):
         return self.decoder(z / self.scale + self.shift)
@@ -561,6 +563,9 @@ class PooledAE(nn.Module):
         mean = F.pixel_unshuffle(F.avg_pool2d(x, 4), 2)
         mean = F.pad(mean, (0, 0, 0, 0, 0, self.channels - mean.shape[1]))
         return mean, torch.full_like(mean, -math.inf)
+
+    def latent(self, mean, logvar, eps=None):
+        return mean
 
     def encode(self, x, eps=None):
         return self.moments(x)[0]
@@ -646,6 +651,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce):
         dh, dw, weights = ctx.saved_tensors
+        if not weights.numel():  # no CE token in this pack
+            return dh, dw, None, None, None
         c = (grad_ce * weights).sum() / (weights * weights).sum()
         torch._assert_async(((grad_ce - c * weights).abs() <= 1e-4 * grad_ce.abs().max() + 1e-30).all(),
                             "LinearCrossEntropy: the upstream gradient is not proportional to the CE weights")

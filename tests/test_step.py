@@ -3,6 +3,7 @@
 checkpointing modes (gradients identical to no checkpointing), the learning-rate schedule (the official warm-up), and
 the official visual_und=False (ViT tokens are zero vectors)."""
 import math
+import os
 
 import pytest
 import torch
@@ -99,3 +100,30 @@ def test_visual_und_off_leaves_vit_tokens_zero(tiny):
     vit[pack.vit_indexes] = True
     assert on[vit].abs().sum() > 0 and off[vit].abs().sum() == 0
     torch.testing.assert_close(off[~vit], on[~vit], atol=0, rtol=0)
+
+
+def test_latent_cache_gives_the_encoders_latents(tmp_path):
+    """The second epoch reads each image's posterior moments from the cache and draws the same latent the encoder
+    gives; a file that holds another image's moments is made again; another VAE uses another folder."""
+    _, vae, cfg = load_tiny()
+    g = torch.Generator().manual_seed(0)
+    image = lambda h, w: {"type": "vae_image", "latent": None, "loss": True, "pixels": torch.randint(
+        0, 256, (3, h, w), generator=g, dtype=torch.uint8)}  # uint8, as the loader gives them: two sizes
+    samples = [[image(32, 48)], [image(32, 48)], [image(48, 32)]]
+    pack = data.pack_samples(samples, {"im_start": 1, "im_end": 2, "vision_start": 3, "vision_end": 4},
+                             cfg.max_latent_size, cfg.vit_max_patches_per_side, generator=g)
+    fresh = lambda: data.Pack(**{**pack.__dict__, "vae_latents": list(pack.vae_latents)})
+    want = train.encode_images(vae, fresh(), torch.float32).vae_latents
+    cache = train.LatentCache(str(tmp_path), vae)
+    for epoch in range(2):
+        got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
+        for z, w in zip(got, want):
+            torch.testing.assert_close(z, w, atol=1e-6, rtol=1e-6)
+    assert (cache.misses, cache.hits) == (3, 3)
+    os.replace(cache.path(pack.vae_keys[1]), cache.path(pack.vae_keys[0]))  # image 0's file holds image 1's moments
+    got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    assert cache.misses == 5  # image 0 (not trusted) and image 1 (gone) encoded again
+    with torch.no_grad():
+        next(vae.parameters()).add_(1.0)
+    assert train.LatentCache(str(tmp_path), vae).folder != cache.folder
