@@ -363,12 +363,11 @@ def build(config):
     log(json.dumps(config, indent=1, default=str))
     log(model_cfg)
     model = meta_model(config, model_cfg, log)
+    trains = trainable_mask([n for n, _ in model.named_parameters()], config)
+    freeze(model, trains, dtype)
     shard(model, mesh, dtype, config)
     vae = load_weights(model, model_cfg, config, fresh, device, log)
     vae.requires_grad_(False).eval().to(dtype, memory_format=torch.channels_last)  # frozen, outside FSDP, no_grad
-    trains = trainable_mask([n for n, _ in model.named_parameters()], config)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trains[name])
     params = [p for p in model.parameters() if p.requires_grad]
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
@@ -438,6 +437,17 @@ def checkpoint_context(mode):
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
     return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def freeze(model, trains, dtype):
+    """requires_grad as `trains` says, and frozen weights stored in the compute dtype (on the meta device, before they
+    exist): only what trains needs an fp32 master (a LoRA run keeps its 14B base weights in bf16)."""
+    for prefix, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if trains[f"{prefix}.{name}" if prefix else name]:
+                p.requires_grad_(True)
+            else:
+                setattr(module, name, torch.nn.Parameter(p.to(dtype), requires_grad=False))
 
 
 def shard(model, mesh, dtype, config):

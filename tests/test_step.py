@@ -127,3 +127,20 @@ def test_latent_cache_gives_the_encoders_latents(tmp_path):
     with torch.no_grad():
         next(vae.parameters()).add_(1.0)
     assert train.LatentCache(str(tmp_path), vae).folder != cache.folder
+
+
+def test_frozen_weights_are_stored_in_the_compute_dtype():
+    """Only what trains keeps an fp32 master: a LoRA run's base weights (and any frozen part) are stored in the
+    compute dtype, its adapters in fp32; every parameter is there, with its name and shape."""
+    config = dict(train.DEFAULTS, lora_targets=["layers.*.und.q_proj", "vit.layers.*.v_proj"], lora_rank=2)
+    with torch.device("meta"):
+        bagel = M.Bagel(M.bagel_tiny())
+    M.apply_lora(bagel, config["lora_targets"], 2, 4.0)
+    before = {n: p.shape for n, p in bagel.named_parameters()}
+    trains = train.trainable_mask(list(before), config)
+    train.freeze(bagel, trains, torch.bfloat16)
+    after = dict(bagel.named_parameters())
+    assert {n: p.shape for n, p in after.items()} == before
+    for name, p in after.items():
+        assert (p.dtype, p.requires_grad) == ((torch.float32, True) if ".lora_" in name else (torch.bfloat16, False))
+    assert sum(trains.values()) == 2 * (bagel.cfg.num_layers + bagel.cfg.vit_num_layers)
