@@ -18,9 +18,9 @@ What train.py uses (everything else is the machinery behind it):
 Read top to bottom:
   1. Pack + pack_samples: the exact official BAGEL layout of a list of samples (tests/fixtures/bagel_tiny checks it)
   2. Tokenizer: tokenizers' tokenizer.json plus BAGEL's four special tokens; a tiny one built on the fly
-  3. Images: decode (with guards), the official resize rule, [-1, 1] tensors
+  3. Images: decode (with guards, EXIF, 16 bit), the official resize rule, [-1, 1] tensors; video frames
   4. Samples: a conversation in the OpenAI "messages" shape -> items, CFG condition dropout, the random draws
-  5. Readers: rows from json / jsonl / parquet / arrow files; the messages, official T2I / edit / VLM formats
+  5. Readers: rows from json / jsonl / parquet / arrow / tar files; the messages, official, IRG, UniCoT, recA formats
   6. The built-in dataset: coloured shapes with captions, questions and edit instructions
   7. Loader: sharding, weighted sources, a true first-fit packer, bad-input accounting, exact resume
 """
@@ -310,8 +310,7 @@ def rgb(img):
     its range (Pillow's own conversion clips at 255: a 16-bit image would come out white)."""
     if img.mode.startswith("I"):
         a = np.asarray(img).astype(np.float64)
-        top = 65535 if a.max() <= 65535 else a.max()
-        img = Image.fromarray(np.clip(a * (255 / top) + 0.5, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(a * (255 / max(65535, a.max())) + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "RGBA" or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         white = Image.new("RGB", img.size, (255, 255, 255))
@@ -396,9 +395,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def frame_indices(n, vlen, gen):
-    """Official get_frame_indices(sample="rand"): min(n, vlen) stretches of the clip, one frame drawn in each
-    (uniform over all but the stretch's last frame, sic); if any stretch is that short, min(n, vlen) distinct
-    random frames in order instead; then padded to n with the last one."""
+    """Official get_frame_indices(sample="rand"): min(n, vlen) stretches of the clip, a frame drawn from each but
+    its last one (sic); if a stretch is that short, min(n, vlen) distinct random frames in order; padded to n with
+    the last."""
     edges = np.linspace(0, vlen, min(n, vlen) + 1).astype(int).tolist()
     if all(b - 1 > a for a, b in zip(edges, edges[1:])):
         idx = [a + int(torch.randint(b - 1 - a, (), generator=gen)) for a, b in zip(edges, edges[1:])]
@@ -408,10 +407,9 @@ def frame_indices(n, vlen, gen):
 
 
 def video_frames(path, num_frames, gen):
-    """The official FrameSampler: n ~ uniform over num_frames = (min, max); a folder of frames (sorted by the number
-    in name_N.ext) gives all of them if it has at most n, else n by frame_indices; an animated image (Pillow:
-    GIF, WebP, APNG) or a video file (decord or PyAV, whichever is installed) gives n by frame_indices.
-    -> frame paths (a folder) or PIL images."""
+    """Official FrameSampler: n ~ U{num_frames = (min, max)}; a folder of frames (sorted by the number in
+    name_N.ext) gives all if it has at most n, else n by frame_indices; an animated image (Pillow) or a video file
+    (decord, the official reader, or PyAV) gives n by frame_indices. -> frame paths (a folder) or PIL images."""
     n = num_frames[0] + int(torch.randint(num_frames[1] - num_frames[0] + 1, (), generator=gen))
     if os.path.isdir(path):
         number = lambda f: (int(m.group(1)) if (m := re.search(r"_(\d+)\.\w+$", f)) else -1, f)
@@ -420,8 +418,6 @@ def video_frames(path, num_frames, gen):
             raise BadSample("missing_file", f"no frames in {path}")
         return [os.path.join(path, f) for f in (files if len(files) <= n else
                                                  [files[i] for i in frame_indices(n, len(files), gen)])]
-    if not os.path.isfile(path):
-        raise BadSample("missing_file", path)
     try:
         with Image.open(path) as img:  # an animated image (a still one: a clip of one frame)
             frames = []
@@ -429,14 +425,12 @@ def video_frames(path, num_frames, gen):
                 img.seek(i)
                 frames.append(rgb(img))
             return frames
+    except FileNotFoundError:
+        raise BadSample("missing_file", path)
     except Image.UnidentifiedImageError:
-        return decode_video(path, n, gen)
+        pass  # a video file
     except Exception as e:
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}"[:80])
-
-
-def decode_video(path, n, gen):
-    """n frames of a video file by frame_indices, read with decord (the official reader) or else PyAV."""
     for name in ("decord", "av"):
         try:
             reader = importlib.import_module(name)
@@ -449,14 +443,12 @@ def decode_video(path, n, gen):
         if name == "decord":
             video = reader.VideoReader(path, num_threads=1)
             return [Image.fromarray(x) for x in video.get_batch(frame_indices(n, len(video), gen)).asnumpy()]
-        with reader.open(path) as video:  # the container's frame count, else its packets counted
-            idx = frame_indices(n, video.streams.video[0].frames or sum(p.size > 0 for p in video.demux(video=0)), gen)
-        frames = []
-        with reader.open(path) as video:
-            for i, frame in enumerate(video.decode(video=0)):
-                frames += [frame.to_image()] * idx.count(i)
-                if i == idx[-1]:
-                    break
+        with reader.open(path) as video:  # PyAV: the container's frame count, else its packets counted
+            vlen = video.streams.video[0].frames or sum(p.size > 0 for p in video.demux(video=0))
+        idx = frame_indices(n, vlen, gen)
+        with reader.open(path) as video:  # decoded in order up to the last frame drawn
+            decoded = zip(range(idx[-1] + 1), video.decode(video=0))
+            frames = [f.to_image() for i, f in decoded for _ in range(idx.count(i))]
     except Exception as e:
         raise BadSample("corrupt_video", f"{type(e).__name__}: {e}"[:80])
     if len(frames) < n:
@@ -465,9 +457,10 @@ def decode_video(path, n, gen):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Samples. Every reader produces a conversation: a list of parts (role, "text", str) | (role, "image", ref)
-# [| (role, "video", ref), which readers turn into frames], roles system / user / assistant. build_sample turns it into items (LMMS Engine conventions, which are the
-# official BAGEL plans) and makes every random draw the sample needs from the sample's own generator.
+# 4. Samples. Every reader produces a conversation: a list of parts (role, "text", str) | (role, "image", ref),
+# roles system / user / assistant (a video is its frames). build_sample turns it into items (LMMS Engine
+# conventions, which are the official BAGEL plans) and makes every random draw the sample needs from the sample's
+# own generator.
 
 ROLES = ("system", "user", "assistant")
 
@@ -525,12 +518,6 @@ RULE_FLAGS = ("loss", "vae", "vit", "droppable")
 PARTS_LEFT_OUT = {}  # reason -> bad parts left out of otherwise good rows (IRG's rule) in this process
 
 
-def left_out(e: BadSample):
-    n = PARTS_LEFT_OUT[e.reason] = PARTS_LEFT_OUT.get(e.reason, 0) + 1
-    if n <= 20 or n % 1000 == 0:
-        logging.getLogger("nanobagel.data").warning("data: left out a bad part of a row: %s [%d so far]", e, n)
-
-
 def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout):
     """Items of one conversation:
     - system/user text: no loss; assistant text: CE on its ids and the closing <|im_end|>.
@@ -567,14 +554,16 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
             items.append(text_item(tok.encode(value), loss=flags.get("loss", False), droppable=droppable))
             continue
         loss, vae_copy, vit_copy = (flags.get(k, False) for k in ("loss", "vae", "vit"))
-        if not (loss or vae_copy or vit_copy):
-            raise BadSample("malformed_row", "an image part with no use (need_loss, need_vae, need_vit all false)")
         try:
+            if not (loss or vae_copy or vit_copy):
+                raise BadSample("malformed_row", "an image part with no use (need_loss, need_vae, need_vit all false)")
             img = load_image(value)
         except BadSample as e:
             if not extra.get("optional"):
                 raise
-            left_out(e)
+            n = PARTS_LEFT_OUT[e.reason] = PARTS_LEFT_OUT.get(e.reason, 0) + 1
+            if n <= 20 or n % 1000 == 0:
+                log.warning("data: left out a bad part of a row: %s [%d %s so far]", e, n, e.reason)
             continue
         vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
         if loss:
@@ -629,12 +618,11 @@ COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["ima
            "vlm": ["conversations"], "irg": ["conversation"], "reca": ["image"], "shapes": ["index"],
            "unicot": []}  # two row shapes: checked per row
 
-# recA's prompts ask for a description (recA's own list is all description requests): with the ViT view as the
-# condition the model is asked to say, densely, what it sees; never to copy it
+# recA's prompts ask for a description, as recA's own (all description requests, none says copy): with the ViT
+# view as the condition, the model is asked to say densely what it sees
 RECON_PROMPTS = [f"{ask} {what}." for ask in (
     "Describe", "Describe in detail", "Give a detailed description of", "Write a dense caption for",
-    "Provide a thorough account of", "Explain, element by element,")
-    for what in (
+    "Provide a thorough account of", "Explain, element by element,") for what in (
     "the image", "this picture", "the scene shown here", "every object in the image, with its colour and place",
     "the composition, colours and lighting of this picture", "the style, medium and mood of the image",
     "the subjects, their textures and the background", "the layout of the scene from left to right",
@@ -653,6 +641,11 @@ def cached(cache, key, make):
     return value
 
 
+def pread(file, cache, offset, size):
+    """Bytes of an open file, read positionally: no shared seek state."""
+    return os.pread(cached(cache, file, lambda: open(file, "rb")).fileno(), size, offset)
+
+
 def open_file_rows(file, cache):
     """-> (number of rows, row starts of blocks read together, get(i) -> dict, column names or None)."""
     if file.endswith(".jsonl"):
@@ -665,11 +658,10 @@ def open_file_rows(file, cache):
         spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
 
         def get(i):
-            f = cached(cache, file, lambda: open(file, "rb"))
             start, end = spans[i].tolist()
             try:
-                return json.loads(os.pread(f.fileno(), end - start, start))  # positional: no shared seek state
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return json.loads(pread(file, cache, start, end - start))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 raise BadSample("malformed_json", str(e)[:80])
         return len(spans), np.arange(len(spans) + 1), get, None
     if file.endswith(".json"):
@@ -708,21 +700,17 @@ def open_file_rows(file, cache):
                     members.setdefault(os.path.join(folder, key), {})[ext.lower()] = (m.offset_data, m.size)
         keys = list(members)
 
-        def get(i):
-            f = cached(cache, file, lambda: open(file, "rb"))
-            row = {"__key__": keys[i]}
-            for ext, (offset, size) in members[keys[i]].items():
-                blob = os.pread(f.fileno(), size, offset)
-                if ext in ("json", "txt"):
-                    try:
-                        row[ext] = json.loads(blob) if ext == "json" else blob.decode()
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        raise BadSample("malformed_json" if ext == "json" else "malformed_row", f"{ext}: {e}"[:80])
-                else:
-                    row[ext] = blob
-                    if "." + ext.rpartition(".")[2] in IMAGE_EXTENSIONS:
-                        row.setdefault("image", blob)
-            return {**row.get("json", {}), **row} if isinstance(row.get("json"), dict) else row
+        def get(i):  # {"__key__", a member per extension (json decoded, txt as text), "image": the image member}
+            row = {"__key__": keys[i], **{ext: pread(file, cache, *at) for ext, at in members[keys[i]].items()}}
+            try:
+                row.update({k: json.loads(row[k]) if k == "json" else row[k].decode() for k in ("json", "txt")
+                            if k in row})
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise BadSample("malformed_json", str(e)[:80])
+            images = [v for k, v in row.items() if "." + k.rpartition(".")[2] in IMAGE_EXTENSIONS]
+            if images:
+                row.setdefault("image", images[0])
+            return {**row["json"], **row} if isinstance(row.get("json"), dict) else row  # its fields: columns too
         return len(keys), np.arange(len(keys) + 1), get, None
     raise ValueError(f"{file}: unknown data file type (expected one of {EXTENSIONS})")
 
@@ -751,6 +739,11 @@ class Rows:
             starts.append(starts[-1] + n)
         self.starts = np.array(starts, dtype=np.int64)
         self.block_starts = np.concatenate(blocks + [self.starts[-1:]])  # last entry: the total
+        if self.columns is None and len(self):  # json, jsonl, tar: the first row's keys
+            try:
+                self.columns = list(self[0])
+            except BadSample:
+                pass
 
     def __len__(self):
         return int(self.starts[-1])
@@ -884,9 +877,6 @@ def read_irg(r, gen, src):
                 parts.append(("assistant", "text", value, {"loss": bool(part.get("need_loss", True))}))
             elif kind == "image":
                 flags = {k: bool(part.get("need_" + k, False)) for k in ("loss", "vae", "vit")}
-                if not any(flags.values()):
-                    left_out(BadSample("malformed_row", "an image part with need_loss, need_vae, need_vit all false"))
-                    continue
                 ref = value if value.startswith("data:") else "data:;base64," + value  # decoded by open_image
                 parts.append(("assistant", "image", ref, {**flags, "optional": True}))
     if not parts:
@@ -966,12 +956,13 @@ class Source:
         self.format = format or ("shapes" if path == "shapes" else "messages")
         if self.format not in READERS:
             raise ValueError(f"unknown source format {self.format!r} (formats: {', '.join(READERS)})")
-        if not weight > 0:
-            raise ValueError(f"source {path}: weight must be > 0, got {weight}")
-        if not 0 <= think_drop <= 1:
-            raise ValueError(f"source {path}: think_drop must be in [0, 1], got {think_drop}")
-        if not 1 <= num_frames[0] <= num_frames[1]:
-            raise ValueError(f"source {path}: num_frames must be (min, max) with 1 <= min <= max, got {num_frames}")
+        for ok, need in [(weight > 0, f"weight must be > 0, got {weight}"),
+                         (0 <= think_drop <= 1, f"think_drop must be in [0, 1], got {think_drop}"),
+                         (1 <= num_frames[0] <= num_frames[1], f"num_frames must be (min, max), got {num_frames}"),
+                         (num_used_data is None or isinstance(num_used_data, int) and num_used_data > 0,
+                          f"num_used_data must be a positive int, got {num_used_data!r}")]:
+            if not ok:
+                raise ValueError(f"source {path}: {need}")
         self.path, self.weight, self.name, self.think_drop = path, weight, name or str(path), think_drop
         self.image_size, self.seed, self.num_frames = image_size, seed, tuple(num_frames)
         self.allow_absolute_paths = allow_absolute_paths
@@ -988,17 +979,10 @@ class Source:
         total = len(self.rows)
         if total == 0:
             raise ValueError(f"source {self.name}: no rows")
-        if num_used_data is not None and not (isinstance(num_used_data, int) and num_used_data > 0):
-            raise ValueError(f"source {path}: num_used_data must be a positive int, got {num_used_data!r}")
         self.num_used = num_used_data or total  # rows i and i + total are the same row
         copies = np.concatenate([self.rows.block_starts[:-1] + k * total for k in range(-(-self.num_used // total))])
         self.block_starts = np.append(copies[copies < self.num_used], self.num_used)
         columns = self.rows.columns
-        if columns is None:  # json/jsonl/tar: look at the first row
-            try:
-                columns = list(self.rows[0])
-            except BadSample:
-                columns = None
         missing = [c for c in COLUMNS[self.format] if columns is not None and c not in columns]
         if missing:
             raise ValueError(f"source {self.name} ({self.format}): missing column(s) {missing}; found {columns}")
@@ -1037,8 +1021,6 @@ class Source:
 
     def frames(self, ref, gen):
         """A video path of a row -> its sampled frames (video_frames)."""
-        if not isinstance(ref, str):
-            raise BadSample("bad_image_ref", f"a video given as {type(ref).__name__}, not a path")
         return video_frames(self.locate(ref), self.num_frames, gen)
 
 
@@ -1381,8 +1363,7 @@ class Loader:
 
 def guess_format(path):
     """The format whose required columns a file or folder has (messages when several fit), or None."""
-    rows = Rows(path)
-    columns = rows.columns or list(rows[0])
+    columns = Rows(path).columns or []
     fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
     return "messages" if "messages" in fits else (fits[0] if fits else None)
 
@@ -1395,7 +1376,7 @@ def main(argv):
     formats = ", ".join(f for f in READERS if f != "shapes")
     parser = argparse.ArgumentParser(
         description="Pack a few batches from datasets as train.py would, and report fill, skips and speed.",
-        epilog=f"PATH is a data file or folder (.jsonl .json .parquet .arrow), 'shapes' for the built-in dataset, or a "
+        epilog=f"PATH is a data file or folder ({' '.join(EXTENSIONS)}), 'shapes' for the built-in dataset, or a "
                f"train.py config (.py) whose sources to check. FORMAT: {formats}; guessed from the columns if left "
                f"out.")
     parser.add_argument("paths", nargs="*", default=["shapes"], metavar="PATH[:FORMAT]")
