@@ -494,7 +494,7 @@ def parse_messages(messages):
                 parts.append((role, "text", c["text"]))
             elif kind in ("image_url", "video_url"):
                 url = c.get(kind)
-                parts.append((role, kind[:5], url.get("url") if isinstance(url, dict) else url))
+                parts.append((role, kind.removesuffix("_url"), url.get("url") if isinstance(url, dict) else url))
             elif kind in ("image", "video"):
                 parts.append((role, kind, c.get(kind)))
             else:
