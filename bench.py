@@ -5,6 +5,17 @@
     torchrun --nproc_per_node=2 bench.py               # FSDP2 over 2 GPUs (one pack per GPU)
     python bench.py nsa check|init|bench|breakdown|sweep [N] [KERNELS]   # NSA (nsa.py) on one GPU
 
+Options of the step benchmark (besides any train.py key: python train.py --help):
+    --data=synthetic          the fixed pack below (default); real: configs/sft.py's mixture of generated photos in
+                              the official formats, through data.Loader; real:t2i, real:edit, real:vlm: one of them;
+                              long:N: one interleaved sample of N positions
+    --steps=12                measured steps, after 3 warm-up steps
+    --rows=200                rows per generated dataset (--data=real*), written once to $BENCH_DATA
+                              (default /tmp/nanobagel_bench_data)
+    --device=cpu              run on the CPU anyway, with a small model: --model=tiny --compile=False
+                              --model_args="{'attn_backend':'sdpa'}" --packing_length=4096
+    BENCH_PROFILE=N           environment: also print torch.profiler's top N ops of two more steps
+
 The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
 master weights and AdamW state (FSDP2), the frozen VAE encoding included.
@@ -151,12 +162,16 @@ def main(argv):
     config.update(BENCH)
     options = {"data": "synthetic", "steps": "12", "rows": "200"}
     for arg in argv:  # the same --key=value overrides as train.py, and the bench's own options
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r} (python bench.py --help)")
         key, value = arg[2:].split("=", 1)
         if key in options:
             options[key] = value
         else:
             train.set_key(config, key, train.literal(value), "command line")
     config["model_args"] = {**BENCH["model_args"], **config["model_args"]}
+    if config["device"] != "cpu" and not torch.cuda.is_available():  # before building BAGEL's width (~27 GB)
+        raise SystemExit("bench.py needs a CUDA GPU (--device=cpu runs it on the CPU, with a small model: --help)")
     steps, warmup = int(options["steps"]), 3
     kind = options["data"]
     if kind.startswith("real"):

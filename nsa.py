@@ -1197,3 +1197,8 @@ class NSA(torch.nn.Module):
         o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
         g = gate_values(x, self.gate.weight, self.num_heads).to(o_cmp.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+
+
+if __name__ == "__main__":
+    raise SystemExit("nsa.py is a library; its command line is bench.py's: "
+                     "python bench.py nsa check|init|bench|breakdown|sweep")

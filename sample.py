@@ -18,7 +18,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 from model import PackAttention, Rotary, expert_order, sdpa, span_layout, unpatchify
@@ -238,21 +238,47 @@ def generate_image(model, vae, tokenizer, prompt, image=None, image_size=(1024, 
     return decode_image(vae, tokens, (h, w), cfg)
 
 
-def make_grid(images, cols=None):
-    """Images side by side, `cols` per row (default: all in one row), on black."""
+def make_grid(images, cols=None, captions=None, min_side=0):
+    """Images side by side, `cols` per row (default: all in one row), on black. An image smaller than min_side is
+    enlarged by a whole factor (nearest: its pixels stay sharp). With captions, caption i is written under image i
+    (wrapped) and the cells are parted by grey lines."""
+    scale = max(1, -(-min_side // min(min(im.size) for im in images)))
+    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     cols = cols or len(images)
     rows = -(-len(images) // cols)
-    W, H = max(im.width for im in images), max(im.height for im in images)
-    grid = Image.new("RGB", (cols * W, rows * H))
+    font = ImageFont.load_default(size=max(11, max(im.width for im in images) // 18))
+    gap, line_height = (4, font.size + 4) if captions else (0, 0)
+    W, H = max(im.width for im in images) + gap, max(im.height for im in images) + gap
+    lines = [wrap(text, font, W - 8) for text in captions] if captions else [[]]
+    cell = H + line_height * max(len(ls) for ls in lines) + gap
+    grid = Image.new("RGB", (cols * W - gap, rows * cell - gap), (96, 96, 96) if captions else (0, 0, 0))
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * W, (i // cols) * H))
+        x, y = (i % cols) * W, (i // cols) * cell
+        draw.rectangle([x, y, x + W - gap - 1, y + cell - gap - 1], fill=(0, 0, 0))
+        grid.paste(im, (x, y))
+        for k, line in enumerate(lines[i] if captions else []):
+            draw.text((x + W // 2, y + H + k * line_height), line, fill="white", font=font, anchor="ma")
     return grid
 
 
+def wrap(text, font, width):
+    """Words into lines no wider than width pixels (a longer word gets a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 @torch.no_grad()
-def sample_grid(model, vae, tokenizer, prompts, image_size=(1024, 1024), seed=0, cols=None, **settings):
+def sample_grid(model, vae, tokenizer, prompts, image_size=(1024, 1024), seed=0, cols=None, captioned=False,
+                **settings):
     """One PIL grid of text-to-image samples, prompt i drawn with seed + i (the same noise at every call, so grids
-    from successive training steps are comparable). train.py writes it to samples/step_XXXXXX.png."""
+    from successive training steps are comparable); captioned: each prompt written under its image, and images
+    under 256 px enlarged. train.py writes it to samples/step_XXXXXX.png."""
     was_training = model.training
     model.eval()
     fsdp = hasattr(model, "unshard")  # FSDP2 root: its own weights (embeddings, heads) gathered for direct calls;
@@ -265,7 +291,7 @@ def sample_grid(model, vae, tokenizer, prompts, image_size=(1024, 1024), seed=0,
         if fsdp:
             model.reshard()
         model.train(was_training)
-    return make_grid(images, cols)
+    return make_grid(images, cols, prompts, 256) if captioned else make_grid(images, cols)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python train.py configs/tiny.py                       # one process (CPU or one GPU)
     python train.py configs/tiny.py --max_steps=50        # --key=value overrides, type-checked
+    python train.py --help                                # every config key, its default and what it does
     torchrun --nproc_per_node=8 train.py configs/sft.py   # one node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/sft.py
 
@@ -9,15 +10,19 @@ The same code path everywhere: even a single process runs as a world of one, so 
 the loss normalisation are always the ones a cluster uses.
 """
 import ast
+import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
@@ -35,6 +40,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import convert
 import data
 import model as M
+import plot
 
 # ----------------------------------------------------------------------------------------------
 # Config: defaults here; a config file is plain Python assignments; --key=value overrides.
@@ -54,6 +60,8 @@ DEFAULTS = dict(
     packing_length=4096,          # LLM positions per pack (per rank, per micro-step)
     text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,  # CFG condition dropout
     seed=1234,
+    val_sources=[],               # held-out data, as sources: validation CE and MSE on val_packs fixed packs of it
+    val_packs=4,                  # (the same samples, timesteps and noise at every evaluation and in every run)
     # optimisation
     max_steps=1000, grad_accum=1,
     lr=1e-4, min_lr=1e-7, warmup_steps=100, lr_schedule="constant",  # "constant" | "cosine"
@@ -85,7 +93,10 @@ DEFAULTS = dict(
     peak_tflops=0.0,              # per device, for MFU; 0 = look it up (0 on CPU: no MFU)
     # output
     out_dir="out/run", log_every=10, save_steps=500, keep_checkpoints=3,
+    eval_every=500,               # validation every N steps and at the last (with val_sources)
     wandb_project="",             # also log to wandb (must be installed; not a dependency) when set
+    wandb_name="",                # the wandb run's name; "" = out_dir's last folder
+    wandb_mode="online",          # "online" | "offline" (synced later with `wandb sync`)
     export_dtype="fp32",          # final consolidated safetensors: "fp32" | "bf16"
     save_ema_as_default=True,     # export/ has ema.safetensors, which sample.py and --init_from prefer; False: export/
                                   # holds the raw weights alone, the EMA goes to export_ema/ (recA wants the raw ones)
@@ -110,7 +121,7 @@ def load_config(argv):
             set_key(config, key, value, path)
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
+            raise SystemExit(f"expected --key=value, got {arg!r} (python train.py --help lists the keys)")
         key, text = arg[2:].split("=", 1)
         set_key(config, key, literal(text), "command line")
     return config
@@ -126,13 +137,54 @@ def literal(text):
 
 def set_key(config, key, value, where):
     if key not in DEFAULTS:
-        raise SystemExit(f"{where}: unknown config key {key!r}")
+        raise SystemExit(f"{where}: unknown config key {key!r}{did_you_mean(key, DEFAULTS)}")
     want = type(DEFAULTS[key])
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r}")
     config[key] = value
+
+
+def did_you_mean(word, options):
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def usage():
+    """--help: the docstring, then every config key with its default and the comment beside it in DEFAULTS, section
+    by section (read from this file: the help is the defaults' own documentation)."""
+    with open(__file__) as f:
+        block = f.read().split("\nDEFAULTS = dict(\n", 1)[1].split("\n)\n", 1)[0]
+    show = lambda v: (v or '""') if isinstance(v, str) else repr(v)
+    lines = [__doc__.strip(), "", "Config keys and their defaults (a config file assigns them; --key=value overrides):"]
+    for line in block.splitlines():
+        code, _, comment = line.partition("#")
+        if code.strip():
+            keys = " ".join(f"--{k}={show(DEFAULTS[k])}" for k in re.findall(r"(\w+)=", code))
+            wide = len(keys) > 40 and comment  # its comment on a line of its own
+            lines.append(f"  {keys:<40} {'' if wide else comment.strip()}".rstrip())
+            lines += [" " * 43 + comment.strip()] if wide else []
+        elif line.startswith("    # "):  # a section
+            lines += ["", comment.strip()]
+        else:  # the comment above goes on
+            lines.append(" " * 43 + comment.strip())
+    return "\n".join(lines)
+
+
+def preflight(config):
+    """What can fail before a process group starts, one line naming the config key: every path the config names,
+    and wandb when asked for (an unedited configs/sft.py must not cost a cluster start)."""
+    paths = [("init_from", config["init_from"]), ("tokenizer", config["tokenizer"])]
+    for key in ("sources", "val_sources"):
+        for i, src in enumerate(config[key]):
+            paths += [(f"{key}[{i}]['{k}']", src[k]) for k in ("path", "data_folder")
+                      if src.get(k) not in (None, "shapes")]
+    for key, path in paths:
+        if path and not os.path.exists(path):
+            raise SystemExit(f"{key}: {path!r} does not exist (README: Weights and data)")
+    if config["wandb_project"] and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("wandb_project is set but wandb is not installed (pip install wandb)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +358,7 @@ def save_checkpoint(ckpt_dir, step, model, opt, ema, extra, config, rank, world,
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
+    return final
 
 
 def latest_checkpoint(ckpt_dir):
@@ -370,8 +423,6 @@ def build(config):
     random.seed(config["seed"] + rank)
     model_cfg, fresh = model_config(config, rank == 0, device)
     tokenizer = load_tokenizer(config, model_cfg)
-    log(json.dumps(config, indent=1, default=str))
-    log(model_cfg)
     model = meta_model(config, model_cfg, log)
     trains = trainable_mask([n for n, _ in model.named_parameters()], config)
     freeze(model, trains, dtype)
@@ -380,8 +431,11 @@ def build(config):
     vae.requires_grad_(False).eval().to(dtype, memory_format=torch.channels_last)  # frozen, outside FSDP, no_grad
     params = [p for p in model.parameters() if p.requires_grad]
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
-        f"trainable), world {world}, device {device}, compute {dtype}")
+    c = model_cfg
+    log(f"model: {c.num_layers} layers x {c.hidden_size} ({c.num_heads} heads, {c.num_kv_heads} KV), ffn "
+        f"{c.intermediate_size}, vocab {c.vocab_size}, ViT {c.vit_num_layers} x {c.vit_hidden_size}, {c.vae_kind} AE, "
+        f"{c.attn_backend} attention | {sum(p.numel() for p in model.parameters()):,} parameters "
+        f"({sum(p.numel() for p in params):,} trainable) | world {world}, {device}, {dtype}")
     opt, ema = optimizer_and_ema(model, params, config, device)
     cache = LatentCache(config["latent_cache"], vae) if config["latent_cache"] else None
     return Run(config, rank, world, device, dtype, log, model, vae, model_cfg, tokenizer, params, param_names,
@@ -596,32 +650,70 @@ def train_step(run, packs, lr, step=0):
                 n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops)
 
 
-def make_loader(run, seed):
-    """This rank's data.Loader over the config's sources."""
+@torch.no_grad()
+def evaluate(run, packs):
+    """Validation CE and MSE (per-token means over all the packs) and their weighted sum, of the weights as they are.
+    Pack i runs on rank i % world; a rank short of a pack runs pack 0 again, uncounted: FSDP needs every rank in
+    every forward."""
+    config, world = run.config, run.world
+    run_vit = config["visual_und"] and any(p.vit_lens for p in packs)
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)
+    for i in range(run.rank, -(-len(packs) // world) * world, world):
+        out = run.model(packs[i % len(packs)], timestep_shift=config["timestep_shift"], run_vit=run_vit)
+        if i < len(packs):
+            sums += torch.stack([out["ce"].sum(), out["mse"].sum(), torch.tensor(out["ce"].numel()),
+                                 torch.tensor(out["mse"].numel())]).double()
+    dist.all_reduce(sums)
+    ce_sum, mse_sum, n_ce, n_mse = sums.tolist()
+    ce, mse = ce_sum / (n_ce or 1), mse_sum / (n_mse or 1)
+    return dict(loss=config["ce_weight"] * ce + config["mse_weight"] * mse, ce=ce, mse=mse)
+
+
+def make_loader(run, seed, validation=False):
+    """This rank's data.Loader over the config's sources; validation=True: the val_sources' loader, the same on every
+    rank and without condition dropout."""
     config = run.config
-    dropout = [config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
-    return data.Loader([data.Source(**src) for src in config["sources"]], run.tokenizer, config["packing_length"],
-                       dropout, max_latent_size=run.model_cfg.max_latent_size,
-                       vit_side=run.model_cfg.vit_max_patches_per_side, seed=seed, rank=run.rank,
-                       world_size=run.world, **config["data_args"])
+    dropout = [0.0 if validation else config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
+    sources = config["val_sources" if validation else "sources"]
+    rank, world, data_args = (0, 1, {**config["data_args"], "prefetch": 0}) if validation else \
+        (run.rank, run.world, config["data_args"])
+    return data.Loader([data.Source(**src) for src in sources], run.tokenizer, config["packing_length"], dropout,
+                       max_latent_size=run.model_cfg.max_latent_size, vit_side=run.model_cfg.vit_max_patches_per_side,
+                       seed=seed, rank=rank, world_size=world, **data_args)
+
+
+def validation_packs(run):
+    """val_packs packs of val_sources, made once and encoded by the VAE. Their loader's seed is fixed (0) and it
+    seeds every draw by the sample, so the samples, timesteps and noise are the same at every evaluation and in
+    every run over these val_sources, whatever the training seed or world size."""
+    loader = make_loader(run, 0, validation=True)
+    return [encode_images(run.vae, loader.next_pack().to(run.device), run.dtype, run.latent_cache)
+            for _ in range(run.config["val_packs"])]
 
 
 def main(argv):
     """Train as the config and --key=value overrides say; ends the process when done (finish_distributed), so run
     it as a script or a subprocess, not inside a Python session you want to keep."""
+    if {"-h", "--help"} & set(argv):
+        print(usage())
+        return
     config = load_config(argv)
+    preflight(config)
+    if os.environ.get("RANK", "0") == "0":
+        keep_console(config, argv)
     run = build(config)
-    log, master, device, world = run.log, run.master, run.device, run.world
+    log, device = run.log, run.device
 
     loader = make_loader(run, config["seed"])
+    val_packs = validation_packs(run) if config["val_sources"] else []
 
     # --- resume: the newest complete checkpoint in out_dir, if any ---
     ckpt_dir = os.path.join(config["out_dir"], "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    step, bad_in_row, skipped = 0, 0, 0
+    step, bad_in_row, skipped, elapsed = 0, 0, 0, 0.0
     resume = latest_checkpoint(ckpt_dir)
     if resume:
-        step, extra = load_checkpoint(resume, run.model, run.opt, run.ema, run.rank, world)
+        step, extra = load_checkpoint(resume, run.model, run.opt, run.ema, run.rank, run.world)
         if extra is None:
             log(f"world size changed: model, optimiser and EMA resharded; the data order restarts from seed "
                 f"{config['seed'] + step} (per-rank loader states do not map across world sizes)")
@@ -629,16 +721,10 @@ def main(argv):
         else:
             loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"], device)
-            bad_in_row, skipped = extra["bad_in_row"], extra["skipped"]
+            bad_in_row, skipped, elapsed = extra["bad_in_row"], extra["skipped"], extra.get("elapsed_s", 0.0)
         log(f"resumed from {resume} at step {step}")
 
-    metrics = open(os.path.join(config["out_dir"], "metrics.jsonl"), "a") if master else None
-    wandb = None
-    if config["wandb_project"] and master:
-        import wandb  # optional: asked for, so a missing install is an error
-        wandb.init(project=config["wandb_project"], config=config, dir=config["out_dir"], resume="allow")
-    peak = peak_flops(device, config["peak_tflops"])
-    window_time, window_tokens, window_flops = 0.0, 0, 0
+    progress = Progress(run, elapsed)
     while step < config["max_steps"]:
         t0 = time.time()
         packs = [loader.next_pack() for _ in range(config["grad_accum"])]
@@ -658,39 +744,163 @@ def main(argv):
         step += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        window_time += time.time() - t0
-        window_tokens, window_flops = window_tokens + r["tokens"], window_flops + r["flops"]
+        progress.add(r, time.time() - t0)
 
-        if step % config["log_every"] == 0 or step == config["max_steps"]:
-            tokens, flops = all_sum([window_tokens, window_flops], device)
-            tok_s = tokens / window_time
-            mfu = flops / window_time / (peak * world) if peak else 0.0
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            log(f"step {step} | loss {r['loss']:.4f} | ce {r['ce']:.4f} | mse {r['mse']:.4f} | lr {lr:.2e} | "
-                f"grad {r['grad_norm']:.3f} | {tok_s:,.0f} tok/s | mfu {mfu:.3f} | mem {mem:.1f} GiB | "
-                f"fill {loader.stats['fill']:.1%} | skipped {skipped}")
-            if master:
-                keep = ("loss", "ce", "mse", "grad_norm", "n_ce", "n_mse")
-                row = dict(step=step, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, skipped=skipped,
-                           **{k: r[k] for k in keep})
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if wandb:
-                    wandb.log(row, step=step)
-            window_time, window_tokens, window_flops = 0.0, 0, 0
+        last = step == config["max_steps"]
+        val = evaluate(run, val_packs) if val_packs and (step % config["eval_every"] == 0 or last) else None
+        if step == 1 or step % config["log_every"] == 0 or val or last:
+            progress.report(step, lr, loader.stats["fill"], skipped, val)
         if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
-            write_samples(run, step)
-        if step % config["save_steps"] == 0 or step == config["max_steps"]:
+            progress.image(step, write_samples(run, step))
+        if step % config["save_steps"] == 0 or last:
             extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
-                     "skipped": skipped}
-            save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, config, run.rank, world,
-                            config["keep_checkpoints"])
+                     "skipped": skipped, "elapsed_s": progress.elapsed()}
+            path = save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, config, run.rank, run.world,
+                                   config["keep_checkpoints"])
+            log(f"checkpoint: {path}")
     export(run)
-    if master:
-        metrics.close()
-        if wandb:
-            wandb.finish()
+    progress.finish(step)
     finish_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# What the user sees: rank 0's console (kept in out_dir/train.log), progress lines, metrics.jsonl and its plot, wandb
+
+class Tee:
+    """A console stream that also writes to a file."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the console's
+        return getattr(self.stream, name)
+
+
+def keep_console(config, argv):
+    """Rank 0's console also goes to out_dir/train.log (appended: a resume adds to it) and the resolved config to
+    out_dir/config.json; then the run's first lines: the command, where its files go, the config in brief."""
+    out = config["out_dir"]
+    os.makedirs(out, exist_ok=True)
+    log_file = open(os.path.join(out, "train.log"), "a", buffering=1)
+    sys.stdout, sys.stderr = Tee(sys.stdout, log_file), Tee(sys.stderr, log_file)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1, default=str)
+    changed = ", ".join(f"{k}={v!r}" for k, v in config.items() if v != DEFAULTS[k])
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} python train.py {' '.join(argv)}\n"
+          f"out_dir {out}: train.log, config.json (the full config), metrics.jsonl and metrics.png, samples/, "
+          f"checkpoints/, export/")
+    print(textwrap.fill(f"config (--help lists every key): {changed or 'the defaults'}", 120, subsequent_indent="  "))
+
+
+def duration(seconds):
+    """3m10s, 2h05m, 45s."""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def start_wandb(config):
+    """wandb (asked for by wandb_project): the run named wandb_name (default: out_dir's folder name), online or
+    offline; its id is kept in out_dir/wandb_id, so that a resumed training goes on in the same wandb run."""
+    import wandb
+    id_file = os.path.join(config["out_dir"], "wandb_id")
+    if not os.path.exists(id_file):
+        with open(id_file, "w") as f:
+            f.write(wandb.util.generate_id())
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    wandb.init(project=config["wandb_project"], id=run_id, resume="allow", mode=config["wandb_mode"], config=config,
+               name=config["wandb_name"] or os.path.basename(os.path.abspath(config["out_dir"])),
+               dir=config["out_dir"])
+    return wandb
+
+
+class Progress:
+    """What the loop reports, from rank 0: a line at step 1, every log_every steps, at each validation and at the end,
+    with the means over the steps since the last line (the window), s/step, elapsed time and ETA; the same numbers
+    as a row of metrics.jsonl, drawn in metrics.png; wandb when asked. Every rank calls report (it sums over
+    ranks)."""
+
+    def __init__(self, run, elapsed_s):
+        self.run, self.config = run, run.config
+        self.started = time.time() - elapsed_s  # a resume goes on counting from the checkpoint's elapsed time
+        self.peak = peak_flops(run.device, self.config["peak_tflops"])
+        self.metrics = os.path.join(self.config["out_dir"], "metrics.jsonl")
+        self.wandb = start_wandb(self.config) if run.master and self.config["wandb_project"] else None
+        self.row = None
+        self.new_window()
+
+    def new_window(self):
+        self.window_start = time.time()
+        self.window = dict.fromkeys(("steps", "ok", "loss", "ce", "mse", "grad_norm", "n_ce", "n_mse", "tokens",
+                                     "flops", "busy"), 0)
+
+    def elapsed(self):
+        return time.time() - self.started
+
+    def add(self, r, seconds):
+        """One train_step's result and the seconds it took (the non-finite steps' losses are left out)."""
+        w = self.window
+        w["steps"], w["busy"], w["tokens"], w["flops"] = (w["steps"] + 1, w["busy"] + seconds,
+                                                          w["tokens"] + r["tokens"], w["flops"] + r["flops"])
+        if r["ok"]:
+            w["ok"] += 1
+            for k in ("loss", "ce", "mse", "grad_norm", "n_ce", "n_mse"):
+                w[k] += r[k]
+
+    def report(self, step, lr, fill, skipped, val=None):
+        run, w, total = self.run, self.window, self.config["max_steps"]
+        tokens, flops = all_sum([w["tokens"], w["flops"]], run.device)
+        s_per_step, elapsed = (time.time() - self.window_start) / w["steps"], self.elapsed()
+        mean = {k: w[k] / w["ok"] if w["ok"] else math.nan for k in ("loss", "ce", "mse", "grad_norm")}
+        row = dict(step=step, time=time.time(), elapsed_s=elapsed, lr=lr, **mean, n_ce=w["n_ce"], n_mse=w["n_mse"],
+                   tokens_per_s=tokens / w["busy"], s_per_step=s_per_step, skipped=skipped)
+        gpu = ""
+        if run.device.type == "cuda":  # MFU and memory only where they mean something
+            row["mfu"] = flops / w["busy"] / (self.peak * run.world) if self.peak else 0.0
+            row["mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+            gpu = f" | mfu {row['mfu']:.3f} | mem {row['mem_gib']:.1f} GiB"
+        run.log(f"step {step}/{total} ({step / total:.1%}) | loss {mean['loss']:.4f} | ce {mean['ce']:.4f} | "
+                f"mse {mean['mse']:.4f} | lr {lr:.2e} | grad {mean['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s"
+                f"{gpu} | {s_per_step:.2f} s/step | {duration(elapsed)} elapsed | "
+                f"ETA {duration(s_per_step * (total - step))} | fill {fill:.1%} | skipped {skipped}")
+        if val:
+            row.update({f"val_{k}": v for k, v in val.items()})
+            run.log(f"  validation ({self.config['val_packs']} fixed packs) | loss {val['loss']:.4f} | "
+                    f"ce {val['ce']:.4f} | mse {val['mse']:.4f}")
+        if run.master:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plot.plot_metrics(self.metrics, os.path.join(self.config["out_dir"], "metrics.png"))
+            if self.wandb:
+                self.wandb.log(row, step=step)
+        self.row = row
+        self.new_window()
+
+    def image(self, step, grid):
+        if self.wandb:
+            self.wandb.log({"samples": self.wandb.Image(grid, caption=" | ".join(self.config["sample_prompts"]))},
+                           step=step)
+
+    def finish(self, step):
+        """The end: how it went, where everything is, and what to run next."""
+        config, out, r = self.config, self.config["out_dir"], self.row or {}
+        val = f" | validation loss {r['val_loss']:.4f}" if "val_loss" in r else ""
+        self.run.log(f"done: {step} steps, {duration(self.elapsed())} | last loss {r.get('loss', math.nan):.4f} "
+                     f"(ce {r.get('ce', math.nan):.4f}, mse {r.get('mse', math.nan):.4f}){val}\n"
+                     f"  {out}/metrics.png: the losses, tok/s and lr of metrics.jsonl; {out}/train.log: this console")
+        prompts = " ".join(f'"{p}"' for p in (config["sample_prompts"] or ["a red circle"]))
+        self.run.log(f"next: python sample.py --ckpt {out}/export --size {config['sample_size']} --prompts {prompts} "
+                     f"--out {out}/sample.png")
+        if self.wandb:
+            self.wandb.finish()
 
 
 def finish_distributed():
@@ -775,14 +985,20 @@ def encode_images(vae, pack, dtype, cache=None):
 
 
 def write_samples(run, step):
+    """out_dir/samples/step_N.png: the sample prompts drawn with the same noise at every call, each written under
+    its image; returns the grid."""
     import sample
     config = run.config
     size = (config["sample_size"], config["sample_size"])
-    image = sample.sample_grid(run.model, run.vae, run.tokenizer, config["sample_prompts"], image_size=size,
-                               num_timesteps=config["sample_steps"], cfg_text_scale=config["sample_cfg"], seed=config["seed"])
+    grid = sample.sample_grid(run.model, run.vae, run.tokenizer, config["sample_prompts"], image_size=size,
+                              num_timesteps=config["sample_steps"], cfg_text_scale=config["sample_cfg"],
+                              seed=config["seed"], captioned=True)
     if run.master:
-        os.makedirs(os.path.join(config["out_dir"], "samples"), exist_ok=True)
-        image.save(os.path.join(config["out_dir"], "samples", f"step_{step:06d}.png"))
+        path = os.path.join(config["out_dir"], "samples", f"step_{step:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        grid.save(path)
+        run.log(f"samples: {path}")
+    return grid
 
 
 def export(run):
@@ -817,6 +1033,7 @@ def export(run):
     if run.master:
         for out in folders:
             run.tokenizer.tokenizer.save(os.path.join(out, "tokenizer.json"))
+            run.log(f"export: {out} ({', '.join(sorted(os.listdir(out)))})")
 
 
 if __name__ == "__main__":
