@@ -154,7 +154,7 @@ class Phases:
         return ms
 
 
-def main(argv):
+def step_main(argv):
     """--data=synthetic (the fixed pack above), real (configs/sft.py's mixture of generated photos through data.Loader)
     or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack);
     --steps=N measured steps after 3 warm-up; any train.py key."""
@@ -530,10 +530,14 @@ def nsa_main(args):
         raise SystemExit(f"bench.py nsa: expected check, init, bench, breakdown or sweep, got {what!r}\n" + __doc__)
 
 
-if __name__ == "__main__":
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+def main(argv):
+    if {"-h", "--help"} & set(argv):
         print(__doc__)
-    elif sys.argv[1:2] == ["nsa"]:
-        nsa_main(sys.argv[2:])
+    elif argv[:1] == ["nsa"]:
+        nsa_main(argv[1:])
     else:
-        main(sys.argv[1:])
+        step_main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

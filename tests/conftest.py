@@ -4,10 +4,12 @@ arguments), and small data builders whose token ids can be read off the text."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -172,3 +174,59 @@ def curve(out_dir):
     """{step: metrics}; a step logged twice (before a kill and after the resume) keeps its last entry."""
     rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
     return {r["step"]: r for r in rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny demo's measure: does an image draw its prompt? Against the built-in dataset's own renderer of the scene.
+
+PLACES = {None: [(0.5, 0.5)], "above": [(0.5, 0.27), (0.5, 0.73)], "below": [(0.5, 0.73), (0.5, 0.27)],
+          "left of": [(0.27, 0.5), (0.73, 0.5)], "right of": [(0.73, 0.5), (0.27, 0.5)]}  # data.shapes_parts' cells
+
+
+def prompt_scene(prompt):
+    """'a red circle' or 'a green triangle above a yellow circle' -> the scene data.draw_shapes draws for it."""
+    found = re.fullmatch(r"a (\w+) (\w+)(?: (above|below|left of|right of) a (\w+) (\w+))?", prompt)
+    c1, s1, relation, c2, s2 = found.groups()
+    return list(zip([s1, s2][:len(PLACES[relation])], [c1, c2], PLACES[relation]))
+
+
+def colour_masks(image):
+    """{palette colour: [16, 16] coverage in [0, 1]} at the pooled AE's resolution (means of 1/16 of the side: what
+    configs/tiny.py's AE can draw). A cell goes to its nearest palette colour by hue (the angle between RGB vectors)
+    and covers the share of that colour its brightness along it makes; under 15%, it is background."""
+    x = torch.tensor(np.asarray(image.convert("RGB")), dtype=torch.float32).permute(2, 0, 1)
+    cells = torch.nn.functional.avg_pool2d(x[None], image.width // 16)[0].flatten(1).T  # [256, 3]
+    palette = torch.tensor(list(data.COLOURS.values()), dtype=torch.float32)
+    nearest = (torch.nn.functional.normalize(cells, dim=1) @ torch.nn.functional.normalize(palette, dim=1).T).argmax(1)
+    coverage = ((cells * palette[nearest]).sum(1) / palette[nearest].pow(2).sum(1)).clamp(0, 1)
+    coverage = torch.where(coverage < 0.15, 0.0, coverage)
+    return {name: torch.where(nearest == i, coverage, 0.0).reshape(16, 16) for i, name in enumerate(data.COLOURS)}
+
+
+def drawing_report(image, prompt):
+    """How an image draws its prompt, cell by cell against data.draw_shapes' image of the prompt's scene: hue (the
+    share of the drawn colour that is in the prompt's colours) and, per shape, its colour's soft IoU with the shape
+    asked for and the best of the other two shapes drawn in its place, its area and how far its centre is from the
+    shape asked for's (in image sides)."""
+    masks, side = colour_masks(image), image.width
+    report = {"hue": float(sum(masks[c].sum() for _, c, _ in prompt_scene(prompt)) /
+                           max(sum(m.sum() for m in masks.values()), 1e-9))}
+    grid = (torch.arange(16) + 0.5) / 16
+    centre = lambda m: torch.stack([(m.sum(0) * grid).sum(), (m.sum(1) * grid).sum()]) / max(m.sum(), 1e-9)
+    for shape, colour, place in prompt_scene(prompt):
+        got = masks[colour]
+        want = {s: colour_masks(data.draw_shapes([(s, colour, place)], side))[colour] for s in data.SHAPES}
+        iou = {s: float(torch.minimum(got, w).sum() / torch.maximum(got, w).sum()) for s, w in want.items()}
+        report[f"{colour} {shape}"] = dict(
+            iou=iou[shape], other=max(v for s, v in iou.items() if s != shape),
+            area=float(got.sum() / want[shape].sum()), offset=float((centre(got) - centre(want[shape])).norm()))
+    return report
+
+
+def draws_prompt(report):
+    """The bounds of a recognisable drawing: 80% of the colour in the prompt's colours; each shape nearer the shape
+    asked for than the other two (IoU), at least 0.5 IoU with it, 0.6-1.5 times its area, its centre within 0.08
+    of a side from where it belongs."""
+    shapes = [r for k, r in report.items() if k != "hue"]
+    return report["hue"] >= 0.8 and all(r["iou"] >= 0.5 and r["iou"] > r["other"] and 0.6 <= r["area"] <= 1.5
+                                        and r["offset"] <= 0.08 for r in shapes)
