@@ -60,7 +60,7 @@ DEFAULTS = dict(
     packing_length=4096,          # LLM positions per pack (per rank, per micro-step)
     text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,  # CFG condition dropout
     seed=1234,
-    val_sources=[],               # held-out data, as sources: validation CE and MSE on val_packs fixed packs of it
+    val_sources=[],               # held-out data, as sources: validation CE and MSE on val_packs packs of it, made once
     val_packs=4,                  # (the same samples, timesteps and noise at every evaluation and in every run)
     # optimisation
     max_steps=1000, grad_accum=1,
@@ -697,9 +697,13 @@ def main(argv):
     if {"-h", "--help"} & set(argv):
         print(usage())
         return
-    config = load_config(argv)
-    preflight(config)
-    if os.environ.get("RANK", "0") == "0":
+    master = os.environ.get("RANK", "0") == "0"
+    try:
+        config = load_config(argv)
+        preflight(config)
+    except SystemExit as e:  # a mistake in the config: said once (by rank 0), not by every rank of a torchrun
+        raise SystemExit(e.code if master else 1)
+    if master:
         keep_console(config, argv)
     run = build(config)
     log, device = run.log, run.device

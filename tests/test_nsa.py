@@ -18,6 +18,7 @@ import model  # noqa: E402
 # it during these tests only. On a CUDA machine they stay compiled for the GPU (test_gpu_bf16_kernels_match_reference
 # checks them there): switching Triton to the interpreter inside a process that also compiles for the GPU breaks the
 # other tests' torch.compile.
+pytest.importorskip("triton", reason="nsa.py's kernels need triton (installed on Linux only)")
 ON_GPU = torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")
 if not ON_GPU:
