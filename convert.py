@@ -433,18 +433,28 @@ def run_state(folder):
     return state, lambda key: need(config, key, path + " config")
 
 
+def run_init(folder, init_from):
+    """read_checkpoint of the folder a run started from, errors named as the run's."""
+    try:
+        return read_checkpoint(init_from)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}/train_state.json: the run started from {init_from}: {e}") from e
+
+
 def dcp_model_config(folder, **overrides):
     """The BagelConfig the run built: train_state.json's model_config where train.py wrote one, else as train.py
     makes it: the init_from folder's config or the preset, then model_args and freeze_und."""
     state, get = run_state(folder)
     if "model_config" in state:
         values = state["model_config"]
-    elif get("init_from"):
-        values = {**asdict(checkpoint_config(get("init_from"))), **get("model_args"), "freeze_und": get("freeze_und")}
-    elif get("model") in PRESETS:
-        values = {**asdict(PRESETS[get("model")]()), **get("model_args"), "freeze_und": get("freeze_und")}
     else:
-        raise CheckpointError(f"{folder}/train_state.json: unknown model {get('model')!r}")
+        if get("init_from"):
+            base = run_init(folder, get("init_from"))[1]
+        elif get("model") in PRESETS:
+            base = PRESETS[get("model")]()
+        else:
+            raise CheckpointError(f"{folder}/train_state.json: unknown model {get('model')!r}")
+        values = {**asdict(base), **get("model_args"), "freeze_und": get("freeze_und")}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return make_config({**values, **overrides}, os.path.join(folder, "train_state.json"))
 
@@ -452,16 +462,12 @@ def dcp_model_config(folder, **overrides):
 def dcp_vae(folder, cfg):
     """{ours: (store, key)} of the run's AE: its init_from folder's, or the seeded fresh one (model.build_vae)."""
     _, get = run_state(folder)
-    vae = build_vae(cfg)
-    if not list(vae.parameters()):
+    if not list(meta_modules(cfg)[1].parameters()):  # the pooled stand-in
         return {}
     if not get("init_from"):
-        fresh = Loaded(f"{folder} (the run's fresh AE, model.build_vae)", vae.state_dict())
+        fresh = Loaded(f"{folder} (the run's fresh AE, model.build_vae)", build_vae(cfg).state_dict())
         return {f"vae.{k}": (fresh, k) for k in fresh.keys()}
-    try:
-        source = {k: v for k, v in read_checkpoint(get("init_from"))[2].items() if k.startswith("vae.")}
-    except CheckpointError as e:
-        raise CheckpointError(f"{folder}: the run's AE comes from its init_from: {e}") from e
+    source = {k: v for k, v in run_init(folder, get("init_from"))[2].items() if k.startswith("vae.")}
     shapes = expected_shapes(cfg)
     for ours, (tensors, key) in source.items():
         if tensors.shape(key) != shapes[ours]:
