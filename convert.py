@@ -798,7 +798,7 @@ def load_into_sharded(model, folder, ema=False, vae=None):
 
 PARTS = {"language_model.": "llm", "vit_model.": "vit"}
 FRESH = ("connector", "time_embedder", "vae2llm", "llm2vae")  # in no part: built as the official Bagel builds them
-VIT_LEFT_OUT = r"vision_model\.head\..*|text_model\..*|logit_scale|logit_bias"  # BAGEL has no pooling head or text tower
+VIT_LEFT_OUT = r"vision_model\.head\..*|text_model\..*|logit_scale|logit_bias"  # no pooling head, no text tower
 
 
 def parts_config(llm_dir, vit_dir, ae, **overrides):

@@ -72,7 +72,8 @@ def test_dcp_checkpoint_converts_and_samples_like_the_export(tmp_path, run):
     assert_same_tensors(tmp_path / "raw/model.safetensors", out / "export/model.safetensors")
     assert_same_tensors(tmp_path / "raw/vae.safetensors", out / "export/vae.safetensors")  # the seeded fresh AE
     assert (tmp_path / "raw/tokenizer.json").read_bytes() == (out / "export/tokenizer.json").read_bytes()
-    assert json.loads((tmp_path / "raw/config.json").read_text()) == json.loads((out / "export/config.json").read_text())
+    config = json.loads((out / "export/config.json").read_text())
+    assert json.loads((tmp_path / "raw/config.json").read_text()) == config
     raw, ema = (load_file(tmp_path / d / "model.safetensors") for d in ("raw", "ema"))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two sets differ: each comparison means something
     image = draw(step)
@@ -81,6 +82,10 @@ def test_dcp_checkpoint_converts_and_samples_like_the_export(tmp_path, run):
     if run == "plain":  # the run's FLUX-shaped AE reaches the official layout too
         convert.convert(str(step), str(tmp_path / "official"), "official")
         assert np.array_equal(image, draw(tmp_path / "official"))
+        # and train.py starts from the checkpoint (its EMA, as from any folder): at lr 0 the export is that EMA
+        train_run(tmp_path / "again", f"--init_from={step}", f"--tokenizer={tmp_path / 'raw'}", "--lr=0.0",
+                  "--max_steps=1")
+        assert_same_tensors(tmp_path / "again/export/model.safetensors", tmp_path / "ema/model.safetensors")
 
 
 def write_dcp(folder, state, config, model_config=None):
@@ -119,7 +124,7 @@ def test_dcp_config_ae_from_init_from_and_errors(tmp_path):
     with pytest.raises(convert.CheckpointError, match="without train_state.json: not a complete train.py checkpoint"):
         convert.load_checkpoint(str(tmp_path / "bad"))
     write_dcp(tmp_path / "moved", {"model": state, "ema": {}}, {**config, "init_from": str(tmp_path / "gone")})
-    with pytest.raises(convert.CheckpointError, match=r"train_state.json: the run started from .*gone: .*gone is not a folder"):
+    with pytest.raises(convert.CheckpointError, match=r"train_state.json: the run started from .*gone: .*not a folder"):
         convert.load_checkpoint(str(tmp_path / "moved"))
 
 

@@ -175,7 +175,8 @@ def test_pooled_vae_model_saved_from_state_dicts(tmp_path):
         assert torch.equal(v, state[k].to(torch.bfloat16).float()), k
     convert.convert(str(tmp_path / "nano"), str(tmp_path / "copy"), "nanobagel")
     assert_bit_identical(tensors_of(tmp_path / "nano"), tensors_of(tmp_path / "copy"))
-    with pytest.raises(convert.CheckpointError, match="vae_kind pooled .* exists only in the nanobagel layout; the official layout needs a FLUX AE"):
+    with pytest.raises(convert.CheckpointError, match="vae_kind pooled .* exists only in the nanobagel layout; the "
+                                                      "official layout needs a FLUX AE"):
         convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
 
 
