@@ -214,15 +214,17 @@ def test_parts_errors_name_the_problem(tmp_path):
 
 
 def test_assembled_model_trains_and_samples(tmp_path, capsys):
-    """The CLI assembles; train.py starts from the folder (its raw weights) and runs three steps; sample.py draws and
+    """The CLI assembles; train.py runs configs/pretrain_small.py from the folder for three steps (on the harness's
+    packs, on the CPU: no flex attention, no compile, fp32; sources only checked, never read); sample.py draws and
     answers from the export and from the last DCP checkpoint."""
     qwen2_folder(tmp_path / "llm", tied=True)
     siglip_folder(tmp_path / "vit")
     convert.main(["--from-parts", str(tmp_path / "llm"), str(tmp_path / "vit"), str(AE), str(tmp_path / "bagel")])
     assert "(nanobagel; 2 LLM layers, 2 ViT layers" in capsys.readouterr().out
     out = tmp_path / "run"
-    cmd = [sys.executable, "tests/train_harness.py", f"--init_from={tmp_path / 'bagel'}", "--init_weights=model",
-           "--max_steps=3", "--save_steps=3", "--log_every=1", "--warmup_steps=1", "--ema=0.5", f"--out_dir={out}"]
+    cmd = [sys.executable, "tests/train_harness.py", "configs/pretrain_small.py", f"--init_from={tmp_path / 'bagel'}",
+           "--model_args={}", "--sources=[{'path': 'shapes'}]", "--compile=False", "--dtype=fp32", "--max_steps=3",
+           "--save_steps=3", "--log_every=1", "--warmup_steps=1", f"--out_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -294,6 +294,20 @@ def test_command_line(tiny, tmp_path, capsys):
     sample.main(args + ["--prompt", "what is it?", "--image", str(tmp_path / "grid.png"), "--understand",
                         "--max-new-tokens", "4"])
     assert capsys.readouterr().out.strip()
+    # input image sizes for small models: the 64x32 grid edited at sides 16..32 (VAE) and 28 (ViT) is 32x16
+    sample.main(args + ["--prompt", "make it blue", "--image", str(tmp_path / "grid.png"), "--image-size", "16", "32",
+                        "--vit-size", "28", "--out", str(tmp_path / "edit.png")])
+    grid = Image.open(tmp_path / "grid.png")
+    edit = sample.generate_image(bagel, vae, data.tiny_tokenizer(), "make it blue", image=grid, num_timesteps=3,
+                                 vae_size=(16, 32), vit_size=(28, 28))
+    assert edit.size == (32, 16) and np.array_equal(np.asarray(Image.open(tmp_path / "edit.png")), np.asarray(edit))
+    capsys.readouterr()
+    sample.main(args + ["--prompt", "what is it?", "--image", str(tmp_path / "grid.png"), "--understand",
+                        "--max-new-tokens", "4", "--vit-size", "28"])
+    assert capsys.readouterr().out.strip() == sample.answer(bagel, vae, data.tiny_tokenizer(), "what is it?", [grid],
+                                                            max_new_tokens=4, vit_size=(28, 28))
+    with pytest.raises(SystemExit):
+        sample.main(args + ["--prompt", "x", "--vit-size", "28", "56", "84"])
 
 
 def fsdp_rank(rank, world, init_file):
