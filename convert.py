@@ -916,16 +916,17 @@ def assemble(llm_dir, vit_dir, ae_file, out, dtype=None, seed=0, **overrides):
             t = torch.cat([t, t.mean(0, keepdim=True).expand(cfg.vocab_size - rows, -1)])
         return t
     make_folder(out)
-    kind = lambda ours: dtype or (parts[reads[ours][0]].dtype(reads[ours][1]) if ours in reads else torch.float32)
+    out_dtype = lambda ours: dtype or (parts[reads[ours][0]].dtype(reads[ours][1]) if ours in reads else torch.float32)
     write_safetensors(os.path.join(out, "model.safetensors"),
-                      [(ours, shapes[ours], kind(ours), lambda ours=ours: tensor(ours)) for ours in names])
+                      [(ours, shapes[ours], out_dtype(ours), lambda ours=ours: tensor(ours)) for ours in names])
     write_safetensors(os.path.join(out, "vae.safetensors"),
                       [(k, ae.shape(k), ae.dtype(k), lambda k=k: ae.get(k)) for k in ae_names.values()])
     write_json(os.path.join(out, "config.json"), asdict(cfg))
     if added:  # the other tokenizer files would not know the tokens added: nanobagel reads tokenizer.json
         tokenizer.save(os.path.join(out, "tokenizer.json"))
-    for name in [] if added else check_tokenizer(llm_dir, cfg):
-        shutil.copyfile(os.path.join(llm_dir, name), os.path.join(out, name))
+    else:
+        for name in check_tokenizer(llm_dir, cfg):
+            shutil.copyfile(os.path.join(llm_dir, name), os.path.join(out, name))
     return cfg
 
 
