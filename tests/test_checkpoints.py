@@ -29,8 +29,10 @@ HARNESS = str(Path(__file__).parent / "train_harness.py")
 CKPT = FIX / "checkpoint"
 RUNS = {  # train_harness.py runs of 2 steps, a DCP checkpoint at step 2, then the export
     "plain": [],
-    "lora": ["--lora_targets=['layers.*.gen.q_proj','layers.*.und.v_proj']", "--lora_rank=2", "--lora_alpha=4.0"],
-    "reca": ["--save_ema_as_default=False", "--train_only=['layers.*.gen.*','vae2llm.*','llm2vae.*']"],
+    # LoRA (adapters only train: every other parameter is its own EMA), exported as recA exports: the raw weights
+    # in export/, the EMA in export_ema/
+    "lora_raw_export": ["--lora_targets=['layers.*.gen.q_proj','layers.*.und.v_proj']", "--lora_rank=2",
+                        "--lora_alpha=4.0", "--save_ema_as_default=False"],
 }
 
 
@@ -60,15 +62,15 @@ def draw(folder, weights=None):
 def test_dcp_checkpoint_converts_and_samples_like_the_export(tmp_path, run):
     """The last step's DCP checkpoint and the export written after it hold the same state, so converting the
     checkpoint must give the export's tensors bit for bit: the EMA by default, the raw weights on request (LoRA merged
-    as the export merges them; recA's export holds the raw weights, export_ema/ the EMA), the AE and the tokenizer
-    too; and sample.py must draw the same image from either folder."""
+    as the export merges them), the AE and the tokenizer too; and sample.py must draw the same image from either
+    folder (a raw-weight export, as recA's, like any other)."""
     out = tmp_path / run
     step = train_run(out, *RUNS[run])
-    ema_export = out / "export_ema" if run == "reca" else out / "export"
+    raw_export = run == "lora_raw_export"
     convert.convert(str(step), str(tmp_path / "ema"), "nanobagel")  # the EMA where the checkpoint has one
     convert.convert(str(step), str(tmp_path / "raw"), "nanobagel", ema=False)
     assert_same_tensors(tmp_path / "ema/model.safetensors",
-                        ema_export / ("model.safetensors" if run == "reca" else "ema.safetensors"))
+                        out / ("export_ema/model.safetensors" if raw_export else "export/ema.safetensors"))
     assert_same_tensors(tmp_path / "raw/model.safetensors", out / "export/model.safetensors")
     assert_same_tensors(tmp_path / "raw/vae.safetensors", out / "export/vae.safetensors")  # the seeded fresh AE
     assert (tmp_path / "raw/tokenizer.json").read_bytes() == (out / "export/tokenizer.json").read_bytes()
@@ -76,16 +78,16 @@ def test_dcp_checkpoint_converts_and_samples_like_the_export(tmp_path, run):
     assert json.loads((tmp_path / "raw/config.json").read_text()) == config
     raw, ema = (load_file(tmp_path / d / "model.safetensors") for d in ("raw", "ema"))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two sets differ: each comparison means something
+    if raw_export:  # export/ holds the raw weights alone: sample.py takes them
+        assert np.array_equal(draw(step, "model"), draw(out / "export"))
+        return
     image = draw(step)
-    assert np.array_equal(image, draw(ema_export, "ema" if run != "reca" else None))
-    assert np.array_equal(draw(step, "model"), draw(out / "export", "model" if run != "reca" else None))
-    if run == "plain":  # the run's FLUX-shaped AE reaches the official layout too
-        convert.convert(str(step), str(tmp_path / "official"), "official")
-        assert np.array_equal(image, draw(tmp_path / "official"))
-        # and train.py starts from the checkpoint (its EMA, as from any folder): at lr 0 the export is that EMA
-        train_run(tmp_path / "again", f"--init_from={step}", f"--tokenizer={tmp_path / 'raw'}", "--lr=0.0",
-                  "--max_steps=1")
-        assert_same_tensors(tmp_path / "again/export/model.safetensors", tmp_path / "ema/model.safetensors")
+    assert np.array_equal(image, draw(out / "export"))
+    convert.convert(str(step), str(tmp_path / "official"), "official")  # the run's FLUX-shaped AE reaches it too
+    assert np.array_equal(image, draw(tmp_path / "official"))
+    # train.py starts from the checkpoint (its EMA, as from any folder): at lr 0 the export is that EMA
+    train_run(tmp_path / "again", f"--init_from={step}", f"--tokenizer={tmp_path / 'raw'}", "--lr=0.0", "--max_steps=1")
+    assert_same_tensors(tmp_path / "again/export/model.safetensors", tmp_path / "ema/model.safetensors")
 
 
 def write_dcp(folder, state, config, model_config=None):
