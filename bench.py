@@ -145,7 +145,8 @@ class Phases:
 
 def main(argv):
     """--data=synthetic (the fixed pack above), real (configs/sft.py's mixture of generated photos through data.Loader)
-    or real:t2i / real:edit / real:vlm (one kind); --steps=N measured steps after 3 warm-up; any train.py key."""
+    or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack);
+    --steps=N measured steps after 3 warm-up; any train.py key."""
     config = dict(train.DEFAULTS)
     config.update(BENCH)
     options = {"data": "synthetic", "steps": "12", "rows": "200"}
@@ -162,9 +163,10 @@ def main(argv):
         sources = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"), int(options["rows"]))
         config["sources"] = [s for s in sources if kind == "real" or s["format"] == kind.split(":")[1]]
     run = train.build(config)
-    if kind == "synthetic":
-        pack = bench_pack(run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run),
-                          config["packing_length"], seed=run.rank)
+    if not kind.startswith("real"):
+        tokenizer = run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run)
+        pack = bench_pack(tokenizer, config["packing_length"], seed=run.rank) if kind == "synthetic" else \
+            long_pack(tokenizer, int(kind.split(":")[1]), seed=run.rank)
         next_pack = lambda: pack
         run.log(f"pack: {pack.num_tokens} tokens, {len(pack.sample_lens)} samples, {pack.ce_indexes.numel()} CE, "
                 f"{pack.mse_indexes.numel()} MSE")
@@ -217,6 +219,25 @@ def main(argv):
 def sync(run):
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
+
+
+def long_pack(tokenizer, length, seed):
+    """One interleaved sample of `length` positions: text of 1,500 ids, a 980 px image as ViT tokens and a 1024 px
+    image as clean VAE latents, repeated, then a noised 1024 px target, and text to the end (NSA's case: long
+    samples whose images are full spans and whose target is a noise span)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(10, tokenizer.vocab_size, (n,), generator=g).tolist()
+    text = lambda n, loss: {"type": "text", "ids": ids(n), "loss": loss, "special_token_loss": False,
+                            "special_token_label": None}
+    vae = lambda loss: {"type": "vae_image", "pixels": torch.randint(0, 256, (3, 1024, 1024), generator=g,
+                                                                     dtype=torch.uint8), "latent": None, "loss": loss}
+    vit = {"type": "vit_image", "pixels": torch.randint(0, 256, (3, 980, 980), generator=g, dtype=torch.uint8)}
+    items, left = [], length - 4098 - 8
+    while left > 1502 + 4902 + 4098 + 1000:
+        items += [text(1500, True), dict(vit), vae(False)]
+        left -= 1502 + 4902 + 4098
+    items += [vae(True), text(left - 2, True)]
+    return data.pack_samples([items], tokenizer.special, generator=g)
 
 
 class BigVocab:

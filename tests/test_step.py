@@ -1,18 +1,20 @@
 """The training step's pieces that exist for speed, each against a plain reference: the fused linear cross-entropy
 (values and gradients in float64 against F.cross_entropy, with and without per-token weights), activation
-checkpointing modes (gradients identical to no checkpointing), the learning-rate schedule (the official warm-up), and
-the official visual_und=False (ViT tokens are zero vectors)."""
+checkpointing modes (gradients identical to no checkpointing), the latent cache (the encoder's latents), frozen
+weights in the compute dtype, hybrid sharding (a 2 x 2 mesh equals one process); and two official behaviours the
+step follows: the learning-rate warm-up and visual_und=False (ViT tokens are zero vectors)."""
 import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import data
 import model as M
 import train
-from conftest import fixture_samples, load_fixture, load_tiny
+from conftest import curve, fixture_samples, load_fixture, load_tiny, run_training
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -127,3 +129,35 @@ def test_latent_cache_gives_the_encoders_latents(tmp_path):
     with torch.no_grad():
         next(vae.parameters()).add_(1.0)
     assert train.LatentCache(str(tmp_path), vae).folder != cache.folder
+
+
+def test_frozen_weights_are_stored_in_the_compute_dtype():
+    """Only what trains keeps an fp32 master: a LoRA run's base weights (and any frozen part) are stored in the
+    compute dtype, its adapters in fp32; every parameter is there, with its name and shape."""
+    config = dict(train.DEFAULTS, lora_targets=["layers.*.und.q_proj", "vit.layers.*.v_proj"], lora_rank=2)
+    with torch.device("meta"):
+        bagel = M.Bagel(M.bagel_tiny())
+    M.apply_lora(bagel, config["lora_targets"], 2, 4.0)
+    before = {n: p.shape for n, p in bagel.named_parameters()}
+    trains = train.trainable_mask(list(before), config)
+    train.freeze(bagel, trains, torch.bfloat16)
+    after = dict(bagel.named_parameters())
+    assert {n: p.shape for n, p in after.items()} == before
+    for name, p in after.items():
+        assert (p.dtype, p.requires_grad) == ((torch.float32, True) if ".lora_" in name else (torch.bfloat16, False))
+    assert sum(trains.values()) == 2 * (bagel.cfg.num_layers + bagel.cfg.vit_num_layers)
+
+
+def test_hybrid_sharding_equals_one_process(tmp_path):
+    """fsdp_shard_size=2 on 4 processes: a 2 x 2 mesh (shard inside pairs, replicate across them, HSDP) sees the packs
+    one process sees in 4 micro-steps, and must give the same losses, gradient norms and weights."""
+    run_training(tmp_path / "one", "--grad_accum=4", "--max_steps=3")
+    run_training(tmp_path / "hsdp", "--grad_accum=1", "--max_steps=3", "--fsdp_shard_size=2", nproc=4)
+    one, hsdp = curve(tmp_path / "one"), curve(tmp_path / "hsdp")
+    for s in (1, 2, 3):
+        for key in ("loss", "ce", "mse", "grad_norm"):
+            assert hsdp[s][key] == pytest.approx(one[s][key], rel=2e-5, abs=1e-6), (s, key)
+    a, b = (load_file(str(tmp_path / d / "export/ema.safetensors")) for d in ("one", "hsdp"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
