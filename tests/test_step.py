@@ -159,5 +159,6 @@ def test_hybrid_sharding_equals_one_process(tmp_path):
             assert hsdp[s][key] == pytest.approx(one[s][key], rel=2e-5, abs=1e-6), (s, key)
     a, b = (load_file(str(tmp_path / d / "export/ema.safetensors")) for d in ("one", "hsdp"))
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    for k in a:  # the ViT key bias has true gradient 0: Adam turns its round-off into steps (test_train.py)
+        if not k.endswith("k_proj.bias") or not k.startswith("vit."):
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
