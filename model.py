@@ -68,6 +68,9 @@ def bagel_tiny(**kw):
     return BagelConfig(**{**shape, **kw})
 
 
+PRESETS = {"tiny": bagel_tiny, "7b": bagel_7b}  # train.py's `model` key
+
+
 # ----------------------------------------------------------------------------------------------
 # Patches: images and latents become token rows in raster order, features in (p, q, c) order
 
@@ -172,6 +175,12 @@ class PackAttention:
     where: torch.Tensor = None   # where[token] = its row
     positions: torch.Tensor = None  # RoPE position of each token, pack order
     rope_theta: float = 1e6
+    past: object = None          # sample.py's KV cache: past(x, q, k, v) puts the cached tokens before these rows
+
+    def pack_rows(self, *rows):
+        """The layer's rows (understanding tokens first) in pack order, after the cached tokens if there are any."""
+        rows = [t[self.where] for t in rows]
+        return rows if self.past is None else self.past(*rows)
 
     def rotate(self, x, positions):
         """RoPE of x [n, H, D] at the given positions (NSA rotates its compressed keys at their windows' starts)."""
@@ -575,7 +584,13 @@ class PooledAE(nn.Module):
 
 
 def build_vae(cfg: BagelConfig):
-    return PooledAE(cfg) if cfg.vae_kind == "pooled" else AutoEncoder(cfg)
+    """The frozen AE. A FLUX AE's fresh weights are seeded, so one that no checkpoint filled is still a function of
+    the config (convert.py rebuilds it for train.py's checkpoints, which hold no AE)."""
+    if cfg.vae_kind == "pooled":
+        return PooledAE(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoEncoder(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
