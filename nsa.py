@@ -1160,9 +1160,9 @@ class NSA(torch.nn.Module):
 
     def forward(self, h, q, k, v, ctx):
         """The decoder layer's attention interface (model.DenseAttention's): rows in the layer's order, q and k before
-        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order."""
-        w = ctx.where
-        return self.attend(h[w], q[w], k[w], v[w], ctx.layout, ctx.rotate, ctx.positions)[ctx.order]
+        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order (after a KV cache's tokens)."""
+        x, q, k, v = ctx.pack_rows(h, q, k, v)
+        return self.attend(x, q, k, v, ctx.layout, ctx.rotate, ctx.positions)[-len(ctx.where):][ctx.order]
 
     def attend(self, x, q, k, v, layout, rope, position_ids=None):
         """In pack order: x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k

@@ -38,6 +38,17 @@ def test_fused_cross_entropy_matches_plain_ce(weighted):
         torch.testing.assert_close(M.cross_entropy(h, W, labels, chunk=chunk), ref.detach(), atol=1e-12, rtol=1e-12)
 
 
+def test_fused_cross_entropy_with_a_frozen_head():
+    """A frozen lm_head (LoRA runs): the gradient of h alone, as plain CE gives it."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(21, 8, dtype=torch.float64, generator=g).requires_grad_()
+    W = torch.randn(30, 8, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 30, (21,), generator=g)
+    want, = torch.autograd.grad(F.cross_entropy(h @ W.t(), labels, reduction="sum"), h)
+    got, = torch.autograd.grad(M.cross_entropy(h, W, labels, chunk=8).sum(), h)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_fused_cross_entropy_refuses_another_upstream_gradient():
     """The gradients are made in the forward for a loss sum(c * w * ce): any other upstream gradient is an error,
     not silently wrong gradients."""
