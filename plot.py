@@ -65,7 +65,8 @@ def plot_metrics(path, out):
         y_of = lambda v: bottom - (scale(v) - scale(lo)) / (scale(hi) - scale(lo)) * (bottom - top)
         for v in ticks(lo, hi, log):
             draw.line([LEFT - 4, y_of(v), LEFT, y_of(v)], fill="black")
-            draw.text((LEFT - 6, y_of(v)), f"{v:.3g}", fill="black", font=font, anchor="rm")
+            draw.text((LEFT - 6, y_of(v)), f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}", fill="black", font=font,
+                      anchor="rm")
         for s in ticks(x0, x1, False) if x1 > x0 else [x0]:
             draw.line([x_of(s), bottom, x_of(s), bottom + 4], fill="black")
             draw.text((x_of(s), bottom + 6), f"{s:g}", fill="black", font=font, anchor="ma")
