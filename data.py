@@ -26,16 +26,21 @@ Read top to bottom:
 """
 import base64
 import bisect
+import collections
 import hashlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import queue
 import random
 import sys
 import threading
+import traceback
+import weakref
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -298,8 +303,11 @@ class BadSample(Exception):
     """A bad input row: the loader skips it, counts it under `reason` and logs it with the row."""
 
     def __init__(self, reason, detail=""):
-        super().__init__(f"{reason} ({detail})" if detail else reason)
-        self.reason = reason
+        super().__init__(reason, detail)  # the arguments themselves, so it pickles (worker processes send it back)
+        self.reason, self.detail = reason, detail
+
+    def __str__(self):
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
 
 
 def rgb(img):
@@ -601,6 +609,7 @@ class Rows:
     """The rows of one data file or of every data file in a folder (sorted by name), as one indexable list."""
 
     def __init__(self, path):
+        self.path = path
         if os.path.isdir(path):
             self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(EXTENSIONS))
             if not self.files:
@@ -621,6 +630,9 @@ class Rows:
             starts.append(starts[-1] + n)
         self.starts = np.array(starts, dtype=np.int64)
         self.block_starts = np.concatenate(blocks + [self.starts[-1:]])  # last entry: the total
+
+    def __reduce__(self):  # open files and closures do not pickle: a worker process reads the path again
+        return Rows, (self.path,)
 
     def __len__(self):
         return int(self.starts[-1])
@@ -812,7 +824,8 @@ class Source:
     num_rows scenes drawn at image_size px, resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
 
     def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
-                 vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0, think_drop=0.0):
+                 vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0, think_drop=0.0,
+                 mandatory=False):
         self.format = format or ("shapes" if path == "shapes" else "messages")
         if self.format not in READERS:
             raise ValueError(f"unknown source format {self.format!r} (formats: {', '.join(READERS)})")
@@ -821,6 +834,7 @@ class Source:
         if not 0 <= think_drop <= 1:
             raise ValueError(f"source {path}: think_drop must be in [0, 1], got {think_drop}")
         self.path, self.weight, self.name, self.think_drop = path, weight, name or str(path), think_drop
+        self.mandatory = mandatory  # one sample in every pack the loader opens (section 7)
         self.image_size, self.seed = image_size, seed
         if self.format == "shapes":
             self.rows, self.folder = ShapeRows(num_rows), None
@@ -942,12 +956,19 @@ def shapes_corpus(rows=2000):
 #
 # Order. Each source has its own row order per epoch: a seeded permutation of its blocks (parquet row groups, else
 # single rows), rows permuted within a block, cut into world_size contiguous shards; a source that runs out
-# starts its next epoch. Which source gives the next sample is a seeded weighted draw, the n-th draw of a rank
-# seeded by (seed, rank, n).
+# starts its next epoch. Which source gives the next sample is a seeded weighted draw over all sources, the n-th
+# draw of a rank seeded by (seed, rank, n).
+# Mandatory sources (official is_mandatory). Every pack the packer opens for a drawn sample also gets one sample of
+# each mandatory source, the next of that source's order (as officially, where a group has one iterator); packs
+# then fill by the weighted draw. Unlike the official packer, nothing that fits is thrown away: a mandatory sample
+# with no room in its new pack goes first-fit elsewhere, or into a pack of its own.
 # Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
 # dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source index, epoch, row).
 # So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
 # the keys of the samples waiting in the packer, which load_state_dict rebuilds by reading their rows again.
+# Workers. For the same reason worker processes can build each source's next keys ahead of need while this process
+# packs: it takes the samples in the order it would have built them, so packs and state are the same for any number
+# of workers, and the state never holds keys in flight (a resumed loader hands them out again).
 
 log = logging.getLogger("nanobagel.data")
 
@@ -973,47 +994,74 @@ class SourceOrder:
                 order = np.concatenate([starts[b] + rng.permutation(int(starts[b + 1] - starts[b]))
                                         for b in rng.permutation(len(starts) - 1)])
             n = len(order)
-            self.shard_cache = {(s2, e): v for (s2, e), v in self.shard_cache.items() if s2 != s}
+            # keeps the epoch before: workers may already read a source's next epoch while this one is consumed
+            self.shard_cache = {k: v for k, v in self.shard_cache.items() if k[0] != s or k[1] >= epoch - 1}
             self.shard_cache[(s, epoch)] = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
         return self.shard_cache[(s, epoch)]
 
-    def next_key(self):
-        u = random.Random(f"{self.seed}/{self.rank}/{self.draws}").random() * self.cum_weights[-1]
-        self.draws += 1
-        s = min(bisect.bisect_right(self.cum_weights, u), len(self.cum_weights) - 1)
-        epoch, cursor = self.positions[s]
+    def pick(self, draw):
+        """The source of this rank's draw-th weighted draw."""
+        u = random.Random(f"{self.seed}/{self.rank}/{draw}").random() * self.cum_weights[-1]
+        return min(bisect.bisect_right(self.cum_weights, u), len(self.cum_weights) - 1)
+
+    def step(self, s, position):
+        """(the key at `position` [epoch, cursor] of source s, the position after it)."""
+        epoch, cursor = position
         shard = self.shard(s, epoch)
-        row = int(shard[cursor])
-        self.positions[s] = [epoch + 1, 0] if cursor + 1 == len(shard) else [epoch, cursor + 1]
-        return [s, epoch, row]
+        return [s, epoch, int(shard[cursor])], [epoch + 1, 0] if cursor + 1 == len(shard) else [epoch, cursor + 1]
+
+    def next_key(self, s=None):
+        """The next key of source s, or of the next weighted draw's source."""
+        if s is None:
+            s, self.draws = self.pick(self.draws), self.draws + 1
+        key, self.positions[s] = self.step(s, self.positions[s])
+        return key
 
 
 class FirstFitPacker:
     """Up to `open_packs` packs are open; a sample goes into the first open pack it fits (`capacity` bounds every
-    LLM position of a pack); if none has room and all slots are taken, the fullest open pack is emitted to make
-    room; a pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
+    LLM position of a pack); if none has room, a pack is opened for it (when all slots are taken, the fullest open
+    pack is emitted to make room) and seeds() gives the samples that join a newly opened pack (the mandatory
+    sources'): each goes into that pack if it fits, else into the first it fits, else into a new pack (not seeded
+    again). A pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
     {"keys", "samples", "used"}; its keys (where its samples came from) are all the state needs."""
 
     def __init__(self, capacity, open_packs):
         self.capacity, self.open_packs = capacity, open_packs
         self.open, self.ready, self.min_cost = [], [], None
 
-    def add(self, key, items, cost):
+    def add(self, sample, seeds):
+        """sample: (key, items, cost); seeds() -> such samples."""
+        pack = self.first_fit(sample[2])
+        if pack is not None:
+            return self.put(pack, sample)
+        pack = self.open_pack()
+        self.put(pack, sample)  # first: an empty pack always has room for it, its seeds may not
+        for seed in seeds():
+            self.put(self.first_fit(seed[2], first=pack) or self.open_pack(), seed)
+
+    def first_fit(self, cost, first=None):
+        """The first open pack with room for `cost` positions, trying `first` (if still open) before the others."""
+        return next((p for p in [p for p in self.open if p is first] + self.open if p["used"] + cost <= self.capacity),
+                    None)
+
+    def open_pack(self):
+        if len(self.open) == self.open_packs:  # make room: the fullest open pack goes out
+            self.emit(max(self.open, key=lambda p: p["used"]))
+        self.open.append({"keys": [], "samples": [], "used": 0})
+        return self.open[-1]
+
+    def put(self, pack, sample):
+        key, items, cost = sample
         self.min_cost = cost if self.min_cost is None else min(self.min_cost, cost)
-        target = next((p for p in self.open if p["used"] + cost <= self.capacity), None)  # first fit
-        if target is None:
-            if len(self.open) == self.open_packs:  # make room: the fullest open pack goes out
-                self.emit(max(self.open, key=lambda p: p["used"]))
-            target = {"keys": [], "samples": [], "used": 0}
-            self.open.append(target)
-        target["keys"].append(key)
-        target["samples"].append(items)
-        target["used"] += cost
-        if self.capacity - target["used"] < self.min_cost:  # full: no sample seen so far would fit any more
-            self.emit(target)
+        pack["keys"].append(key)
+        pack["samples"].append(items)
+        pack["used"] += cost
+        if self.capacity - pack["used"] < self.min_cost:  # full: no sample seen so far would fit any more
+            self.emit(pack)
 
     def emit(self, pack):
-        self.open.remove(pack)
+        self.open = [p for p in self.open if p is not pack]
         self.ready.append(pack)
 
     def pop(self):
@@ -1038,14 +1086,126 @@ class FirstFitPacker:
         self.ready = [rebuild(k) for k in state["ready"]]
 
 
+class SampleBuilder:
+    """key [source, epoch, row] -> (items, LLM positions); raises BadSample, also for a sample over
+    max_sample_tokens. Picklable: worker processes run it."""
+
+    def __init__(self, sources, tok, dropout, seed, max_sample_tokens, max_image_pixels):
+        self.sources, self.tok, self.dropout, self.seed = sources, tok, tuple(dropout), seed
+        self.max_sample_tokens, self.max_image_pixels = max_sample_tokens, max_image_pixels
+
+    def __call__(self, key):
+        s, epoch, row = key
+        src = self.sources[s]
+        digest = hashlib.blake2b(f"{self.seed}/{s}/{epoch}/{row}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        parts = src.read(row, gen)
+        load = lambda ref: open_image(ref, src.folder, self.max_image_pixels)
+        items = build_sample(parts, load, self.tok, src.vae_size, src.vit_size, src.max_pixels, gen, self.dropout)
+        cost = sample_len(items)
+        if cost > self.max_sample_tokens:
+            raise BadSample("too_long", f"{cost} positions > max_sample_tokens {self.max_sample_tokens}")
+        return items, cost
+
+
+def build_worker(build, tasks, results):
+    """A worker process: builds the keys it is given, forever. It sends back (key, the pickled sample, BadSample or
+    other error): pickled here, as the queue would put each tensor in a shared-memory file of its own (torch)."""
+    torch.set_num_threads(1)
+    while True:
+        key = tasks.get()
+        try:
+            outcome = build(key)
+        except BadSample as e:
+            outcome = e
+        except Exception:
+            outcome = RuntimeError(f"data worker, sample {key}:\n{traceback.format_exc()}")
+        results.put((key, pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)))
+
+
+def stop_workers(processes, *queues):
+    for p in processes:
+        p.terminate()
+        p.join()
+    for q in queues:
+        q.cancel_join_thread()  # nothing left to flush to the dead
+        q.close()
+
+
+class SampleStream:
+    """The samples of the keys SourceOrder gives, in its order: built here when asked (workers=0), or by `workers`
+    processes ahead of need. Ahead: each source's next keys in its own order, as many as the next 4 * workers
+    weighted draws take from it, plus 2 for each mandatory source (its seeds come at unknown times); a key handed
+    out is consumed in turn, whatever draws it, and each wait is for the key this process would have built."""
+
+    def __init__(self, order, build, workers, mandatory):
+        self.order, self.build, self.workers, self.mandatory = order, build, workers, mandatory
+        self.processes, self.close = [], lambda: None
+
+    def take(self, s=None):
+        """(key, (items, cost) | BadSample) for the next key of source s (None: of the next weighted draw)."""
+        if self.workers and not self.processes:
+            self.start()
+        key = self.order.next_key(s)
+        if not self.workers:
+            try:
+                return key, self.build(key)
+            except BadSample as e:
+                return key, e
+        if not self.in_flight[key[0]]:
+            self.hand_out(key[0])
+        handed_out = self.in_flight[key[0]].popleft()
+        assert handed_out == key, (handed_out, key)
+        self.hand_out_ahead()
+        while tuple(key) not in self.done:
+            try:
+                k, blob = self.results.get(timeout=1.0)
+                self.done[tuple(k)] = blob
+            except queue.Empty:
+                for p in self.processes:
+                    if not p.is_alive():
+                        raise RuntimeError(f"data {p.name} is gone (exit code {p.exitcode})")
+        outcome = pickle.loads(self.done.pop(tuple(key)))
+        if isinstance(outcome, RuntimeError):  # a worker's error, not a bad row: raised where N = 0 raises it
+            raise outcome
+        return key, outcome
+
+    def start(self):
+        ctx = multiprocessing.get_context("forkserver")  # fork is unsafe under threads (torch, CUDA, the prefetcher)
+        ctx.set_forkserver_preload(["data"])  # workers fork from a server that imported torch once
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.processes = [ctx.Process(target=build_worker, args=(self.build, self.tasks, self.results), daemon=True,
+                                      name=f"worker {i}") for i in range(self.workers)]
+        for p in self.processes:
+            p.start()
+        self.close = weakref.finalize(self, stop_workers, self.processes, self.tasks, self.results)  # also at exit
+        self.ahead = [list(p) for p in self.order.positions]  # each source's position after its last key handed out
+        self.in_flight, self.done = [collections.deque() for _ in self.ahead], {}
+
+    def hand_out(self, s):
+        key, self.ahead[s] = self.order.step(s, self.ahead[s])
+        self.in_flight[s].append(key)
+        self.tasks.put(key)
+
+    def hand_out_ahead(self):
+        draws = [self.order.pick(d) for d in range(self.order.draws, self.order.draws + 4 * self.workers)]
+        for s, keys in enumerate(self.in_flight):
+            while len(keys) < draws.count(s) + 2 * (s in self.mandatory):
+                self.hand_out(s)
+
+
 class Loader:
     """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
     CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
-    model's position tables; max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows
-    in a row from one source is an error, not an endless skip; prefetch packs are made ahead in a thread."""
+    model's position tables; max_sample_tokens: longer samples are skipped (counted as too_long; official
+    max_num_tokens_per_sample; default packing_length); max_image_pixels refuses decompression bombs before
+    decoding; max_bad_streak bad rows in a row from one source is an error, not an endless skip; workers: processes
+    that build the samples (read, decode, resize) while this one packs, the same packs for any number; prefetch:
+    packs made ahead in a thread."""
 
     def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
-                 max_image_pixels=2 ** 26, max_bad_streak=1000, prefetch=0, rank=0, world_size=1, seed=0):
+                 max_sample_tokens=None, max_image_pixels=2 ** 26, max_bad_streak=1000, workers=0, prefetch=0,
+                 rank=0, world_size=1, seed=0):
         if not sources:
             raise ValueError("no data sources")
         if len({s.name for s in sources}) != len(sources):
@@ -1056,11 +1216,15 @@ class Loader:
                                  f"exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        max_sample_tokens = max_sample_tokens or packing_length
+        if not 0 < max_sample_tokens <= packing_length:
+            raise ValueError(f"max_sample_tokens {max_sample_tokens} must be in 1..packing_length {packing_length}")
         self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
-        self.max_latent_size, self.vit_side, self.max_image_pixels = max_latent_size, vit_side, max_image_pixels
-        self.dropout = tuple(dropout)
+        self.max_latent_size, self.vit_side = max_latent_size, vit_side
+        self.build = SampleBuilder(sources, tokenizer, dropout, seed, max_sample_tokens, max_image_pixels)
+        self.mandatory = [s for s, src in enumerate(sources) if src.mandatory]
         self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
-        self.prefetch, self.thread = prefetch, None
+        self.workers, self.prefetch, self.thread = workers, prefetch, None
         self.reset()
         for s, src in enumerate(sources):  # systemic problems fail here, not hours into a run
             shard = self.order.shard(s, 0)
@@ -1078,51 +1242,53 @@ class Loader:
                                  "\n  ".join(errors))
 
     def reset(self):
+        if hasattr(self, "stream"):
+            self.stream.close()
         self.order = SourceOrder(self.sources, self.rank, self.world_size, self.seed)
+        self.stream = SampleStream(self.order, self.build, self.workers, self.mandatory)
         self.packer = FirstFitPacker(self.packing_length, self.open_packs)
         self.bad_streak = [0] * len(self.sources)
         self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
 
-    def build(self, key):
-        """key [source, epoch, row] -> (items, LLM positions). Raises BadSample."""
-        s, epoch, row = key
-        src = self.sources[s]
-        digest = hashlib.blake2b(f"{self.seed}/{s}/{epoch}/{row}".encode(), digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        parts = src.read(row, gen)
-        load = lambda ref: open_image(ref, src.folder, self.max_image_pixels)
-        items = build_sample(parts, load, self.tok, src.vae_size, src.vit_size, src.max_pixels, gen, self.dropout)
-        cost = sample_len(items)
-        if cost > self.packing_length:
-            raise BadSample("too_long", f"{cost} positions > packing_length {self.packing_length}")
-        return items, cost
+    def close(self):
+        """Stops the worker processes (garbage collection and exit stop them too)."""
+        self.stream.close()
 
-    def next_sample(self):
-        """Draw a source, read its next row: (key, items, cost), or None for a bad row (counted and logged)."""
-        key = self.order.next_key()
+    def next_sample(self, s=None):
+        """The next sample of source s (None: of a weighted draw): (key, items, cost), or None for a bad row (counted
+        and logged)."""
+        key, outcome = self.stream.take(s)
         s = key[0]
-        try:
-            items, cost = self.build(key)
-        except BadSample as e:
+        if isinstance(outcome, BadSample):
             skipped = self.counts["skipped"]
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
-            if skipped[e.reason] <= 20 or skipped[e.reason] % 1000 == 0:
+            skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
+            if skipped[outcome.reason] <= 20 or skipped[outcome.reason] % 1000 == 0:
                 log.warning("data: skipped %s (epoch %d): %s [%d %s so far]", self.sources[s].where(key[2]), key[1],
-                            e, skipped[e.reason], e.reason)
+                            outcome, skipped[outcome.reason], outcome.reason)
             self.bad_streak[s] += 1
             if self.bad_streak[s] >= self.max_bad_streak:
                 raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
-                                   f"the last: {e}")
+                                   f"the last: {outcome}")
             return None
         self.bad_streak[s] = 0
-        return key, items, cost
+        self.counts["samples"] += 1
+        return (key, *outcome)
+
+    def seeds(self):
+        """One sample of each mandatory source, for a pack being opened (after a bad row, that source's next)."""
+        out = []
+        for s in self.mandatory:
+            sample = None
+            while sample is None:
+                sample = self.next_sample(s)
+            out.append(sample)
+        return out
 
     def make_pack(self) -> Pack:
         while (p := self.packer.pop()) is None:
             sample = self.next_sample()
             if sample is not None:
-                self.counts["samples"] += 1
-                self.packer.add(*sample)
+                self.packer.add(sample, self.seeds)
         self.counts["packs"] += 1
         self.counts["tokens"] += p["used"]
         pack = pack_samples(p["samples"], self.tok.special, self.max_latent_size, self.vit_side)
