@@ -27,6 +27,7 @@ Read top to bottom:
 import base64
 import bisect
 import collections
+import copyreg
 import hashlib
 import io
 import json
@@ -1108,9 +1109,15 @@ class SampleBuilder:
         return items, cost
 
 
+class SamplePickler(pickle.Pickler):
+    """Tensors as numpy arrays: they unpickle ~3x faster than in torch's format, and this process unpickles every
+    sample. (The queue's own pickler would put each tensor in a shared-memory file of its own: torch's reducers.)"""
+    dispatch_table = {**copyreg.dispatch_table, torch.Tensor: lambda t: (torch.from_numpy, (t.numpy(),))}
+
+
 def build_worker(build, tasks, results):
-    """A worker process: builds the keys it is given, forever. It sends back (key, the pickled sample, BadSample or
-    other error): pickled here, as the queue would put each tensor in a shared-memory file of its own (torch)."""
+    """A worker process: builds the keys it is given, forever, and sends back (key, the pickled sample, BadSample
+    or other error)."""
     torch.set_num_threads(1)
     while True:
         key = tasks.get()
@@ -1120,7 +1127,9 @@ def build_worker(build, tasks, results):
             outcome = e
         except Exception:
             outcome = RuntimeError(f"data worker, sample {key}:\n{traceback.format_exc()}")
-        results.put((key, pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)))
+        buf = io.BytesIO()
+        SamplePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(outcome)
+        results.put((key, buf.getvalue()))
 
 
 def stop_workers(processes, *queues):
