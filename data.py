@@ -12,7 +12,9 @@ What train.py uses (everything else is the machinery behind it):
     state = loader.state_dict()                        # JSON-able dict; a fresh Loader(...).load_state_dict(state)
     loader.stats                                       #   then yields the identical next packs
                                                        # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
-    Loader(..., prefetch=2) makes packs ahead in a thread (same packs, same states).
+    Loader(..., workers=8, prefetch=2) builds samples (read, decode, resize) in 8 processes and packs ahead in a
+    thread: the same packs and states for any numbers. Source(..., mandatory=True): one of its samples in every pack
+    opened (official is_mandatory); Loader(..., max_sample_tokens=n) skips longer samples (counted).
     python data.py PATH[:FORMAT] ... checks datasets before a run: fill, skips by reason, speed.
 
 Read top to bottom:
@@ -22,7 +24,8 @@ Read top to bottom:
   4. Samples: a conversation in the OpenAI "messages" shape -> items, CFG condition dropout, the random draws
   5. Readers: rows from json / jsonl / parquet / arrow files; the messages, official T2I / edit / VLM formats
   6. The built-in dataset: coloured shapes with captions, questions and edit instructions
-  7. Loader: sharding, weighted sources, a true first-fit packer, bad-input accounting, exact resume
+  7. Loader: sharding, weighted and mandatory sources, a true first-fit packer, worker processes, bad-input
+     accounting, exact resume
 """
 import base64
 import bisect
@@ -997,7 +1000,8 @@ class SourceOrder:
             n = len(order)
             # keeps the epoch before: workers may already read a source's next epoch while this one is consumed
             self.shard_cache = {k: v for k, v in self.shard_cache.items() if k[0] != s or k[1] >= epoch - 1}
-            self.shard_cache[(s, epoch)] = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
+            lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+            self.shard_cache[(s, epoch)] = order[lo:hi].copy()  # a copy lets the whole permutation go
         return self.shard_cache[(s, epoch)]
 
     def pick(self, draw):
