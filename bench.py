@@ -12,12 +12,15 @@ NSA, BAGEL's heads (28 query / 4 KV, head dim 128): check = bf16 kernels against
 sync in a layer); init = step-0 closeness to dense attention; bench = fwd+bwd against dense causal SDPA at 4k..64k;
 breakdown = GPU time per kernel launch at 16k and 64k (or N); sweep = launch shapes (SWEEP) at N.
 """
+import io
 import json
 import os
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
 import data
@@ -31,6 +34,51 @@ except ImportError:
 
 BENCH = dict(model="7b", model_args={"num_layers": 4, "attn_backend": "flex"}, packing_length=16384,
              ema=0.0, warmup_steps=0, lr=1e-5, compile=True, log_every=1)
+
+
+def photo(rng, w, h):
+    """JPEG bytes of a photo-like picture: smooth colour fields (a coarse random grid, upsampled), a light gradient
+    and sensor noise, so that it decodes and compresses like a photo."""
+    coarse = Image.fromarray(rng.integers(0, 256, (max(2, h // 96), max(2, w // 96), 3), dtype=np.uint8))
+    x = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.float32)
+    x += np.linspace(-30, 30, w, dtype=np.float32)[None, :, None] + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_real_data(folder, rows, seed=0):
+    """configs/sft.py's mixture in its official formats, from generated photos of 512-1280 px: a T2I parquet (image
+    bytes, captions), an edit parquet (3-image rows, instructions) and a LLaVA jsonl (1-2 images on disk, a question,
+    answers of 40-200 words). Returns the sources (weights 1:1:1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(seed)
+    size = lambda: (int(rng.integers(512, 1281)), int(rng.integers(512, 1281)))
+    text = lambda n: " ".join(rng.choice(["a", "red", "house", "near", "the", "river", "with", "two", "trees", "under",
+                                          "blue", "sky", "and", "people", "walking", "slowly"], n))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    if not os.path.exists(os.path.join(folder, "done")):
+        pq.write_table(pa.table({"image": [photo(rng, *size()) for _ in range(rows)],
+                                 "captions": [json.dumps({"short": text(12), "long": text(60)}) for _ in range(rows)]}),
+                       os.path.join(folder, "t2i.parquet"), row_group_size=50)
+        pq.write_table(pa.table({"image_list": [[photo(rng, *size()) for _ in range(3)] for _ in range(rows)],
+                                 "instruction_list": [[[text(10)], [text(10)]] for _ in range(rows)]}),
+                       os.path.join(folder, "edit.parquet"), row_group_size=50)
+        with open(os.path.join(folder, "vlm.jsonl"), "w") as f:
+            for r in range(rows):
+                names = [f"{r}_{k}.jpg" for k in range(1 + r % 2)]
+                for name in names:
+                    with open(os.path.join(folder, "images", name), "wb") as img:
+                        img.write(photo(rng, *size()))
+                question = "<image>\n" * len(names) + text(20) + "?"
+                f.write(json.dumps({"image": names, "conversations": [
+                    {"from": "human", "value": question}, {"from": "gpt", "value": text(int(rng.integers(40, 201)))}]})
+                        + "\n")
+        open(os.path.join(folder, "done"), "w").close()
+    return [{"path": os.path.join(folder, "t2i.parquet"), "format": "t2i"},
+            {"path": os.path.join(folder, "edit.parquet"), "format": "edit"},
+            {"path": os.path.join(folder, "vlm.jsonl"), "format": "vlm", "data_folder": os.path.join(folder, "images")}]
 
 
 def bench_pack(tokenizer, length, seed):
@@ -96,49 +144,72 @@ class Phases:
 
 
 def main(argv):
+    """--data=synthetic (the fixed pack above), real (configs/sft.py's mixture of generated photos through data.Loader)
+    or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack);
+    --steps=N measured steps after 3 warm-up; any train.py key."""
     config = dict(train.DEFAULTS)
     config.update(BENCH)
-    for arg in argv:  # the same --key=value overrides as train.py
+    options = {"data": "synthetic", "steps": "12", "rows": "200"}
+    for arg in argv:  # the same --key=value overrides as train.py, and the bench's own options
         key, value = arg[2:].split("=", 1)
-        train.set_key(config, key, train.literal(value), "command line")
+        if key in options:
+            options[key] = value
+        else:
+            train.set_key(config, key, train.literal(value), "command line")
     config["model_args"] = {**BENCH["model_args"], **config["model_args"]}
-    steps, warmup = 12, 3
+    steps, warmup = int(options["steps"]), 3
+    kind = options["data"]
+    if kind.startswith("real"):
+        sources = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"), int(options["rows"]))
+        config["sources"] = [s for s in sources if kind == "real" or s["format"] == kind.split(":")[1]]
     run = train.build(config)
-    pack = bench_pack(run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run), config["packing_length"],
-                      seed=run.rank)
-    run.log(f"pack: {pack.num_tokens} tokens, {len(pack.sample_lens)} samples, {pack.ce_indexes.numel()} CE, "
-            f"{pack.mse_indexes.numel()} MSE")
+    if not kind.startswith("real"):
+        tokenizer = run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run)
+        pack = bench_pack(tokenizer, config["packing_length"], seed=run.rank) if kind == "synthetic" else \
+            long_pack(tokenizer, int(kind.split(":")[1]), seed=run.rank)
+        next_pack = lambda: pack
+        run.log(f"pack: {pack.num_tokens} tokens, {len(pack.sample_lens)} samples, {pack.ce_indexes.numel()} CE, "
+                f"{pack.mse_indexes.numel()} MSE")
+    else:
+        next_pack = train.make_loader(run, config["seed"]).next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
     phases = Phases(run) if run.device.type == "cuda" else None
-    times, phase_ms = [], []
+    times, phase_ms, tokens, flops = [], [], 0, 0
     for i in range(warmup + steps):
         sync(run)
         t0 = time.time()
-        r = train.train_step(run, [pack], config["lr"])
+        packs = [next_pack()]
+        t_data = time.time() - t0
+        r = train.train_step(run, packs, config["lr"])
         sync(run)
         times.append(time.time() - t0)
-        phase_ms.append(phases.take() if phases else {})
-        run.log(f"step {i}: {times[-1] * 1000:.0f} ms, loss {r['loss']:.4f}")
+        phase_ms.append({"data": t_data * 1000, **(phases.take() if phases else {})})
+        if i >= warmup:
+            tokens, flops = tokens + r["tokens"], flops + r["flops"]
+        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {t_data * 1000:.0f}), {r['tokens']} tokens, "
+                f"loss {r['loss']:.4f}")
     if os.environ.get("BENCH_PROFILE"):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                train.train_step(run, [pack], config["lr"])
+                train.train_step(run, [next_pack()], config["lr"])
             sync(run)
         run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["BENCH_PROFILE"]),
                                           max_name_column_width=80))
-    dt = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median
-    median = lambda xs: sorted(xs)[len(xs) // 2]
-    per_phase = {k: median([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in (phase_ms[-1] or {})}
-    tokens, flops = train.all_sum([r["tokens"], r["flops"]], run.device)
+    dt = sum(times[warmup:])
+    mean = lambda xs: sum(xs) / len(xs)
+    per_phase = {k: mean([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in phase_ms[-1]}
+    tokens, flops = train.all_sum([tokens, flops], run.device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0
     if phases:
         m = phases.memory
         per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
-        run.log("phases (GPU ms, median): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
+        run.log("phases (ms per step, mean): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
                 f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB")
-    run.log(f"RESULT world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
-            f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt * 1000:.0f} ms "
+    if run.latent_cache:
+        run.log(f"latent cache: {run.latent_cache.hits} hits, {run.latent_cache.misses} misses")
+    run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
+            f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt / steps * 1000:.0f} ms "
             f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {flops / dt / run.world / peak if peak else 0:.3f} | "
             f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
@@ -148,6 +219,25 @@ def main(argv):
 def sync(run):
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
+
+
+def long_pack(tokenizer, length, seed):
+    """One interleaved sample of `length` positions: text of 1,500 ids, a 980 px image as ViT tokens and a 1024 px
+    image as clean VAE latents, repeated, then a noised 1024 px target, and text to the end (NSA's case: long
+    samples whose images are full spans and whose target is a noise span)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(10, tokenizer.vocab_size, (n,), generator=g).tolist()
+    text = lambda n, loss: {"type": "text", "ids": ids(n), "loss": loss, "special_token_loss": False,
+                            "special_token_label": None}
+    vae = lambda loss: {"type": "vae_image", "pixels": torch.randint(0, 256, (3, 1024, 1024), generator=g,
+                                                                     dtype=torch.uint8), "latent": None, "loss": loss}
+    vit = {"type": "vit_image", "pixels": torch.randint(0, 256, (3, 980, 980), generator=g, dtype=torch.uint8)}
+    items, left = [], length - 4098 - 8
+    while left > 1502 + 4902 + 4098 + 1000:
+        items += [text(1500, True), dict(vit), vae(False)]
+        left -= 1502 + 4902 + 4098
+    items += [vae(True), text(left - 2, True)]
+    return data.pack_samples([items], tokenizer.special, generator=g)
 
 
 class BigVocab:

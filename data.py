@@ -67,7 +67,8 @@ from model import patchify
 #   {"type": "vae_image", "latent": [16, 2h, 2w] or None, "pixels": [3, 16h, 16w] or None, "loss": bool,
 #    "timestep_raw": float|None, "noise": [16, 2h, 2w]|None, "posterior_eps": [16, 2h, 2w]|None}
 # and any item may carry "drop": True (CFG condition dropout). Pixels may also be uint8 in [0, 255] (what the
-# loader keeps while samples wait in its buffer: 4x less memory); the Pack always holds them in [-1, 1].
+# loader makes: 4x less memory); the Pack keeps VAE pixels as given (uint8 travels to the GPU, where
+# train.encode_images maps it to [-1, 1]) and holds ViT patches in [-1, 1].
 
 @dataclass
 class Pack:
@@ -85,7 +86,8 @@ class Pack:
     latent_pos_ids: torch.Tensor  # Long[Nv] row*max_latent_size + col
     vae_grids: list              # (h, w) latent-token grid per VAE image
     vae_latents: list            # per VAE image: [16, 2h, 2w] or None (pixels given)
-    vae_pixels: list             # per VAE image: [3, 16h, 16w] or None (latent given)
+    vae_pixels: list             # per VAE image: [3, 16h, 16w] (uint8 or in [-1, 1]) or None (latent given)
+    vae_keys: list               # per VAE image: a hash of its pixels (content and transform), or None
     vae_posterior_eps: list      # per VAE image: [16, 2h, 2w] for pixel images, else None
     vae_timestep_raw: torch.Tensor  # Float[Nimg_vae] pre-sigmoid draw; -inf for clean conditions
     vae_noise: torch.Tensor      # Float[Nv, 64] patchify(noise, 2); zeros for clean tokens
@@ -141,7 +143,7 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
     sample_lens, split_lens, split_modes, position_ids = [], [], [], []
     text_ids, text_indexes = [], []
     vit_patches, vit_pos_ids, vit_indexes, vit_lens = [], [], [], []
-    vae_indexes, latent_pos_ids, vae_grids, vae_latents, vae_pixels, vae_eps = [], [], [], [], [], []
+    vae_indexes, latent_pos_ids, vae_grids, vae_latents, vae_pixels, vae_eps, vae_keys = [], [], [], [], [], [], []
     vae_t, vae_noise = [], []
     ce_indexes, ce_labels, ce_weights, mse_indexes = [], [], [], []
     L = 0  # tokens laid out so far
@@ -205,7 +207,9 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
                 latent_pos_ids.append(grid_pos_ids(h, w, max_latent_size))
                 vae_grids.append((h, w))
                 vae_latents.append(latent)
-                vae_pixels.append(None if pixels is None else unit_pixels(pixels))
+                vae_pixels.append(pixels)
+                vae_keys.append(None if pixels is None else hashlib.blake2b(
+                    pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest() + f"_{pixels.dtype}_{h}x{w}")
                 vae_eps.append(eps if pixels is not None else None)
                 text_ids += [vs, ve]
                 text_indexes += [L, L + n - 1]
@@ -229,7 +233,7 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
         vit_patches=cat(vit_patches, 14 * 14 * 3, dtype=torch.float32), vit_pos_ids=cat(vit_pos_ids),
         vit_indexes=cat(vit_indexes), vit_lens=vit_lens,
         vae_indexes=cat(vae_indexes), latent_pos_ids=cat(latent_pos_ids), vae_grids=vae_grids,
-        vae_latents=vae_latents, vae_pixels=vae_pixels, vae_posterior_eps=vae_eps,
+        vae_latents=vae_latents, vae_pixels=vae_pixels, vae_keys=vae_keys, vae_posterior_eps=vae_eps,
         vae_timestep_raw=torch.tensor(vae_t, dtype=torch.float32),
         vae_noise=cat(vae_noise, 64, dtype=torch.float32),
         ce_indexes=long(ce_indexes), ce_labels=long(ce_labels),

@@ -540,10 +540,12 @@ class AutoEncoder(nn.Module):
         """Posterior mean and log-variance of images x [B, 3, H, W] in [-1, 1]."""
         return self.encoder(x).chunk(2, dim=1)
 
-    def encode(self, x, eps):
-        """Sampled, scaled latent; eps is the posterior noise (the same shape as the latent)."""
-        mean, logvar = self.moments(x)
+    def latent(self, mean, logvar, eps):
+        """The sampled, scaled latent of posterior moments; eps is the posterior noise (the shape of the latent)."""
         return self.scale * (mean + torch.exp(0.5 * logvar) * eps - self.shift)
+
+    def encode(self, x, eps):
+        return self.latent(*self.moments(x), eps)
 
     def decode(self, z):
         return self.decoder(z / self.scale + self.shift)
@@ -561,6 +563,9 @@ class PooledAE(nn.Module):
         mean = F.pixel_unshuffle(F.avg_pool2d(x, 4), 2)
         mean = F.pad(mean, (0, 0, 0, 0, 0, self.channels - mean.shape[1]))
         return mean, torch.full_like(mean, -math.inf)
+
+    def latent(self, mean, logvar, eps=None):
+        return mean
 
     def encode(self, x, eps=None):
         return self.moments(x)[0]
@@ -646,6 +651,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce):
         dh, dw, weights = ctx.saved_tensors
+        if not weights.numel():  # no CE token in this pack
+            return dh, dw, None, None, None
         c = (grad_ce * weights).sum() / (weights * weights).sum()
         torch._assert_async(((grad_ce - c * weights).abs() <= 1e-4 * grad_ce.abs().max() + 1e-30).all(),
                             "LinearCrossEntropy: the upstream gradient is not proportional to the CE weights")
@@ -725,8 +732,9 @@ class Bagel(nn.Module):
 
     def embed(self, pack, timestep_shift, run_vit=None):
         """The packed input sequence [L, C] and what the losses need: x0 and the flow target per latent token.
-        run_vit: run the ViT (default: when the pack has ViT images). Under FSDP every rank must make the same
-        choice (it enters the ViT's sharded modules), so train.py passes True when any rank has images."""
+        run_vit: run the ViT (default: when the pack has ViT images); when it does not, ViT tokens stay zero vectors
+        (the official visual_und=False). Under FSDP every rank must make the same choice (it enters the ViT's sharded
+        modules), so train.py passes True when any rank has images."""
         cfg, dtype = self.cfg, self.embed_tokens.weight.dtype
         x = self.embed_tokens.weight.new_zeros(pack.num_tokens, cfg.hidden_size)
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))

@@ -10,6 +10,7 @@ the loss normalisation are always the ones a cluster uses.
 """
 import ast
 import functools
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -46,6 +49,8 @@ DEFAULTS = dict(
     # data
     sources=[{"path": "shapes"}],  # data.Source keyword arguments, one dict per dataset (path, format, weight, ...)
     data_args={},                 # further data.Loader keyword arguments (open_packs, max_image_pixels, ...)
+    latent_cache="",              # a folder for the VAE posterior moments of every image seen: later epochs skip the
+                                  # encoder (LatentCache); "" = encode every time
     packing_length=4096,          # LLM positions per pack (per rank, per micro-step)
     text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,  # CFG condition dropout
     seed=1234,
@@ -59,7 +64,8 @@ DEFAULTS = dict(
     ema=0.9999,                   # EMA decay; 0 turns the EMA off
     # what trains
     freeze_vit=False, freeze_connector=False, freeze_llm=False, freeze_und=False,
-    visual_und=True, visual_gen=True,  # False: that side frozen, and the data must not use it (checked)
+    visual_und=True,              # False: ViT and connector frozen and never run; ViT tokens are zero vectors (official)
+    visual_gen=True,              # False: the generation side frozen, and the data must have no generation target
     freeze=[],                    # extra fnmatch patterns of parameter names to freeze
     train_only=[],                # if not empty: only parameters matching these patterns train
     lora_targets=[],              # fnmatch patterns of Linear layers given LoRA adapters; then only adapters train
@@ -209,8 +215,9 @@ def visible_pairs(pack):
     return pairs
 
 
-def pack_flops(pack, c: M.BagelConfig, trains):
-    """trains: {"und", "gen", "vit", "connector", "lm_head", "latent"} -> bool (weights of that group train).
+def pack_flops(pack, c: M.BagelConfig, trains, vit_runs=True):
+    """trains: {"und", "gen", "vit", "connector", "lm_head", "latent"} -> bool (weights of that group train);
+    vit_runs: False when the ViT is not run (visual_und off: its tokens are zeros).
     Exact for the matmuls when everything trains; when parts are frozen, the first decoder layer may count an
     input gradient that is not needed."""
     C, D, F_, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
@@ -227,10 +234,10 @@ def pack_flops(pack, c: M.BagelConfig, trains):
     flops += pack.mse_indexes.numel() * C * c.latent_dim * mult(trains["latent"], llm_grad)
     flops += n_gen * (c.latent_dim * C + 256 * C) * mult(trains["latent"], False)  # vae2llm, time mlp.0
     flops += n_gen * C * C * mult(trains["latent"], trains["latent"])             # time mlp.2
-    Cv, n_vit, vit = c.vit_hidden_size, pack.vit_patches.shape[0], trains["vit"]
+    Cv, n_vit, vit = c.vit_hidden_size, pack.vit_patches.shape[0] if vit_runs else 0, trains["vit"]
     flops += n_vit * 3 * c.vit_patch_size ** 2 * Cv * mult(vit, False)
     flops += c.vit_num_layers * n_vit * (4 * Cv * Cv + 2 * Cv * c.vit_intermediate_size) * mult(vit, vit)
-    flops += c.vit_num_layers * 4 * Cv * sum(n * n for n in pack.vit_lens) * (3 if vit else 1)
+    flops += c.vit_num_layers * 4 * Cv * sum(n * n for n in pack.vit_lens) * (3 if vit else 1) * vit_runs
     flops += n_vit * Cv * C * mult(trains["connector"], vit) + n_vit * C * C * mult(
         trains["connector"], vit or trains["connector"])
     return flops
@@ -336,6 +343,7 @@ class Run:
     groups: dict                  # which weight groups train (for pack_flops)
     opt: torch.optim.Optimizer
     ema: dict                     # {name: sharded fp32 EMA} of the trainable parameters; {} without EMA
+    latent_cache: object = None   # LatentCache, or None
 
     @property
     def master(self):
@@ -355,19 +363,19 @@ def build(config):
     log(json.dumps(config, indent=1, default=str))
     log(model_cfg)
     model = meta_model(config, model_cfg, log)
+    trains = trainable_mask([n for n, _ in model.named_parameters()], config)
+    freeze(model, trains, dtype)
     shard(model, mesh, dtype, config)
     vae = load_weights(model, model_cfg, config, fresh, device, log)
-    vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, used under no_grad
-    trains = trainable_mask([n for n, _ in model.named_parameters()], config)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trains[name])
+    vae.requires_grad_(False).eval().to(dtype, memory_format=torch.channels_last)  # frozen, outside FSDP, no_grad
     params = [p for p in model.parameters() if p.requires_grad]
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} ({sum(p.numel() for p in params):,} "
         f"trainable), world {world}, device {device}, compute {dtype}")
     opt, ema = optimizer_and_ema(model, params, config, device)
+    cache = LatentCache(config["latent_cache"], vae) if config["latent_cache"] else None
     return Run(config, rank, world, device, dtype, log, model, vae, model_cfg, tokenizer, params, param_names,
-               weight_groups(trains), opt, ema)
+               weight_groups(trains), opt, ema, cache)
 
 
 def model_config(config, master, device):
@@ -429,6 +437,17 @@ def checkpoint_context(mode):
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
     return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def freeze(model, trains, dtype):
+    """requires_grad as `trains` says, and frozen weights stored in the compute dtype (on the meta device, before they
+    exist): only what trains needs an fp32 master (a LoRA run keeps its 14B base weights in bf16)."""
+    for prefix, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if trains[f"{prefix}.{name}" if prefix else name]:
+                p.requires_grad_(True)
+            else:
+                setattr(module, name, torch.nn.Parameter(p.to(dtype), requires_grad=False))
 
 
 def shard(model, mesh, dtype, config):
@@ -497,8 +516,8 @@ def optimizer_and_ema(model, params, config, device):
 
 
 def lr_at(config, step):
-    if step < config["warmup_steps"]:
-        return config["lr"] * (step + 1) / config["warmup_steps"]
+    if step < config["warmup_steps"]:  # as the official schedule: step k of the warm-up at lr * k / W
+        return config["lr"] * step / config["warmup_steps"]
     if config["lr_schedule"] == "cosine":
         progress = (step - config["warmup_steps"]) / max(1, config["max_steps"] - config["warmup_steps"])
         return config["min_lr"] + 0.5 * (config["lr"] - config["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -525,8 +544,8 @@ def train_step(run, packs, lr, step=0):
     ce_sum = mse_sum = torch.zeros((), device=run.device)
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
-        pack = encode_images(run.vae, pack.to(run.device), run.dtype)
-        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0,
+        pack = encode_images(run.vae, pack.to(run.device), run.dtype, run.latent_cache)
+        out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0 and config["visual_und"],
                     ce_weights=pack.ce_weights if reweight else None)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
         ce_tokens = out["ce"] * pack.ce_weights if reweight else out["ce"]
@@ -537,7 +556,7 @@ def train_step(run, packs, lr, step=0):
             objective.backward()
         ce_sum, mse_sum = ce_sum + ce_tokens.detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
-        flops += pack_flops(pack, run.model_cfg, run.groups)
+        flops += pack_flops(pack, run.model_cfg, run.groups, vit_runs=config["visual_und"])
     stopped = [any(fnmatch(name, pat) for pat in frozen) for name in run.param_names]
     for p, stop in zip(run.params, stopped):
         if stop:  # scheduled freezing: no gradient, so AdamW leaves it
@@ -567,6 +586,16 @@ def train_step(run, packs, lr, step=0):
                 n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops)
 
 
+def make_loader(run, seed):
+    """This rank's data.Loader over the config's sources."""
+    config = run.config
+    dropout = [config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
+    return data.Loader([data.Source(**src) for src in config["sources"]], run.tokenizer, config["packing_length"],
+                       dropout, max_latent_size=run.model_cfg.max_latent_size,
+                       vit_side=run.model_cfg.vit_max_patches_per_side, seed=seed, rank=run.rank,
+                       world_size=run.world, **config["data_args"])
+
+
 def main(argv):
     """Train as the config and --key=value overrides say; ends the process when done (finish_distributed), so run
     it as a script or a subprocess, not inside a Python session you want to keep."""
@@ -574,13 +603,7 @@ def main(argv):
     run = build(config)
     log, master, device, world = run.log, run.master, run.device, run.world
 
-    def make_loader(seed):
-        dropout = [config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
-        return data.Loader([data.Source(**src) for src in config["sources"]], run.tokenizer, config["packing_length"],
-                           dropout, max_latent_size=run.model_cfg.max_latent_size,
-                           vit_side=run.model_cfg.vit_max_patches_per_side, seed=seed, rank=run.rank, world_size=world,
-                           **config["data_args"])
-    loader = make_loader(config["seed"])
+    loader = make_loader(run, config["seed"])
 
     # --- resume: the newest complete checkpoint in out_dir, if any ---
     ckpt_dir = os.path.join(config["out_dir"], "checkpoints")
@@ -592,7 +615,7 @@ def main(argv):
         if extra is None:
             log(f"world size changed: model, optimiser and EMA resharded; the data order restarts from seed "
                 f"{config['seed'] + step} (per-rank loader states do not map across world sizes)")
-            loader = make_loader(config["seed"] + step)
+            loader = make_loader(run, config["seed"] + step)
         else:
             loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"], device)
@@ -610,8 +633,8 @@ def main(argv):
         t0 = time.time()
         packs = [loader.next_pack() for _ in range(config["grad_accum"])]
         for pack in packs:
-            if (not config["visual_und"] and pack.vit_lens) or (not config["visual_gen"] and pack.mse_indexes.numel()):
-                raise SystemExit("visual_und/visual_gen is off but the data has ViT images/generation targets")
+            if not config["visual_gen"] and pack.mse_indexes.numel():
+                raise SystemExit("visual_gen is off but the data has generation targets")
         lr = lr_at(config, step)
         r = train_step(run, packs, lr, step)
         if r["ok"]:
@@ -676,19 +699,68 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+# ----------------------------------------------------------------------------------------------
+# The frozen VAE: encoded on the GPU, or the posterior moments from a cache
+
+class LatentCache:
+    """Each image's posterior moments (mean, log-variance: what the encoder computes before the random draw) on disk
+    as safetensors, one file per image named by the hash of its pixels (its content after the transform), in a folder
+    per VAE (a fingerprint of its weights). A later epoch draws its posterior sample from the moments: the same math,
+    no encoder. A file that does not hold what its name says (another image, a torn write) is made again."""
+
+    def __init__(self, folder, vae):
+        h = hashlib.blake2b(digest_size=8)
+        for name, t in sorted(vae.state_dict().items()):
+            h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().view(-1).view(
+                torch.uint8).numpy().tobytes())
+        h.update(type(vae).__name__.encode())
+        self.folder = os.path.join(folder, h.hexdigest())
+        self.hits = self.misses = 0
+
+    def path(self, key):
+        return os.path.join(self.folder, key[:2], key + ".safetensors")
+
+    def get(self, key, device):
+        try:
+            with safe_open(self.path(key), "pt", device=str(device)) as f:
+                if f.metadata().get("key") == key:
+                    self.hits += 1
+                    return f.get_tensor("mean"), f.get_tensor("logvar")
+        except (OSError, SafetensorError):
+            pass
+        self.misses += 1
+        return None
+
+    def put(self, key, mean, logvar):
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, then an atomic rename
+        save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, tmp, metadata={"key": key})
+        os.replace(tmp, path)
+
+
 @torch.no_grad()
-def encode_images(vae, pack, dtype):
-    """Fill the pack's latents of pixel images with the frozen VAE, one batch per image size (never padded:
-    the official pad-to-largest batching lets padding leak into the latents of smaller images)."""
-    todo = [i for i, z in enumerate(pack.vae_latents) if z is None]
+def encode_images(vae, pack, dtype, cache=None):
+    """Fill the pack's latents of pixel images: from the cached posterior moments, or with the frozen VAE (compute
+    dtype, channels-last, one batch per image size: never padded - the official pad-to-largest batching lets padding
+    leak into the latents of smaller images), whose moments then go into the cache."""
     by_size = {}
-    for i in todo:
-        by_size.setdefault(tuple(pack.vae_pixels[i].shape), []).append(i)
+    for i, z in enumerate(pack.vae_latents):
+        if z is not None:
+            continue
+        moments = cache.get(pack.vae_keys[i], pack.vae_posterior_eps[i].device) if cache else None
+        if moments:
+            pack.vae_latents[i] = vae.latent(*moments, pack.vae_posterior_eps[i].to(dtype)).float()
+        else:
+            by_size.setdefault(tuple(pack.vae_pixels[i].shape), []).append(i)
     for group in by_size.values():
-        pixels = torch.stack([pack.vae_pixels[i] for i in group]).to(dtype)
+        pixels = data.unit_pixels(torch.stack([pack.vae_pixels[i] for i in group])).to(dtype)
+        mean, logvar = vae.moments(pixels.contiguous(memory_format=torch.channels_last))
         eps = torch.stack([pack.vae_posterior_eps[i] for i in group]).to(dtype)
-        for i, z in zip(group, vae.encode(pixels, eps).float()):
+        for i, z, m, lv in zip(group, vae.latent(mean, logvar, eps).float(), mean, logvar):
             pack.vae_latents[i] = z
+            if cache:
+                cache.put(pack.vae_keys[i], m, lv)
     return pack
 
 

@@ -1,0 +1,146 @@
+"""The training step's pieces that exist for speed, each against a plain reference: the fused linear cross-entropy
+(values and gradients in float64 against F.cross_entropy, with and without per-token weights), activation
+checkpointing modes (gradients identical to no checkpointing), the learning-rate schedule (the official warm-up), and
+the official visual_und=False (ViT tokens are zero vectors)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import train
+from conftest import fixture_samples, load_fixture, load_tiny
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_cross_entropy_matches_plain_ce(weighted):
+    """Per-token values, and the gradients of sum(c * w * ce) for h and W, across chunk boundaries (N not a multiple
+    of the chunk), in float64 against F.cross_entropy on the full logits."""
+    g = torch.Generator().manual_seed(0)
+    N, C, V, chunk = 37, 16, 50, 8
+    h = torch.randn(N, C, dtype=torch.float64, generator=g).requires_grad_()
+    W = torch.randn(V, C, dtype=torch.float64, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g)
+    w = torch.rand(N, dtype=torch.float64, generator=g) + 0.5 if weighted else torch.ones(N, dtype=torch.float64)
+    ref = F.cross_entropy(h @ W.t(), labels, reduction="none")
+    dh_ref, dW_ref = torch.autograd.grad((3.0 * w * ref).sum(), (h, W))
+    ce = M.cross_entropy(h, W, labels, w if weighted else None, chunk=chunk)
+    dh, dW = torch.autograd.grad((3.0 * w * ce).sum(), (h, W))
+    torch.testing.assert_close(ce, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dh, dh_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dW, dW_ref, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # evaluation: chunked, no gradients made
+        torch.testing.assert_close(M.cross_entropy(h, W, labels, chunk=chunk), ref.detach(), atol=1e-12, rtol=1e-12)
+
+
+def test_fused_cross_entropy_refuses_another_upstream_gradient():
+    """The gradients are made in the forward for a loss sum(c * w * ce): any other upstream gradient is an error,
+    not silently wrong gradients."""
+    h = torch.randn(9, 4, requires_grad=True)
+    W = torch.randn(7, 4, requires_grad=True)
+    ce = M.cross_entropy(h, W, torch.randint(0, 7, (9,)), chunk=4)
+    with pytest.raises(RuntimeError, match="not proportional"):
+        (ce * torch.arange(9.0)).sum().backward()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    bagel, vae, cfg = load_tiny()
+    cases, tensors, _, _, special = load_fixture()
+    case = max(cases["cases"], key=lambda c: len(c["samples"]))  # the fixture's largest pack: text, ViT, latents
+    pack = data.pack_samples(fixture_samples(case, tensors), special, cfg.max_latent_size, cfg.vit_max_patches_per_side)
+    return bagel, pack
+
+
+def gradients(bagel, pack, mode, every=1):
+    for layer in bagel.layers:
+        layer.checkpoint = None
+    for layer in list(bagel.layers)[::every] + list(bagel.vit.layers):
+        layer.checkpoint = None if mode == "none" else train.checkpoint_context(mode)
+    bagel.zero_grad()
+    out = bagel(pack)
+    (out["ce"].sum() + out["mse"].sum()).backward()
+    return {n: p.grad.clone() for n, p in bagel.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode,every", [("full", 1), ("selective", 1), ("full", 2)])
+def test_activation_checkpointing_modes_give_the_same_gradients(tiny, mode, every):
+    bagel, pack = tiny
+    assert pack.vit_lens and pack.mse_indexes.numel() and pack.ce_indexes.numel()
+    ref = gradients(bagel, pack, "none")
+    got = gradients(bagel, pack, mode, every)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=0, rtol=0, msg=name)
+    gradients(bagel, pack, "none")  # leave the shared model as it was
+
+
+def test_warmup_is_the_official_schedule():
+    """Hugging Face's get_constant_schedule_with_warmup, which the official trainer uses: step k < W runs at
+    lr * k / W (step 0 at 0), then lr; cosine decays from lr at the end of the warm-up to min_lr at max_steps."""
+    config = dict(train.DEFAULTS, lr=1e-3, min_lr=1e-5, warmup_steps=4, max_steps=14, lr_schedule="constant")
+    assert [train.lr_at(config, k) for k in range(6)] == [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]
+    config["lr_schedule"] = "cosine"
+    for k in (4, 9, 14):
+        want = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (k - 4) / 10))
+        assert train.lr_at(config, k) == pytest.approx(want, rel=1e-12)
+
+
+def test_visual_und_off_leaves_vit_tokens_zero(tiny):
+    """Official visual_und=False: the ViT does not run; its tokens keep their positions as zero vectors (no position
+    table added either), and nothing else changes."""
+    bagel, pack = tiny
+    with torch.no_grad():
+        on, _ = bagel.embed(pack, 1.0, run_vit=True)
+        off, _ = bagel.embed(pack, 1.0, run_vit=False)
+    vit = torch.zeros(pack.num_tokens, dtype=torch.bool)
+    vit[pack.vit_indexes] = True
+    assert on[vit].abs().sum() > 0 and off[vit].abs().sum() == 0
+    torch.testing.assert_close(off[~vit], on[~vit], atol=0, rtol=0)
+
+
+def test_latent_cache_gives_the_encoders_latents(tmp_path):
+    """The second epoch reads each image's posterior moments from the cache and draws the same latent the encoder
+    gives; a file that holds another image's moments is made again; another VAE uses another folder."""
+    _, vae, cfg = load_tiny()
+    g = torch.Generator().manual_seed(0)
+    image = lambda h, w: {"type": "vae_image", "latent": None, "loss": True, "pixels": torch.randint(
+        0, 256, (3, h, w), generator=g, dtype=torch.uint8)}  # uint8, as the loader gives them: two sizes
+    samples = [[image(32, 48)], [image(32, 48)], [image(48, 32)]]
+    pack = data.pack_samples(samples, {"im_start": 1, "im_end": 2, "vision_start": 3, "vision_end": 4},
+                             cfg.max_latent_size, cfg.vit_max_patches_per_side, generator=g)
+    fresh = lambda: data.Pack(**{**pack.__dict__, "vae_latents": list(pack.vae_latents)})
+    want = train.encode_images(vae, fresh(), torch.float32).vae_latents
+    cache = train.LatentCache(str(tmp_path), vae)
+    for epoch in range(2):
+        got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
+        for z, w in zip(got, want):
+            torch.testing.assert_close(z, w, atol=1e-6, rtol=1e-6)
+    assert (cache.misses, cache.hits) == (3, 3)
+    os.replace(cache.path(pack.vae_keys[1]), cache.path(pack.vae_keys[0]))  # image 0's file holds image 1's moments
+    got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    assert cache.misses == 5  # image 0 (not trusted) and image 1 (gone) encoded again
+    with torch.no_grad():
+        next(vae.parameters()).add_(1.0)
+    assert train.LatentCache(str(tmp_path), vae).folder != cache.folder
+
+
+def test_frozen_weights_are_stored_in_the_compute_dtype():
+    """Only what trains keeps an fp32 master: a LoRA run's base weights (and any frozen part) are stored in the
+    compute dtype, its adapters in fp32; every parameter is there, with its name and shape."""
+    config = dict(train.DEFAULTS, lora_targets=["layers.*.und.q_proj", "vit.layers.*.v_proj"], lora_rank=2)
+    with torch.device("meta"):
+        bagel = M.Bagel(M.bagel_tiny())
+    M.apply_lora(bagel, config["lora_targets"], 2, 4.0)
+    before = {n: p.shape for n, p in bagel.named_parameters()}
+    trains = train.trainable_mask(list(before), config)
+    train.freeze(bagel, trains, torch.bfloat16)
+    after = dict(bagel.named_parameters())
+    assert {n: p.shape for n, p in after.items()} == before
+    for name, p in after.items():
+        assert (p.dtype, p.requires_grad) == ((torch.float32, True) if ".lora_" in name else (torch.bfloat16, False))
+    assert sum(trains.values()) == 2 * (bagel.cfg.num_layers + bagel.cfg.vit_num_layers)
