@@ -976,7 +976,9 @@ def shapes_corpus(rows=2000):
 # the keys of the samples waiting in the packer, which load_state_dict rebuilds by reading their rows again.
 # Workers. For the same reason worker processes can build each source's next keys ahead of need while this process
 # packs: it takes the samples in the order it would have built them, so packs and state are the same for any number
-# of workers, and the state never holds keys in flight (a resumed loader hands them out again).
+# of workers, and the state never holds keys in flight (a resumed loader hands them out again). Packs can only be
+# put together here, from the samples in key order: the prefetch thread overlaps that (first fit, pack_samples)
+# with the training step.
 
 log = logging.getLogger("nanobagel.data")
 
@@ -1211,14 +1213,60 @@ class SampleStream:
                 self.hand_out(s)
 
 
+class Prefetcher:
+    """make() run ahead in a thread, up to `depth` results, each with state() as just after it (decoding and
+    resizing release the GIL, so this overlaps the training step). An error of the thread is raised by get(), and
+    again by any later call (the thread has stopped)."""
+
+    def __init__(self, make, state, depth):
+        self.queue = queue.Queue(depth)
+        threading.Thread(target=self.run, args=(make, state), daemon=True).start()
+
+    def run(self, make, state):
+        try:
+            while True:
+                result = make()
+                self.queue.put((result, state()))
+        except BaseException as e:
+            self.queue.put((e, None))
+
+    def get(self):
+        result, state = self.queue.get()
+        if isinstance(result, BaseException):
+            self.queue.put((result, state))
+            raise result
+        return result, state
+
+
+def check_sources(sources, order, build, max_latent_size, vit_side):
+    """Systemic problems fail at start, not hours into a run: images beyond the model's position tables, a rank
+    left without rows, a source whose first samples are all bad."""
+    for s, src in enumerate(sources):
+        if src.vae_size[1] > 16 * max_latent_size or src.vit_size[1] > 14 * vit_side:
+            raise ValueError(f"source {src.name}: images up to {src.vae_size[1]} px (VAE) / {src.vit_size[1]} px "
+                             f"(ViT) exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
+        shard = order.shard(s, 0)
+        if len(shard) == 0:
+            raise ValueError(f"source {src.name}: {len(src)} rows leave rank {order.rank} of {order.world_size} "
+                             f"nothing")
+        errors = []
+        for row in shard[:8]:
+            try:
+                build([s, 0, int(row)])
+                break
+            except BadSample as e:
+                errors.append(f"{src.where(int(row))}: {e}")
+        else:
+            raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
+                             "\n  ".join(errors))
+
+
 class Loader:
     """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
     CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
-    model's position tables; max_sample_tokens: longer samples are skipped (counted as too_long; official
-    max_num_tokens_per_sample; default packing_length); max_image_pixels refuses decompression bombs before
-    decoding; max_bad_streak bad rows in a row from one source is an error, not an endless skip; workers: processes
-    that build the samples (read, decode, resize) while this one packs, the same packs for any number; prefetch:
-    packs made ahead in a thread."""
+    model's position tables; longer samples than max_sample_tokens (default packing_length) are skipped as too_long;
+    max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows in a row from one source
+    is an error, not an endless skip; workers processes build the samples; prefetch packs are made in a thread."""
 
     def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
                  max_sample_tokens=None, max_image_pixels=2 ** 26, max_bad_streak=1000, workers=0, prefetch=0,
@@ -1227,10 +1275,6 @@ class Loader:
             raise ValueError("no data sources")
         if len({s.name for s in sources}) != len(sources):
             raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
-        for s in sources:
-            if s.vae_size[1] > 16 * max_latent_size or s.vit_size[1] > 14 * vit_side:
-                raise ValueError(f"source {s.name}: images up to {s.vae_size[1]} px (VAE) / {s.vit_size[1]} px (ViT) "
-                                 f"exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         max_sample_tokens = max_sample_tokens or packing_length
@@ -1241,22 +1285,9 @@ class Loader:
         self.build = SampleBuilder(sources, tokenizer, dropout, seed, max_sample_tokens, max_image_pixels)
         self.mandatory = [s for s, src in enumerate(sources) if src.mandatory]
         self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
-        self.workers, self.prefetch, self.thread = workers, prefetch, None
+        self.workers, self.prefetch, self.ahead = workers, prefetch, None
         self.reset()
-        for s, src in enumerate(sources):  # systemic problems fail here, not hours into a run
-            shard = self.order.shard(s, 0)
-            if len(shard) == 0:
-                raise ValueError(f"source {src.name}: {len(src)} rows leave rank {rank} of {world_size} nothing")
-            errors = []
-            for row in shard[:8]:
-                try:
-                    self.build([s, 0, int(row)])
-                    break
-                except BadSample as e:
-                    errors.append(f"{src.where(int(row))}: {e}")
-            else:
-                raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
-                                 "\n  ".join(errors))
+        check_sources(sources, self.order, self.build, max_latent_size, vit_side)
 
     def reset(self):
         if hasattr(self, "stream"):
@@ -1295,9 +1326,8 @@ class Loader:
         """One sample of each mandatory source, for a pack being opened (after a bad row, that source's next)."""
         out = []
         for s in self.mandatory:
-            sample = None
-            while sample is None:
-                sample = self.next_sample(s)
+            while (sample := self.next_sample(s)) is None:
+                pass
             out.append(sample)
         return out
 
@@ -1313,30 +1343,15 @@ class Loader:
         return pack
 
     def next_pack(self) -> Pack:
-        """The next pack. With prefetch > 0 a background thread makes up to `prefetch` packs ahead (decoding and
-        resizing release the GIL, so this overlaps the training step); each comes with the loader state just after
-        it, and state_dict()/stats describe the packs handed out so far, so resume stays exact."""
+        """The next pack. With prefetch > 0 a thread makes up to `prefetch` packs ahead, each with the loader state
+        just after it: state_dict()/stats describe the packs handed out so far, so resume stays exact."""
         if not self.prefetch:
             return self.make_pack()
-        if self.thread is None:
+        if self.ahead is None:
             self.consumed = self.live_state()
-            self.queue = queue.Queue(self.prefetch)
-            self.thread = threading.Thread(target=self.produce, daemon=True)
-            self.thread.start()
-        pack, state = self.queue.get()
-        if isinstance(pack, BaseException):  # e.g. a source gone bad: raised where the packs are consumed
-            self.queue.put((pack, state))    # (and again on any later call: the thread has stopped)
-            raise pack
-        self.consumed = state
+            self.ahead = Prefetcher(self.make_pack, self.live_state, self.prefetch)
+        pack, self.consumed = self.ahead.get()
         return pack
-
-    def produce(self):
-        try:
-            while True:
-                pack = self.make_pack()
-                self.queue.put((pack, self.live_state()))
-        except BaseException as e:
-            self.queue.put((e, None))
 
     def live_state(self):
         return json.loads(json.dumps({
@@ -1346,7 +1361,7 @@ class Loader:
 
     def state_dict(self):
         """Everything that decides the next packs, as plain JSON-able Python."""
-        return json.loads(json.dumps(self.consumed)) if self.thread else self.live_state()
+        return json.loads(json.dumps(self.consumed)) if self.ahead else self.live_state()
 
     @property
     def stats(self):
@@ -1359,7 +1374,7 @@ class Loader:
                 "epochs": {src.name: pos[0] for src, pos in zip(self.sources, state["positions"])}}
 
     def load_state_dict(self, state):
-        if self.thread is not None:
+        if self.ahead is not None:
             raise RuntimeError("load_state_dict must come before the first next_pack")
         mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [s.name for s in self.sources]}
