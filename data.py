@@ -20,9 +20,9 @@ What train.py uses (everything else is the machinery behind it):
 Read top to bottom:
   1. Pack + pack_samples: the exact official BAGEL layout of a list of samples (tests/fixtures/bagel_tiny checks it)
   2. Tokenizer: tokenizers' tokenizer.json plus BAGEL's four special tokens; a tiny one built on the fly
-  3. Images: decode (with guards), the official resize rule, [-1, 1] tensors
+  3. Images: decode (with guards, EXIF, 16 bit), the official resize rule, [-1, 1] tensors; video frames
   4. Samples: a conversation in the OpenAI "messages" shape -> items, CFG condition dropout, the random draws
-  5. Readers: rows from json / jsonl / parquet / arrow files; the messages, official T2I / edit / VLM formats
+  5. Readers: rows from json / jsonl / parquet / arrow / tar files; the messages, official, IRG, UniCoT, recA formats
   6. The built-in dataset: coloured shapes with captions, questions and edit instructions
   7. Loader: sharding, weighted and mandatory sources, a true first-fit packer, worker processes, bad-input
      accounting, exact resume
@@ -32,6 +32,7 @@ import bisect
 import collections
 import copyreg
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -41,7 +42,9 @@ import os
 import pickle
 import queue
 import random
+import re
 import sys
+import tarfile
 import threading
 import traceback
 import weakref
@@ -52,7 +55,7 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import patchify
@@ -319,7 +322,11 @@ class BadSample(Exception):
 
 
 def rgb(img):
-    """RGB, with transparency composited onto white (official pil_img2rgb)."""
+    """RGB, with transparency composited onto white (official pil_img2rgb); 16- and 32-bit greyscale scaled by
+    its range (Pillow's own conversion clips at 255: a 16-bit image would come out white)."""
+    if img.mode.startswith("I"):
+        a = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(a * (255 / max(65535, a.max())) + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "RGBA" or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         white = Image.new("RGB", img.size, (255, 255, 255))
@@ -330,14 +337,15 @@ def rgb(img):
 
 def open_image(ref, folder, max_pixels):
     """ref: a PIL image | bytes | {"bytes", "path"} (a Hugging Face image cell) | "data:...;base64,..." | a path
-    (relative to `folder`; "file://" allowed). Refuses images over max_pixels before decoding them (bombs)."""
+    (relative to `folder`; "file://" allowed; Source.read has already confined it to the data folder). Refuses
+    images over max_pixels before decoding them (bombs); applies the EXIF orientation (phone photos)."""
     if isinstance(ref, Image.Image):
         return rgb(ref)
     if isinstance(ref, dict):
         ref = ref.get("bytes") or ref.get("path")
     if isinstance(ref, str) and ref.startswith("data:"):
-        try:
-            ref = base64.b64decode(ref.split(",", 1)[1], validate=True)
+        try:  # line-wrapped base64 (base64.encodebytes) is fine, anything else outside the alphabet is not
+            ref = base64.b64decode("".join(ref.split(",", 1)[1].split()), validate=True)
         except (IndexError, ValueError) as e:
             raise BadSample("bad_base64", str(e)[:80])
     if isinstance(ref, str):
@@ -355,6 +363,7 @@ def open_image(ref, folder, max_pixels):
         if img.width * img.height > max_pixels:
             raise BadSample("oversized_image", f"{img.width}x{img.height} > {max_pixels} pixels")
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)
         img = rgb(img)
     except BadSample:
         raise
@@ -396,17 +405,86 @@ def image_tensor(img, size, stride, max_pixels):
     return unit_pixels(image_bytes(img, size, stride, max_pixels))
 
 
+# Video: the official FrameSampler (data/video_utils.py, frame_sampler_args) turns a clip into ViT frames.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def frame_indices(n, vlen, gen):
+    """Official get_frame_indices(sample="rand"): min(n, vlen) stretches of the clip, a frame drawn from each but
+    its last one (sic); if a stretch is that short, min(n, vlen) distinct random frames in order; padded to n with
+    the last."""
+    edges = np.linspace(0, vlen, min(n, vlen) + 1).astype(int).tolist()
+    if all(b - 1 > a for a, b in zip(edges, edges[1:])):
+        idx = [a + int(torch.randint(b - 1 - a, (), generator=gen)) for a, b in zip(edges, edges[1:])]
+    else:
+        idx = sorted(torch.randperm(vlen, generator=gen)[:min(n, vlen)].tolist())
+    return idx + idx[-1:] * (n - len(idx))
+
+
+def video_frames(path, num_frames, gen):
+    """Official FrameSampler: n ~ U{num_frames = (min, max)}; a folder of frames (sorted by the number in
+    name_N.ext) gives all if it has at most n, else n by frame_indices; an animated image (Pillow) or a video file
+    (decord, the official reader, or PyAV) gives n by frame_indices. -> frame paths (a folder) or PIL images."""
+    n = num_frames[0] + int(torch.randint(num_frames[1] - num_frames[0] + 1, (), generator=gen))
+    if os.path.isdir(path):
+        number = lambda f: (int(m.group(1)) if (m := re.search(r"_(\d+)\.\w+$", f)) else -1, f)
+        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)), key=number)
+        if not files:
+            raise BadSample("missing_file", f"no frames in {path}")
+        return [os.path.join(path, f) for f in (files if len(files) <= n else
+                                                 [files[i] for i in frame_indices(n, len(files), gen)])]
+    try:
+        with Image.open(path) as img:  # an animated image (a still one: a clip of one frame)
+            frames = []
+            for i in frame_indices(n, getattr(img, "n_frames", 1), gen):
+                img.seek(i)
+                frames.append(rgb(img))
+            return frames
+    except FileNotFoundError:
+        raise BadSample("missing_file", path)
+    except Image.UnidentifiedImageError:
+        pass  # a video file
+    except Exception as e:
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}"[:80])
+    for name in ("decord", "av"):
+        try:
+            reader = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    else:
+        raise RuntimeError(f"{path}: reading video files needs decord or PyAV (pip install decord, or pip install av)")
+    try:
+        if name == "decord":
+            video = reader.VideoReader(path, num_threads=1)
+            return [Image.fromarray(x) for x in video.get_batch(frame_indices(n, len(video), gen)).asnumpy()]
+        with reader.open(path) as video:  # PyAV: the container's frame count, else its packets counted
+            vlen = video.streams.video[0].frames or sum(p.size > 0 for p in video.demux(video=0))
+        idx = frame_indices(n, vlen, gen)
+        with reader.open(path) as video:  # decoded in order up to the last frame drawn
+            decoded = zip(range(idx[-1] + 1), video.decode(video=0))
+            frames = [f.to_image() for i, f in decoded for _ in range(idx.count(i))]
+    except Exception as e:
+        raise BadSample("corrupt_video", f"{type(e).__name__}: {e}"[:80])
+    if len(frames) < n:
+        raise BadSample("corrupt_video", f"{path}: {len(frames)} of the {n} frames drawn decode")
+    return frames
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Samples. Every reader produces a conversation: a list of parts (role, "text", str) | (role, "image", ref),
-# roles system / user / assistant. build_sample turns it into items (LMMS Engine conventions, which are the
-# official BAGEL plans) and makes every random draw the sample needs from the sample's own generator.
+# roles system / user / assistant (a video is its frames). build_sample turns it into items (LMMS Engine
+# conventions, which are the official BAGEL plans) and makes every random draw the sample needs from the sample's
+# own generator.
 
 ROLES = ("system", "user", "assistant")
 
 
 def parse_messages(messages):
     """OpenAI "messages" (a list, or its JSON string) -> parts. Images: {"type": "image_url", "image_url": {"url"}}
-    or {"type": "image", "image": ...}; a missing url/image means the row's next entry in its images column."""
+    or {"type": "image", "image": ...}; a missing url/image means the row's next entry in its images column.
+    Videos: {"type": "video_url", "video_url": {"url"}} or {"type": "video", "video": path}."""
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
@@ -430,11 +508,11 @@ def parse_messages(messages):
                 if not isinstance(c.get("text"), str):
                     raise BadSample("malformed_row", f"text item without a string: {str(c)[:40]}")
                 parts.append((role, "text", c["text"]))
-            elif kind == "image_url":
-                url = c.get("image_url")
-                parts.append((role, "image", url.get("url") if isinstance(url, dict) else url))
-            elif kind == "image":
-                parts.append((role, "image", c.get("image")))
+            elif kind in ("image_url", "video_url"):
+                url = c.get(kind)
+                parts.append((role, kind.removesuffix("_url"), url.get("url") if isinstance(url, dict) else url))
+            elif kind in ("image", "video"):
+                parts.append((role, kind, c.get(kind)))
             else:
                 raise BadSample("unknown_content_type", repr(kind)[:40])
     if not parts:
@@ -452,6 +530,10 @@ def vae_item(pixels, loss, droppable=False):
             "noise": None, "posterior_eps": None, "droppable": droppable}
 
 
+RULE_FLAGS = ("loss", "vae", "vit", "droppable")
+PARTS_LEFT_OUT = {}  # reason -> bad parts left out of otherwise good rows (IRG's rule) in this process
+
+
 def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout):
     """Items of one conversation:
     - system/user text: no loss; assistant text: CE on its ids and the closing <|im_end|>.
@@ -463,10 +545,15 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
       ViT conditions are dropped with probabilities dropout = (text, vit, vae).
     A part may carry a fourth element, a dict of flags that replace these rules (IRG, UniCoT, recA): text {"loss"},
     image {"loss": a noised target, "vae": a clean VAE copy, "vit": a ViT copy}, each False unless given, and
-    "droppable" (default True): may be dropped as a CFG condition. A loss target is never dropped.
+    "droppable" (default True): may be dropped as a CFG condition. A loss target is never dropped. The dict may
+    also say, with or without flags: "vit_size", the (min, max) side of this image's ViT view; "img_num", the ViT
+    max_pixels is shared by that many images (the official VLM rule); "optional", a bad image leaves this part
+    out (logged), not the whole row (IRG's rule).
     Random draws, all from `gen`, in sequence order: the CFG decisions, then per VAE image timestep_raw ~ N(0, 1)
     and flow noise (noised ones), and the VAE posterior eps."""
-    generates = any(p[1] == "image" and (p[3].get("loss") if len(p) > 3 else p[0] == "assistant") for p in parts)
+    extras = [p[3] if len(p) > 3 else {} for p in parts]
+    given = [e if any(k in e for k in RULE_FLAGS) else None for e in extras]
+    generates = any(p[1] == "image" and (g.get("loss") if g else p[0] == "assistant") for p, g in zip(parts, given))
 
     def rules(i, role, kind):  # the conventions above, as flags
         if kind == "text":
@@ -475,25 +562,33 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
         return {"loss": role == "assistant", "vae": generates and (role != "assistant" or more),
                 "vit": role != "assistant" or more, "droppable": generates}
     items = []
-    for i, part in enumerate(parts):
+    for i, (part, extra) in enumerate(zip(parts, extras)):
         role, kind, value = part[:3]
-        given = part[3] if len(part) > 3 else rules(i, role, kind)
-        droppable = given.get("droppable", True)
+        flags = given[i] or rules(i, role, kind)
+        droppable = flags.get("droppable", True)
         if kind == "text":
-            items.append(text_item(tok.encode(value), loss=given.get("loss", False), droppable=droppable))
+            items.append(text_item(tok.encode(value), loss=flags.get("loss", False), droppable=droppable))
             continue
-        loss, vae_copy, vit_copy = (given.get(k, False) for k in ("loss", "vae", "vit"))
-        if not (loss or vae_copy or vit_copy):
-            raise BadSample("malformed_row", "an image part with no use (need_loss, need_vae, need_vit all false)")
-        img = load_image(value)
+        loss, vae_copy, vit_copy = (flags.get(k, False) for k in ("loss", "vae", "vit"))
+        try:
+            if not (loss or vae_copy or vit_copy):
+                raise BadSample("malformed_row", "an image part with no use (need_loss, need_vae, need_vit all false)")
+            img = load_image(value)
+        except BadSample as e:
+            if not extra.get("optional"):
+                raise
+            n = PARTS_LEFT_OUT[e.reason] = PARTS_LEFT_OUT.get(e.reason, 0) + 1
+            if n <= 20 or n % 1000 == 0:
+                log.warning("data: left out a bad part of a row: %s [%d %s so far]", e, n, e.reason)
+            continue
         vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
         if loss:
             items.append(vae_item(vae, loss=True))
         if vae_copy:
             items.append(vae_item(vae, loss=False, droppable=droppable))
         if vit_copy:
-            items.append({"type": "vit_image", "pixels": image_bytes(img, vit_size, 14, max_pixels),
-                          "droppable": droppable})
+            pixels = image_bytes(img, extra.get("vit_size", vit_size), 14, max_pixels / extra.get("img_num", 1))
+            items.append({"type": "vit_image", "pixels": pixels, "droppable": droppable})
     if not any(it.get("loss") for it in items):
         raise BadSample("no_targets", "nothing to learn: no assistant text or image")
     probs = {"text": dropout[0], "vit_image": dropout[1], "vae_image": dropout[2]}
@@ -511,13 +606,13 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Readers. Rows gives random access to the rows (dicts) of a file or a folder of files; Source turns a row of
-# its format into parts:
+# 5. Readers. Rows gives random access to the rows (dicts) of a file or a folder of files (jsonl, json, parquet,
+# arrow, webdataset tar shards); Source turns a row of its format into parts:
 #   messages  {"messages": [...] or its JSON string, optional "images": [bytes | {"bytes", "path"} | path]}
 #   t2i       official T2I parquet: {"image": bytes, "captions": JSON string of {name: caption}}
 #   edit      official edit parquet: {"image_list": [bytes], "instruction_list": [[str]]}
-#   vlm       official VLM jsonl (LLaVA): {"image": path | [paths], "conversations": [{"from", "value"}]}; UniCoT's
-#             "think" turns: left out with probability think_drop, else learned (CE)
+#   vlm       official VLM jsonl (LLaVA): {"image": path | [paths] or "video": path, "conversations": [{"from",
+#             "value"}]}; UniCoT's "think" turns: left out with probability think_drop, else learned (CE)
 #   irg       IRG parquet: {"conversation": JSON [{"role", "content"}]}, per-part need_loss / need_vae / need_vit
 #   unicot    UniCoT MDP parquet: {"prompt", "think", "image"} or {"prompt", "think", "source_image",
 #             "edit_instruction", "target_image"}, optional "system_prompt"; think left out with probability think_drop;
@@ -525,7 +620,7 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 #   reca      recA: {"image"} alone (captions ignored): reconstruction from its ViT view and a describe-prompt
 #   shapes    the built-in dataset (section 6), no files
 
-EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow", ".tar")
 SIZES = {  # official data config (data/configs/example.yaml): VAE (min, max) side, ViT (min, max) side, max_pixels
     "t2i": ((512, 1024), (378, 980), 14 * 14 * 9 * 1024),
     "edit": ((512, 1024), (224, 518), 14 * 14 * 9 * 1024),
@@ -539,19 +634,16 @@ COLUMNS = {"messages": ["messages"], "t2i": ["image", "captions"], "edit": ["ima
            "vlm": ["conversations"], "irg": ["conversation"], "reca": ["image"], "shapes": ["index"],
            "unicot": []}  # two row shapes: checked per row
 
-# recA's prompts: the ViT view of an image is the condition; the prompt only says what to do with it
-RECON_PROMPTS = [
-    "Describe the image.", "Describe every detail in the image.", "What is in this picture?",
-    "Reproduce this image.", "Recreate the image exactly.", "Generate the same image.",
-    "Draw what you see.", "Paint this picture again.", "Render this scene faithfully.",
-    "Redraw the image with all its details.", "Regenerate this image.", "Make an identical copy of this image.",
-    "Describe the objects, colours and layout of the image.", "Describe the scene, then draw it.",
-    "Capture the style, colours and composition of this image.", "Show this image once more.",
-    "Reconstruct the picture.", "Depict exactly what is shown.", "Produce a picture matching this one.",
-    "Describe the image in detail: objects, positions, textures and background.",
-    "Restore this image as it is.", "Copy this photo.", "Generate an image of what you see here.",
-    "Repeat the image.",
-]
+# recA's prompts ask for a description, as recA's own (all description requests, none says copy): with the ViT
+# view as the condition, the model is asked to say densely what it sees
+RECON_PROMPTS = [f"{ask} {what}." for ask in (
+    "Describe", "Describe in detail", "Give a detailed description of", "Write a dense caption for",
+    "Provide a thorough account of", "Explain, element by element,") for what in (
+    "the image", "this picture", "the scene shown here", "every object in the image, with its colour and place",
+    "the composition, colours and lighting of this picture", "the style, medium and mood of the image",
+    "the subjects, their textures and the background", "the layout of the scene from left to right",
+    "the foreground and background of this image", "the shapes, sizes and number of things in view",
+    "any text, symbols and patterns visible in the picture")]
 
 
 def cached(cache, key, make):
@@ -563,6 +655,11 @@ def cached(cache, key, make):
         cache.clear()
         cache[key] = value
     return value
+
+
+def pread(file, cache, offset, size):
+    """Bytes of an open file, read positionally: no shared seek state."""
+    return os.pread(cached(cache, file, lambda: open(file, "rb")).fileno(), size, offset)
 
 
 def open_file_rows(file, cache):
@@ -577,11 +674,10 @@ def open_file_rows(file, cache):
         spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
 
         def get(i):
-            f = cached(cache, file, lambda: open(file, "rb"))
             start, end = spans[i].tolist()
             try:
-                return json.loads(os.pread(f.fileno(), end - start, start))  # positional: no shared seek state
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return json.loads(pread(file, cache, start, end - start))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 raise BadSample("malformed_json", str(e)[:80])
         return len(spans), np.arange(len(spans) + 1), get, None
     if file.endswith(".json"):
@@ -610,6 +706,28 @@ def open_file_rows(file, cache):
             table = pa.ipc.open_stream(pa.memory_map(file)).read_all()
         return table.num_rows, np.arange(table.num_rows + 1), lambda i: table.slice(i, 1).to_pylist()[0], \
             table.schema.names
+    if file.endswith(".tar"):  # webdataset shard: a row per key (the member path up to its name's first dot)
+        members = {}  # key -> {extension: (offset, size)}, from the headers alone
+        with tarfile.open(file) as tar:
+            for m in tar:
+                if m.isfile():
+                    folder, name = os.path.split(m.name)
+                    key, _, ext = name.partition(".")
+                    members.setdefault(os.path.join(folder, key), {})[ext.lower()] = (m.offset_data, m.size)
+        keys = list(members)
+
+        def get(i):  # {"__key__", a member per extension (json decoded, txt as text), "image": the image member}
+            row = {"__key__": keys[i], **{ext: pread(file, cache, *at) for ext, at in members[keys[i]].items()}}
+            try:
+                row.update({k: json.loads(row[k]) if k == "json" else row[k].decode() for k in ("json", "txt")
+                            if k in row})
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise BadSample("malformed_json", str(e)[:80])
+            images = [v for k, v in row.items() if "." + k.rpartition(".")[2] in IMAGE_EXTENSIONS]
+            if images:
+                row.setdefault("image", images[0])
+            return {**row["json"], **row} if isinstance(row.get("json"), dict) else row  # its fields: columns too
+        return len(keys), np.arange(len(keys) + 1), get, None
     raise ValueError(f"{file}: unknown data file type (expected one of {EXTENSIONS})")
 
 
@@ -630,7 +748,7 @@ class Rows:
         for file in self.files:
             try:
                 n, file_blocks, get, columns = open_file_rows(file, cache)
-            except (pa.ArrowException, OSError) as e:
+            except (pa.ArrowException, OSError, tarfile.TarError) as e:
                 raise ValueError(f"cannot read {file}: {e}")
             blocks.append(starts[-1] + file_blocks[:-1])
             self.getters.append(get)
@@ -638,6 +756,11 @@ class Rows:
             starts.append(starts[-1] + n)
         self.starts = np.array(starts, dtype=np.int64)
         self.block_starts = np.concatenate(blocks + [self.starts[-1:]])  # last entry: the total
+        if self.columns is None and len(self):  # json, jsonl, tar: the first row's keys
+            try:
+                self.columns = list(self[0])
+            except BadSample:
+                pass
 
     def __reduce__(self):  # open files and closures do not pickle: a worker process reads the path again
         return Rows, (self.path,)
@@ -666,32 +789,40 @@ def pick(options, gen):
 
 
 def read_messages(r, gen, src):
+    """A video becomes its sampled frames (video_frames), which share the ViT budget (img_num); in a sample that
+    generates an image, ViT views take the edit size (the official edit ViT transform, not the VLM one)."""
     parts = parse_messages(r["messages"])
     images = r.get("images", r.get("image"))
     images = list(images) if isinstance(images, (list, tuple, np.ndarray)) else [] if images is None else [images]
+    size = {"vit_size": src.edit_vit_size} if any(p[:2] == ("assistant", "image") for p in parts) else {}
     out, k = [], 0
     for role, kind, value in parts:
         if kind == "image" and value is None:  # the row's next image
             if k >= len(images):
                 raise BadSample("missing_image", "more image items than entries in the images column")
             value, k = images[k], k + 1
-        out.append((role, kind, value))
+        if kind == "video":
+            if role == "assistant":
+                raise BadSample("unsupported", "a video the assistant generates")
+            frames = src.frames(value, gen)
+            out += [(role, "image", f, {**size, "img_num": len(frames)}) for f in frames]
+        else:
+            out.append((role, kind, value, size) if kind == "image" else (role, kind, value))
     return out
 
 
 def read_t2i(r, gen, src):
-    captions = r["captions"]
-    captions = json.loads(captions) if isinstance(captions, str) else captions
-    captions = list(captions.values()) if isinstance(captions, dict) else captions
-    captions = [c for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
-        raise BadSample("malformed_row", "no caption")
-    return [("user", "text", pick(captions, gen)), ("assistant", "image", r["image"])]
+    """Official T2I: a caption drawn uniformly, blank ones included (an implicit unconditional sample); a row
+    without captions is captioned " "."""
+    captions = json.loads(r["captions"]) if isinstance(r["captions"], str) else r["captions"]
+    captions = [c for c in (captions.values() if isinstance(captions, dict) else captions) if isinstance(c, str)]
+    return [("user", "text", pick(captions, gen) if captions else " "), ("assistant", "image", r["image"])]
 
 
 def read_edit(r, gen, src):
     """Official edit plan: a random window of 1-2 steps from image start to image end; with probability 0.5 a
-    2-step window is one concatenated instruction and only the final image."""
+    2-step window is one instruction "a. b." (sic: "a.. b.." when they end in ".") and only the final image, but
+    never the row's last image: such a window shrinks to its first step ("a.")."""
     images, instructions = r["image_list"], r["instruction_list"]
     if len(images) < 2 or len(instructions) < len(images) - 1:
         raise BadSample("malformed_row", f"{len(images)} images, {len(instructions)} instruction lists")
@@ -700,7 +831,8 @@ def read_edit(r, gen, src):
     end = pick(range(start + 1, min(start + 3, len(images))), gen)
     parts = [("user", "image", images[start])]
     if end - start > 1 and torch.rand((), generator=gen).item() < 0.5:
-        text = " ".join(say(k).rstrip(".") + "." for k in range(start + 1, end + 1))
+        end -= end == len(images) - 1
+        text = "".join(say(k) + ". " for k in range(start + 1, end + 1)).rstrip()
         return parts + [("user", "text", text), ("assistant", "image", images[end])]
     for k in range(start + 1, end + 1):
         parts += [("user", "text", say(k)), ("assistant", "image", images[k])]
@@ -708,61 +840,65 @@ def read_edit(r, gen, src):
 
 
 def read_vlm(r, gen, src):
-    """LLaVA conversations: human turns are user text with <image> placeholders, gpt turns assistant text."""
-    if "video" in r:
-        raise BadSample("unsupported", "video rows")
-    images = r.get("image")
-    images = [] if images is None else images if isinstance(images, list) else [images]
+    """LLaVA conversations, read as the official VLM dataset does: human turns are user text (split at <image>
+    placeholders and stripped; as is without one), gpt turns assistant text, other turns (system) left out;
+    <image> tags beyond the row's images are ignored, images beyond its tags unused, and all of them share the
+    ViT budget (img_num). A "video" row is its sampled frames (video_frames) in place of <video>."""
+    turns = r["conversations"]
+    if r.get("image") is not None:
+        images = r["image"] if isinstance(r["image"], list) else [r["image"]]
+    elif r.get("video") is not None:
+        images = src.frames(r["video"], gen)
+        first = next((t for t in turns if "<video>" in t["value"]), None)
+        if first is None:
+            raise BadSample("malformed_row", "a video row without a <video> tag")
+        turns = [dict(t, value=t["value"].replace("<video>", "<image>" * len(images))) if t is first else t
+                 for t in turns]
+    else:
+        images = []
     parts, k = [], 0
-    for turn in r["conversations"]:
+    for turn in turns:
         who, value = turn["from"], turn["value"]
         if who == "think":  # UniCoT: the model's reasoning, left out with probability think_drop
             if torch.rand((), generator=gen).item() < src.think_drop:
                 continue
             who = "gpt"
-        if who == "gpt":
-            parts.append(("assistant", "text", value))
-            continue
-        if who not in ("human", "system"):
-            raise BadSample("unknown_role", repr(who)[:40])
-        pieces = value.split("<image>")
-        for j, text in enumerate(pieces):
-            if text.strip():
-                parts.append(("user" if who == "human" else "system", "text", text.strip()))
-            if j < len(pieces) - 1:
-                if k >= len(images):
-                    raise BadSample("image_count_mismatch", f"more <image> tags than the {len(images)} images")
-                parts.append(("user", "image", images[k]))
-                k += 1
-    if k != len(images):
-        raise BadSample("image_count_mismatch", f"{k} <image> tags for {len(images)} images")
+        if who == "gpt" or (who == "human" and "<image>" not in value):
+            parts.append(("assistant" if who == "gpt" else "user", "text", value))
+        elif who == "human":
+            for j, text in enumerate(value.split("<image>")):
+                if j and k < len(images):  # the tag before this piece
+                    parts.append(("user", "image", images[k], {"img_num": len(images)}))
+                    k += 1
+                if text.strip():
+                    parts.append(("user", "text", text.strip()))
     return parts
 
 
 def read_irg(r, gen, src):
     """IRG: user turns are text (need_loss, default False); assistant turns are lists of parts: text (need_loss,
     default True) or a base64 image with need_loss (a generation target), need_vae / need_vit (clean copies for
-    what follows), each default False. Other roles (system) are ignored, as IRG does."""
+    what follows), each default False. As IRG reads them: other roles (system), turns or parts without content,
+    and parts of other types are ignored; a bad image part (undecodable, or no flag set) is left out, not the
+    row."""
     turns = json.loads(r["conversation"]) if isinstance(r["conversation"], str) else r["conversation"]
     parts = []
     for turn in turns:
-        role, content = turn["role"], turn["content"]
-        if role == "user":
-            if not isinstance(content, str):
-                raise BadSample("malformed_row", "a user turn's content is not a string")
+        role, content = turn.get("role"), turn.get("content")
+        if role == "user" and isinstance(content, str) and content:
             parts.append(("user", "text", content, {"loss": bool(turn.get("need_loss", False))}))
-        elif role == "assistant":
-            for part in content:
-                if part["type"] == "text":
-                    loss = bool(part.get("need_loss", True))
-                    parts.append(("assistant", "text", part["content"], {"loss": loss}))
-                elif part["type"] == "image":
-                    ref = part["content"]
-                    ref = ref if ref.startswith("data:") else "data:;base64," + ref  # decoded by open_image
-                    flags = {k: bool(part.get("need_" + k, False)) for k in ("loss", "vae", "vit")}
-                    parts.append(("assistant", "image", ref, flags))
-                else:
-                    raise BadSample("unknown_content_type", repr(part["type"])[:40])
+        if role != "assistant" or not isinstance(content, list):
+            continue
+        for part in content:
+            kind, value = part.get("type"), part.get("content")
+            if not isinstance(value, str) or not value:
+                continue
+            if kind == "text":
+                parts.append(("assistant", "text", value, {"loss": bool(part.get("need_loss", True))}))
+            elif kind == "image":
+                flags = {k: bool(part.get("need_" + k, False)) for k in ("loss", "vae", "vit")}
+                ref = value if value.startswith("data:") else "data:;base64," + value  # decoded by open_image
+                parts.append(("assistant", "image", ref, {**flags, "optional": True}))
     if not parts:
         raise BadSample("empty_messages")
     return parts
@@ -827,23 +963,30 @@ class ShapeRows:
 
 class Source:
     """One dataset: a file or folder in one format (READERS), its sampling weight, and its image sizes: (min side,
-    max side) for the VAE and the ViT, and max_pixels (defaults: the official data config, SIZES). Image paths are
-    relative to data_folder (default: the data's own folder). The built-in "shapes" dataset needs no files:
-    num_rows scenes drawn at image_size px, resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
+    max side) for the VAE and the ViT, and max_pixels (defaults: the official data config, SIZES). Image and video
+    paths are relative to data_folder (default: the data's own folder) and must stay inside it (no "..", absolute,
+    file:// or symlink escapes: a counted skip) unless allow_absolute_paths. num_used_data: the first N rows alone,
+    or repeated up to N (official num_used_data); num_frames: (min, max) frames sampled from a video (official
+    frame_sampler_args). The built-in "shapes" dataset needs no files: num_rows scenes drawn at image_size px,
+    resized to image_size (VAE) and image_size // 14 * 14 (ViT) unless told."""
 
     def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
                  vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0, think_drop=0.0,
-                 mandatory=False):
+                 num_used_data=None, num_frames=(8, 12), allow_absolute_paths=False, mandatory=False):
         self.format = format or ("shapes" if path == "shapes" else "messages")
         if self.format not in READERS:
             raise ValueError(f"unknown source format {self.format!r} (formats: {', '.join(READERS)})")
-        if not weight > 0:
-            raise ValueError(f"source {path}: weight must be > 0, got {weight}")
-        if not 0 <= think_drop <= 1:
-            raise ValueError(f"source {path}: think_drop must be in [0, 1], got {think_drop}")
+        for ok, need in [(weight > 0, f"weight must be > 0, got {weight}"),
+                         (0 <= think_drop <= 1, f"think_drop must be in [0, 1], got {think_drop}"),
+                         (1 <= num_frames[0] <= num_frames[1], f"num_frames must be (min, max), got {num_frames}"),
+                         (num_used_data is None or isinstance(num_used_data, int) and num_used_data > 0,
+                          f"num_used_data must be a positive int, got {num_used_data!r}")]:
+            if not ok:
+                raise ValueError(f"source {path}: {need}")
         self.path, self.weight, self.name, self.think_drop = path, weight, name or str(path), think_drop
+        self.image_size, self.seed, self.num_frames = image_size, seed, tuple(num_frames)
+        self.allow_absolute_paths = allow_absolute_paths
         self.mandatory = mandatory  # one sample in every pack the loader opens (section 7)
-        self.image_size, self.seed = image_size, seed
         if self.format == "shapes":
             self.rows, self.folder = ShapeRows(num_rows), None
             vae, vit, pixels = (image_size, image_size), (image_size // 14 * 14,) * 2, 14 * 14 * 9 * 1024
@@ -851,35 +994,55 @@ class Source:
             self.rows = Rows(path)
             self.folder = data_folder or (path if os.path.isdir(path) else os.path.dirname(path))
             vae, vit, pixels = SIZES[self.format]
+        self.root = os.path.realpath(self.folder or "")
         self.vae_size, self.vit_size, self.max_pixels = vae_size or vae, vit_size or vit, max_pixels or pixels
-        self.block_starts = self.rows.block_starts
-        if len(self.rows) == 0:
+        self.edit_vit_size = vit_size or SIZES["edit"][1]  # messages samples that generate
+        total = len(self.rows)
+        if total == 0:
             raise ValueError(f"source {self.name}: no rows")
+        self.num_used = num_used_data or total  # rows i and i + total are the same row
+        copies = np.concatenate([self.rows.block_starts[:-1] + k * total for k in range(-(-self.num_used // total))])
+        self.block_starts = np.append(copies[copies < self.num_used], self.num_used)
         columns = self.rows.columns
-        if columns is None:  # json/jsonl: look at the first row
-            try:
-                columns = list(self.rows[0])
-            except BadSample:
-                columns = None
         missing = [c for c in COLUMNS[self.format] if columns is not None and c not in columns]
         if missing:
             raise ValueError(f"source {self.name} ({self.format}): missing column(s) {missing}; found {columns}")
 
     def __len__(self):
-        return len(self.rows)
+        return self.num_used
 
     def where(self, row):
-        return self.rows.where(row)
+        return self.rows.where(row % len(self.rows))
 
     def read(self, row, gen):
-        """Row -> parts (role, kind, value); image values are refs for open_image."""
-        r = self.rows[row]
+        """Row -> parts (role, kind, value[, flags]); image values are refs for open_image, paths made real."""
+        r = self.rows[row % len(self.rows)]
         try:
-            return READERS[self.format](r, gen, self)
+            parts = READERS[self.format](r, gen, self)
         except json.JSONDecodeError as e:  # a JSON string column
             raise BadSample("malformed_json", str(e)[:80])
         except (KeyError, TypeError, AttributeError, IndexError) as e:  # a row of the wrong shape
             raise BadSample("malformed_row", f"{type(e).__name__}: {e}"[:80])
+        return [p[:2] + (self.locate(p[2]),) + p[3:] if p[1] == "image" else p for p in parts]
+
+    def locate(self, ref):
+        """A path (or a {"bytes": None, "path"} cell) -> its real path, which must lie inside the data folder unless
+        allow_absolute_paths; other refs unchanged."""
+        if isinstance(ref, dict) and not ref.get("bytes"):
+            ref = ref.get("path")
+        if not isinstance(ref, str) or ref.startswith(("data:", "http://", "https://")):
+            return ref
+        if "\0" in ref:
+            raise BadSample("bad_image_ref", "a path with a NUL byte")
+        path = os.path.realpath(os.path.join(self.root, ref.removeprefix("file://")))
+        if not self.allow_absolute_paths and os.path.commonpath([self.root, path]) != self.root:
+            raise BadSample("unsafe_path", f"{ref[:60]} leads outside the data folder {self.root} "
+                                           f"(allow_absolute_paths lets a source read anywhere)")
+        return path
+
+    def frames(self, ref, gen):
+        """A video path of a row -> its sampled frames (video_frames)."""
+        return video_frames(self.locate(ref), self.num_frames, gen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1397,8 +1560,7 @@ class Loader:
 
 def guess_format(path):
     """The format whose required columns a file or folder has (messages when several fit), or None."""
-    rows = Rows(path)
-    columns = rows.columns or list(rows[0])
+    columns = Rows(path).columns or []
     fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
     return "messages" if "messages" in fits else (fits[0] if fits else None)
 
@@ -1411,7 +1573,7 @@ def main(argv):
     formats = ", ".join(f for f in READERS if f != "shapes")
     parser = argparse.ArgumentParser(
         description="Pack a few batches from datasets as train.py would, and report fill, skips and speed.",
-        epilog=f"PATH is a data file or folder (.jsonl .json .parquet .arrow), 'shapes' for the built-in dataset, or a "
+        epilog=f"PATH is a data file or folder ({' '.join(EXTENSIONS)}), 'shapes' for the built-in dataset, or a "
                f"train.py config (.py) whose sources to check. FORMAT: {formats}; guessed from the columns if left "
                f"out.")
     parser.add_argument("paths", nargs="*", default=["shapes"], metavar="PATH[:FORMAT]")

@@ -4,7 +4,8 @@
 #   torchrun --nproc_per_node=8 train.py configs/irg_stage2.py      # then stage 2, from this run's export
 # Data: IRG parquet (e.g. Osilly/IRG-Toy-Dataset), a `conversation` JSON column per row: user text (no loss);
 # assistant parts: text (CE unless need_loss is false) or base64 images with need_loss (generated, MSE),
-# need_vae / need_vit (clean conditions for what follows); system turns ignored. Edit the paths below.
+# need_vae / need_vit (clean conditions for what follows); system turns ignored; as IRG reads it, a bad image
+# part (undecodable, no flag set) is left out, not the row, and base64 may be line-wrapped. Edit the paths below.
 model = "7b"
 init_from = "/path/to/BAGEL-7B-MoT"
 init_weights = "ema"

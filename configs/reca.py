@@ -1,12 +1,14 @@
 # recA (reconstruction alignment): the model regenerates an image from its own understanding of it. Each image goes
-# in as a 224 px ViT view (never dropped: the information bottleneck), then a "describe the image"-style prompt
-# (dropped 10% of the time), then the same image as the generation target at 512-1024 px. Image loss only.
+# in as a 224 px ViT view (never dropped: the information bottleneck), then a request to describe it (data.py's
+# RECON_PROMPTS, 66 of them, like recA's all description requests: none says copy; dropped 10% of the time), then
+# the same image as the generation target at 512-1024 px. Image loss only.
 # Only the generation path trains: the gen expert, its final norm, the timestep embedder and the latent
 # projections; the understanding path is frozen with freeze_und (context, no gradient), ViT and connector frozen.
 #   torchrun --nproc_per_node=8 train.py configs/reca.py
-# Data: images alone (captions ignored): parquet or jsonl with an `image` column (bytes, or paths relative to the
-# data). The export holds the RAW weights (recA's gains are in them; with EMA 0.9999 over ~1000 steps the EMA is
-# still the base model); the EMA goes to out/reca/export_ema/. Edit the paths below.
+# Data: images alone (captions ignored): recA's webdataset .tar shards (a folder of them, as below; a row per key:
+# its image, and json/txt members if any), or parquet / jsonl with an `image` column (bytes, or paths relative to
+# the data). The export holds the RAW weights (recA's gains are in them; with EMA 0.9999 over ~1000 steps the EMA
+# is still the base model); the EMA goes to out/reca/export_ema/. Edit the paths below.
 model = "7b"
 init_from = "/path/to/BAGEL-7B-MoT"
 init_weights = "ema"
@@ -21,7 +23,7 @@ train_only = ["layers.*.gen.*", "norm_gen.*", "time_embedder.*", "vae2llm.*", "l
 lr = 4e-5
 lr_schedule = "constant"
 warmup_steps = 1000
-max_steps = 5000
+max_steps = 1000                  # TorchUMM's recA run (total_steps 1000); upstream never stops by itself
 ema = 0.9999
 save_ema_as_default = False       # sample.py and --init_from take the raw weights
 timestep_shift = 1.0

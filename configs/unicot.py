@@ -1,6 +1,6 @@
-# UniCoT with LoRA (TorchUMM's Uni-CoT recipe): adapters of rank 256, alpha 512 on both experts' attention and MLP
-# projections; every base weight frozen; no EMA. The export holds merged weights (W + alpha/r B A, a plain
-# checkpoint) and the adapters alone in export/lora.safetensors.
+# UniCoT with LoRA (TorchUMM's Uni-CoT recipe): adapters of rank 256, alpha 512; every base weight frozen; no EMA.
+# The export holds merged weights (W + alpha/r B A, a plain checkpoint) and the adapters alone in
+# export/lora.safetensors.
 #   torchrun --nproc_per_node=8 train.py configs/unicot.py
 # Data: UniCoT MDP parquet, no text loss: [system_prompt] prompt think -> image (initial visual state), or
 # prompt think -> source_image (clean VAE + ViT) edit_instruction -> target_image (self-reflection step); think is
@@ -13,10 +13,14 @@ model_args = {"max_latent_size": 64}
 sources = [
     {"path": "/path/to/UniCoT-Self-Reflection-6K", "format": "unicot", "weight": 1.0, "think_drop": 0.0},
 ]
-# Every pattern must match a Linear layer (upstream's list lost v_proj_moe_gen and gate_proj to a missing comma).
-lora_targets = [f"layers.*.{expert}.{proj}" for expert in ("und", "gen")
-                for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
-# lora_targets += ["vit.layers.*.q_proj", "vit.layers.*.v_proj"]  # SigLIP q/v too, as upstream with visual_und
+# The adapted layers of TorchUMM's run, which the published numbers came from (0.81 B adapter parameters): upstream's
+# list ["q_proj", "v_proj", "q_proj_moe_gen", "v_proj_moe_gen," "gate_proj", "up_proj", "down_proj"] lost
+# v_proj_moe_gen and gate_proj to its missing comma, and PEFT's suffix match adds SigLIP's q/v (visual_und).
+lora_targets = ["layers.*.und.q_proj", "layers.*.und.v_proj", "layers.*.gen.q_proj", "layers.*.up_proj",
+                "layers.*.down_proj", "vit.layers.*.q_proj", "vit.layers.*.v_proj"]
+# Upstream's intended set (1.16 B): q/v and gate/up/down of both experts, SigLIP q/v:
+# lora_targets = ["layers.*.q_proj", "layers.*.v_proj", "layers.*.gate_proj", "layers.*.up_proj",
+#                 "layers.*.down_proj", "vit.layers.*.q_proj", "vit.layers.*.v_proj"]
 lora_rank = 256
 lora_alpha = 512.0
 packing_length = 49152            # UniCoT LoRA: 49152 tokens per GPU

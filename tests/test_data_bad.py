@@ -6,6 +6,7 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -77,20 +78,47 @@ def test_bad_rows_of_the_official_formats(tmp_path):
     (tmp_path / "a.png").write_bytes(png(28, 28))
     write_jsonl(tmp_path / "v.jsonl", [
         {"image": "a.png", "conversations": [{"from": "human", "value": "<image> w1"}, {"from": "gpt", "value": "w2"}]},
-        {"image": "a.png", "conversations": [{"from": "human", "value": "w1"}, {"from": "gpt", "value": "w2"}]},
-        {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "w"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image> w1"}]},  # nothing to learn
         {"video": "a.mp4", "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "w2"}]},
-        {"image": "a.png", "conversations": [{"from": "alien", "value": "<image>"}, {"from": "gpt", "value": "w2"}]},
+        {"image": "a.png", "conversations": "not a list"},
     ])
     expect = {"e.parquet": ("edit", {"malformed_row": 2}),
               "t.parquet": ("t2i", {"malformed_json": 1, "corrupt_image": 1}),
-              "v.jsonl": ("vlm", {"image_count_mismatch": 2, "unsupported": 1, "unknown_role": 1})}
+              "v.jsonl": ("vlm", {"no_targets": 1, "missing_file": 1, "malformed_row": 1})}
     for name, (fmt, skipped) in expect.items():
         src = data.Source(str(tmp_path / name), format=fmt, vae_size=(32, 32), vit_size=(28, 28))
         loader = data.Loader([src], TOK, packing_length=256, seed=0, dropout=DEFAULT_DROPOUT)
         while loader.stats["epochs"][src.name] < 1:
             loader.next_sample()
         assert loader.stats["skipped"] == skipped, name
+
+
+def test_image_paths_stay_inside_the_data_folder(tmp_path, caplog):
+    """A row may not read files outside its source's data folder: "..", an absolute path, file://, a symlink out.
+    Each is a counted skip (unsafe_path) naming the row; Source(allow_absolute_paths=True) opts out."""
+    (tmp_path / "outside.png").write_bytes(png(28, 28))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "in.png").write_bytes(png(28, 28))
+    (data_dir / "link.png").symlink_to(tmp_path / "outside.png")
+    (data_dir / "inner").mkdir()
+    escapes = ["../outside.png", str(tmp_path / "outside.png"), "/proc/self/environ", "file:///etc/passwd",
+               "link.png", "inner/../../outside.png"]
+    fine = ["in.png", "inner/../in.png", "file://in.png", str(data_dir / "in.png")]
+    path = write_jsonl(data_dir / "d.jsonl", [with_image(u) for u in fine + escapes])
+    with caplog.at_level(logging.WARNING, logger="nanobagel.data"):
+        loader = data.Loader([data.Source(path, vit_size=(28, 28))], TOK, packing_length=256, seed=0,
+                             dropout=DEFAULT_DROPOUT)
+        kept = 0
+        while loader.stats["epochs"][path] < 1:
+            kept += loader.next_sample() is not None
+    assert loader.stats["skipped"] == {"unsafe_path": len(escapes)} and kept == len(fine)
+    for row in range(len(fine), len(fine) + len(escapes)):
+        assert sum(f"d.jsonl row {row} " in m and "unsafe_path" in m for m in caplog.messages) == 1, row
+    anywhere = data.Source(path, allow_absolute_paths=True)
+    for row in (4, 5, 8):  # ../outside.png, its absolute path, the symlink: readable when allowed
+        parts = anywhere.read(row, torch.Generator())
+        assert parts[0][2] == str(tmp_path / "outside.png") and data.open_image(parts[0][2], None, 10 ** 6)
 
 
 def test_systemic_problems_fail_at_start(tmp_path):

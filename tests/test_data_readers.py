@@ -1,7 +1,10 @@
 """Readers: every file type and image reference kind, the official formats, and the messages conventions checked
 against the official packer's layout in the golden fixture."""
 import base64
+import io
 import json
+import os
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -219,29 +222,60 @@ def test_official_t2i_parquet(tmp_path):
     assert seen == {(7, 8), (7, 8, 9, 10)}  # one caption of the dict, chosen per sample
 
 
-def test_official_edit_parquet(tmp_path):
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    rows = [{"image_list": [png(32, 32, c) for c in colours], "instruction_list": [["w1"], ["w2", "w2 w2"]]}]
+def test_t2i_blank_captions_are_drawn_as_officially(tmp_path):
+    """Official T2IIterableDataset: random.choice over every caption value, a blank one included (an implicitly
+    unconditional sample, 1 in 3 here); a row with no captions is captioned " "."""
+    rows = [{"image": png(32, 32), "captions": json.dumps({"a": "w1", "b": "w2", "c": ""})},
+            {"image": png(32, 32), "captions": json.dumps({})}]
+    path = str(tmp_path / "t2i.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    src = data.Source(path, format="t2i", vae_size=(32, 32))
+    n = 3000
+    drawn = [src.read(0, torch.Generator().manual_seed(k))[0][2] for k in range(n)]
+    for caption in ("w1", "w2", ""):
+        assert abs(drawn.count(caption) / n - 1 / 3) < 4 * (2 / 9 / n) ** 0.5, caption
+    assert src.read(1, torch.Generator())[0] == ("user", "text", " ")
+
+
+def edit_windows(src, row, images, n):
+    """Frequencies of (source image, instruction texts, target images) over n draws of the edit reader."""
+    counts = {}
+    for k in range(n):
+        parts = src.read(row, torch.Generator().manual_seed(k))
+        key = (images.index(parts[0][2]), tuple(v for _, kind, v in parts if kind == "text"),
+               tuple(images.index(v) for role, kind, v in parts if role == "assistant"))
+        counts[key] = counts.get(key, 0) + 1
+    return {key: c / n for key, c in counts.items()}
+
+
+def test_official_edit_windows(tmp_path):
+    """Official UnifiedEditIterableDataset.parse_row: start ~ U{0..n-2}, end ~ U{start+1..min(start+2, n-1)}; a
+    2-step window is, with probability 0.5, one instruction "a. b." (sic: "a.. b.." for instructions ending in
+    ".") and only its last image, except that a window ending at the row's last image drops that step
+    (end_idx -= 1: one step, text "a."). So a 3-image row never concatenates. Exact probabilities, against the
+    frequencies of 4000 draws."""
+    imgs = [png(32, 32, (60 * k, 0, 0)) for k in range(4)]
+    rows = [{"image_list": imgs[:3], "instruction_list": [["w1"], ["w2."]]},
+            {"image_list": imgs, "instruction_list": [["w1"], ["w2."], ["w3"]]}]
     path = str(tmp_path / "edit.parquet")
     pq.write_table(pa.Table.from_pylist(rows), path)
     src = data.Source(path, format="edit", vae_size=(32, 32), vit_size=(28, 28))
-    plans = set()
-    colour_of = lambda px: [c for c in colours if px[:, 0, 0].tolist() == list(c)]
-    for seed in range(60):
-        items = build(src, 0, seed=seed)
-        plan = tuple((it["type"], it.get("loss", False)) for it in items)
-        plans.add((plan, tuple(tuple(it["ids"]) for it in items if it["type"] == "text")))
-        # the first image is a clean source (VAE + ViT), the last one the noised target 1 or 2 steps later
-        assert plan[:2] == (("vae_image", False), ("vit_image", False)) and plan[-1] == ("vae_image", True)
-        [a], [b] = colour_of(items[0]["pixels"]), colour_of(items[-1]["pixels"])
-        assert 1 <= colours.index(b) - colours.index(a) <= 2
-    one_step = (("vae_image", False), ("vit_image", False), ("text", False), ("vae_image", True))
-    two_steps = one_step + (("vae_image", False), ("vit_image", False), ("text", False), ("vae_image", True))
-    dot = TOK.encode(".")[0]
-    # every window: 0->1, 1->2, 0->2 in two steps (with the clean intermediate), 0->2 as one concatenated instruction
-    assert {p for p, _ in plans} == {one_step, two_steps}
-    assert {ids for _, ids in plans} == {((1,),), ((2,),), ((2, 2),), ((1,), (2,)), ((1,), (2, 2)),
-                                         ((1, dot, 2, dot),), ((1, dot, 2, 2, dot),)}
+    n = 4000
+    three = {(0, ("w1",), (1,)): 1 / 4, (0, ("w1.",), (1,)): 1 / 8, (0, ("w1", "w2."), (1, 2)): 1 / 8,
+             (1, ("w2.",), (2,)): 1 / 2}
+    four = {(0, ("w1",), (1,)): 1 / 6, (0, ("w1. w2..",), (2,)): 1 / 12, (0, ("w1", "w2."), (1, 2)): 1 / 12,
+            (1, ("w2.",), (2,)): 1 / 6, (1, ("w2..",), (2,)): 1 / 12, (1, ("w2.", "w3"), (2, 3)): 1 / 12,
+            (2, ("w3",), (3,)): 1 / 3}
+    for row, want in [(0, three), (1, four)]:
+        got = edit_windows(src, row, imgs, n)
+        assert set(got) == set(want), row
+        for key, p in want.items():
+            assert abs(got[key] - p) < 4 * (p * (1 - p) / n) ** 0.5, (row, key, got[key], p)
+    # the items of a 2-step window: the intermediate target is also a clean VAE + ViT condition
+    items = next(s for s in (build(src, 1, seed=k) for k in range(50)) if len(s) == 8)
+    assert [(it["type"], it.get("loss", False)) for it in items] == [
+        ("vae_image", False), ("vit_image", False), ("text", False), ("vae_image", True),
+        ("vae_image", False), ("vit_image", False), ("text", False), ("vae_image", True)]
 
 
 def test_official_vlm_jsonl(tmp_path):
@@ -256,6 +290,134 @@ def test_official_vlm_jsonl(tmp_path):
         ("vit_image", None, None), ("text", [1, 2], False), ("vit_image", None, None), ("text", [3], False),
         ("text", [4, 5], True), ("text", [6], False), ("text", [7], True)]
     assert items[0]["pixels"].shape == (3, 28, 56) and items[2]["pixels"].shape == (3, 28, 28)
+
+
+def test_vlm_rows_read_as_officially(tmp_path):
+    """Official SftJSONLIterableDataset.change_format: only human and gpt turns (system and unknown ones left out);
+    a human turn without <image> kept as is, one with tags split there and each piece stripped; <image> tags
+    beyond the row's images ignored, images beyond its tags unused (on main each of these rows was skipped)."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(png(28, 28))
+    turns = lambda human: [{"from": "system", "value": "w90"}, {"from": "human", "value": human},
+                           {"from": "alien", "value": "w91"}, {"from": "gpt", "value": "w4"}]
+    rows = [{"image": "a.png", "conversations": turns("  w1 w2 ")},                 # tag-less: kept unstripped
+            {"image": "a.png", "conversations": turns("<image> w1 <image> w2")},    # a tag too many
+            {"image": ["a.png", "b.png"], "conversations": turns(" w1 <image>")},  # an image too many
+            {"conversations": turns("<image>w1")}]                                  # no images at all
+    src = data.Source(write_jsonl(tmp_path / "v.jsonl", rows), format="vlm", vit_size=(28, 28))
+    parts = lambda row: [(role, kind, v if kind == "text" else os.path.basename(v)) for role, kind, v, *_ in
+                         src.read(row, torch.Generator())]
+    assert parts(0) == [("user", "text", "  w1 w2 "), ("assistant", "text", "w4")]
+    assert parts(1) == [("user", "image", "a.png"), ("user", "text", "w1"), ("user", "text", "w2"),
+                        ("assistant", "text", "w4")]
+    assert parts(2) == [("user", "text", "w1"), ("user", "image", "a.png"), ("assistant", "text", "w4")]
+    assert parts(3) == [("user", "text", "w1"), ("assistant", "text", "w4")]
+    assert [it["type"] for it in build(src, 2)] == ["text", "vit_image", "text"]
+
+
+def test_vlm_images_share_the_vit_budget(tmp_path):
+    """Official VLM transform(img, img_num=len(images)): max_pixels / img_num per image. With 2,007,040 / 3 =
+    669,013 px: 602x798 (480,396 px) and 700x896 (627,200) stay; 1000x1000 -> 980x980 (960,400 px) is over, so
+    scale 669,013.3 / 960,400 = 0.6966: 980 * 0.6966 = 682.7 -> 683 -> 686 (49 x 14). Alone it stays 980x980."""
+    sizes = [(602, 798), (1000, 1000), (700, 896)]
+    for k, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (k, 0, 0)).save(tmp_path / f"{k}.png")
+    chat = [{"from": "human", "value": "<image><image><image>w1"}, {"from": "gpt", "value": "w2"}]
+    rows = [{"image": [f"{k}.png" for k in range(3)], "conversations": chat},
+            {"image": "1.png", "conversations": [{"from": "human", "value": "<image>w1"}, chat[1]]}]
+    src = data.Source(write_jsonl(tmp_path / "v.jsonl", rows), format="vlm")
+    assert [tuple(it["pixels"].shape[1:]) for it in build(src, 0)[:3]] == [(798, 602), (686, 686), (896, 700)]
+    assert build(src, 1)[0]["pixels"].shape[1:] == (980, 980)
+
+
+def test_messages_edits_take_the_edit_vit_size(tmp_path):
+    """The official edit recipe's ViT transform is 224-518 (data/configs/example.yaml), the VLM one 378-980: an
+    800x600 condition of a messages sample that generates is 518x392 (800 * 518/800, 600 * 0.6475 = 388.5 -> 392)
+    = 1,036 patches; understood alone it is 798x602 (round(800/14) = 57, round(600/14) = 43 patches a side)."""
+    Image.new("RGB", (800, 600), (9, 9, 9)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "b.png")
+    image = lambda f: {"type": "image_url", "image_url": {"url": f}}
+    rows = [{"messages": [{"role": "user", "content": [image("a.png"), {"type": "text", "text": "w1"}]},
+                          {"role": "assistant", "content": [image("b.png")]}]},
+            {"messages": [{"role": "user", "content": [image("a.png"), {"type": "text", "text": "w1"}]},
+                          {"role": "assistant", "content": "w2"}]}]
+    src = data.Source(write_jsonl(tmp_path / "m.jsonl", rows))
+    edit, understand = build(src, 0), build(src, 1)
+    assert [it["type"] for it in edit[:2]] == ["vae_image", "vit_image"]
+    assert edit[1]["pixels"].shape[1:] == (392, 518) and understand[0]["pixels"].shape[1:] == (602, 798)
+
+
+def test_video_rows(tmp_path):
+    """Official VLM "video" rows: the clip's frames (FrameSampler, num_frames = frame_sampler_args) replace <video>
+    as ViT images sharing the budget: 8 frames of 640x480 get 2,007,040 / 8 = 250,880 px each, so 644x476
+    (306,544 px) scales by 0.8184: 527 -> 532, 390 -> 392. A messages video (LMMS video_url) gives frames too."""
+    (tmp_path / "clip").mkdir()
+    for k in range(20):
+        Image.new("RGB", (640, 480), (k, 0, 0)).save(tmp_path / "clip" / f"f_{k}.png")
+    turns = [{"from": "human", "value": "<video>\nw1"}, {"from": "gpt", "value": "w2"}]
+    rows = [{"video": "clip", "conversations": turns},
+            {"video": "clip", "conversations": [{"from": "human", "value": "w1"}, turns[1]]}]
+    src = data.Source(write_jsonl(tmp_path / "v.jsonl", rows), format="vlm", num_frames=(8, 8))
+    items = build(src, 0)
+    assert [it["type"] for it in items] == ["vit_image"] * 8 + ["text", "text"]
+    assert all(it["pixels"].shape[1:] == (392, 532) for it in items[:8])
+    frames = [int(it["pixels"][0, 0, 0]) for it in items[:8]]
+    assert frames == sorted(frames) and len(set(frames)) == 8
+    with pytest.raises(data.BadSample, match="without a <video> tag"):
+        build(src, 1)
+    frames = [Image.new("RGB", (28, 28), (40 * k, 0, 0)) for k in range(3)]
+    frames[0].save(tmp_path / "clip.png", save_all=True, append_images=frames[1:])
+    row = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.png"}},
+                                                     {"type": "text", "text": "w1"}]},
+                        {"role": "assistant", "content": "w2"}]}
+    items = build(data.Source(write_jsonl(tmp_path / "m.jsonl", [row]), vit_size=(28, 28)), 0)
+    reds = [int(it["pixels"][0, 0, 0]) for it in items if it["type"] == "vit_image"]
+    assert 8 <= len(reds) <= 12 and reds == [0, 40, 80] + [80] * (len(reds) - 3)
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return str(path)
+
+
+def test_webdataset_tar_shards(tmp_path):
+    """recA's data: webdataset .tar shards, read with the standard library. A row per key (the member path up to
+    its name's first dot): the image member as "image", json members decoded (an object's fields become columns
+    too), txt members as text; rows in member order, shards by name, any row read directly."""
+    (tmp_path / "shards").mkdir()
+    blobs = [png(32, 32, (k, 0, 0)) for k in range(5)]
+    write_tar(tmp_path / "shards" / "b.tar", [("x/3.png", blobs[3]), ("x/4.tar.png", blobs[4])])
+    write_tar(tmp_path / "shards" / "a.tar", [
+        ("x/0.png", blobs[0]), ("x/0.json", json.dumps({"prompt": "w1"}).encode()), ("x/1.jpg", blobs[1]),
+        ("x/1.txt", "w2 w3".encode()), ("x/2.png", blobs[2])])
+    src = data.Source(str(tmp_path / "shards"), format="reca", **{"vae_size": (32, 32), "vit_size": (28, 28)})
+    assert len(src) == 5 and src.where(3).endswith("b.tar row 0")
+    for row in (4, 1, 3, 0, 2):
+        assert src.rows[row]["image"] == blobs[row]
+    assert src.rows[0]["prompt"] == "w1" and src.rows[0]["json"] == {"prompt": "w1"} and src.rows[1]["txt"] == "w2 w3"
+    assert src.rows[4]["__key__"] == "x/4" and src.rows[4]["tar.png"] == blobs[4]
+    items = build(src, 2)
+    assert items[2]["pixels"][:, 0, 0].tolist() == [2, 0, 0]
+
+
+def test_num_used_data(tmp_path):
+    """Official num_used_data: the first N rows (a jsonl's first N lines), repeated when N is larger (parquet files
+    are repeated up to N); one epoch of the source is N rows."""
+    rows = [{"messages": [{"role": "user", "content": f"w{k}"}, {"role": "assistant", "content": "w9"}]}
+            for k in range(5)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    for used, want in [(3, [1, 1, 1, 0, 0]), (12, [3, 3, 2, 2, 2])]:
+        src = data.Source(path, num_used_data=used)
+        loader = data.Loader([src], TOK, packing_length=64, dropout=NO_DROPOUT)
+        epoch = [loader.order.next_key() for _ in range(used)]
+        assert len(src) == used and loader.order.positions[0] == [1, 0]
+        assert np.bincount([build(src, row)[0]["ids"][0] for _, _, row in epoch], minlength=5).tolist() == want
+    with pytest.raises(ValueError, match="num_used_data"):
+        data.Source(path, num_used_data=0)
 
 
 def test_messages_conventions():

@@ -3,9 +3,12 @@ LoRA against float64 and its merge, and each recipe end to end through `python t
 tiny model and tiny files in the recipe's own format: exactly the intended parameters change (the rest stay
 bit-identical), the intended losses are present and the others absent, the merged LoRA export computes what the
 LoRA model computes."""
+import ast
 import base64
 import io
+import itertools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -94,15 +97,35 @@ def test_irg_conversation_flags(tmp_path):
         [True, False, False, True, False, True, False]
 
 
-def test_irg_bad_rows_are_bad_samples(tmp_path):
-    no_use = {"conversation": json.dumps([{"role": "user", "content": "w1"}, {"role": "assistant", "content": [
-        {"type": "image", "content": b64(noise_png(0))}]}])}  # an image with every flag false
-    bad_b64 = {"conversation": json.dumps([{"role": "user", "content": "w1"}, {"role": "assistant", "content": [
-        {"type": "image", "content": "not base64!", "need_loss": True}]}])}
-    video = {"conversation": json.dumps([{"role": "assistant", "content": [{"type": "video", "content": "x"}]}])}
-    rows = [irg_row(), no_use, bad_b64, video, {"conversation": "["}]
-    src = data.Source(write_parquet(tmp_path / "irg.parquet", rows), format="irg", **SMALL)
-    for row, reason in [(1, "malformed_row"), (2, "bad_base64"), (3, "unknown_content_type"), (4, "malformed_json")]:
+def test_irg_bad_parts_are_left_out_not_the_row(tmp_path, caplog):
+    """IRG's parse_row skips a bad *part*: an image that does not decode, an image with every flag false, a turn
+    or part without content, a part of another type, a non-string user turn; the rest of the row trains. Its
+    base64 decoder also takes line-wrapped base64 (base64.encodebytes)."""
+    good, wrapped = noise_png(1), base64.encodebytes(noise_png(2)).decode()
+    assert "\n" in wrapped
+    row = {"conversation": json.dumps([
+        {"role": "user", "content": "w1"}, {"role": "user", "content": ["w7"]}, {"role": "user", "content": ""},
+        {"role": "assistant", "content": [
+            {"type": "image", "content": "not base64!", "need_loss": True},
+            {"type": "image", "content": b64(good)},                           # no flag set
+            {"type": "image", "content": b64(b"not an image"), "need_vae": True},
+            {"type": "video", "content": "x"}, {"type": "text", "content": ""},
+            {"type": "text", "content": "w10"},
+            {"type": "image", "content": wrapped, "need_loss": True}]}])}
+    src = data.Source(write_parquet(tmp_path / "irg.parquet", [row]), format="irg", **SMALL)
+    with caplog.at_level(logging.WARNING, logger="nanobagel.data"):
+        items = build(src, 0)
+    assert layout(items) == [("text", False, False), ("text", True, False), ("vae_image", True, False)]
+    assert [words(it["ids"]) for it in items[:2]] == ["w1", "w10"]
+    want = Image.open(io.BytesIO(noise_png(2))).resize((32, 32), Image.BICUBIC)
+    assert torch.equal(items[2]["pixels"], torch.from_numpy(np.array(want)).permute(2, 0, 1))
+    left = [m for m in caplog.messages if "left out a bad part" in m]
+    assert len(left) == 3 and sum("bad_base64" in m for m in left) == 1 and sum("corrupt_image" in m for m in left) == 1
+    # a row left with nothing to learn, and one that is not JSON, are still skipped whole
+    rows = [{"conversation": json.dumps([{"role": "user", "content": "w1"}, {"role": "assistant", "content": [
+        {"type": "image", "content": "@@", "need_loss": True}]}])}, {"conversation": "["}]
+    src = data.Source(write_parquet(tmp_path / "bad.parquet", rows), format="irg", **SMALL)
+    for row, reason in [(0, "no_targets"), (1, "malformed_json")]:
         with pytest.raises(data.BadSample) as e:
             build(src, row)
         assert e.value.reason == reason
@@ -126,6 +149,23 @@ def test_reca_sample(tmp_path):
     dropped = sum(bool(s[1].get("drop")) for s in samples) / len(samples)
     assert 0.05 < dropped < 0.15, dropped
     assert len({tuple(s[1]["ids"]) for s in samples}) > 10
+
+
+def test_reca_prompts_ask_for_a_description():
+    """recA's ReconstructionDataset draws from description requests (BAGEL/data/consts.py: "describe" and
+    "detail"-style, none saying copy, reproduce or regenerate): the image's ViT view plus a describe request is a
+    dense caption, not a copy instruction. Dozens of distinct ones, drawn uniformly."""
+    prompts = data.RECON_PROMPTS
+    assert len(set(prompts)) == len(prompts) >= 36
+    asks = ("describe", "description", "caption", "account of", "explain")
+    copies = ("copy", "reproduc", "recreat", "regenerat", "redraw", "repeat", "same", "identical", "restore",
+              "draw", "paint", "render", "generate", "reconstruct", "again")
+    for p in prompts:
+        assert any(a in p.lower() for a in asks) and not any(c in p.lower() for c in copies), p
+    n = 200 * len(prompts)
+    drawn = [data.read_reca({"image": None}, torch.Generator().manual_seed(k), None)[1][2] for k in range(n)]
+    counts = np.array([drawn.count(p) for p in prompts])
+    assert counts.min() > 200 - 4 * 200 ** 0.5 and counts.max() < 200 + 4 * 200 ** 0.5
 
 
 def test_unicot_rows_and_think_drop(tmp_path):
@@ -207,6 +247,37 @@ def test_lora_forward_and_merge_against_float64():
     plain = torch.nn.Linear(24, 40)
     plain.load_state_dict({k[2:]: v for k, v in merged.items()})
     torch.testing.assert_close(plain(x), lora(x), rtol=1e-5, atol=1e-5)
+
+
+def peft_targets(names, target_modules):
+    """PEFT's rule for a list target_modules: a module is adapted when its name is, or ends with "." + , an entry."""
+    return {n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)}
+
+
+def test_unicot_lora_targets_as_torchumm_ran_them():
+    """UniCoT's LoRA (train/pretrain_unified_navit_lora.py) gives PEFT the official module names ["q_proj", "v_proj",
+    "q_proj_moe_gen", "v_proj_moe_gen," "gate_proj", "up_proj", "down_proj"]: the missing comma joins two entries
+    into one that matches nothing. TorchUMM's run (the published numbers) thus adapted und q/v, gen q, up/down of
+    both experts and SigLIP q/v (visual_und): 0.81 B adapter parameters at rank 256 on the 7B model. The intended
+    list (the comma restored) adds gen v and both gates: 1.16 B. configs/unicot.py's lora_targets must be the first
+    set, its documented alternative the second, each counted on the 7B model on the meta device."""
+    upstream = ["q_proj", "v_proj", "q_proj_moe_gen", "v_proj_moe_gen," "gate_proj", "up_proj", "down_proj"]  # (sic)
+    intended = ["q_proj", "v_proj", "q_proj_moe_gen", "v_proj_moe_gen", "gate_proj", "up_proj", "down_proj"]
+    cfg = M.bagel_7b()
+    official = {ours.removesuffix(".weight"): theirs.removesuffix(".weight")  # our Linear -> its official module
+                for ours, theirs in convert.official_names(cfg).items() if ours.endswith(".weight")}
+    text = (ROOT / "configs/unicot.py").read_text()
+    lines = text[text.index("# Upstream's intended set"):].splitlines()[1:]  # the commented assignment after it
+    alternative = " ".join(line[1:] for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
+    sets = {"effective": (train.load_config([str(ROOT / "configs/unicot.py")])["lora_targets"], upstream, 0.81),
+            "intended": (ast.literal_eval(alternative.split("=", 1)[1].strip()), intended, 1.16)}
+    for name, (patterns, modules, billions) in sets.items():
+        with torch.device("meta"):
+            net = M.Bagel(cfg)
+        adapted = M.apply_lora(net, patterns, 256, 512.0)
+        assert {official[n] for n in adapted} == peft_targets(official.values(), modules), name
+        count = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
+        assert round(count / 1e9, 2) == billions, (name, count)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,8 +461,3 @@ def test_recipe_hyperparameters(recipe, want):
                           for b in ("full", "thinking_generation", "thinking_understanding")}
     if recipe == "irg_stage2":
         assert groups == {"initial_full_learning": 1.0, "improving_full_learning": 1.0}
-    if recipe == "unicot":  # q/k/v/o and gate/up/down of both experts, each pattern a Linear of the 7B model
-        with torch.device("meta"):
-            net = M.Bagel(M.bagel_7b(num_layers=1, vit_num_layers=1))
-        assert sorted(M.apply_lora(net, cfg["lora_targets"], 8, 16)) == sorted(
-            f"layers.0.{e}.{p}_proj" for e in ("und", "gen") for p in ("q", "k", "v", "o", "gate", "up", "down"))
