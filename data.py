@@ -1289,11 +1289,17 @@ class SamplePickler(pickle.Pickler):
 
 
 def build_worker(build, tasks, results):
-    """A worker process: builds the keys it is given, forever, and sends back (key, the pickled sample, BadSample
-    or other error)."""
+    """A worker process: builds the keys it is given and sends back (key, the pickled sample, BadSample or other
+    error). It ends when the process that started it has, however that ended (train.py leaves by os._exit: no
+    clean-up of the parent's runs; a worker blocked for ever would also keep the forkserver alive)."""
     torch.set_num_threads(1)
-    while True:
-        key = tasks.get()
+    results.cancel_join_thread()  # leaving, wait for no one to read what is still buffered
+    parent = multiprocessing.parent_process()
+    while parent.is_alive():
+        try:
+            key = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
         try:
             outcome = build(key)
         except BadSample as e:
@@ -1322,7 +1328,7 @@ class SampleStream:
 
     def __init__(self, order, build, workers, mandatory):
         self.order, self.build, self.workers, self.mandatory = order, build, workers, mandatory
-        self.processes, self.close = [], lambda: None
+        self.processes = []
 
     def take(self, s=None):
         """(key, (items, cost) | BadSample) for the next key of source s (None: of the next weighted draw)."""
@@ -1360,9 +1366,16 @@ class SampleStream:
                                       name=f"worker {i}") for i in range(self.workers)]
         for p in self.processes:
             p.start()
-        self.close = weakref.finalize(self, stop_workers, self.processes, self.tasks, self.results)  # also at exit
+        self.stop = weakref.finalize(self, stop_workers, self.processes, self.tasks, self.results)  # also at exit
         self.ahead = [list(p) for p in self.order.positions]  # each source's position after its last key handed out
         self.in_flight, self.done = [collections.deque() for _ in self.ahead], {}
+
+    def close(self):
+        """Stops the workers (a later take starts new ones where this process stands) and lets go of their queues,
+        whose semaphores would be reported leaked if the process then leaves by os._exit."""
+        if self.processes:
+            self.stop()
+            self.processes, self.tasks, self.results = [], None, None
 
     def hand_out(self, s):
         key, self.ahead[s] = self.order.step(s, self.ahead[s])
@@ -1462,7 +1475,8 @@ class Loader:
         self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
 
     def close(self):
-        """Stops the worker processes (garbage collection and exit stop them too)."""
+        """Stops the worker processes (a later next_pack starts new ones). Garbage collection and exit stop them
+        too, and a worker ends by itself once this process has ended, however it ended."""
         self.stream.close()
 
     def next_sample(self, s=None):

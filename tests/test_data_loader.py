@@ -5,6 +5,9 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -306,8 +309,9 @@ def test_workers_make_the_same_packs_and_states(tmp_path):
             assert_same_pack(p, resumed.next_pack())
         resumed.close()
     for loader in (one, three):
+        processes = loader.stream.processes
         loader.close()
-        assert not any(p.is_alive() for p in loader.stream.processes)
+        assert len(processes) == loader.workers and not any(p.is_alive() for p in processes)
 
 
 class FailingTokenizer(data.TextTokenizer):
@@ -428,3 +432,31 @@ def test_every_opened_pack_holds_each_mandatory_source_when_there_is_room(tmp_pa
         packs = [set(k[0] for k in loader.next_pack().sample_keys) for _ in range(300)]
         with_both = sum({0, 2} <= p for p in packs)
         assert with_both == 300 if mandatory else with_both < 60, with_both
+
+
+def test_workers_end_with_the_process_that_started_them(tmp_path):
+    """train.py leaves by os._exit (no clean-up of its own runs): the workers, and with them the forkserver, end by
+    themselves; a lingering one would keep the output pipe open, and the run below would time out."""
+    (tmp_path / "run.py").write_text(
+        "import os, multiprocessing.forkserver, data\n"
+        "if __name__ == '__main__':\n"
+        "    loader = data.Loader([data.Source('shapes', num_rows=50)], data.tiny_tokenizer(), 512, (0, 0, 0), workers=2)\n"
+        "    loader.next_pack()\n"
+        "    print(*[p.pid for p in loader.stream.processes], multiprocessing.forkserver._forkserver._forkserver_pid)\n"
+        "    os._exit(0)\n")
+    repo = os.path.dirname(os.path.abspath(data.__file__))
+    run = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": repo})
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 3, run.stderr
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 10
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, pids))
