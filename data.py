@@ -1334,6 +1334,8 @@ class SampleStream:
         """(key, (items, cost) | BadSample) for the next key of source s (None: of the next weighted draw)."""
         if self.workers and not self.processes:
             self.start()
+        elif self.processes and not self.stop.alive:
+            raise RuntimeError("the loader's workers were stopped (close)")
         key = self.order.next_key(s)
         if not self.workers:
             try:
@@ -1371,11 +1373,11 @@ class SampleStream:
         self.in_flight, self.done = [collections.deque() for _ in self.ahead], {}
 
     def close(self):
-        """Stops the workers (a later take starts new ones where this process stands) and lets go of their queues,
-        whose semaphores would be reported leaked if the process then leaves by os._exit."""
+        """Stops the workers for good and lets go of their queues, whose semaphores would be reported leaked if the
+        process then leaves by os._exit."""
         if self.processes:
             self.stop()
-            self.processes, self.tasks, self.results = [], None, None
+            self.tasks = self.results = None
 
     def hand_out(self, s):
         key, self.ahead[s] = self.order.step(s, self.ahead[s])
@@ -1475,8 +1477,8 @@ class Loader:
         self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
 
     def close(self):
-        """Stops the worker processes (a later next_pack starts new ones). Garbage collection and exit stop them
-        too, and a worker ends by itself once this process has ended, however it ended."""
+        """Stops the worker processes for good. Garbage collection and exit stop them too, and a worker ends by
+        itself once this process has ended, however it ended."""
         self.stream.close()
 
     def next_sample(self, s=None):

@@ -676,6 +676,7 @@ def main(argv):
             save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, config, run.rank, world,
                             config["keep_checkpoints"])
     export(run)
+    loader.close()  # its worker processes, before os._exit skips every clean-up
     if master:
         metrics.close()
         if wandb:

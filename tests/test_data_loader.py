@@ -312,6 +312,8 @@ def test_workers_make_the_same_packs_and_states(tmp_path):
         processes = loader.stream.processes
         loader.close()
         assert len(processes) == loader.workers and not any(p.is_alive() for p in processes)
+    with pytest.raises(RuntimeError, match="stopped"):
+        one.next_pack()
 
 
 class FailingTokenizer(data.TextTokenizer):
