@@ -410,7 +410,8 @@ def test_mandatory_sources_and_the_sample_cap_against_a_reference_simulation(tmp
     assert loader.stats["skipped"] == {"too_long": too_long} and too_long > 10
     assert max(cost(k) for p in packs for k in p.sample_keys) <= cap
     # and the mandatory sources have the shares a weighted draw alone would not give them
-    shares = np.bincount([k[0] for p in packs for k in p.sample_keys], minlength=3) / sum(len(p.sample_keys) for p in packs)
+    drawn = [k[0] for p in packs for k in p.sample_keys]
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
     assert shares[2] > 0.25 > 0.5 / 3.5, shares  # ~one seed per opened pack, on top of its weighted draws
     key = max((k for p in packs for k in p.sample_keys), key=cost)  # the cap itself is allowed (as officially)
     capped = lambda c: data.Loader(sources, TOK, packing_length=P, max_sample_tokens=c, dropout=NO_DROPOUT)
@@ -442,7 +443,8 @@ def test_workers_end_with_the_process_that_started_them(tmp_path):
     (tmp_path / "run.py").write_text(
         "import os, multiprocessing.forkserver, data\n"
         "if __name__ == '__main__':\n"
-        "    loader = data.Loader([data.Source('shapes', num_rows=50)], data.tiny_tokenizer(), 512, (0, 0, 0), workers=2)\n"
+        "    shapes = [data.Source('shapes', num_rows=50)]\n"
+        "    loader = data.Loader(shapes, data.tiny_tokenizer(), 512, (0, 0, 0), workers=2)\n"
         "    loader.next_pack()\n"
         "    print(*[p.pid for p in loader.stream.processes], multiprocessing.forkserver._forkserver._forkserver_pid)\n"
         "    os._exit(0)\n")
