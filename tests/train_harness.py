@@ -55,6 +55,9 @@ class FixedLoader:
     def load_state_dict(self, state):
         self.count = state["count"]
 
+    def close(self):  # no worker processes to stop
+        pass
+
 
 
 def crash_in_save(k):
