@@ -9,19 +9,25 @@ The same BAGEL weights come in three folder layouts:
              the AE under vae_model.*.
   nanobagel  config.json (BagelConfig fields), model.safetensors (our names), optional ema.safetensors (EMA),
              vae.safetensors (FLUX names).
+and are read from a fourth: train.py's checkpoints (dcp: out_dir/checkpoints/step_N, torch DCP, raw and EMA weights;
+the model config, AE and tokenizer as the run's train_state.json says), so a run stopped at any step has weights.
 Tokenizer files (tokenizer.json, vocab.json, ...) travel along, checked against the embedding rows.
 
-    python convert.py FOLDER OUT [--to official|hf|nanobagel] [--dtype bf16|fp32] [--ema]
+    python convert.py FOLDER OUT [--to official|hf|nanobagel] [--dtype bf16|fp32] [--weights ema|model]
+    python convert.py --from-parts LLM_DIR VIT_DIR AE_FILE OUT [--dtype bf16|fp32]
 
-FOLDER's layout is detected; --to defaults to nanobagel, or to official for a nanobagel FOLDER. --ema takes the
-EMA weights (ema.safetensors); without it the raw weights (model.safetensors), except in an official folder
-that has only ema.safetensors (the release). A conversion carries that one set of weights: the official layout
-writes it to ema.safetensors (the file its loaders read), the nanobagel layout to model.safetensors. --dtype casts the Bagel weights (default: keep); the AE keeps its dtype. Tensors stream one at a
-time from memory-mapped files to the output, so a 29 GB checkpoint is never held in memory, let alone twice.
+FOLDER's layout is detected; --to defaults to nanobagel, or to official for a nanobagel FOLDER. A conversion
+carries one set of weights: the EMA where FOLDER has one, or as --weights says. The official layout writes it to
+ema.safetensors (the file its loaders read), the nanobagel layout to model.safetensors, the hf layout to ≤ 5 GB
+shards plus an index. --dtype casts the Bagel weights (default: keep); the AE keeps its dtype. Tensors stream one
+at a time from memory-mapped files (or the DCP files) to the output, so a 29 GB checkpoint is never held in memory.
+--from-parts builds BAGEL as the official pre-training does, from a Qwen2/Qwen2.5 LLM, a SigLIP NaViT and the FLUX
+AE in their own Hugging Face layouts (assemble), and writes a nanobagel folder to train from.
+NaN or Inf in any tensor read stops with an error naming it and its file.
 
 In code: load_checkpoint(folder) -> (model, vae, cfg) for any layout; convert(folder, out, to); save_nanobagel
 from modules or (sharded) state dicts; load_into_sharded(model, folder) fills an FSDP2 model, each rank
-reading only its own shards.
+reading only its own shards; assemble(llm_dir, vit_dir, ae_file, out).
 """
 import argparse
 import json
@@ -31,12 +37,13 @@ import re
 import shutil
 import struct
 import sys
-from dataclasses import asdict, fields
+import warnings
+from dataclasses import asdict, fields, replace
 
 import torch
 from safetensors import safe_open
 
-from model import Bagel, BagelConfig, build_vae, sincos_2d
+from model import PRESETS, Bagel, BagelConfig, build_vae, merge_lora, sincos_2d
 
 
 class CheckpointError(ValueError):
@@ -110,9 +117,11 @@ def meta_modules(cfg):
 
 def name_maps(layout, cfg):
     """{file role: {ours: key in that file}} of a layout. Ours: Bagel parameter and table names, and
-    "vae.<FLUX name>" for the AE. Roles: "weights" and "vae" (hf keeps both in its one set of files)."""
+    "vae.<FLUX name>" for the AE. Roles: "weights" and "vae" (hf keeps both in its one set of files, dcp none)."""
     bagel, vae = meta_modules(cfg)
     ae = {f"vae.{k}": k for k, _ in vae.named_parameters()}
+    if layout == "dcp":  # the AE: dcp_vae
+        return {"weights": {k: k for k in bagel.state_dict()}}
     if layout == "nanobagel":
         return {"weights": {k: k for k in bagel.state_dict()}, "vae": ae}
     official = {**official_names(cfg), **FIXED_TABLES}
@@ -163,10 +172,17 @@ def open_safetensors(path):
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def finite(t, key, where):
+    """t, after checking that it holds no NaN or Inf: a broken tensor stops the load, named with its file."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise CheckpointError(f"{where}: {key} holds NaN or Inf values")
+    return t
+
+
 class Tensors:
     """One or more memory-mapped safetensors files seen as one store; tensors are read one at a time."""
     def __init__(self, folder, files, index=None):
-        self.label = os.path.join(folder, index or files[0])
+        self.folder, self.label = folder, os.path.join(folder, index or files[0])
         self.file_of, self.name_of = {}, {}
         for name in files:
             f = open_safetensors(os.path.join(folder, name))
@@ -186,7 +202,81 @@ class Tensors:
 
     def get(self, key, index=()):
         """The tensor, or only its part index (a tuple of slices) read from the file."""
-        return self.file_of[key].get_slice(key)[index] if index else self.file_of[key].get_tensor(key)
+        t = self.file_of[key].get_slice(key)[index] if index else self.file_of[key].get_tensor(key)
+        return finite(t, key, os.path.join(self.folder, self.name_of[key]))
+
+
+class DCPWeights:
+    """The Bagel weights of a train.py checkpoint (torch DCP: out_dir/checkpoints/step_N), seen like Tensors under our
+    parameter names: "model.*" holds the raw weights, "ema.*" the EMA of the trainable ones (a frozen parameter is
+    its own EMA); LoRA adapters are merged into their weights as train.py's export merges them. One tensor is loaded
+    at a time, without a process group."""
+    def __init__(self, folder, ema, lora_alpha):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        class Reader(FileSystemReader):  # dcp.load asks for the metadata at every call: read it once
+            def read_metadata(self, *args, **kwargs):
+                if getattr(self, "cached", None) is None:
+                    self.cached = super().read_metadata(*args, **kwargs)  # a pickle: the trust boundary
+                return self.cached
+        self.label, self.reader, self.alpha = folder, Reader(folder), lora_alpha
+        try:
+            entries = self.reader.read_metadata().state_dict_metadata
+        except Exception as e:
+            raise CheckpointError(f"{folder}/.metadata is not a readable DCP checkpoint: {e}") from e
+        self.entries = {k: m for k, m in entries.items() if isinstance(m, TensorStorageMetadata)}
+        raw = {k[len("model."):] for k in self.entries if k.startswith("model.")}
+        averaged = {k[len("ema."):] for k in self.entries if k.startswith("ema.")}
+        if ema and not averaged:
+            raise CheckpointError(f"{folder}: no EMA weights (the run had ema=0); ask for the raw weights")
+        use_ema = bool(averaged) if ema is None else ema
+        self.stored = {k: ("ema." if use_ema and k in averaged else "model.") + k for k in raw}
+        self.adapted = {k[:-len("lora_A.weight")] + "weight" for k in raw if k.endswith(".lora_A.weight")}
+        self.names = [k for k in raw if ".lora_A." not in k and ".lora_B." not in k]
+
+    def keys(self):
+        return self.names
+
+    def shape(self, key):
+        return tuple(self.entries[self.stored[key]].size)
+
+    def dtype(self, key):
+        return self.entries[self.stored[key]].properties.dtype
+
+    def load(self, name):
+        from torch.distributed.checkpoint import load
+        key = self.stored[name]
+        t = torch.empty(tuple(self.entries[key].size), dtype=self.entries[key].properties.dtype)
+        with warnings.catch_warnings():  # it warns that there is no process group: none is wanted
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            load({key: t}, storage_reader=self.reader, no_dist=True)
+        return finite(t, key, self.label)
+
+    def get(self, key, index=()):
+        t = self.load(key)
+        if key in self.adapted:  # W + (alpha / r) B A
+            adapters = [key[:-len("weight")] + f"lora_{ab}.weight" for ab in "AB"]
+            t = merge_lora({key: t} | {k: self.load(k) for k in adapters}, self.alpha)[key]
+        return t[index] if index else t
+
+
+class Loaded:
+    """Tensors already in memory (a freshly built AE) behind the same interface."""
+    def __init__(self, label, state):
+        self.label, self.state = label, state
+
+    def keys(self):
+        return self.state.keys()
+
+    def shape(self, key):
+        return tuple(self.state[key].shape)
+
+    def dtype(self, key):
+        return self.state[key].dtype
+
+    def get(self, key, index=()):
+        return self.state[key][index] if index else self.state[key]
 
 
 def check_keys(tensors, names, shapes):
@@ -207,10 +297,15 @@ def check_keys(tensors, names, shapes):
 
 
 def detect_layout(folder):
-    """"official", "hf" or "nanobagel", from the files a folder holds."""
+    """"official", "hf", "nanobagel" or "dcp" (train.py's checkpoints), from the files a folder holds."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder} is not a folder")
     has = lambda name: os.path.isfile(os.path.join(folder, name))
+    if has(".metadata"):
+        if not has("train_state.json"):
+            raise CheckpointError(f"{folder} is a DCP folder without train_state.json: not a complete train.py "
+                                  "checkpoint (one killed mid-write stays step_N.tmp)")
+        return "dcp"
     if has("llm_config.json") and has("ema.safetensors"):
         return "official"
     if has("config.json"):
@@ -222,7 +317,8 @@ def detect_layout(folder):
     if has("llm_config.json"):
         return "official"  # reading it names what is missing
     raise CheckpointError(f"{folder} is not a BAGEL checkpoint: expected llm_config.json + ema.safetensors "
-                          "(official), a config.json with llm_config (hf) or a nanobagel config.json")
+                          "(official), a config.json with llm_config (hf), a nanobagel config.json or a train.py "
+                          "checkpoint (out_dir/checkpoints/step_N)")
 
 
 def llm_fields(llm, where):
@@ -326,29 +422,98 @@ def hf_tensors(folder):
     return tensors
 
 
-def read_checkpoint(folder, ema=False, cfg=None, **overrides):
-    """(layout, cfg, {ours: (Tensors, key)}) of a folder of any layout; every key and shape checked, nothing loaded."""
+# train.py's checkpoints (DCP) hold the weights, optimiser and EMA; the model config, the AE and the tokenizer come
+# from the run's training config in train_state.json, as train.py made them.
+
+def run_state(folder):
+    """train_state.json's training config, and a getter that names the file when a field is missing."""
+    path = os.path.join(folder, "train_state.json")
+    state = read_json(path)
+    config = need(state, "config", path)
+    return state, lambda key: need(config, key, path + " config")
+
+
+def run_init(folder, init_from):
+    """read_checkpoint of the folder a run started from, errors named as the run's."""
+    try:
+        return read_checkpoint(init_from)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}/train_state.json: the run started from {init_from}: {e}") from e
+
+
+def dcp_model_config(folder, **overrides):
+    """The BagelConfig the run built: train_state.json's model_config where train.py wrote one, else as train.py
+    makes it: the init_from folder's config or the preset, then model_args and freeze_und."""
+    state, get = run_state(folder)
+    if "model_config" in state:
+        values = state["model_config"]
+    else:
+        if get("init_from"):
+            base = run_init(folder, get("init_from"))[1]
+        elif get("model") in PRESETS:
+            base = PRESETS[get("model")]()
+        else:
+            raise CheckpointError(f"{folder}/train_state.json: unknown model {get('model')!r}")
+        values = {**asdict(base), **get("model_args"), "freeze_und": get("freeze_und")}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return make_config({**values, **overrides}, os.path.join(folder, "train_state.json"))
+
+
+def dcp_vae(folder, cfg):
+    """{ours: (store, key)} of the run's AE: its init_from folder's, or the seeded fresh one (model.build_vae)."""
+    _, get = run_state(folder)
+    if not list(meta_modules(cfg)[1].parameters()):  # the pooled stand-in
+        return {}
+    if not get("init_from"):
+        fresh = Loaded(f"{folder} (the run's fresh AE, model.build_vae)", build_vae(cfg).state_dict())
+        return {f"vae.{k}": (fresh, k) for k in fresh.keys()}
+    source = {k: v for k, v in run_init(folder, get("init_from"))[2].items() if k.startswith("vae.")}
+    shapes = expected_shapes(cfg)
+    for ours, (tensors, key) in source.items():
+        if tensors.shape(key) != shapes[ours]:
+            raise CheckpointError(f"{tensors.label}: {key} has shape {list(tensors.shape(key))}, the run's config "
+                                  f"expects {list(shapes[ours])}")
+    return source
+
+
+def tokenizer_source(folder):
+    """The folder with a checkpoint's tokenizer files: the folder itself, or for a train.py checkpoint without them the
+    run's tokenizer or init_from folder (as train.py chose); None: the run used data.tiny_tokenizer()."""
+    if detect_layout(folder) != "dcp" or os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return folder
+    _, get = run_state(folder)
+    return get("tokenizer") or get("init_from") or None
+
+
+def read_checkpoint(folder, ema=None, cfg=None, **overrides):
+    """(layout, cfg, {ours: (store, key)}) of a folder of any layout; every key and shape checked, nothing loaded.
+    ema: True takes the EMA weights, False the raw ones, None the EMA where the folder has both."""
     layout = detect_layout(folder)
     has = lambda name: os.path.isfile(os.path.join(folder, name))
-    if layout == "official":
-        weights = "ema.safetensors" if ema or not has("model.safetensors") else "model.safetensors"
+    if layout == "official":  # the release holds only ema.safetensors
+        weights = "model.safetensors" if ema is False and has("model.safetensors") else "ema.safetensors"
         files = {"weights": Tensors(folder, [weights]), "vae": Tensors(folder, ["ae.safetensors"])}
         cfg = cfg or official_config(folder, **{**ae_shape(files["vae"]), **overrides})
     elif layout == "hf":
         if ema:
-            raise CheckpointError(f"{folder}: the hf layout holds one set of weights; drop --ema")
+            raise CheckpointError(f"{folder}: the hf layout holds one set of weights; drop --weights ema")
         cfg = cfg or hf_config(folder, **overrides)
         files = {"weights": hf_tensors(folder)}
-    else:
+    elif layout == "nanobagel":
         cfg = cfg or nanobagel_config(folder, **overrides)
-        files = {"weights": Tensors(folder, ["ema.safetensors" if ema else "model.safetensors"]),
-                 "vae": Tensors(folder, ["vae.safetensors"])}
+        weights = "ema.safetensors" if ema or (ema is None and has("ema.safetensors")) else "model.safetensors"
+        files = {"weights": Tensors(folder, [weights]), "vae": Tensors(folder, ["vae.safetensors"])}
+    else:
+        cfg = cfg or dcp_model_config(folder, **overrides)
+        files = {"weights": DCPWeights(folder, ema, run_state(folder)[1]("lora_alpha"))}
     shapes, source = expected_shapes(cfg), {}
     for role, names in name_maps(layout, cfg).items():
         # the fixed tables are rebuilt anyway, so a file may leave them out (official training code pops them)
         names = {o: k for o, k in names.items() if o not in FIXED_TABLES or k in files[role].keys()}
         check_keys(files[role], names, shapes)
         source |= {ours: (files[role], key) for ours, key in names.items()}
+    if layout == "dcp":
+        source |= dcp_vae(folder, cfg)
     return layout, cfg, source
 
 
@@ -445,6 +610,12 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def make_folder(out):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"{out} exists and is not an empty folder")
+    os.makedirs(out, exist_ok=True)
+
+
 def write_hf_shards(out, entries, shard_bytes):
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past shard_bytes."""
     shards, size, total = [[]], 0, 0
@@ -495,18 +666,20 @@ def check_tokenizer(folder, cfg):
     return present
 
 
-def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2**30, **overrides):
-    """Write the checkpoint in folder (any layout) to the new folder out in layout `to`, tensor by tensor.
-    dtype casts the Bagel weights (None: keep each tensor's); the AE keeps its dtype. Returns out's config."""
+def convert(folder, out, to="official", dtype=None, ema=None, shard_bytes=5 * 10**9, **overrides):
+    """Write the checkpoint in folder (any layout) to the new folder out in layout `to`, tensor by tensor: the EMA
+    weights where the folder has them (ema=None), or as ema says. dtype casts the Bagel weights (None: keep each
+    tensor's); the AE keeps its dtype. hf weights past shard_bytes go to shards plus an index. Returns out's config."""
     if to not in LAYOUTS:
         raise CheckpointError(f"unknown layout {to}: choose one of {', '.join(LAYOUTS)}")
     layout, cfg, source = read_checkpoint(folder, ema=ema, **overrides)
     if to != "nanobagel" and cfg.vae_kind != "flux":
-        raise CheckpointError(f"{folder}: vae_kind {cfg.vae_kind} has no FLUX AE, which the {to} layout needs")
-    tokenizer = check_tokenizer(folder, cfg)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise CheckpointError(f"{out} exists and is not an empty folder")
-    os.makedirs(out, exist_ok=True)
+        raise CheckpointError(f"{folder}: vae_kind {cfg.vae_kind} (the tiny recipe's stand-in AE) exists only in "
+                              f"the nanobagel layout; the {to} layout needs a FLUX AE: train with model_args "
+                              "vae_kind='flux' (README: Checkpoints)")
+    tokenizer_from = tokenizer_source(folder)
+    tokenizer = check_tokenizer(tokenizer_from, cfg) if tokenizer_from else []
+    make_folder(out)
     shapes = expected_shapes(cfg)
     weights_dtype = dtype or source["embed_tokens.weight"][0].dtype(source["embed_tokens.weight"][1])
 
@@ -535,7 +708,10 @@ def convert(folder, out, to="official", dtype=None, ema=False, shard_bytes=5 * 2
         write_safetensors(os.path.join(out, "vae.safetensors"), entries["vae"])
         write_json(os.path.join(out, "config.json"), asdict(cfg))
     for name in tokenizer:
-        shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
+        shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(out, name))
+    if tokenizer_from is None:  # the run's built-in tokenizer (deterministic)
+        import data
+        data.tiny_tokenizer().tokenizer.save(os.path.join(out, "tokenizer.json"))
     return cfg
 
 
@@ -616,20 +792,168 @@ def load_into_sharded(model, folder, ema=False, vae=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# BAGEL from its parts, as the official pre-training starts (train/pretrain_unified_navit.py): a Qwen2 / Qwen2.5 LLM
+# folder and a SigLIP (NaViT) folder in their Hugging Face layouts, and the FLUX ae.safetensors. An official name
+# is the part's own name behind its prefix: language_model.<Qwen2 name>, vit_model.<SigLIP vision name>.
+
+PARTS = {"language_model.": "llm", "vit_model.": "vit"}
+FRESH = ("connector", "time_embedder", "vae2llm", "llm2vae")  # in no part: built as the official Bagel builds them
+VIT_LEFT_OUT = r"vision_model\.head\..*|text_model\..*|logit_scale|logit_bias"  # no pooling head, no text tower
+
+
+def parts_config(llm_dir, vit_dir, ae, **overrides):
+    """BagelConfig from the LLM's and the ViT's config.json, with the fields the official loaders force, and the AE's
+    shapes."""
+    llm_path, vit_path = os.path.join(llm_dir, "config.json"), os.path.join(vit_dir, "config.json")
+    llm, vit = read_json(llm_path), read_json(vit_path)
+    if llm.get("model_type") != "qwen2":
+        raise CheckpointError(f"{llm_path}: model_type {llm.get('model_type')!r}; the LLM part must be Qwen2/Qwen2.5")
+    if llm.get("rope_scaling") or llm.get("use_sliding_window"):
+        raise CheckpointError(f"{llm_path}: rope_scaling and sliding-window attention are not built")
+    vit = vit.get("vision_config", vit)  # a whole SigLIP's config nests the vision tower's
+    layers, image_size = need(vit, "num_hidden_layers", vit_path), need(vit, "image_size", vit_path)
+    return make_config({**llm_fields({**llm, "qk_norm": True, "tie_word_embeddings": False}, llm_path),
+                        **vit_fields(vit, vit_path, layers - 1),  # vit_select_layer -2: the last layer dropped
+                        "vit_max_patches_per_side": image_size // need(vit, "patch_size", vit_path),
+                        **ae_shape(ae), **overrides}, llm_path)
+
+
+def parts_tokenizer(llm_dir):
+    """The LLM folder's tokenizer with BAGEL's four special tokens, those missing added after its vocabulary (as the
+    official add_special_tokens adds them); and the tokens added."""
+    from tokenizers import Tokenizer
+    path = os.path.join(llm_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing {path}: BAGEL takes its tokenizer from the LLM folder")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable tokenizer: {e}") from e
+    added = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab(with_added_tokens=True)]
+    tokenizer.add_tokens(added)
+    return tokenizer, added
+
+
+def fresh_weights(bagel, seed):
+    """The modules no part holds, made on the CPU from the meta model's own, as the official Bagel builds them:
+    nn.Linear's own init (seeded), llm2vae zero."""
+    out = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in FRESH:
+            module = bagel.get_submodule(name).to_empty(device="cpu")
+            for m in module.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.reset_parameters()
+            out |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
+    for k in ("llm2vae.weight", "llm2vae.bias"):
+        out[k].zero_()
+    return out
+
+
+def check_part(store, used, left_out=None):
+    """A part must hold every key used, and nothing else but what left_out (a regex) matches."""
+    missing = sorted(set(used) - set(store.keys()))
+    if missing:
+        raise CheckpointError(f"{store.label}: missing key {missing[0]} ({len(missing)} missing)")
+    unused = sorted(k for k in set(store.keys()) - set(used) if not (left_out and re.fullmatch(left_out, k)))
+    if unused:
+        raise CheckpointError(f"{store.label}: unexpected key {unused[0]} ({len(unused)} unexpected)")
+
+
+def assemble(llm_dir, vit_dir, ae_file, out, dtype=None, seed=0, **overrides):
+    """A nanobagel folder from BAGEL's parts, tensor by tensor, as the official pre-training builds BAGEL:
+      - the generation expert a copy of the understanding expert (init_moe), the QK norms ones (Qwen2 has none),
+        lm_head the embedding where the LLM ties them;
+      - the ViT without its last layer (vit_select_layer -2), the conv patch embedding as the Linear over (p, q, c)
+        patches (convert_conv2d_to_linear);
+      - connector, timestep embedder and latent projections fresh (fresh_weights);
+      - the tokenizer from the LLM folder (parts_tokenizer); embedding rows added for the tokens added, at the mean
+        of the others, only where the embedding has no room for them (rows are never dropped).
+    overrides: BagelConfig fields the parts do not decide (max_latent_size, ...); dtype casts the Bagel weights (None:
+    keep each part's). Returns the config."""
+    ae = Tensors(os.path.dirname(ae_file) or ".", [os.path.basename(ae_file)])
+    parts = {"llm": hf_tensors(llm_dir), "vit": hf_tensors(vit_dir)}
+    cfg = parts_config(llm_dir, vit_dir, ae, **overrides)
+    tokenizer, added = parts_tokenizer(llm_dir)
+    rows = cfg.vocab_size  # the LLM's embedding rows
+    cfg = replace(cfg, vocab_size=max(rows, max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1))
+    bagel, vae = meta_modules(cfg)
+    names, ae_names = list(bagel.state_dict()), {f"vae.{k}": k for k, _ in vae.named_parameters()}
+    shapes, official, fresh = expected_shapes(cfg), official_names(cfg), fresh_weights(bagel, seed)
+    tied = read_json(os.path.join(llm_dir, "config.json")).get("tie_word_embeddings", False)
+    reads = {}  # ours -> (part, key), for every tensor a part supplies
+    for ours in names:
+        name = official[ours.replace(".gen.", ".und.").replace("norm_gen", "norm_und")]  # init_moe's twin
+        prefix = next((p for p in PARTS if name.startswith(p)), None)
+        if prefix and not re.search(r"\.[qk]_norm\.", name):
+            key = name[len(prefix):]
+            if key == "lm_head.weight" and tied and key not in parts["llm"].keys():
+                key = "model.embed_tokens.weight"
+            reads[ours] = PARTS[prefix], key
+    dropped = rf"vision_model\.encoder\.layers\.{cfg.vit_num_layers}\..*"
+    check_part(parts["llm"], {key for part, key in reads.values() if part == "llm"})
+    check_part(parts["vit"], {key for part, key in reads.values() if part == "vit"}, f"{dropped}|{VIT_LEFT_OUT}")
+    check_keys(ae, ae_names, shapes)
+    C, p = cfg.vit_hidden_size, cfg.vit_patch_size
+    source_shape = {"vit.patch_embed.weight": (C, 3, p, p), "embed_tokens.weight": (rows, cfg.hidden_size),
+                    "lm_head.weight": (rows, cfg.hidden_size)}
+    for ours, (part, key) in reads.items():
+        want = source_shape.get(ours, shapes[ours])
+        if parts[part].shape(key) != want:
+            raise CheckpointError(f"{parts[part].label}: {key} has shape {list(parts[part].shape(key))}, its config "
+                                  f"says {list(want)}")
+
+    def tensor(ours):
+        if ours in fresh:
+            return fresh[ours]
+        if ours not in reads:  # the QK norms
+            return torch.ones(shapes[ours])
+        t = parts[reads[ours][0]].get(reads[ours][1])
+        if ours == "vit.patch_embed.weight":  # [C, c, p, q] -> [C, (p, q, c)], the order of model.patchify
+            t = t.permute(0, 2, 3, 1).reshape(shapes[ours])
+        if ours in ("embed_tokens.weight", "lm_head.weight") and cfg.vocab_size > rows:
+            t = torch.cat([t, t.mean(0, keepdim=True).expand(cfg.vocab_size - rows, -1)])
+        return t
+    make_folder(out)
+    out_dtype = lambda ours: dtype or (parts[reads[ours][0]].dtype(reads[ours][1]) if ours in reads else torch.float32)
+    write_safetensors(os.path.join(out, "model.safetensors"),
+                      [(ours, shapes[ours], out_dtype(ours), lambda ours=ours: tensor(ours)) for ours in names])
+    write_safetensors(os.path.join(out, "vae.safetensors"),
+                      [(k, ae.shape(k), ae.dtype(k), lambda k=k: ae.get(k)) for k in ae_names.values()])
+    write_json(os.path.join(out, "config.json"), asdict(cfg))
+    if added:  # the other tokenizer files would not know the tokens added: nanobagel reads tokenizer.json
+        tokenizer.save(os.path.join(out, "tokenizer.json"))
+    else:
+        for name in check_tokenizer(llm_dir, cfg):
+            shutil.copyfile(os.path.join(llm_dir, name), os.path.join(out, name))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder")
+    p.add_argument("folder", nargs="?", help="the checkpoint to convert (not with --from-parts)")
     p.add_argument("out")
     p.add_argument("--to", choices=LAYOUTS)
     p.add_argument("--dtype", choices=("bf16", "fp32"))
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (ema.safetensors)")
+    p.add_argument("--weights", choices=("ema", "model"), help="default: the EMA where the folder has both")
+    p.add_argument("--from-parts", nargs=3, metavar=("LLM_DIR", "VIT_DIR", "AE_FILE"),
+                   help="assemble BAGEL from a Qwen2 LLM folder, a SigLIP folder and the FLUX ae.safetensors")
     args = p.parse_args(argv)
+    if bool(args.folder) == bool(args.from_parts):
+        p.error("give FOLDER OUT, or --from-parts LLM_DIR VIT_DIR AE_FILE OUT")
+    dtype = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     try:
+        if args.from_parts:
+            cfg = assemble(*args.from_parts, args.out, dtype)
+            print(f"{' + '.join(args.from_parts)} -> {args.out} (nanobagel; {cfg.num_layers} LLM layers, "
+                  f"{cfg.vit_num_layers} ViT layers, vocab {cfg.vocab_size})")
+            return
         layout = detect_layout(args.folder)
         to = args.to or ("official" if layout == "nanobagel" else "nanobagel")
-        dtype = {None: None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        convert(args.folder, args.out, to, dtype, args.ema)
+        convert(args.folder, args.out, to, dtype, None if args.weights is None else args.weights == "ema")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(f"{args.folder} ({layout}) -> {args.out} ({to})")

@@ -68,6 +68,9 @@ def bagel_tiny(**kw):
     return BagelConfig(**{**shape, **kw})
 
 
+PRESETS = {"tiny": bagel_tiny, "7b": bagel_7b}  # train.py's `model` key
+
+
 # ----------------------------------------------------------------------------------------------
 # Patches: images and latents become token rows in raster order, features in (p, q, c) order
 
@@ -172,6 +175,12 @@ class PackAttention:
     where: torch.Tensor = None   # where[token] = its row
     positions: torch.Tensor = None  # RoPE position of each token, pack order
     rope_theta: float = 1e6
+    past: object = None          # sample.py's KV cache: past(x, q, k, v) puts the cached tokens before these rows
+
+    def pack_rows(self, *rows):
+        """The layer's rows (understanding tokens first) in pack order, after the cached tokens if there are any."""
+        rows = [t[self.where] for t in rows]
+        return rows if self.past is None else self.past(*rows)
 
     def rotate(self, x, positions):
         """RoPE of x [n, H, D] at the given positions (NSA rotates its compressed keys at their windows' starts)."""
@@ -575,7 +584,13 @@ class PooledAE(nn.Module):
 
 
 def build_vae(cfg: BagelConfig):
-    return PooledAE(cfg) if cfg.vae_kind == "pooled" else AutoEncoder(cfg)
+    """The frozen AE. A FLUX AE's fresh weights are seeded, so one that no checkpoint filled is still a function of
+    the config (convert.py rebuilds it for train.py's checkpoints, which hold no AE)."""
+    if cfg.vae_kind == "pooled":
+        return PooledAE(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoEncoder(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,18 +648,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         if h.is_cuda:  # the fp32 softmax fused into one pass over each chunk's bf16 logits
             _compiled_ce_chunk = _compiled_ce_chunk or torch.compile(ce_chunk, dynamic=True)
             one = _compiled_ce_chunk
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_dh, need_dw = ctx.needs_input_grad[:2]
         ce = torch.empty(h.shape[0], device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
-        dh = torch.empty_like(h) if grads else None
-        dw = None
+        dh = torch.empty_like(h) if need_dh else None
+        dw = torch.zeros_like(weight) if need_dw else None
         for i in range(0, h.shape[0], chunk):
             hc = h[i:i + chunk]
             ce[i:i + chunk], g = one(hc @ weight.t(), labels[i:i + chunk], weights[i:i + chunk])
-            if grads:
+            if need_dh:
                 dh[i:i + chunk] = g @ weight
-                dw = g.t() @ hc if dw is None else dw.addmm_(g.t(), hc)
-        if dw is None:
-            dw = torch.zeros_like(weight)
+            if need_dw:  # a frozen lm_head (LoRA) skips this third matmul
+                dw.addmm_(g.t(), hc)
         ctx.save_for_backward(dh, dw, weights)
         return ce
 
@@ -656,7 +670,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         c = (grad_ce * weights).sum() / (weights * weights).sum()
         torch._assert_async(((grad_ce - c * weights).abs() <= 1e-4 * grad_ce.abs().max() + 1e-30).all(),
                             "LinearCrossEntropy: the upstream gradient is not proportional to the CE weights")
-        return dh * c.to(dh.dtype), dw * c.to(dw.dtype), None, None, None
+        scaled = lambda t: None if t is None else t * c.to(t.dtype)
+        return scaled(dh), scaled(dw), None, None, None
 
 
 def cross_entropy(h, weight, labels, weights=None, chunk=4096):

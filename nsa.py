@@ -759,11 +759,12 @@ def _bd(D):
     return max(16, triton.next_power_of_2(D))
 
 
-def _use_tma(D, wanted):
-    """Hopper bulk tensor copies for whole-row tiles. Device-side descriptors need a scratch allocator, which Triton
-    keeps per thread: set it on every use (the backward kernels run on autograd's thread, the forward on the
-    caller's)."""
-    if not (wanted and D == _bd(D)):
+def _use_tma(D, wanted, *tensors):
+    """Hopper bulk tensor copies for whole-row tiles, where every tensor's base and row stride are 16-byte aligned (a
+    view at an odd offset takes the pointer path). Device-side descriptors need a scratch allocator, which Triton
+    keeps per thread: set it on every use (backward kernels run on autograd's thread, forward ones on the caller's)."""
+    if not (wanted and D == _bd(D) and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+                                          for t in tensors)):
         return False
     triton.set_allocator(_scratch)
     return True
@@ -939,7 +940,7 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
     _launch(_band_fwd, (triton.cdiv(N, BQ), H), q, k, v, o, lse, klo, khi, nlo, knoise, *stats, N, NK,
             scale * math.log2(math.e), q.stride(0), k.stride(0), G=H // KH, D=D, BD=_bd(D),
-            BQ=BQ, BK=BK, TMA=_use_tma(D, tma), num_warps=W, num_stages=S)
+            BQ=BQ, BK=BK, TMA=_use_tma(D, tma, q, k, v), num_warps=W, num_stages=S)
     return o, lse
 
 
@@ -955,14 +956,14 @@ def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, 
     BQ, BK, W, S, tma = _tiles(kind + "_dq")
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
     _launch(_band_bwd_dq, (triton.cdiv(N, BQ), H), q, k, v, do, dq, lse, delta, klo, khi, nlo, knoise, *stats, N, NK,
-            qk_scale, scale, q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W,
-            num_stages=S)
+            qk_scale, scale, q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma, q, k, v, do), **meta,
+            num_warps=W, num_stages=S)
     BQ, BK, W, S, tma = _tiles(kind + "_dkdv")
     qt_lo, qt_hi, qc, n_chunks = plan.key_tiles(klo, khi, NK, BQ, BK, KH)
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
-    _launch(_band_bwd_dkdv, (triton.cdiv(NK, BK), KH, n_chunks),
-            q, k, v, do, dk, dv, lse, delta, klo, khi, nlo, knoise, *stats, qt_lo, qt_hi, qc, N, NK, qk_scale, scale,
-            q.stride(0), k.stride(0), BQ=BQ, BK=BK, TMA=_use_tma(D, tma), **meta, num_warps=W, num_stages=S)
+    _launch(_band_bwd_dkdv, (triton.cdiv(NK, BK), KH, n_chunks), q, k, v, do, dk, dv, lse, delta, klo, khi, nlo,
+            knoise, *stats, qt_lo, qt_hi, qc, N, NK, qk_scale, scale, q.stride(0), k.stride(0), BQ=BQ, BK=BK,
+            TMA=_use_tma(D, tma, q, k, v, do), **meta, num_warps=W, num_stages=S)
 
 
 def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, kernel_size, block_size, init_blocks,
@@ -985,7 +986,7 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
             N, ck.shape[0], (D ** -0.5) * math.log2(math.e), q.stride(0), ck_pad.stride(0), *out.stride()[:2],
             plan.num_blocks,
             G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
-            INIT=init_blocks, LOCAL=local_blocks, TMA=_use_tma(D, tma), num_warps=W)
+            INIT=init_blocks, LOCAL=local_blocks, TMA=_use_tma(D, tma, q, ck_pad), num_warps=W)
     return out
 
 
@@ -1159,9 +1160,9 @@ class NSA(torch.nn.Module):
 
     def forward(self, h, q, k, v, ctx):
         """The decoder layer's attention interface (model.DenseAttention's): rows in the layer's order, q and k before
-        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order."""
-        w = ctx.where
-        return self.attend(h[w], q[w], k[w], v[w], ctx.layout, ctx.rotate, ctx.positions)[ctx.order]
+        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order (after a KV cache's tokens)."""
+        x, q, k, v = ctx.pack_rows(h, q, k, v)
+        return self.attend(x, q, k, v, ctx.layout, ctx.rotate, ctx.positions)[-len(ctx.where):][ctx.order]
 
     def attend(self, x, q, k, v, layout, rope, position_ids=None):
         """In pack order: x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k

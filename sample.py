@@ -4,6 +4,8 @@
     python sample.py --ckpt out/tiny/export --size 32 --prompts "a red circle" "a blue square" --out grid.png
     python sample.py --ckpt BAGEL-7B --prompt "make the sky pink" --image in.png --out edit.png
     python sample.py --ckpt BAGEL-7B --prompt "What is in the picture?" --image in.png --understand
+    python sample.py --ckpt out/tiny/checkpoints/step_0000400 --size 64 --prompt "a red circle"   # mid-run, EMA
+    python sample.py --ckpt out/tiny/export --image-size 64 --vit-size 56 --prompt "make it blue" --image in.png
 
 Inference follows the official BAGEL inferencer (Bagel's inferencer.py):
   1. KV cache: context items (text causal; an input image as clean VAE latents at t = 0 through the generation
@@ -14,12 +16,15 @@ Inference follows the official BAGEL inferencer (Bagel's inferencer.py):
   4. Front ends: generate_image, answer, sample_grid (train.py's sample grids) and the command line.
 """
 import argparse
+import functools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import convert
 import data
 from model import PackAttention, Rotary, expert_order, sdpa, span_layout, unpatchify
 
@@ -35,41 +40,55 @@ MAX_PIXELS = 14 * 14 * 9 * 1024
 # 1. KV cache. Context tokens never see later tokens, so their keys and values never change: compute them once.
 
 class KVCache:
-    """Per layer: keys (after RoPE) and values of every context token; pos: the RoPE position of the next item."""
+    """Per layer: keys and values of every context token. Dense attention keeps keys after RoPE, in each call's row
+    order; NSA keeps them before RoPE, in sequence order (it pools keys before rotating them, and its windows and
+    blocks count tokens). positions: the context's RoPE positions in sequence order; pos: the next item's."""
     def __init__(self, num_layers):
-        self.k, self.v, self.pos = [None] * num_layers, [None] * num_layers, 0
+        self.k, self.v, self.positions, self.pos = [None] * num_layers, [None] * num_layers, None, 0
 
     def __len__(self):
         return 0 if self.k[0] is None else self.k[0].shape[0]
 
     def copy(self):  # branches share a prefix; cached tensors are never written in place
         c = KVCache(0)
-        c.k, c.v, c.pos = list(self.k), list(self.v), self.pos
+        c.k, c.v, c.positions, c.pos = list(self.k), list(self.v), self.positions, self.pos
         return c
 
 
-def run_tokens(model, cache, x, is_gen, positions, mask=None, keep=False):
-    """Decoder stack on new tokens x [n, C] that see every cached token, and each other where mask [n, n] says
-    (True = may attend; None = all). is_gen [n] picks the expert, positions [n] the RoPE ids. Returns the hidden
-    states after the final norms [n, C]; keep=True appends the tokens' keys/values to the cache."""
-    cfg = model.cfg
-    if cfg.attn_backend == "nsa":
-        raise NotImplementedError("sampling a model trained with NSA attention needs an NSA KV cache; not written")
+def run_tokens(model, cache, x, is_gen, positions, spans, keep=False):
+    """Decoder stack on new tokens x [n, C] (sequence order) after the cached ones. spans: (lengths, modes) of the new
+    tokens' spans, as data.pack_samples lays them out; the cache is one earlier span, visible to all of them, so the
+    rule is the training one (model.SpanLayout). is_gen [n] picks the expert, positions [n] the RoPE ids. Returns
+    the hidden states after the final norms [n, C]; keep=True appends the tokens to the cache. NSA attends over the
+    whole sequence (compressed keys, selected blocks and the window over cache + new tokens) and keeps only the new
+    rows: exact, and as much work per call as one forward over the sequence."""
+    cfg, device, n, m = model.cfg, x.device, x.shape[0], len(cache)
+    nsa = cfg.attn_backend == "nsa"
+    layout = span_layout([m + n], [m] * (m > 0) + list(spans[0]), ["full"] * (m > 0) + list(spans[1]), device)
     order, where = expert_order(is_gen)
     n_und = int((~is_gen).sum())
-    if mask is not None:  # cached tokens are all visible
-        mask = mask[order][:, order]
-        mask = torch.cat([mask.new_ones(len(order), len(cache)), mask], dim=1)
+    rows = m + order  # the new tokens' places in the sequence, in the layers' row order
+    mask = None if nsa else layout.visible(rows[:, None], torch.cat([torch.arange(m, device=device), rows])[None])
+    seen = positions if cache.positions is None else torch.cat([cache.positions, positions])
     rope = Rotary(cfg.head_dim, cfg.rope_theta, positions[order], x.dtype)
     x = x[order]
+
+    def with_cache(i, k, v):  # layer i's keys and values: the cached ones, then these
+        if cache.k[i] is not None:
+            k, v = torch.cat([cache.k[i], k]), torch.cat([cache.v[i], v])
+        if keep:
+            cache.k[i], cache.v[i] = k, v
+        return k, v
+
+    def past(i, h, q, k, v):  # NSA: the cached rows' gate inputs and queries are never used again (zeros)
+        pad = lambda t: torch.cat([t.new_zeros(m, *t.shape[1:]), t])
+        return pad(h), pad(q), *with_cache(i, k, v)
     for i, layer in enumerate(model.layers):
-        def attend(q, k, v, i=i):
-            if cache.k[i] is not None:
-                k, v = torch.cat([cache.k[i], k]), torch.cat([cache.v[i], v])
-            if keep:
-                cache.k[i], cache.v[i] = k, v
-            return sdpa(q, k, v, mask)
-        x = layer(x, n_und, PackAttention(rope, attend))
+        ctx = PackAttention(rope, lambda q, k, v, i=i: sdpa(q, *with_cache(i, k, v), mask), layout, order, where,
+                            seen, cfg.rope_theta, functools.partial(past, i) if nsa else None)
+        x = layer(x, n_und, ctx)
+    if keep:
+        cache.positions = seen
     return model.final_norm(x, n_und)[where]
 
 
@@ -87,9 +106,8 @@ def prefill(model, cache, items, special):
     x, _ = model.embed(pack, 1.0)  # clean latents: t = 0
     is_gen = torch.zeros(pack.num_tokens, dtype=torch.bool, device=device)
     is_gen[pack.vae_indexes] = True
-    mask = span_layout(pack.sample_lens, pack.split_lens, pack.split_modes, device).dense_mask()
     positions = pack.position_ids + cache.pos
-    h = run_tokens(model, cache, x, is_gen, positions, mask, keep=True)
+    h = run_tokens(model, cache, x, is_gen, positions, (pack.split_lens, pack.split_modes), keep=True)
     cache.pos = int(positions.max()) + 1  # text advances by one per token, an image by one
     return h
 
@@ -99,14 +117,14 @@ def feed_token(model, cache, token):
     device = model.embed_tokens.weight.device
     x = model.embed_tokens(torch.tensor([token], device=device))
     h = run_tokens(model, cache, x, torch.zeros(1, dtype=torch.bool, device=device),
-                   torch.tensor([cache.pos], device=device), keep=True)
+                   torch.tensor([cache.pos], device=device), ([1], ["causal"]), keep=True)
     cache.pos += 1
     return model.lm_head(h[0]).float()
 
 
 def velocity(model, cache, x_t, t, grid, special):
     """Flow velocity [h*w, 64] of the latent tokens x_t [h*w, 64] at time t, as an image generated after the cache:
-    <|vision_start|> latents <|vision_end|> at one position id, bidirectional, not kept (nothing sees noise)."""
+    <|vision_start|> latents <|vision_end|> at one position id, a noise span, not kept (nothing sees noise)."""
     cfg, device, dtype = model.cfg, x_t.device, model.embed_tokens.weight.dtype
     n = grid[0] * grid[1]
     markers = model.embed_tokens(torch.tensor([special["vision_start"], special["vision_end"]], device=device))
@@ -116,7 +134,7 @@ def velocity(model, cache, x_t, t, grid, special):
     x = torch.cat([markers[:1], latents, markers[1:]])
     is_gen = torch.ones(n + 2, dtype=torch.bool, device=device)
     is_gen[0] = is_gen[-1] = False  # the markers are text tokens: understanding expert
-    h = run_tokens(model, cache, x, is_gen, torch.full((n + 2,), cache.pos, device=device))
+    h = run_tokens(model, cache, x, is_gen, torch.full((n + 2,), cache.pos, device=device), ([n + 2], ["noise"]))
     return model.llm2vae(h[1:-1]).float()
 
 
@@ -305,16 +323,23 @@ def answer(model, vae, tokenizer, prompt, images=(), max_new_tokens=256, tempera
 # 4. Command line
 
 def load(ckpt, weights=None, device="cpu", dtype=torch.float32):
-    """(model, vae, cfg) from a checkpoint folder of any layout convert.py knows; EMA weights when it has them."""
-    import convert
-    ema = weights == "ema" if weights else os.path.isfile(os.path.join(ckpt, "ema.safetensors"))
-    model, vae, cfg = convert.load_checkpoint(ckpt, device, dtype, ema=ema)
+    """(model, vae, cfg) from a checkpoint folder of any layout convert.py reads, a train.py checkpoint
+    (out_dir/checkpoints/step_N) too; weights "model" or "ema" (default: the EMA when the folder has one)."""
+    model, vae, cfg = convert.load_checkpoint(ckpt, device, dtype, ema=None if weights is None else weights == "ema")
     return model.eval(), vae.eval(), cfg
+
+
+def pair(ap, values, flag):
+    """--flag A or A B -> (A, A) or (A, B)."""
+    if len(values) > 2:
+        ap.error(f"{flag} takes one or two numbers")
+    return tuple(values * 2)[:2]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="nanobagel: generate, edit or answer from a checkpoint")
-    ap.add_argument("--ckpt", required=True, help="nanobagel or official BAGEL checkpoint folder")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder: any layout convert.py reads, or a train.py "
+                                                  "checkpoint (out_dir/checkpoints/step_N)")
     ap.add_argument("--prompt", help="one prompt")
     ap.add_argument("--prompts", nargs="+", help="several prompts (or one file of prompts, one a line): one grid")
     ap.add_argument("--image", help="input image: edited by the prompt, or asked about with --understand")
@@ -322,6 +347,10 @@ def main(argv=None):
     ap.add_argument("--out", default="sample.png")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, nargs="+", default=[1024], help="text-to-image size: S, or H W")
+    ap.add_argument("--image-size", type=int, nargs="+", default=list(VAE_SIZE),
+                    help="an edited image's side range: S, or MIN MAX (resized as training does; multiples of 16)")
+    ap.add_argument("--vit-size", type=int, nargs="+", default=list(VIT_SIZE),
+                    help="the ViT view's side range: S, or MIN MAX (multiples of 14)")
     ap.add_argument("--steps", type=int, help="num_timesteps (points; model calls per branch = steps - 1)")
     ap.add_argument("--shift", type=float, help="timestep_shift")
     ap.add_argument("--cfg-text", type=float, help="cfg_text_scale")
@@ -331,7 +360,8 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--weights", choices=["model", "ema"], help="default: ema when the folder has it")
-    ap.add_argument("--tokenizer", help="tokenizer.json (default: the one in --ckpt), or 'tiny' (data.tiny_tokenizer)")
+    ap.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the checkpoint's), or 'tiny' "
+                                        "(data.tiny_tokenizer)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args(argv)
@@ -342,23 +372,25 @@ def main(argv=None):
         with open(prompts[0]) as f:
             prompts = [line.strip() for line in f if line.strip()]
 
-    model, vae, cfg = load(args.ckpt, args.weights, args.device, getattr(torch, args.dtype))
-    tok = args.tokenizer or args.ckpt
+    size, vae_size, vit_size = (pair(ap, getattr(args, k), "--" + k.replace("_", "-"))
+                                for k in ("size", "image_size", "vit_size"))
+    try:
+        model, vae, cfg = load(args.ckpt, args.weights, args.device, getattr(torch, args.dtype))
+        tok = args.tokenizer or convert.tokenizer_source(args.ckpt) or "tiny"
+    except convert.CheckpointError as e:
+        sys.exit(f"error: {e}")
     tokenizer = data.tiny_tokenizer() if tok == "tiny" else data.load_tokenizer(tok)
     image = data.open_image(args.image, None, MAX_PIXELS) if args.image else None
     if args.understand:
         for p in prompts:
             print(answer(model, vae, tokenizer, p, [image] if image else [], args.max_new_tokens, args.temperature,
-                         args.seed))
+                         args.seed, vit_size))
         return
     settings = {k: v for k, v in dict(num_timesteps=args.steps, timestep_shift=args.shift,
                                       cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img,
                                       cfg_interval=args.cfg_interval, cfg_renorm_type=args.renorm).items()
                 if v is not None}
-    if len(args.size) > 2:
-        ap.error("--size takes S or H W")
-    size = tuple(args.size * 2)[:2]
-    images = [generate_image(model, vae, tokenizer, p, image, size, args.seed + i, **settings)
+    images = [generate_image(model, vae, tokenizer, p, image, size, args.seed + i, vae_size, vit_size, **settings)
               for i, p in enumerate(prompts)]
     make_grid(images).save(args.out)
     print(f"wrote {args.out}: " + " | ".join(prompts))

@@ -76,6 +76,8 @@ DEFAULTS = dict(
     device="auto",                # "auto" | "cpu" | "cuda"
     dtype="auto",                 # compute dtype: "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     reshard_after_forward=True,
+    fsdp_shard_size=0,            # 0: shard over every rank (FSDP); N: shard inside groups of N ranks (one node), replicate
+                                  # across the groups (HSDP, for 16-64 GPUs over slower inter-node links)
     activation_checkpointing="none",  # "none" | "full": recompute each layer in backward | "selective": keep the
                                       # matmul and attention outputs, recompute norms, RoPE and activations
     checkpoint_every=1,           # checkpoint every k-th decoder layer only (layers 0, k, 2k, ...); the ViT's all
@@ -136,7 +138,10 @@ def set_key(config, key, value, where):
 # ----------------------------------------------------------------------------------------------
 # Distributed setup: always a process group (a world of one without torchrun), always an explicit mesh.
 
-def setup_distributed(device_kind):
+def setup_distributed(device_kind, shard_size=0):
+    """(rank, world, device, mesh). The mesh is 1-D ("shard": FSDP over every rank) or, with shard_size = N < world,
+    2-D ("replicate", "shard"): parameters sharded inside groups of N ranks (a node) and replicated across the
+    groups (HSDP), so that the per-layer all-gathers stay on the fast links inside a node."""
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -149,7 +154,12 @@ def setup_distributed(device_kind):
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    if shard_size and shard_size < world:
+        if world % shard_size:
+            raise SystemExit(f"fsdp_shard_size={shard_size} does not divide the world of {world} processes")
+        mesh = init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     return rank, world, device, mesh
 
 
@@ -352,7 +362,7 @@ class Run:
 
 def build(config):
     """Everything a training step needs, as the distributed recipe makes it (also used by bench.py)."""
-    rank, world, device, mesh = setup_distributed(config["device"])
+    rank, world, device, mesh = setup_distributed(config["device"], config["fsdp_shard_size"])
     log = print if rank == 0 else (lambda *a, **k: None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bf16": torch.bfloat16, "fp32": torch.float32}[config["dtype"]]

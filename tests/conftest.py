@@ -3,6 +3,9 @@ checkpoint, a forward that also returns the model's intermediate tensors (throug
 arguments), and small data builders whose token ids can be read off the text."""
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -144,3 +147,28 @@ def write_jsonl(path, rows):
 def solid(colour):
     """The [-1, 1] value of a uint8 channel value, computed independently of data.py."""
     return [(c / 255 - 0.5) / 0.5 for c in colour]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs (tests/train_harness.py: fixed synthetic packs, so world sizes and accumulation see the same packs)
+
+ROOT = Path(__file__).parent.parent
+HARNESS = str(Path(__file__).parent / "train_harness.py")
+COMMON = ["--log_every=1", "--warmup_steps=2", "--ema=0.9", "--model_args={'vocab_size':512}", "--lr=1e-3"]
+
+
+def run_training(out_dir, *args, nproc=1, env=None, check=True):
+    """tests/train_harness.py in a subprocess (torchrun for nproc > 1) with COMMON settings."""
+    cmd = [sys.executable, HARNESS] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), HARNESS]
+    proc = subprocess.run(cmd + COMMON + [f"--out_dir={out_dir}", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def curve(out_dir):
+    """{step: metrics}; a step logged twice (before a kill and after the resume) keeps its last entry."""
+    rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r for r in rows}

@@ -143,12 +143,12 @@ def test_fixed_tables_may_be_missing_and_are_written_exactly(tmp_path):
     assert_bit_identical(tensors_of(tmp_path / "hf"), tensors_of(make_hf(tmp_path / "ref")))
 
 
-def test_raw_and_ema_weights_export(tmp_path):
+def test_raw_and_ema_weights_export_the_ema_by_default(tmp_path):
     bagel, vae, cfg = load_tiny()
     ema = {k: v + 1.0 for k, v in bagel.state_dict().items()}
     convert.save_nanobagel(str(tmp_path / "nano"), bagel, vae, cfg, ema_state=ema)
-    convert.convert(str(tmp_path / "nano"), str(tmp_path / "raw"), "official")
-    convert.convert(str(tmp_path / "nano"), str(tmp_path / "ema"), "official", ema=True)
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "raw"), "official", ema=False)
+    convert.convert(str(tmp_path / "nano"), str(tmp_path / "ema"), "official")
     names = convert.official_names(cfg)
     raw, exported_ema = (load_file(tmp_path / d / "ema.safetensors") for d in ("raw", "ema"))
     fixture = load_file(CKPT / "ema.safetensors")
@@ -175,7 +175,8 @@ def test_pooled_vae_model_saved_from_state_dicts(tmp_path):
         assert torch.equal(v, state[k].to(torch.bfloat16).float()), k
     convert.convert(str(tmp_path / "nano"), str(tmp_path / "copy"), "nanobagel")
     assert_bit_identical(tensors_of(tmp_path / "nano"), tensors_of(tmp_path / "copy"))
-    with pytest.raises(convert.CheckpointError, match="vae_kind pooled has no FLUX AE"):
+    with pytest.raises(convert.CheckpointError, match="vae_kind pooled .* exists only in the nanobagel layout; the "
+                                                      "official layout needs a FLUX AE"):
         convert.convert(str(tmp_path / "nano"), str(tmp_path / "off"), "official")
 
 
@@ -281,7 +282,7 @@ def test_cli(tmp_path, capsys):
     assert "(nanobagel) ->" in capsys.readouterr().out
     assert load_file(tmp_path / "off" / "ema.safetensors")["vae2llm.bias"].dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="error: .*ema.safetensors"):
-        convert.main([str(tmp_path / "nano"), str(tmp_path / "x"), "--ema", "--to", "hf"])
+        convert.main([str(tmp_path / "nano"), str(tmp_path / "x"), "--weights", "ema", "--to", "hf"])
     with pytest.raises(SystemExit, match="error: .* exists and is not an empty folder"):
         convert.main([str(CKPT), str(tmp_path / "off")])
 

@@ -531,3 +531,31 @@ def test_launch_retries_with_one_stage_then_explains():
     with pytest.raises(RuntimeError, match="NSA_TILES"):
         nsa._launch(k, (1,), num_stages=2)
     assert k.calls == [2, 1]
+
+
+@needs_interpreter
+def test_unaligned_inputs_take_the_pointer_path():
+    """q, k, v, compressed keys/values and do as views at an odd storage offset (a slice of a fused projection, a
+    tensor read at an odd file offset) cannot go through TMA descriptors (16-byte aligned bases): the same results
+    as aligned copies, forward and backward."""
+    H, KH, D = 6, 2, 16
+    layout = model.span_layout(*PACKS["long_causal"])
+    pattern = nsa.NSA(1, H, KH, D, topk=4, window_size=40, **CFG).pattern
+    plan = nsa.get_plan(layout, pattern)
+    N, NC = layout.sample_start.numel(), plan.window_starts.numel()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(N, H, D), (N, KH, D), (N, KH, D), (NC, KH, D), (NC, KH, D), (N, H, 3)]
+    aligned = [torch.randn(s, generator=g) for s in shapes]
+    aligned[5] = aligned[5].sigmoid()
+    odd = [torch.empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned]  # 4 bytes past a 16-byte boundary
+    assert all(t.data_ptr() % 16 for t in odd)
+    do = torch.randn(N, H, D, generator=g)
+    results = []
+    for inputs in (aligned, odd):
+        leaves = [t.clone() if t is aligned[5] else t for t in inputs]
+        leaves = [t.requires_grad_() for t in leaves]
+        o = nsa._NSAAttention.apply(*leaves, plan, pattern, D ** -0.5)
+        o.backward(torch.empty(do.numel() + 1)[1:].view(do.shape).copy_(do) if inputs is odd else do)
+        results.append([o.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)

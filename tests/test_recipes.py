@@ -34,7 +34,7 @@ ROOT = Path(__file__).parent.parent
 TOK = word_tokenizer()
 SMALL = {"vae_size": (32, 32), "vit_size": (28, 28)}  # 2x2 latent tokens, 2x2 ViT patches: tiny packs
 TINY = ["--model=tiny", "--init_from=", "--model_args={'vocab_size': 512, 'vae_kind': 'pooled'}", "--dtype=fp32",
-        "--export_dtype=fp32", "--lr=1e-3", "--warmup_steps=1", "--log_every=1", "--save_steps=1000",
+        "--export_dtype=fp32", "--lr=1e-3", "--warmup_steps=0", "--log_every=1", "--save_steps=1000",
         "--packing_length=256", "--compile=False"]
 
 

@@ -1,6 +1,7 @@
-"""sample.py: the KV-cached path against the uncached forward and the official golden outputs
+"""sample.py: the KV-cached path (dense and NSA) against the uncached forward and the official golden outputs
 (tests/fixtures/bagel_tiny, driven by its cases.json), guidance, seeds, FSDP2, and a tiny model overfit on one
 image-caption pair that the sampler reproduces from its caption."""
+import dataclasses
 import math
 
 import numpy as np
@@ -53,14 +54,11 @@ def items_of(cases, tensors, kind):
 # ----------------------------------------------------------------------------------------------
 # The KV cache
 
-@pytest.mark.parametrize("text_by_token", [False, True])
-@pytest.mark.parametrize("name", case_names())
-def test_cached_replay_equals_forward_and_official(tiny, name, text_by_token):
-    """Replay every sample item by item against a cache: context items prefilled (or text fed token by token), noised
-    images as velocity() calls. Every token must match the uncached forward on the whole pack, and the official
-    golden hidden states / mse_pred."""
-    bagel, _, cfg, cases, tensors, E, special = tiny
-    case = next(c for c in cases["cases"] if c["name"] == name)
+def replay(bagel, case, tensors, special, text_by_token, golden=None):
+    """Replay every sample of a fixture case item by item against a cache: context items prefilled (or text fed token
+    by token), noised images as velocity() calls. Every token must match the uncached forward on the whole pack, and
+    where golden (the fixture's expected tensors) is given, the official hidden states / mse_pred."""
+    cfg, name = bagel.cfg, case["name"]
     samples = fixture_samples(case, tensors)
     pack = data.pack_samples(samples, special, cfg.max_latent_size, cfg.vit_max_patches_per_side)
     with torch.no_grad():
@@ -79,9 +77,10 @@ def test_cached_replay_equals_forward_and_official(tiny, name, text_by_token):
                 if it["type"] == "vae_image" and it.get("loss"):
                     rows = [row_of_latent[int(j)] for j in idx[1:-1]]
                     v = sample.velocity(bagel, cache, out["x_t"][rows], out["t"][rows[0]], data.vae_grid(it), special)
-                    torch.testing.assert_close(v, out["mse_pred"][[mse_row[int(j)] for j in idx[1:-1]]], **SAME)
-                    torch.testing.assert_close(v, E[f"{name}.mse_pred"][[mse_row[int(j)] for j in idx[1:-1]]],
-                                               **GOLDEN)
+                    mse = [mse_row[int(j)] for j in idx[1:-1]]
+                    torch.testing.assert_close(v, out["mse_pred"][mse], **SAME)
+                    if golden:
+                        torch.testing.assert_close(v, golden[f"{name}.mse_pred"][mse], **GOLDEN)
                 elif it["type"] == "text" and text_by_token:
                     ids = [special["im_start"]] + list(it["ids"]) + [special["im_end"]]
                     got = torch.stack([sample.feed_token(bagel, cache, t) for t in ids])
@@ -89,9 +88,52 @@ def test_cached_replay_equals_forward_and_official(tiny, name, text_by_token):
                 else:
                     h = sample.prefill(bagel, cache, [it], special)
                     torch.testing.assert_close(h, out["hidden"][idx], **SAME)
-                    torch.testing.assert_close(h, E[f"{name}.hidden"][idx], **GOLDEN)
+                    if golden:
+                        torch.testing.assert_close(h, golden[f"{name}.hidden"][idx], **GOLDEN)
             checked += len(idx)
     assert checked == pack.num_tokens
+    return out
+
+
+@pytest.mark.parametrize("text_by_token", [False, True])
+@pytest.mark.parametrize("name", case_names())
+def test_cached_replay_equals_forward_and_official(tiny, name, text_by_token):
+    bagel, _, cfg, cases, tensors, E, special = tiny
+    replay(bagel, next(c for c in cases["cases"] if c["name"] == name), tensors, special, text_by_token, E)
+
+
+@pytest.fixture(scope="module")
+def tiny_nsa(tiny):
+    """The fixture model with NSA attention (the CPU torch reference) on a pattern small enough that its samples are
+    sparse; every branch live: random key/value compression, intra-block position bias and gate."""
+    bagel, _, cfg, *_ = tiny
+    pattern = dict(block_size=4, kernel_size=4, kernel_stride=2, topk=2, init_blocks=1, local_blocks=1, window_size=4)
+    net = model.Bagel(dataclasses.replace(cfg, attn_backend="nsa", nsa=pattern))
+    missing, unexpected = net.load_state_dict(bagel.state_dict(), strict=False)
+    assert not unexpected and missing and all(".attn." in k for k in missing)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in missing:
+            p = net.get_parameter(k)
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "compress" in k else 0.2))
+    return net.eval()
+
+
+@pytest.mark.parametrize("text_by_token", [False, True])
+@pytest.mark.parametrize("name", case_names())
+def test_nsa_cached_replay_equals_forward(tiny, tiny_nsa, name, text_by_token):
+    """NSA through the KV cache (compressed keys, selected blocks and the sliding window over the cached tokens) equals
+    the uncached forward; and its attention differs from dense attention on these samples by far more than the
+    tolerance, so a cache that got the compressed keys, the blocks or the window wrong could not pass."""
+    bagel, _, _, cases, tensors, _, special = tiny
+    case = next(c for c in cases["cases"] if c["name"] == name)
+    out = replay(tiny_nsa, case, tensors, special, text_by_token)
+    pack = data.pack_samples(fixture_samples(case, tensors), special, bagel.cfg.max_latent_size,
+                             bagel.cfg.vit_max_patches_per_side)
+    dense = model.Bagel(bagel.cfg).eval()
+    dense.load_state_dict({k: v for k, v in tiny_nsa.state_dict().items() if ".attn." not in k})
+    with torch.no_grad():
+        assert (out["hidden"] - inspect_forward(dense, pack, case["timestep_shift"])["hidden"]).abs().max() > 1e-2
 
 
 def test_greedy_text_matches_uncached_argmax(tiny):
@@ -252,6 +294,20 @@ def test_command_line(tiny, tmp_path, capsys):
     sample.main(args + ["--prompt", "what is it?", "--image", str(tmp_path / "grid.png"), "--understand",
                         "--max-new-tokens", "4"])
     assert capsys.readouterr().out.strip()
+    # input image sizes for small models: the 64x32 grid edited at sides 16..32 (VAE) and 28 (ViT) is 32x16
+    sample.main(args + ["--prompt", "make it blue", "--image", str(tmp_path / "grid.png"), "--image-size", "16", "32",
+                        "--vit-size", "28", "--out", str(tmp_path / "edit.png")])
+    grid = Image.open(tmp_path / "grid.png")
+    edit = sample.generate_image(bagel, vae, data.tiny_tokenizer(), "make it blue", image=grid, num_timesteps=3,
+                                 vae_size=(16, 32), vit_size=(28, 28))
+    assert edit.size == (32, 16) and np.array_equal(np.asarray(Image.open(tmp_path / "edit.png")), np.asarray(edit))
+    capsys.readouterr()
+    sample.main(args + ["--prompt", "what is it?", "--image", str(tmp_path / "grid.png"), "--understand",
+                        "--max-new-tokens", "4", "--vit-size", "28"])
+    assert capsys.readouterr().out.strip() == sample.answer(bagel, vae, data.tiny_tokenizer(), "what is it?", [grid],
+                                                            max_new_tokens=4, vit_size=(28, 28))
+    with pytest.raises(SystemExit):
+        sample.main(args + ["--prompt", "x", "--vit-size", "28", "56", "84"])
 
 
 def fsdp_rank(rank, world, init_file):
