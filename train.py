@@ -407,19 +407,24 @@ def save_checkpoint(run, ckpt_dir, step, extra):
     every rank with one message that says which checkpoint is kept; the partial folder is removed."""
     final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
+    ready = [""]
     if run.master:
-        for name in os.listdir(ckpt_dir):
-            if name.endswith((".tmp", ".del")):
-                shutil.rmtree(os.path.join(ckpt_dir, name))
-        os.makedirs(tmp)
-    dist.barrier()
-    error, files = "", {}
+        try:
+            for name in os.listdir(ckpt_dir):
+                if name.endswith((".tmp", ".del")):  # what killed saves left
+                    shutil.rmtree(os.path.join(ckpt_dir, name))
+            os.makedirs(tmp)
+        except OSError as e:
+            ready = [cause(e)]
+    dist.broadcast_object_list(ready, src=0)  # and no rank writes into tmp before it is made
+    error, files = ready[0], {}
     try:
-        model_sd, optim_sd = get_state_dict(run.model, run.opt)
-        dcp.save({"model": model_sd, "optim": optim_sd, "ema": run.ema}, checkpoint_id=tmp)  # fsyncs its files
-        with open(os.path.join(tmp, f"rank_{run.rank:05d}.pt"), "wb") as f:
-            torch.save(extra, f)
-            durable(f)
+        if not error:
+            model_sd, optim_sd = get_state_dict(run.model, run.opt)
+            dcp.save({"model": model_sd, "optim": optim_sd, "ema": run.ema}, checkpoint_id=tmp)  # fsyncs its files
+            with open(os.path.join(tmp, f"rank_{run.rank:05d}.pt"), "wb") as f:
+                torch.save(extra, f)
+                durable(f)
     except (Exception, CheckpointException) as e:
         error = cause(e)
     dist.barrier()  # all files written before any is hashed
@@ -474,10 +479,13 @@ def step_of(name):
 
 
 def durable(f):
-    """fsync an open file, or a folder (its renames) by path."""
+    """fsync an open file, or a folder's renames by its path (where the filesystem can)."""
     if isinstance(f, str):
         fd = os.open(f, os.O_RDONLY)
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError:  # some network filesystems refuse fsync on a folder
+            pass
         os.close(fd)
     else:
         f.flush()
@@ -577,7 +585,7 @@ class MetadataUnpickler(pickle.Unpickler):
     """DCP's .metadata is a pickle, and DCP reads it with pickle.load, which calls whatever a crafted file names. This
     resolves only what the metadata holds: the classes of DCP's metadata module, its file index, torch's Size, dtypes
     and layouts, and the checkpoint path."""
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
                ("pathlib._local", "PosixPath")}
 
@@ -618,18 +626,11 @@ class CheckpointPlanner(DefaultLoadPlanner):
 
 def trim_metrics(path, step):
     """metrics.jsonl keeps its rows up to `step`, the step resumed from: later steps are done again and logged again.
-    A row cut short by a kill goes too."""
+    A row cut short by a kill (no newline) goes too."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError):
-            pass
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)

@@ -299,6 +299,7 @@ def test_bad_config_values_stop_before_anything_starts(arg, message):
         train.load_config([arg])
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP without a process group: one process
 def test_crafted_checkpoint_pickles_are_refused_not_run(tmp_path):
     """DCP reads .metadata with pickle.load and non-tensor values with torch.load(weights_only=False): either runs
     code a crafted file names. Through CheckpointReader and CheckpointPlanner (what resume uses) both are refused;
