@@ -506,8 +506,9 @@ def hashed_by(name, world):
 
 
 def hash_files(folder, rank, world):
-    """{name: [bytes, sha256]} of this rank's share of a folder's files. sha256: ~1.1 GB/s on one core with SHA-NI
-    (blake2b 1.0, md5 0.7 here), and `sha256sum` can check a manifest by hand."""
+    """{name: [bytes, sha256]} of this rank's share of a folder's files. sha256: the fastest cryptographic hash in
+    the standard library on CPUs with SHA-NI (~1 GB/s a core), and `sha256sum` checks a manifest by hand; its cost
+    against the save: notes/checkpoints.md."""
     return {n: [os.path.getsize(os.path.join(folder, n)), sha256(os.path.join(folder, n))]
             for n in sorted(os.listdir(folder)) if hashed_by(n, world) == rank}
 
@@ -916,9 +917,6 @@ def main(argv):
     preemption, Ctrl-C) on any rank: every rank finishes the step, saves, and exits 0."""
     config = load_config(argv)
     out_lock = lock_out_dir(config["out_dir"]) if os.environ.get("RANK", "0") == "0" else None  # held to the end
-    signals = []
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda n, frame: signals.append(signal.Signals(n).name))
     run = build(config)
     log, master, device, world = run.log, run.master, run.device, run.world
 
@@ -953,6 +951,9 @@ def main(argv):
         wandb.init(project=config["wandb_project"], config=config, dir=config["out_dir"], resume="allow")
     peak = peak_flops(device, config["peak_tflops"])
     window_time, window_tokens, window_flops = 0.0, 0, 0
+    signals = []  # while training (not while building or exporting), a signal asks the loop to save and stop
+    default = {sig: signal.signal(sig, lambda number, frame: signals.append(signal.Signals(number).name))
+               for sig in (signal.SIGTERM, signal.SIGINT)}
     while step < config["max_steps"]:
         t0 = time.time()
         packs = [loader.next_pack() for _ in range(config["grad_accum"])]
@@ -1003,6 +1004,8 @@ def main(argv):
             log(f"{' '.join(signals) or 'a signal on another rank'}: saved step {step} and stopped; the same command "
                 f"resumes")
             break
+    for sig, handler in default.items():
+        signal.signal(sig, handler)
     if step >= config["max_steps"]:
         export(run)
     if master:

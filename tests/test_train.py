@@ -1,6 +1,9 @@
-"""train.py: world sizes and accumulation agree, kill + resume continues the curve, atomic checkpoints,
-non-finite steps, config handling, and the FLOP count against torch's own counter."""
+"""train.py: world sizes and accumulation agree; kill, a crash at any point of a save, a damaged checkpoint, a full
+disk and a preempting signal all resume to the uninterrupted curve; one trainer per out_dir; crafted checkpoint
+pickles are refused; a changed dataset and non-finite steps are explained; config values are checked; the FLOP
+count against torch's own counter."""
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -22,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import data
 import model as M
 import train
+from conftest import NO_DROPOUT
 from train_harness import synthetic_samples
 
 ROOT = Path(__file__).parent.parent
@@ -88,15 +92,15 @@ def test_ce_loss_reweighting_is_global_too(tmp_path):
     assert one[1]["mse"] == curve(tmp_path / "plain")[1]["mse"]
 
 
+SAVE_EVERY_STEP = ("--max_steps=6", "--save_steps=1", "--keep_checkpoints=2")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted run (saving every step, keeping 2), the curve the interrupted runs must reproduce."""
     out = tmp_path_factory.mktemp("reference")
     run(out, *SAVE_EVERY_STEP)
     return out
-
-
-SAVE_EVERY_STEP = ("--max_steps=6", "--save_steps=1", "--keep_checkpoints=2")
 
 
 def assert_reproduces(reference, out):
@@ -352,6 +356,49 @@ def test_a_changed_dataset_on_resume_says_what_changed(tmp_path, reference):
     proc = run(out, "--max_steps=8", fewer, "--resume_data_order=False")
     assert f"resume_data_order=False: the data order restarts from seed {train.DEFAULTS['seed'] + 6}" in proc.stdout
     assert sorted(curve(out)) == list(range(1, 9))
+
+
+def test_resume_data_turns_a_shrunk_dataset_into_one_message():
+    """With the real loader: a source that shrank under a saved data order ends in an IndexError deep in the source
+    order at the first pack; resume_data says what changed before that, and how to go on."""
+    tok = data.tiny_tokenizer()
+    loader = lambda rows: data.Loader([data.Source(num_rows=rows)], tok, 1024, NO_DROPOUT)
+    before = loader(20)
+    for _ in range(3):
+        before.next_pack()
+    saved = {"loader": before.state_dict(), "data": train.data_rows(before)}
+    assert saved["loader"]["positions"][0][1] >= 10  # the cursor is past the end of a 10-row source
+    shrunk = loader(10)
+    shrunk.load_state_dict(saved["loader"])
+    with pytest.raises(IndexError):
+        shrunk.next_pack()
+    with pytest.raises(SystemExit, match=re.escape("the data changed since ckpt (source shapes: 20 -> 10 rows)")):
+        train.resume_data(loader(10), saved, "ckpt")
+    same = loader(20)
+    train.resume_data(same, saved, "ckpt")
+    assert same.state_dict() == saved["loader"]
+
+
+def test_damage_names_the_bad_file(tmp_path):
+    """A checkpoint's files against its manifest: intact, then each kind of damage named with its file."""
+    files = {"__0_0.distcp": os.urandom(5000), "rank_00000.pt": os.urandom(300), ".metadata": os.urandom(700)}
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    manifest = train.hash_files(str(tmp_path), 0, 1)
+    assert manifest == {n: [len(raw), hashlib.sha256(raw).hexdigest()] for n, raw in files.items()}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": manifest}))
+    assert train.damage(str(tmp_path), 0, 1) == ""
+    assert train.damage(str(tmp_path), 1, 2) == ""  # rank 1 of 2 has no file of rank 0's
+    raw = bytearray(files["__0_0.distcp"])
+    raw[1234] ^= 0x10
+    (tmp_path / "__0_0.distcp").write_bytes(bytes(raw))
+    assert train.damage(str(tmp_path), 0, 1) == "__0_0.distcp does not match its sha256 in the manifest"
+    (tmp_path / "__0_0.distcp").write_bytes(files["__0_0.distcp"][:4096])  # a write cut short
+    assert train.damage(str(tmp_path), 0, 1) == "__0_0.distcp has 4096 bytes, the manifest says 5000"
+    (tmp_path / "__0_0.distcp").unlink()
+    assert train.damage(str(tmp_path), 0, 1) == "__0_0.distcp is missing"
+    (tmp_path / "manifest.json").write_text('{"files": {"x": ')
+    assert train.damage(str(tmp_path), 0, 1).startswith("manifest.json unreadable (JSONDecodeError")
 
 
 def test_flop_count_matches_torch_flop_counter():
