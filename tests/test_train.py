@@ -379,6 +379,23 @@ def test_resume_data_turns_a_shrunk_dataset_into_one_message():
     assert same.state_dict() == saved["loader"]
 
 
+def test_commit_replaces_a_step_saved_again_and_prunes(tmp_path):
+    """commit, rank 0's end of a save, on folders alone: the step saved again (over a damaged folder that resume
+    passed over) replaces it; the `keep` newest up to this step stay, older ones and later (damaged) ones go."""
+    for step in range(1, 5):
+        (tmp_path / f"step_{step:07d}").mkdir()
+        (tmp_path / f"step_{step:07d}/old").write_text("")
+    tmp = tmp_path / "step_0000003.tmp"
+    tmp.mkdir()
+    (tmp / "new").write_text("")
+    manifest = {"step": 3, "files": {"new": [0, hashlib.sha256(b"").hexdigest()]}}
+    train.commit(str(tmp), str(tmp_path / "step_0000003"), manifest, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step_0000002", "step_0000003"]
+    assert sorted(os.listdir(tmp_path / "step_0000003")) == ["manifest.json", "new"]
+    assert json.loads((tmp_path / "step_0000003/manifest.json").read_text()) == manifest
+    assert train.damage(str(tmp_path / "step_0000003"), 0, 1) == ""
+
+
 def test_damage_names_the_bad_file(tmp_path):
     """A checkpoint's files against its manifest: intact, then each kind of damage named with its file."""
     files = {"__0_0.distcp": os.urandom(5000), "rank_00000.pt": os.urandom(300), ".metadata": os.urandom(700)}
