@@ -69,7 +69,7 @@ DEFAULTS = dict(
     seed=1234,
     resume_data_order=True,       # False: a resume restarts the data order from seed + step (after the data changed)
     # optimisation
-    max_steps=1000, grad_accum=1,
+    max_steps=1000, grad_accum=1,  # max_steps=0 exports the initial weights
     lr=1e-4, min_lr=1e-7, warmup_steps=100, lr_schedule="constant",
     beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0,
     ce_weight=1.0, mse_weight=1.0, timestep_shift=1.0,
@@ -111,9 +111,9 @@ CHOICES = dict(model=("tiny", "7b"), init_weights=("ema", "model"), lr_schedule=
                activation_checkpointing=("none", "full", "selective"), export_dtype=("fp32", "bf16"))
 
 RANGES = [  # (keys, test, what the test says)
-    (("max_steps", "grad_accum", "packing_length", "max_bad_steps", "checkpoint_every", "lora_rank", "log_every",
+    (("grad_accum", "packing_length", "max_bad_steps", "checkpoint_every", "lora_rank", "log_every",
       "save_steps", "keep_checkpoints", "sample_steps", "sample_size"), lambda v: v >= 1, ">= 1"),
-    (("lr", "min_lr", "warmup_steps", "eps", "weight_decay", "max_grad_norm", "ce_weight", "mse_weight",
+    (("max_steps", "lr", "min_lr", "warmup_steps", "eps", "weight_decay", "max_grad_norm", "ce_weight", "mse_weight",
       "peak_tflops", "sample_every", "sample_cfg"), lambda v: v >= 0, ">= 0"),
     (("timestep_shift", "lora_alpha"), lambda v: v > 0, "> 0"),
     (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -163,9 +163,12 @@ def set_key(config, key, value, where):
 
 
 def typed(what, value, want):
-    """value as a `want` (ints pass as floats, bools never as ints), or a SystemExit naming `what`."""
+    """value as a `want` (ints pass as floats and lists as tuples; bools never as ints), or a SystemExit naming
+    `what`."""
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if want is tuple and isinstance(value, list):
+        return tuple(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise SystemExit(f"{what} must be {getattr(want, '__name__', want)}, got {value!r}")
     return value
