@@ -113,8 +113,8 @@ CHOICES = dict(model=("tiny", "7b"), init_weights=("ema", "model"), lr_schedule=
 RANGES = [  # (keys, test, what the test says)
     (("grad_accum", "packing_length", "max_bad_steps", "checkpoint_every", "lora_rank", "log_every",
       "save_steps", "keep_checkpoints", "sample_steps", "sample_size"), lambda v: v >= 1, ">= 1"),
-    (("max_steps", "lr", "min_lr", "warmup_steps", "eps", "weight_decay", "max_grad_norm", "ce_weight", "mse_weight",
-      "peak_tflops", "sample_every", "sample_cfg"), lambda v: v >= 0, ">= 0"),
+    (("max_steps", "fsdp_shard_size", "lr", "min_lr", "warmup_steps", "eps", "weight_decay", "max_grad_norm",
+      "ce_weight", "mse_weight", "peak_tflops", "sample_every", "sample_cfg"), lambda v: v >= 0, ">= 0"),
     (("timestep_shift", "lora_alpha"), lambda v: v > 0, "> 0"),
     (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"), lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,31 +24,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 import data
 import model as M
 import train
-from conftest import NO_DROPOUT
+from conftest import COMMON, HARNESS, NO_DROPOUT, ROOT, curve, run_training
 from train_harness import synthetic_samples
-
-ROOT = Path(__file__).parent.parent
-HARNESS = str(Path(__file__).parent / "train_harness.py")
-COMMON = ["--log_every=1", "--warmup_steps=2", "--ema=0.9", "--model_args={'vocab_size':512}", "--lr=1e-3"]
-
-
-def run(out_dir, *args, nproc=1, env=None, check=True):
-    cmd = [sys.executable, HARNESS] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), HARNESS]
-    proc = subprocess.run(cmd + COMMON + [f"--out_dir={out_dir}", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
-    return proc
-
-
-def curve(out_dir):
-    """{step: metrics}. Each step has one row: a resume replaces the rows of the steps it does again."""
-    rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
-    steps = [r["step"] for r in rows]
-    assert len(set(steps)) == len(steps), steps
-    return {r["step"]: r for r in rows}
-
 
 def assert_same_curve(a, b, steps, exact=True):
     for s in steps:
@@ -63,8 +39,8 @@ def assert_same_curve(a, b, steps, exact=True):
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     """1 process x 2 micro-steps and 2 processes (FSDP2 over gloo) x 1 see the same packs each step: the losses
     and gradient norms must agree. A rank-local mean or gloo's AVG-sums bug (pytorch#162338) breaks this."""
-    run(tmp_path / "one", "--grad_accum=2", "--max_steps=4")
-    run(tmp_path / "two", "--grad_accum=1", "--max_steps=4", nproc=2)
+    run_training(tmp_path / "one", "--grad_accum=2", "--max_steps=4")
+    run_training(tmp_path / "two", "--grad_accum=1", "--max_steps=4", nproc=2)
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert_same_curve(one, two, range(1, 5), exact=False)
     assert one[4]["loss"] != one[1]["loss"]  # it trained
@@ -80,9 +56,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
 def test_ce_loss_reweighting_is_global_too(tmp_path):
     """The official 1/sqrt(len) CE weighting: normalised by the global weight sum, so world sizes still agree;
     and the logged CE is the weighted mean, not the plain one."""
-    run(tmp_path / "one", "--grad_accum=2", "--max_steps=2", "--ce_loss_reweighting=True")
-    run(tmp_path / "two", "--grad_accum=1", "--max_steps=2", "--ce_loss_reweighting=True", nproc=2)
-    run(tmp_path / "plain", "--grad_accum=2", "--max_steps=1")
+    run_training(tmp_path / "one", "--grad_accum=2", "--max_steps=2", "--ce_loss_reweighting=True")
+    run_training(tmp_path / "two", "--grad_accum=1", "--max_steps=2", "--ce_loss_reweighting=True", nproc=2)
+    run_training(tmp_path / "plain", "--grad_accum=2", "--max_steps=1")
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert_same_curve(one, two, [1, 2], exact=False)
     special = data.tiny_tokenizer().special  # step 1 sees the harness's packs 0 and 1
@@ -99,7 +75,7 @@ SAVE_EVERY_STEP = ("--max_steps=6", "--save_steps=1", "--keep_checkpoints=2")
 def reference(tmp_path_factory):
     """One uninterrupted run (saving every step, keeping 2), the curve the interrupted runs must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    run(out, *SAVE_EVERY_STEP)
+    run_training(out, *SAVE_EVERY_STEP)
     return out
 
 
@@ -126,7 +102,7 @@ def test_sigkill_resumes_the_same_curve(tmp_path, reference):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run(killed, "--max_steps=6", "--save_steps=2")
+    run_training(killed, "--max_steps=6", "--save_steps=2")
     assert_reproduces(reference, killed)
 
 
@@ -157,50 +133,50 @@ def test_a_crash_at_any_point_of_a_save_resumes_the_same_curve(tmp_path, referen
             raw = bytearray(data_file.read_bytes())
             raw[len(raw) // 2] ^= 1
             data_file.write_bytes(bytes(raw))
-        proc = run(out, *SAVE_EVERY_STEP, env={"CRASH_AT": fault}, check=False)
+        proc = run_training(out, *SAVE_EVERY_STEP, env={"CRASH_AT": fault}, check=False)
         assert proc.returncode == 9, (fault, proc.stdout[-2000:] + proc.stderr[-2000:])
         assert (resumed_from(proc) if resumed else re.search("resumed from", proc.stdout)) == resumed, fault
         assert left(), (fault, sorted(os.listdir(ckpt)))
         if fault.startswith("set_aside"):
             assert f"step_0000003 is damaged: {dcp_files[-1]} does not match its sha256" in proc.stdout
-    proc = run(out, *SAVE_EVERY_STEP)
+    proc = run_training(out, *SAVE_EVERY_STEP)
     assert resumed_from(proc) == "step_0000002"
     assert sorted(os.listdir(ckpt)) == ["step_0000005", "step_0000006"]
     assert_reproduces(reference, out)
 
 
 def test_disk_full_during_a_save_says_which_checkpoint_is_kept(tmp_path, reference):
-    proc = run(tmp_path, "--max_steps=6", "--save_steps=2", env={"DISK_FULL_AT": "4"}, check=False)
+    proc = run_training(tmp_path, "--max_steps=6", "--save_steps=2", env={"DISK_FULL_AT": "4"}, check=False)
     assert proc.returncode != 0
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith(f"saving {tmp_path}/checkpoints/step_0000004 failed: OSError: [Errno {errno.ENOSPC}] ")
     assert f"Kept: {tmp_path}/checkpoints/step_0000002;" in message and "GiB free" in message
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000002"]  # the partial save is gone
-    assert resumed_from(run(tmp_path, "--max_steps=6", "--save_steps=2")) == "step_0000002"
+    assert resumed_from(run_training(tmp_path, "--max_steps=6", "--save_steps=2")) == "step_0000002"
     assert_reproduces(reference, tmp_path)
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, reference):
     """A real SIGTERM, sent while step 3 loads its data: step 3 completes, is saved, the process exits 0 without
     an export; the same command resumes to the uninterrupted curve."""
-    proc = run(tmp_path, "--max_steps=6", "--save_steps=100", env={"SIGNAL_AT": "SIGTERM@3"})
+    proc = run_training(tmp_path, "--max_steps=6", "--save_steps=100", env={"SIGNAL_AT": "SIGTERM@3"})
     assert "SIGTERM: saved step 3 and stopped" in proc.stdout
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000003"] and not (tmp_path / "export").exists()
     assert max(curve(tmp_path)) == 3
-    assert resumed_from(run(tmp_path, "--max_steps=6", "--save_steps=100")) == "step_0000003"
+    assert resumed_from(run_training(tmp_path, "--max_steps=6", "--save_steps=100")) == "step_0000003"
     assert_reproduces(reference, tmp_path)
 
 
 def test_sigint_on_one_of_two_ranks_stops_both_after_the_same_step(tmp_path):
     """Ctrl-C reaches rank 1 only: the all-reduced stop flag makes rank 0 stop after the same step, both save their
     shards and exit 0 (torchrun's exit code is its workers'), and the resume continues the 2-process curve."""
-    run(tmp_path / "ref", "--max_steps=4", "--save_steps=100", nproc=2)
+    run_training(tmp_path / "ref", "--max_steps=4", "--save_steps=100", nproc=2)
     out = tmp_path / "stopped"
-    proc = run(out, "--max_steps=4", "--save_steps=100", nproc=2, env={"SIGNAL_AT": "SIGINT@2@1"})
+    proc = run_training(out, "--max_steps=4", "--save_steps=100", nproc=2, env={"SIGNAL_AT": "SIGINT@2@1"})
     assert "a signal on another rank: saved step 2 and stopped" in proc.stdout
     assert sorted(f for f in os.listdir(out / "checkpoints/step_0000002") if f.startswith("rank_")) == [
         f"rank_{r:05d}.pt" for r in range(2)]
-    assert resumed_from(run(out, "--max_steps=4", "--save_steps=100", nproc=2)) == "step_0000002"
+    assert resumed_from(run_training(out, "--max_steps=4", "--save_steps=100", nproc=2)) == "step_0000002"
     assert_same_curve(curve(tmp_path / "ref"), curve(out), range(1, 5))
 
 
@@ -216,7 +192,7 @@ def test_a_second_trainer_on_the_same_out_dir_stops_at_once(tmp_path):
         while not (tmp_path / "train.lock").exists() or not (tmp_path / "train.lock").read_text().endswith("\n"):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        second = run(tmp_path, "--max_steps=2", check=False)
+        second = run_training(tmp_path, "--max_steps=2", check=False)
         assert second.returncode != 0 and "parameters:" not in second.stdout
         assert f"{tmp_path} is in use by another trainer (pid {first.pid} on {socket.gethostname()})" in second.stderr
         assert first.poll() is None  # untouched
@@ -227,25 +203,25 @@ def test_a_second_trainer_on_the_same_out_dir_stops_at_once(tmp_path):
 
 def test_resume_on_a_different_world_size(tmp_path):
     """Save on 2 processes, resume on 1 with 2 micro-steps: model, optimiser and EMA reshard, the curve goes on."""
-    run(tmp_path / "ref", "--grad_accum=1", "--max_steps=4", "--save_steps=2", nproc=2)
-    run(tmp_path / "mix", "--grad_accum=1", "--max_steps=2", "--save_steps=2", nproc=2)
-    run(tmp_path / "mix", "--grad_accum=2", "--max_steps=4", "--save_steps=2")
+    run_training(tmp_path / "ref", "--grad_accum=1", "--max_steps=4", "--save_steps=2", nproc=2)
+    run_training(tmp_path / "mix", "--grad_accum=1", "--max_steps=2", "--save_steps=2", nproc=2)
+    run_training(tmp_path / "mix", "--grad_accum=2", "--max_steps=4", "--save_steps=2")
     assert_same_curve(curve(tmp_path / "ref"), curve(tmp_path / "mix"), range(1, 5), exact=False)
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    proc = run(tmp_path / "a", "--max_steps=4", env={"NAN_STEPS": "1"})
+    proc = run_training(tmp_path / "a", "--max_steps=4", env={"NAN_STEPS": "1"})
     rows = curve(tmp_path / "a")
     assert rows[2]["skipped"] == 1 and rows[4]["skipped"] == 1 and "step skipped" in proc.stdout
     # poisoned data: the message names the non-finite loss term and says the weights are finite
-    proc = run(tmp_path / "b", "--max_steps=6", "--max_bad_steps=3", env={"NAN_STEPS": "1,2,3"}, check=False)
+    proc = run_training(tmp_path / "b", "--max_steps=6", "--max_bad_steps=3", env={"NAN_STEPS": "1,2,3"}, check=False)
     message = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and message.startswith("3 non-finite steps in a row (the last: ")
     assert "mse nan" in message.split("):")[0]
     assert "the weights are finite: check these steps' data" in message
     # a NaN weight (as a NaN checkpoint would bring): named
     weight = next(k for k in load_file(str(tmp_path / "a/export/model.safetensors")) if k.startswith("layers."))
-    proc = run(tmp_path / "c", "--max_steps=6", "--max_bad_steps=2", env={"NAN_WEIGHT": weight}, check=False)
+    proc = run_training(tmp_path / "c", "--max_steps=6", "--max_bad_steps=2", env={"NAN_WEIGHT": weight}, check=False)
     message = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and message.startswith("2 non-finite steps in a row")
     assert f"weight {weight} is not finite" in message
@@ -348,12 +324,12 @@ def test_a_changed_dataset_on_resume_says_what_changed(tmp_path, reference):
     shutil.copytree(reference, out)
     rows = len(data.Source(**train.DEFAULTS["sources"][0]))
     fewer = f"--sources=[{{'path': 'shapes', 'num_rows': {rows // 20}}}]"
-    proc = run(out, "--max_steps=8", fewer, check=False)
+    proc = run_training(out, "--max_steps=8", fewer, check=False)
     message = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and message.startswith(
         f"the data changed since {out}/checkpoints/step_0000006 (source shapes: {rows} -> {rows // 20} rows)")
     assert "resume with --resume_data_order=False" in message
-    proc = run(out, "--max_steps=8", fewer, "--resume_data_order=False")
+    proc = run_training(out, "--max_steps=8", fewer, "--resume_data_order=False")
     assert f"resume_data_order=False: the data order restarts from seed {train.DEFAULTS['seed'] + 6}" in proc.stdout
     assert sorted(curve(out)) == list(range(1, 9))
 
@@ -462,7 +438,8 @@ def test_tiny_config_learns(tmp_path):
 def test_training_runs_with_nsa_attention(tmp_path):
     """attn_backend="nsa" end to end through FSDP2, checkpoint and export (CPU: NSA's torch reference)."""
     nsa = "{'block_size':16,'kernel_size':16,'kernel_stride':8,'topk':2,'init_blocks':1,'local_blocks':1,'window_size':8}"
-    run(tmp_path, "--max_steps=3", "--save_steps=3", f"--model_args={{'vocab_size':512,'attn_backend':'nsa','nsa':{nsa}}}")
+    run_training(tmp_path, "--max_steps=3", "--save_steps=3",
+                 f"--model_args={{'vocab_size':512,'attn_backend':'nsa','nsa':{nsa}}}")
     rows = curve(tmp_path)
     assert all(r["loss"] == r["loss"] and r["skipped"] == 0 for r in rows.values())
     exported = load_file(str(tmp_path / "export/model.safetensors"))
@@ -472,11 +449,11 @@ def test_training_runs_with_nsa_attention(tmp_path):
 def test_init_from_checkpoint_loads_sharded_exactly(tmp_path):
     """Start 2 processes from a finished run's export (each rank reads its own shards): with lr 0 the weights
     come out bit-identical, and the first loss equals a single process started from the same folder."""
-    run(tmp_path / "a", "--max_steps=2")
+    run_training(tmp_path / "a", "--max_steps=2")
     src = tmp_path / "a/export"
     args = (f"--init_from={src}", "--init_weights=model", "--lr=0.0", "--ema=0.0", "--max_steps=1")
-    run(tmp_path / "b", *args, nproc=2)
-    run(tmp_path / "c", "--grad_accum=2", *args)
+    run_training(tmp_path / "b", *args, nproc=2)
+    run_training(tmp_path / "c", "--grad_accum=2", *args)
     a, b = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "b/export/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert_same_curve(curve(tmp_path / "b"), curve(tmp_path / "c"), [1], exact=False)
