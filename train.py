@@ -360,8 +360,8 @@ def peak_flops(device, configured_tflops):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state, and manifest.json
-# (step, world size, config, every file's size and sha256), written last. A save fills step_N.tmp and renames it
+# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state, and the manifest,
+# train_state.json (step, world size, config, every file's size and sha256), written last. A save fills step_N.tmp and renames it
 # step_N once the manifest is in, so a step_N folder is complete unless its files stopped matching the manifest.
 # Resume takes the newest step_N whose files match (each rank hashes a share) and falls back past damaged ones,
 # naming the bad file: a crash at any point of a save, or a full disk, leaves the earlier checkpoints usable.
@@ -369,6 +369,7 @@ def peak_flops(device, configured_tflops):
 # One trainer per out_dir (lock_out_dir), so what killed saves left (.tmp, .del) is cleared at the next save.
 
 STEP_DIR = re.compile(r"step_(\d+)")
+MANIFEST = "train_state.json"  # also what convert.py reads a step_N folder's config from
 
 
 def lock_out_dir(out_dir):
@@ -460,7 +461,7 @@ def commit(tmp, final, manifest, keep):
     """Rank 0 makes a written step_N.tmp the checkpoint step_N: the manifest last (the mark of a complete folder),
     then the rename. An existing step_N (a damaged one that resume passed over) is set aside first. Then the `keep`
     newest checkpoints up to this step stay; later ones are ones resume found damaged."""
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, default=str)
         durable(f)
     if os.path.isdir(final):
@@ -527,10 +528,10 @@ def sha256(path):
 def damage(folder, rank, world):
     """What is wrong with this rank's share of a checkpoint's files ("" if they match the manifest)."""
     try:
-        with open(os.path.join(folder, "manifest.json")) as f:
+        with open(os.path.join(folder, MANIFEST)) as f:
             files = {name: (int(size), str(digest)) for name, (size, digest) in json.load(f)["files"].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"manifest.json unreadable ({type(e).__name__}: {e})"
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
     for name, (size, digest) in sorted(files.items()):
         path = os.path.join(folder, name)
         if hashed_by(name, world) != rank:
@@ -578,7 +579,7 @@ def load_checkpoint(path, run):
     except (Exception, CheckpointException) as e:
         raise SystemExit(f"cannot load {path}: {cause(e)}")
     set_state_dict(run.model, run.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "manifest.json")) as f:
+    with open(os.path.join(path, MANIFEST)) as f:
         saved = json.load(f)
     extra_path = os.path.join(path, f"rank_{run.rank:05d}.pt")
     extra = torch.load(extra_path, weights_only=True) if saved["world_size"] == run.world else None

@@ -367,8 +367,8 @@ def test_commit_replaces_a_step_saved_again_and_prunes(tmp_path):
     manifest = {"step": 3, "files": {"new": [0, hashlib.sha256(b"").hexdigest()]}}
     train.commit(str(tmp), str(tmp_path / "step_0000003"), manifest, keep=2)
     assert sorted(os.listdir(tmp_path)) == ["step_0000002", "step_0000003"]
-    assert sorted(os.listdir(tmp_path / "step_0000003")) == ["manifest.json", "new"]
-    assert json.loads((tmp_path / "step_0000003/manifest.json").read_text()) == manifest
+    assert sorted(os.listdir(tmp_path / "step_0000003")) == sorted(["new", train.MANIFEST])
+    assert json.loads((tmp_path / "step_0000003" / train.MANIFEST).read_text()) == manifest
     assert train.damage(str(tmp_path / "step_0000003"), 0, 1) == ""
 
 
@@ -379,7 +379,7 @@ def test_damage_names_the_bad_file(tmp_path):
         (tmp_path / name).write_bytes(raw)
     manifest = train.hash_files(str(tmp_path), 0, 1)
     assert manifest == {n: [len(raw), hashlib.sha256(raw).hexdigest()] for n, raw in files.items()}
-    (tmp_path / "manifest.json").write_text(json.dumps({"files": manifest}))
+    (tmp_path / train.MANIFEST).write_text(json.dumps({"files": manifest}))
     assert train.damage(str(tmp_path), 0, 1) == ""
     assert train.damage(str(tmp_path), 1, 2) == ""  # rank 1 of 2 has no file of rank 0's
     raw = bytearray(files["__0_0.distcp"])
@@ -390,8 +390,8 @@ def test_damage_names_the_bad_file(tmp_path):
     assert train.damage(str(tmp_path), 0, 1) == "__0_0.distcp has 4096 bytes, the manifest says 5000"
     (tmp_path / "__0_0.distcp").unlink()
     assert train.damage(str(tmp_path), 0, 1) == "__0_0.distcp is missing"
-    (tmp_path / "manifest.json").write_text('{"files": {"x": ')
-    assert train.damage(str(tmp_path), 0, 1).startswith("manifest.json unreadable (JSONDecodeError")
+    (tmp_path / train.MANIFEST).write_text('{"files": {"x": ')
+    assert train.damage(str(tmp_path), 0, 1).startswith(f"{train.MANIFEST} unreadable (JSONDecodeError")
 
 
 def test_flop_count_matches_torch_flop_counter():

@@ -13,6 +13,7 @@ processes with A=1 see. Faults, by environment variable:
                          packs (rank 0 unless told)
 """
 import errno
+import inspect
 import os
 import signal
 import sys
@@ -88,7 +89,7 @@ def crash_at(point, step):
         "dcp_saved": (train.dcp, "save", lambda *a, checkpoint_id, **k: base(checkpoint_id) == final + ".tmp"),
         "rank_file_saved": (train.torch, "save", lambda obj, f, *a, **k: f"{final}.tmp{os.sep}rank_" in named(f)),
         "manifest_written": (train.json, "dump", lambda obj, f, *a, **k: named(f).endswith(
-            os.path.join(final + ".tmp", "manifest.json"))),
+            os.path.join(final + ".tmp", train.MANIFEST))),
         "set_aside": (train.os, "replace", lambda src, dst: base(src) == final and base(dst) == final + ".del"),
         "renamed": (train.os, "replace", lambda src, dst: base(src) == final + ".tmp" and base(dst) == final),
         "pruning": (train.os, "replace", lambda src, dst: renamed and base(dst).endswith(".del")),
@@ -120,6 +121,7 @@ if __name__ == "__main__":
     ACCUM = next((int(a.split("=")[1]) for a in args if a.startswith("--grad_accum=")), 1)
     SIGNAL = os.environ.get("SIGNAL_AT", "").split("@")
     SIGNAL = [SIGNAL[0], int(SIGNAL[1]), int(SIGNAL[2]) if len(SIGNAL) > 2 else 0] if SIGNAL[0] else None
+    FixedLoader.__signature__ = inspect.signature(data.Loader)  # the arguments train.py checks data_args against
     data.Loader = FixedLoader
     if os.environ.get("CRASH_AT"):
         point, step = os.environ["CRASH_AT"].split("@")
