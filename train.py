@@ -17,7 +17,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -34,9 +33,6 @@ from safetensors.torch import save_file
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -365,7 +361,7 @@ def peak_flops(device, configured_tflops):
 # step_N once the manifest is in, so a step_N folder is complete unless its files stopped matching the manifest.
 # Resume takes the newest step_N whose files match (each rank hashes a share) and falls back past damaged ones,
 # naming the bad file: a crash at any point of a save, or a full disk, leaves the earlier checkpoints usable.
-# DCP's pickles are read through allow-lists (CheckpointReader): a crafted file is refused, never run.
+# DCP's pickles are read through allow-lists (convert.CheckpointReader): a crafted file is refused, never run.
 # One trainer per out_dir (lock_out_dir), so what killed saves left (.tmp, .del) is cleared at the next save.
 
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -575,7 +571,7 @@ def load_checkpoint(path, run):
     model_sd, optim_sd = get_state_dict(run.model, run.opt)
     state = {"model": model_sd, "optim": optim_sd, "ema": run.ema}
     try:
-        dcp.load(state, storage_reader=CheckpointReader(path), planner=CheckpointPlanner())
+        dcp.load(state, storage_reader=convert.CheckpointReader(path), planner=convert.CheckpointPlanner())
     except (Exception, CheckpointException) as e:
         raise SystemExit(f"cannot load {path}: {cause(e)}")
     set_state_dict(run.model, run.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -584,49 +580,6 @@ def load_checkpoint(path, run):
     extra_path = os.path.join(path, f"rank_{run.rank:05d}.pt")
     extra = torch.load(extra_path, weights_only=True) if saved["world_size"] == run.world else None
     return saved["step"], extra
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle, and DCP reads it with pickle.load, which calls whatever a crafted file names. This
-    resolves only what the metadata holds: the classes of DCP's metadata module, its file index, torch's Size, dtypes
-    and layouts, and the checkpoint path."""
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-               ("pathlib._local", "PosixPath")}
-
-    def find_class(self, module, name):
-        obj = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
-        metadata_class = isinstance(obj, type) and obj.__module__ == module
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not (metadata_class or dtype or (module, name) in self.ALLOWED):
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata: refusing a "
-                                         f"crafted or foreign file")
-        return super().find_class(module, name)
-
-
-class CheckpointReader(FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        with open(os.path.join(self.path, ".metadata"), "rb") as f:
-            metadata = MetadataUnpickler(f).load()
-        metadata.storage_meta = metadata.storage_meta or dcp_metadata.StorageMeta()  # as FileSystemReader's
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class CheckpointPlanner(DefaultLoadPlanner):
-    """DCP's planner unpickles non-tensor values (the optimiser's hyperparameters) with weights_only=False, which runs
-    code; here they load with weights_only=True (plain numbers, strings and containers)."""
-
-    def load_bytes(self, read_item, value):
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError:
-            raise pickle.UnpicklingError(f"checkpoint value {read_item.dest_index.fqn} is not plain data: refusing a "
-                                         f"crafted or foreign file") from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def trim_metrics(path, step):

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
+import convert
 import data
 import model as M
 import train
@@ -282,19 +283,24 @@ def test_bad_config_values_stop_before_anything_starts(arg, message):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP without a process group: one process
 def test_crafted_checkpoint_pickles_are_refused_not_run(tmp_path):
     """DCP reads .metadata with pickle.load and non-tensor values with torch.load(weights_only=False): either runs
-    code a crafted file names. Through CheckpointReader and CheckpointPlanner (what resume uses) both are refused;
+    code a crafted file names. Through CheckpointReader and CheckpointPlanner (what resume, convert.py and sample.py
+    use) both are refused;
     the payloads are live (plain pickle / DCP's defaults run them), so the test can fail."""
     marker = tmp_path / "ran"
     payload = pickle.dumps(Payload(f"touch {marker}"))
     state = {"w": torch.arange(6.0).view(2, 3), "hp": {"lr": 0.5, "betas": (0.9, 0.95), "params": ["w"]}}
     dcp.save(state, checkpoint_id=str(tmp_path / "ok"))
     back = {"w": torch.zeros(2, 3), "hp": {"lr": 0.0, "betas": (0.0, 0.0), "params": []}}
-    dcp.load(back, storage_reader=train.CheckpointReader(str(tmp_path / "ok")), planner=train.CheckpointPlanner())
+    dcp.load(back, storage_reader=convert.CheckpointReader(str(tmp_path / "ok")), planner=convert.CheckpointPlanner())
     assert torch.equal(back["w"], state["w"]) and back["hp"] == state["hp"]  # a real checkpoint passes
 
     (tmp_path / "ok/.metadata").write_bytes(payload)
     with pytest.raises(pickle.UnpicklingError, match="posix.system is not allowed in a checkpoint's .metadata"):
-        train.CheckpointReader(str(tmp_path / "ok")).read_metadata()
+        convert.CheckpointReader(str(tmp_path / "ok")).read_metadata()
+    assert not marker.exists()
+    (tmp_path / "ok/train_state.json").write_text(json.dumps({"step": 1}))  # convert.py / sample.py read it too
+    with pytest.raises(convert.CheckpointError, match="posix.system is not allowed"):
+        convert.DCPWeights(str(tmp_path / "ok"), ema=None, lora_alpha=1.0)
     assert not marker.exists()
     pickle.loads(payload)
     assert marker.exists()
@@ -302,8 +308,8 @@ def test_crafted_checkpoint_pickles_are_refused_not_run(tmp_path):
 
     dcp.save({"hp": {"lr": Payload(f"touch {marker}")}}, checkpoint_id=str(tmp_path / "bytes"))
     with pytest.raises(CheckpointException, match="checkpoint value hp.lr is not plain data"):
-        dcp.load({"hp": {"lr": 0.0}}, storage_reader=train.CheckpointReader(str(tmp_path / "bytes")),
-                 planner=train.CheckpointPlanner())
+        dcp.load({"hp": {"lr": 0.0}}, storage_reader=convert.CheckpointReader(str(tmp_path / "bytes")),
+                 planner=convert.CheckpointPlanner())
     assert not marker.exists()
     dcp.load({"hp": {"lr": 0.0}}, checkpoint_id=str(tmp_path / "bytes"))
     assert marker.exists()
