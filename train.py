@@ -74,7 +74,7 @@ DEFAULTS = dict(
     ema=0.9999,                   # EMA decay; 0 turns the EMA off
     # what trains
     freeze_vit=False, freeze_connector=False, freeze_llm=False, freeze_und=False,
-    visual_und=True,              # False: ViT and connector frozen and never run; ViT tokens are zero vectors (official)
+    visual_und=True,              # False: ViT and connector frozen and never run; ViT tokens zero vectors (official)
     visual_gen=True,              # False: the generation side frozen, and the data must have no generation target
     freeze=[],                    # extra fnmatch patterns of parameter names to freeze
     train_only=[],                # if not empty: only parameters matching these patterns train
@@ -86,8 +86,8 @@ DEFAULTS = dict(
     device="auto",
     dtype="auto",                 # compute dtype; "auto": bf16 on GPU, fp32 on CPU
     reshard_after_forward=True,
-    fsdp_shard_size=0,            # 0: shard over every rank (FSDP); N: shard inside groups of N ranks (one node), replicate
-                                  # across the groups (HSDP, for 16-64 GPUs over slower inter-node links)
+    fsdp_shard_size=0,            # 0: shard over every rank (FSDP); N: shard inside groups of N ranks (one node) and
+                                  # replicate across the groups (HSDP, for 16-64 GPUs over slower inter-node links)
     activation_checkpointing="none",  # "full": recompute each layer in backward | "selective": keep the matmul and
                                       # attention outputs, recompute norms, RoPE and activations
     checkpoint_every=1,           # checkpoint every k-th decoder layer only (layers 0, k, 2k, ...); the ViT's all
@@ -292,9 +292,10 @@ def trainable_mask(names, config):
 # ----------------------------------------------------------------------------------------------
 # FLOPs: an honest count of the model's matmul work for one pack (fwd + bwd as actually needed).
 #
-# A matmul of a [n, a] input with an [a, b] weight costs 2nab forward (mult() below counts in units of nab). Backward costs 2nab for the input
-# gradient (when anything before it trains) and 2nab for the weight gradient (when the weight trains). So a
-# trainable layer costs 6nab, a frozen layer that gradient flows through 4nab, a frozen leaf 2nab.
+# A matmul of a [n, a] input with an [a, b] weight costs 2nab forward (mult() below counts in units of nab).
+# Backward costs 2nab for the input gradient (when anything before it trains) and 2nab for the weight gradient (when
+# the weight trains). So a trainable layer costs 6nab, a frozen layer that gradient flows through 4nab, a frozen
+# leaf 2nab.
 # Attention costs 4·D·H per visible (query, key) pair forward (QK^T and PV), 8·D·H backward. Counted:
 # each expert's projections and MLP for the tokens it serves; attention by each sample's real visible pairs
 # (from its spans, not L^2); lm_head only at CE positions, llm2vae only at MSE positions; the ViT and connector
@@ -356,9 +357,10 @@ def peak_flops(device, configured_tflops):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state, and the manifest,
-# train_state.json (step, world size, config, every file's size and sha256), written last. A save fills step_N.tmp and renames it
-# step_N once the manifest is in, so a step_N folder is complete unless its files stopped matching the manifest.
+# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state, the tokenizer, and
+# the manifest, train_state.json (step, world size, config, model config, every file's size and sha256), written last.
+# A save fills step_N.tmp and renames it step_N once the manifest is in, so a step_N folder is complete unless its
+# files stopped matching the manifest.
 # Resume takes the newest step_N whose files match (each rank hashes a share) and falls back past damaged ones,
 # naming the bad file: a crash at any point of a save, or a full disk, leaves the earlier checkpoints usable.
 # DCP's pickles are read through allow-lists (convert.CheckpointReader): a crafted file is refused, never run.
@@ -425,6 +427,8 @@ def save_checkpoint(run, ckpt_dir, step, extra):
             with open(os.path.join(tmp, f"rank_{run.rank:05d}.pt"), "wb") as f:
                 torch.save(extra, f)
                 durable(f)
+            if run.master:  # so that convert.py, sample.py and --init_from read a step_N folder on its own
+                run.tokenizer.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     except (Exception, CheckpointException) as e:
         error = cause(e)
     dist.barrier()  # all files written before any is hashed
@@ -436,8 +440,9 @@ def save_checkpoint(run, ckpt_dir, step, extra):
     dist.all_gather_object(shares, (error, files))
     errors = [e for e, _ in shares if e]
     if run.master and not errors:
+        files = {k: v for _, f in shares for k, v in sorted(f.items())}
         manifest = {"step": step, "world_size": run.world, "config": run.config,
-                    "files": {k: v for _, f in shares for k, v in sorted(f.items())}}
+                    "model_config": asdict(run.model_cfg), "files": files}
         try:
             commit(tmp, final, manifest, run.config["keep_checkpoints"])
         except OSError as e:
@@ -658,7 +663,7 @@ def model_config(config, master, device):
     if config["init_from"]:
         cfg = convert.checkpoint_config(config["init_from"])
     elif master:
-        base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[config["model"]]()
+        base = M.PRESETS[config["model"]]()
         cfg = M.BagelConfig(**{**asdict(base), **config["model_args"]})
         if device.type != "cuda":
             fresh = (M.Bagel(cfg), M.build_vae(cfg))
@@ -1062,7 +1067,7 @@ class LatentCache:
     def put(self, key, mean, logvar):
         path = self.path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, then an atomic rename
+        tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, an atomic rename
         save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, tmp, metadata={"key": key})
         os.replace(tmp, path)
 
