@@ -201,13 +201,13 @@ def check_config(config):
             if typed(f"{key}[{name!r}]", step, int) < 0:
                 raise SystemExit(f"{key}[{name!r}] must be a step >= 0, got {step}")
     config["model_args"] = checked_args("model_args", config["model_args"], typing.get_type_hints(M.BagelConfig))
-    loader = inspect.signature(data.Loader).parameters
+    default_types = lambda fn: {k: object if p.default is None else type(p.default)  # None: any
+                                for k, p in inspect.signature(fn).parameters.items()}
     config["data_args"] = checked_args("data_args", config["data_args"], {
-        k: type(p.default) for k, p in loader.items() if k not in LOADER_ARGS_SET_HERE})
+        k: t for k, t in default_types(data.Loader).items() if k not in LOADER_ARGS_SET_HERE})
     if not config["sources"]:
         raise SystemExit("sources is empty: no data to train on")
-    source = {k: object if p.default is None else type(p.default)
-              for k, p in inspect.signature(data.Source).parameters.items()}
+    source = default_types(data.Source)
     config["sources"] = [checked_args(f"sources[{i}]", typed(f"sources[{i}]", src, dict), source)
                          for i, src in enumerate(config["sources"])]
     for i, src in enumerate(config["sources"]):
