@@ -130,6 +130,13 @@ def unit_pixels(x):
     return x.float().div_(255).sub_(0.5).div_(0.5) if x.dtype == torch.uint8 else x.float()
 
 
+def pixel_key(pixels):
+    """A name for an image's pixels (its content after the transform): train.LatentCache's file name. The loader's
+    samples carry it, computed where they are built (in its worker processes)."""
+    return hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest() + \
+        f"_{str(pixels.dtype)[6:]}_{pixels.shape[1]}x{pixels.shape[2]}"
+
+
 def grid_pos_ids(h, w, side):
     """row*side + col for an h x w grid in raster order (the index into a side x side position table)."""
     return (torch.arange(h)[:, None] * side + torch.arange(w)[None, :]).flatten()
@@ -211,8 +218,7 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
                 vae_grids.append((h, w))
                 vae_latents.append(latent)
                 vae_pixels.append(pixels)
-                vae_keys.append(None if pixels is None else hashlib.blake2b(
-                    pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest() + f"_{pixels.dtype}_{h}x{w}")
+                vae_keys.append(None if pixels is None else item.get("pixel_key") or pixel_key(pixels))
                 vae_eps.append(eps if pixels is not None else None)
                 text_ids += [vs, ve]
                 text_indexes += [L, L + n - 1]
@@ -525,9 +531,9 @@ def text_item(ids, loss=False, droppable=False):
             "droppable": droppable}
 
 
-def vae_item(pixels, loss, droppable=False):
+def vae_item(pixels, key, loss, droppable=False):
     return {"type": "vae_image", "latent": None, "pixels": pixels, "loss": loss, "timestep_raw": None,
-            "noise": None, "posterior_eps": None, "droppable": droppable}
+            "noise": None, "posterior_eps": None, "droppable": droppable, "pixel_key": key}
 
 
 RULE_FLAGS = ("loss", "vae", "vit", "droppable")
@@ -582,10 +588,11 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
                 log.warning("data: left out a bad part of a row: %s [%d %s so far]", e, n, e.reason)
             continue
         vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
+        key = pixel_key(vae) if vae is not None else None
         if loss:
-            items.append(vae_item(vae, loss=True))
+            items.append(vae_item(vae, key, loss=True))
         if vae_copy:
-            items.append(vae_item(vae, loss=False, droppable=droppable))
+            items.append(vae_item(vae, key, loss=False, droppable=droppable))
         if vit_copy:
             pixels = image_bytes(img, extra.get("vit_size", vit_size), 14, max_pixels / extra.get("img_num", 1))
             items.append({"type": "vit_image", "pixels": pixels, "droppable": droppable})
