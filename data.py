@@ -1449,7 +1449,8 @@ def check_sources(sources, order, build, max_latent_size, vit_side):
 class Loader:
     """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
     CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
-    model's position tables; longer samples than max_sample_tokens (default packing_length) are skipped as too_long;
+    model's position tables; samples longer than max_sample_tokens (at most and by default packing_length) are
+    skipped as too_long;
     max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows in a row from one source
     is an error, not an endless skip; workers processes build the samples; prefetch packs are made in a thread."""
 
@@ -1462,9 +1463,9 @@ class Loader:
             raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        max_sample_tokens = max_sample_tokens or packing_length
-        if not 0 < max_sample_tokens <= packing_length:
-            raise ValueError(f"max_sample_tokens {max_sample_tokens} must be in 1..packing_length {packing_length}")
+        max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
+        if max_sample_tokens < 1:
+            raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
         self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
         self.max_latent_size, self.vit_side = max_latent_size, vit_side
         self.build = SampleBuilder(sources, tokenizer, dropout, seed, max_sample_tokens, max_image_pixels)

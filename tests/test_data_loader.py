@@ -418,8 +418,9 @@ def test_mandatory_sources_and_the_sample_cap_against_a_reference_simulation(tmp
     assert capped(cost(key)).build(key)[1] == cost(key)
     with pytest.raises(data.BadSample, match="too_long"):
         capped(cost(key) - 1).build(key)
-    with pytest.raises(ValueError, match="max_sample_tokens"):
-        capped(P + 1)
+    assert capped(P + 1000).build.max_sample_tokens == P  # a cap over the pack: the pack (a config's cap, a shorter
+    with pytest.raises(ValueError, match="max_sample_tokens"):  # packing_length on the command line)
+        capped(-1)
 
 
 def test_every_opened_pack_holds_each_mandatory_source_when_there_is_room(tmp_path):
