@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -42,6 +43,9 @@ from dataclasses import asdict, fields, replace
 
 import torch
 from safetensors import safe_open
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
 
 from model import PRESETS, Bagel, BagelConfig, build_vae, merge_lora, sincos_2d
 
@@ -206,26 +210,67 @@ class Tensors:
         return finite(t, key, os.path.join(self.folder, self.name_of[key]))
 
 
+# DCP folders (train.py's checkpoints) hold pickles: they are read through allow-lists, so that a crafted file is
+# refused, never run. The trust boundary: train.py's own out_dir; foreign weights come as safetensors only.
+
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle, and DCP reads it with pickle.load, which calls whatever a crafted file names. This
+    resolves only what the metadata holds: the classes of DCP's metadata module, its file index, torch's Size, dtypes
+    and layouts, and the checkpoint path."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+               ("pathlib._local", "PosixPath")}
+
+    def find_class(self, module, name):
+        obj = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        metadata_class = isinstance(obj, type) and obj.__module__ == module
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (metadata_class or dtype or (module, name) in self.ALLOWED):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata: refusing a "
+                                         f"crafted or foreign file")
+        return super().find_class(module, name)
+
+
+class CheckpointReader(FileSystemReader):
+    """DCP's file reader with .metadata read through MetadataUnpickler, once (dcp.load asks for it at every call)."""
+    def read_metadata(self, *args, **kwargs):
+        if getattr(self, "metadata", None) is None:
+            with open(os.path.join(self.path, ".metadata"), "rb") as f:
+                self.metadata = MetadataUnpickler(f).load()
+            self.metadata.storage_meta = self.metadata.storage_meta or dcp_metadata.StorageMeta()  # as DCP's own
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class CheckpointPlanner(DefaultLoadPlanner):
+    """DCP's planner unpickles non-tensor values (the optimiser's hyperparameters) with weights_only=False, which runs
+    code; here they load with weights_only=True (plain numbers, strings and containers)."""
+
+    def load_bytes(self, read_item, value):
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise pickle.UnpicklingError(f"checkpoint value {read_item.dest_index.fqn} is not plain data: refusing a "
+                                         f"crafted or foreign file") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+
 class DCPWeights:
     """The Bagel weights of a train.py checkpoint (torch DCP: out_dir/checkpoints/step_N), seen like Tensors under our
     parameter names: "model.*" holds the raw weights, "ema.*" the EMA of the trainable ones (a frozen parameter is
     its own EMA); LoRA adapters are merged into their weights as train.py's export merges them. One tensor is loaded
     at a time, without a process group."""
     def __init__(self, folder, ema, lora_alpha):
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        class Reader(FileSystemReader):  # dcp.load asks for the metadata at every call: read it once
-            def read_metadata(self, *args, **kwargs):
-                if getattr(self, "cached", None) is None:
-                    self.cached = super().read_metadata(*args, **kwargs)  # a pickle: the trust boundary
-                return self.cached
-        self.label, self.reader, self.alpha = folder, Reader(folder), lora_alpha
+        self.label, self.reader, self.alpha = folder, CheckpointReader(folder), lora_alpha
         try:
             entries = self.reader.read_metadata().state_dict_metadata
         except Exception as e:
             raise CheckpointError(f"{folder}/.metadata is not a readable DCP checkpoint: {e}") from e
-        self.entries = {k: m for k, m in entries.items() if isinstance(m, TensorStorageMetadata)}
+        self.entries = {k: m for k, m in entries.items() if isinstance(m, dcp_metadata.TensorStorageMetadata)}
         raw = {k[len("model."):] for k in self.entries if k.startswith("model.")}
         averaged = {k[len("ema."):] for k in self.entries if k.startswith("ema.")}
         if ema and not averaged:

@@ -12,7 +12,9 @@ What train.py uses (everything else is the machinery behind it):
     state = loader.state_dict()                        # JSON-able dict; a fresh Loader(...).load_state_dict(state)
     loader.stats                                       #   then yields the identical next packs
                                                        # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
-    Loader(..., prefetch=2) makes packs ahead in a thread (same packs, same states).
+    Loader(..., workers=8, prefetch=2) builds samples (read, decode, resize) in 8 processes and packs ahead in a
+    thread: the same packs and states for any numbers. Source(..., mandatory=True): one of its samples in every pack
+    opened (official is_mandatory); Loader(..., max_sample_tokens=n) skips longer samples (counted).
     python data.py PATH[:FORMAT] ... checks datasets before a run: fill, skips by reason, speed.
 
 Read top to bottom:
@@ -22,23 +24,30 @@ Read top to bottom:
   4. Samples: a conversation in the OpenAI "messages" shape -> items, CFG condition dropout, the random draws
   5. Readers: rows from json / jsonl / parquet / arrow / tar files; the messages, official, IRG, UniCoT, recA formats
   6. The built-in dataset: coloured shapes with captions, questions and edit instructions
-  7. Loader: sharding, weighted sources, a true first-fit packer, bad-input accounting, exact resume
+  7. Loader: sharding, weighted and mandatory sources, a true first-fit packer, worker processes, bad-input
+     accounting, exact resume
 """
 import base64
 import bisect
+import collections
+import copyreg
 import hashlib
 import importlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import queue
 import random
 import re
 import sys
 import tarfile
 import threading
+import traceback
+import weakref
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -119,6 +128,13 @@ def vae_grid(item):
 def unit_pixels(x):
     """uint8 [0, 255] -> float [-1, 1] (ToTensor then Normalize(0.5, 0.5), as officially); floats pass through."""
     return x.float().div_(255).sub_(0.5).div_(0.5) if x.dtype == torch.uint8 else x.float()
+
+
+def pixel_key(pixels):
+    """A name for an image's pixels (its content after the transform): train.LatentCache's file name. The loader's
+    samples carry it, computed where they are built (in its worker processes)."""
+    return hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest() + \
+        f"_{str(pixels.dtype)[6:]}_{pixels.shape[1]}x{pixels.shape[2]}"
 
 
 def grid_pos_ids(h, w, side):
@@ -202,8 +218,7 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
                 vae_grids.append((h, w))
                 vae_latents.append(latent)
                 vae_pixels.append(pixels)
-                vae_keys.append(None if pixels is None else hashlib.blake2b(
-                    pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest() + f"_{pixels.dtype}_{h}x{w}")
+                vae_keys.append(None if pixels is None else item.get("pixel_key") or pixel_key(pixels))
                 vae_eps.append(eps if pixels is not None else None)
                 text_ids += [vs, ve]
                 text_indexes += [L, L + n - 1]
@@ -305,8 +320,11 @@ class BadSample(Exception):
     """A bad input row: the loader skips it, counts it under `reason` and logs it with the row."""
 
     def __init__(self, reason, detail=""):
-        super().__init__(f"{reason} ({detail})" if detail else reason)
-        self.reason = reason
+        super().__init__(reason, detail)  # the arguments themselves, so it pickles (worker processes send it back)
+        self.reason, self.detail = reason, detail
+
+    def __str__(self):
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
 
 
 def rgb(img):
@@ -513,9 +531,9 @@ def text_item(ids, loss=False, droppable=False):
             "droppable": droppable}
 
 
-def vae_item(pixels, loss, droppable=False):
+def vae_item(pixels, key, loss, droppable=False):
     return {"type": "vae_image", "latent": None, "pixels": pixels, "loss": loss, "timestep_raw": None,
-            "noise": None, "posterior_eps": None, "droppable": droppable}
+            "noise": None, "posterior_eps": None, "droppable": droppable, "pixel_key": key}
 
 
 RULE_FLAGS = ("loss", "vae", "vit", "droppable")
@@ -570,10 +588,11 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
                 log.warning("data: left out a bad part of a row: %s [%d %s so far]", e, n, e.reason)
             continue
         vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
+        key = pixel_key(vae) if vae is not None else None
         if loss:
-            items.append(vae_item(vae, loss=True))
+            items.append(vae_item(vae, key, loss=True))
         if vae_copy:
-            items.append(vae_item(vae, loss=False, droppable=droppable))
+            items.append(vae_item(vae, key, loss=False, droppable=droppable))
         if vit_copy:
             pixels = image_bytes(img, extra.get("vit_size", vit_size), 14, max_pixels / extra.get("img_num", 1))
             items.append({"type": "vit_image", "pixels": pixels, "droppable": droppable})
@@ -723,6 +742,7 @@ class Rows:
     """The rows of one data file or of every data file in a folder (sorted by name), as one indexable list."""
 
     def __init__(self, path):
+        self.path = path
         if os.path.isdir(path):
             self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(EXTENSIONS))
             if not self.files:
@@ -748,6 +768,9 @@ class Rows:
                 self.columns = list(self[0])
             except BadSample:
                 pass
+
+    def __reduce__(self):  # open files and closures do not pickle: a worker process reads the path again
+        return Rows, (self.path,)
 
     def __len__(self):
         return int(self.starts[-1])
@@ -956,7 +979,7 @@ class Source:
 
     def __init__(self, path="shapes", format=None, weight=1.0, name=None, data_folder=None, vae_size=None,
                  vit_size=None, max_pixels=None, num_rows=10000, image_size=64, seed=0, think_drop=0.0,
-                 num_used_data=None, num_frames=(8, 12), allow_absolute_paths=False):
+                 num_used_data=None, num_frames=(8, 12), allow_absolute_paths=False, mandatory=False):
         self.format = format or ("shapes" if path == "shapes" else "messages")
         if self.format not in READERS:
             raise ValueError(f"unknown source format {self.format!r} (formats: {', '.join(READERS)})")
@@ -970,6 +993,7 @@ class Source:
         self.path, self.weight, self.name, self.think_drop = path, weight, name or str(path), think_drop
         self.image_size, self.seed, self.num_frames = image_size, seed, tuple(num_frames)
         self.allow_absolute_paths = allow_absolute_paths
+        self.mandatory = mandatory  # one sample in every pack the loader opens (section 7)
         if self.format == "shapes":
             self.rows, self.folder = ShapeRows(num_rows), None
             vae, vit, pixels = (image_size, image_size), (image_size // 14 * 14,) * 2, 14 * 14 * 9 * 1024
@@ -1110,12 +1134,21 @@ def shapes_corpus(rows=2000):
 #
 # Order. Each source has its own row order per epoch: a seeded permutation of its blocks (parquet row groups, else
 # single rows), rows permuted within a block, cut into world_size contiguous shards; a source that runs out
-# starts its next epoch. Which source gives the next sample is a seeded weighted draw, the n-th draw of a rank
-# seeded by (seed, rank, n).
+# starts its next epoch. Which source gives the next sample is a seeded weighted draw over all sources, the n-th
+# draw of a rank seeded by (seed, rank, n).
+# Mandatory sources (official is_mandatory). Every pack the packer opens for a drawn sample also gets one sample of
+# each mandatory source, the next of that source's order (as officially, where a group has one iterator); packs
+# then fill by the weighted draw. Unlike the official packer, nothing that fits is thrown away: a mandatory sample
+# with no room in its new pack goes first-fit elsewhere, or into a pack of its own.
 # Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
 # dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source index, epoch, row).
 # So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
 # the keys of the samples waiting in the packer, which load_state_dict rebuilds by reading their rows again.
+# Workers. For the same reason worker processes can build each source's next keys ahead of need while this process
+# packs: it takes the samples in the order it would have built them, so packs and state are the same for any number
+# of workers, and the state never holds keys in flight (a resumed loader hands them out again). Packs can only be
+# put together here, from the samples in key order: the prefetch thread overlaps that (first fit, pack_samples)
+# with the training step.
 
 log = logging.getLogger("nanobagel.data")
 
@@ -1141,47 +1174,75 @@ class SourceOrder:
                 order = np.concatenate([starts[b] + rng.permutation(int(starts[b + 1] - starts[b]))
                                         for b in rng.permutation(len(starts) - 1)])
             n = len(order)
-            self.shard_cache = {(s2, e): v for (s2, e), v in self.shard_cache.items() if s2 != s}
-            self.shard_cache[(s, epoch)] = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
+            # keeps the epoch before: workers may already read a source's next epoch while this one is consumed
+            self.shard_cache = {k: v for k, v in self.shard_cache.items() if k[0] != s or k[1] >= epoch - 1}
+            lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+            self.shard_cache[(s, epoch)] = order[lo:hi].copy()  # a copy lets the whole permutation go
         return self.shard_cache[(s, epoch)]
 
-    def next_key(self):
-        u = random.Random(f"{self.seed}/{self.rank}/{self.draws}").random() * self.cum_weights[-1]
-        self.draws += 1
-        s = min(bisect.bisect_right(self.cum_weights, u), len(self.cum_weights) - 1)
-        epoch, cursor = self.positions[s]
+    def pick(self, draw):
+        """The source of this rank's draw-th weighted draw."""
+        u = random.Random(f"{self.seed}/{self.rank}/{draw}").random() * self.cum_weights[-1]
+        return min(bisect.bisect_right(self.cum_weights, u), len(self.cum_weights) - 1)
+
+    def step(self, s, position):
+        """(the key at `position` [epoch, cursor] of source s, the position after it)."""
+        epoch, cursor = position
         shard = self.shard(s, epoch)
-        row = int(shard[cursor])
-        self.positions[s] = [epoch + 1, 0] if cursor + 1 == len(shard) else [epoch, cursor + 1]
-        return [s, epoch, row]
+        return [s, epoch, int(shard[cursor])], [epoch + 1, 0] if cursor + 1 == len(shard) else [epoch, cursor + 1]
+
+    def next_key(self, s=None):
+        """The next key of source s, or of the next weighted draw's source."""
+        if s is None:
+            s, self.draws = self.pick(self.draws), self.draws + 1
+        key, self.positions[s] = self.step(s, self.positions[s])
+        return key
 
 
 class FirstFitPacker:
     """Up to `open_packs` packs are open; a sample goes into the first open pack it fits (`capacity` bounds every
-    LLM position of a pack); if none has room and all slots are taken, the fullest open pack is emitted to make
-    room; a pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
+    LLM position of a pack); if none has room, a pack is opened for it (when all slots are taken, the fullest open
+    pack is emitted to make room) and seeds() gives the samples that join a newly opened pack (the mandatory
+    sources'): each goes into that pack if it fits, else into the first it fits, else into a new pack (not seeded
+    again). A pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
     {"keys", "samples", "used"}; its keys (where its samples came from) are all the state needs."""
 
     def __init__(self, capacity, open_packs):
         self.capacity, self.open_packs = capacity, open_packs
         self.open, self.ready, self.min_cost = [], [], None
 
-    def add(self, key, items, cost):
+    def add(self, sample, seeds):
+        """sample: (key, items, cost); seeds() -> such samples."""
+        pack = self.first_fit(sample[2])
+        if pack is not None:
+            return self.put(pack, sample)
+        pack = self.open_pack()
+        self.put(pack, sample)  # first: an empty pack always has room for it, its seeds may not
+        for seed in seeds():
+            self.put(self.first_fit(seed[2], first=pack) or self.open_pack(), seed)
+
+    def first_fit(self, cost, first=None):
+        """The first open pack with room for `cost` positions, trying `first` (if still open) before the others."""
+        return next((p for p in [p for p in self.open if p is first] + self.open if p["used"] + cost <= self.capacity),
+                    None)
+
+    def open_pack(self):
+        if len(self.open) == self.open_packs:  # make room: the fullest open pack goes out
+            self.emit(max(self.open, key=lambda p: p["used"]))
+        self.open.append({"keys": [], "samples": [], "used": 0})
+        return self.open[-1]
+
+    def put(self, pack, sample):
+        key, items, cost = sample
         self.min_cost = cost if self.min_cost is None else min(self.min_cost, cost)
-        target = next((p for p in self.open if p["used"] + cost <= self.capacity), None)  # first fit
-        if target is None:
-            if len(self.open) == self.open_packs:  # make room: the fullest open pack goes out
-                self.emit(max(self.open, key=lambda p: p["used"]))
-            target = {"keys": [], "samples": [], "used": 0}
-            self.open.append(target)
-        target["keys"].append(key)
-        target["samples"].append(items)
-        target["used"] += cost
-        if self.capacity - target["used"] < self.min_cost:  # full: no sample seen so far would fit any more
-            self.emit(target)
+        pack["keys"].append(key)
+        pack["samples"].append(items)
+        pack["used"] += cost
+        if self.capacity - pack["used"] < self.min_cost:  # full: no sample seen so far would fit any more
+            self.emit(pack)
 
     def emit(self, pack):
-        self.open.remove(pack)
+        self.open = [p for p in self.open if p is not pack]
         self.ready.append(pack)
 
     def pop(self):
@@ -1206,53 +1267,15 @@ class FirstFitPacker:
         self.ready = [rebuild(k) for k in state["ready"]]
 
 
-class Loader:
-    """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
-    CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
-    model's position tables; max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows
-    in a row from one source is an error, not an endless skip; prefetch packs are made ahead in a thread."""
+class SampleBuilder:
+    """key [source, epoch, row] -> (items, LLM positions); raises BadSample, also for a sample over
+    max_sample_tokens. Picklable: worker processes run it."""
 
-    def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
-                 max_image_pixels=2 ** 26, max_bad_streak=1000, prefetch=0, rank=0, world_size=1, seed=0):
-        if not sources:
-            raise ValueError("no data sources")
-        if len({s.name for s in sources}) != len(sources):
-            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
-        for s in sources:
-            if s.vae_size[1] > 16 * max_latent_size or s.vit_size[1] > 14 * vit_side:
-                raise ValueError(f"source {s.name}: images up to {s.vae_size[1]} px (VAE) / {s.vit_size[1]} px (ViT) "
-                                 f"exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
-        self.max_latent_size, self.vit_side, self.max_image_pixels = max_latent_size, vit_side, max_image_pixels
-        self.dropout = tuple(dropout)
-        self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
-        self.prefetch, self.thread = prefetch, None
-        self.reset()
-        for s, src in enumerate(sources):  # systemic problems fail here, not hours into a run
-            shard = self.order.shard(s, 0)
-            if len(shard) == 0:
-                raise ValueError(f"source {src.name}: {len(src)} rows leave rank {rank} of {world_size} nothing")
-            errors = []
-            for row in shard[:8]:
-                try:
-                    self.build([s, 0, int(row)])
-                    break
-                except BadSample as e:
-                    errors.append(f"{src.where(int(row))}: {e}")
-            else:
-                raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
-                                 "\n  ".join(errors))
+    def __init__(self, sources, tok, dropout, seed, max_sample_tokens, max_image_pixels):
+        self.sources, self.tok, self.dropout, self.seed = sources, tok, tuple(dropout), seed
+        self.max_sample_tokens, self.max_image_pixels = max_sample_tokens, max_image_pixels
 
-    def reset(self):
-        self.order = SourceOrder(self.sources, self.rank, self.world_size, self.seed)
-        self.packer = FirstFitPacker(self.packing_length, self.open_packs)
-        self.bad_streak = [0] * len(self.sources)
-        self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
-
-    def build(self, key):
-        """key [source, epoch, row] -> (items, LLM positions). Raises BadSample."""
+    def __call__(self, key):
         s, epoch, row = key
         src = self.sources[s]
         digest = hashlib.blake2b(f"{self.seed}/{s}/{epoch}/{row}".encode(), digest_size=8).digest()
@@ -1261,36 +1284,245 @@ class Loader:
         load = lambda ref: open_image(ref, src.folder, self.max_image_pixels)
         items = build_sample(parts, load, self.tok, src.vae_size, src.vit_size, src.max_pixels, gen, self.dropout)
         cost = sample_len(items)
-        if cost > self.packing_length:
-            raise BadSample("too_long", f"{cost} positions > packing_length {self.packing_length}")
+        if cost > self.max_sample_tokens:
+            raise BadSample("too_long", f"{cost} positions > max_sample_tokens {self.max_sample_tokens}")
         return items, cost
 
-    def next_sample(self):
-        """Draw a source, read its next row: (key, items, cost), or None for a bad row (counted and logged)."""
-        key = self.order.next_key()
-        s = key[0]
+
+class SamplePickler(pickle.Pickler):
+    """Tensors as numpy arrays: they unpickle ~3x faster than in torch's format, and this process unpickles every
+    sample. (The queue's own pickler would put each tensor in a shared-memory file of its own: torch's reducers.)"""
+    dispatch_table = {**copyreg.dispatch_table, torch.Tensor: lambda t: (torch.from_numpy, (t.numpy(),))}
+
+
+def build_worker(build, tasks, results):
+    """A worker process: builds the keys it is given and sends back (key, the pickled sample, BadSample or other
+    error). It ends when the process that started it has, however that ended (train.py leaves by os._exit: no
+    clean-up of the parent's runs; a worker blocked for ever would also keep the forkserver alive)."""
+    torch.set_num_threads(1)
+    results.cancel_join_thread()  # leaving, wait for no one to read what is still buffered
+    parent = multiprocessing.parent_process()
+    while parent.is_alive():
         try:
-            items, cost = self.build(key)
+            key = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        try:
+            outcome = build(key)
         except BadSample as e:
+            outcome = e
+        except Exception:
+            outcome = RuntimeError(f"data worker, sample {key}:\n{traceback.format_exc()}")
+        buf = io.BytesIO()
+        SamplePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(outcome)
+        results.put((key, buf.getvalue()))
+
+
+def stop_workers(processes, *queues):
+    for p in processes:
+        p.terminate()
+        p.join()
+    for q in queues:
+        q.cancel_join_thread()  # nothing left to flush to the dead
+        q.close()
+
+
+class SampleStream:
+    """The samples of the keys SourceOrder gives, in its order: built here when asked (workers=0), or by `workers`
+    processes ahead of need. Ahead: each source's next keys in its own order, as many as the next 4 * workers
+    weighted draws take from it, plus 2 for each mandatory source (its seeds come at unknown times); a key handed
+    out is consumed in turn, whatever draws it, and each wait is for the key this process would have built."""
+
+    def __init__(self, order, build, workers, mandatory):
+        self.order, self.build, self.workers, self.mandatory = order, build, workers, mandatory
+        self.processes = []
+
+    def take(self, s=None):
+        """(key, (items, cost) | BadSample) for the next key of source s (None: of the next weighted draw)."""
+        if self.workers and not self.processes:
+            self.start()
+        elif self.processes and not self.stop.alive:
+            raise RuntimeError("the loader's workers were stopped (close)")
+        key = self.order.next_key(s)
+        if not self.workers:
+            try:
+                return key, self.build(key)
+            except BadSample as e:
+                return key, e
+        if not self.in_flight[key[0]]:
+            self.hand_out(key[0])
+        handed_out = self.in_flight[key[0]].popleft()
+        assert handed_out == key, (handed_out, key)
+        self.hand_out_ahead()
+        while tuple(key) not in self.done:
+            try:
+                k, blob = self.results.get(timeout=1.0)
+                self.done[tuple(k)] = blob
+            except queue.Empty:
+                for p in self.processes:
+                    if not p.is_alive():
+                        raise RuntimeError(f"data {p.name} is gone (exit code {p.exitcode})")
+        outcome = pickle.loads(self.done.pop(tuple(key)))
+        if isinstance(outcome, RuntimeError):  # a worker's error, not a bad row: raised where N = 0 raises it
+            raise outcome
+        return key, outcome
+
+    def start(self):
+        ctx = multiprocessing.get_context("forkserver")  # fork is unsafe under threads (torch, CUDA, the prefetcher)
+        ctx.set_forkserver_preload(["data"])  # workers fork from a server that imported torch once
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.processes = [ctx.Process(target=build_worker, args=(self.build, self.tasks, self.results), daemon=True,
+                                      name=f"worker {i}") for i in range(self.workers)]
+        for p in self.processes:
+            p.start()
+        self.stop = weakref.finalize(self, stop_workers, self.processes, self.tasks, self.results)  # also at exit
+        self.ahead = [list(p) for p in self.order.positions]  # each source's position after its last key handed out
+        self.in_flight, self.done = [collections.deque() for _ in self.ahead], {}
+
+    def close(self):
+        """Stops the workers for good and lets go of their queues, whose semaphores would be reported leaked if the
+        process then leaves by os._exit."""
+        if self.processes:
+            self.stop()
+            self.tasks = self.results = None
+
+    def hand_out(self, s):
+        key, self.ahead[s] = self.order.step(s, self.ahead[s])
+        self.in_flight[s].append(key)
+        self.tasks.put(key)
+
+    def hand_out_ahead(self):
+        draws = [self.order.pick(d) for d in range(self.order.draws, self.order.draws + 4 * self.workers)]
+        for s, keys in enumerate(self.in_flight):
+            while len(keys) < draws.count(s) + 2 * (s in self.mandatory):
+                self.hand_out(s)
+
+
+class Prefetcher:
+    """make() run ahead in a thread, up to `depth` results, each with state() as just after it (decoding and
+    resizing release the GIL, so this overlaps the training step). An error of the thread is raised by get(), and
+    again by any later call (the thread has stopped)."""
+
+    def __init__(self, make, state, depth):
+        self.queue = queue.Queue(depth)
+        threading.Thread(target=self.run, args=(make, state), daemon=True).start()
+
+    def run(self, make, state):
+        try:
+            while True:
+                result = make()
+                self.queue.put((result, state()))
+        except BaseException as e:
+            self.queue.put((e, None))
+
+    def get(self):
+        result, state = self.queue.get()
+        if isinstance(result, BaseException):
+            self.queue.put((result, state))
+            raise result
+        return result, state
+
+
+def check_sources(sources, order, build, max_latent_size, vit_side):
+    """Systemic problems fail at start, not hours into a run: images beyond the model's position tables, a rank
+    left without rows, a source whose first samples are all bad."""
+    for s, src in enumerate(sources):
+        if src.vae_size[1] > 16 * max_latent_size or src.vit_size[1] > 14 * vit_side:
+            raise ValueError(f"source {src.name}: images up to {src.vae_size[1]} px (VAE) / {src.vit_size[1]} px "
+                             f"(ViT) exceed the position tables ({16 * max_latent_size} / {14 * vit_side} px)")
+        shard = order.shard(s, 0)
+        if len(shard) == 0:
+            raise ValueError(f"source {src.name}: {len(src)} rows leave rank {order.rank} of {order.world_size} "
+                             f"nothing")
+        errors = []
+        for row in shard[:8]:
+            try:
+                build([s, 0, int(row)])
+                break
+            except BadSample as e:
+                errors.append(f"{src.where(int(row))}: {e}")
+        else:
+            raise ValueError(f"source {src.name}: its first {len(errors)} samples are all bad:\n  " +
+                             "\n  ".join(errors))
+
+
+class Loader:
+    """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
+    CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
+    model's position tables; samples longer than max_sample_tokens (at most and by default packing_length) are
+    skipped as too_long;
+    max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows in a row from one source
+    is an error, not an endless skip; workers processes build the samples; prefetch packs are made in a thread."""
+
+    def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
+                 max_sample_tokens=None, max_image_pixels=2 ** 26, max_bad_streak=1000, workers=0, prefetch=0,
+                 rank=0, world_size=1, seed=0):
+        if not sources:
+            raise ValueError("no data sources")
+        if len({s.name for s in sources}) != len(sources):
+            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
+        if max_sample_tokens < 1:
+            raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
+        self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
+        self.max_latent_size, self.vit_side = max_latent_size, vit_side
+        self.build = SampleBuilder(sources, tokenizer, dropout, seed, max_sample_tokens, max_image_pixels)
+        self.mandatory = [s for s, src in enumerate(sources) if src.mandatory]
+        self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
+        self.workers, self.prefetch, self.ahead = workers, prefetch, None
+        self.reset()
+        check_sources(sources, self.order, self.build, max_latent_size, vit_side)
+
+    def reset(self):
+        if hasattr(self, "stream"):
+            self.stream.close()
+        self.order = SourceOrder(self.sources, self.rank, self.world_size, self.seed)
+        self.stream = SampleStream(self.order, self.build, self.workers, self.mandatory)
+        self.packer = FirstFitPacker(self.packing_length, self.open_packs)
+        self.bad_streak = [0] * len(self.sources)
+        self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
+
+    def close(self):
+        """Stops the worker processes for good. Garbage collection and exit stop them too, and a worker ends by
+        itself once this process has ended, however it ended."""
+        self.stream.close()
+
+    def next_sample(self, s=None):
+        """The next sample of source s (None: of a weighted draw): (key, items, cost), or None for a bad row (counted
+        and logged)."""
+        key, outcome = self.stream.take(s)
+        s = key[0]
+        if isinstance(outcome, BadSample):
             skipped = self.counts["skipped"]
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
-            if skipped[e.reason] <= 20 or skipped[e.reason] % 1000 == 0:
+            skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
+            if skipped[outcome.reason] <= 20 or skipped[outcome.reason] % 1000 == 0:
                 log.warning("data: skipped %s (epoch %d): %s [%d %s so far]", self.sources[s].where(key[2]), key[1],
-                            e, skipped[e.reason], e.reason)
+                            outcome, skipped[outcome.reason], outcome.reason)
             self.bad_streak[s] += 1
             if self.bad_streak[s] >= self.max_bad_streak:
                 raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
-                                   f"the last: {e}")
+                                   f"the last: {outcome}")
             return None
         self.bad_streak[s] = 0
-        return key, items, cost
+        self.counts["samples"] += 1
+        return (key, *outcome)
+
+    def seeds(self):
+        """One sample of each mandatory source, for a pack being opened (after a bad row, that source's next)."""
+        out = []
+        for s in self.mandatory:
+            while (sample := self.next_sample(s)) is None:
+                pass
+            out.append(sample)
+        return out
 
     def make_pack(self) -> Pack:
         while (p := self.packer.pop()) is None:
             sample = self.next_sample()
             if sample is not None:
-                self.counts["samples"] += 1
-                self.packer.add(*sample)
+                self.packer.add(sample, self.seeds)
         self.counts["packs"] += 1
         self.counts["tokens"] += p["used"]
         pack = pack_samples(p["samples"], self.tok.special, self.max_latent_size, self.vit_side)
@@ -1298,30 +1530,15 @@ class Loader:
         return pack
 
     def next_pack(self) -> Pack:
-        """The next pack. With prefetch > 0 a background thread makes up to `prefetch` packs ahead (decoding and
-        resizing release the GIL, so this overlaps the training step); each comes with the loader state just after
-        it, and state_dict()/stats describe the packs handed out so far, so resume stays exact."""
+        """The next pack. With prefetch > 0 a thread makes up to `prefetch` packs ahead, each with the loader state
+        just after it: state_dict()/stats describe the packs handed out so far, so resume stays exact."""
         if not self.prefetch:
             return self.make_pack()
-        if self.thread is None:
+        if self.ahead is None:
             self.consumed = self.live_state()
-            self.queue = queue.Queue(self.prefetch)
-            self.thread = threading.Thread(target=self.produce, daemon=True)
-            self.thread.start()
-        pack, state = self.queue.get()
-        if isinstance(pack, BaseException):  # e.g. a source gone bad: raised where the packs are consumed
-            self.queue.put((pack, state))    # (and again on any later call: the thread has stopped)
-            raise pack
-        self.consumed = state
+            self.ahead = Prefetcher(self.make_pack, self.live_state, self.prefetch)
+        pack, self.consumed = self.ahead.get()
         return pack
-
-    def produce(self):
-        try:
-            while True:
-                pack = self.make_pack()
-                self.queue.put((pack, self.live_state()))
-        except BaseException as e:
-            self.queue.put((e, None))
 
     def live_state(self):
         return json.loads(json.dumps({
@@ -1331,7 +1548,7 @@ class Loader:
 
     def state_dict(self):
         """Everything that decides the next packs, as plain JSON-able Python."""
-        return json.loads(json.dumps(self.consumed)) if self.thread else self.live_state()
+        return json.loads(json.dumps(self.consumed)) if self.ahead else self.live_state()
 
     @property
     def stats(self):
@@ -1344,7 +1561,7 @@ class Loader:
                 "epochs": {src.name: pos[0] for src, pos in zip(self.sources, state["positions"])}}
 
     def load_state_dict(self, state):
-        if self.thread is not None:
+        if self.ahead is not None:
             raise RuntimeError("load_state_dict must come before the first next_pack")
         mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [s.name for s in self.sources]}
@@ -1389,7 +1606,10 @@ def main(argv):
                         help=f"LLM positions per pack (default: the config's, else train.py's "
                              f"{train.DEFAULTS['packing_length']})")
     parser.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: the built-in)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's, else 0)")
     args = parser.parse_args(argv)
+    if args.packs < 1:
+        parser.error("--packs must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     config, sources = dict(train.DEFAULTS), []
     for p in args.paths:
@@ -1406,15 +1626,19 @@ def main(argv):
         sources.append(Source(path, fmt or None))
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else tiny_tokenizer()
     dropout = [config[k + "_cond_dropout_prob"] for k in ("text", "vit", "vae")]
-    loader = Loader(sources, tok, args.packing_length or config["packing_length"], dropout)
+    data_args = config["data_args"] | ({} if args.workers is None else {"workers": args.workers})
+    loader = Loader(sources, tok, args.packing_length or config["packing_length"], dropout, **data_args)
     t0 = time.perf_counter()
     for i in range(args.packs):
         pack = loader.next_pack()
         print(f"pack {i}: {pack.num_tokens} positions, {len(pack.sample_lens)} samples, {pack.vit_patches.shape[0]} "
               f"ViT patches, {pack.vae_indexes.numel()} latent tokens ({pack.mse_indexes.numel()} noised), "
               f"{pack.ce_indexes.numel()} CE targets")
-    dt = time.perf_counter() - t0
-    print(f"{loader.stats}\n{loader.stats['samples'] / dt:.1f} samples/s, {args.packs / dt:.2f} packs/s")
+        if i == 0:  # speed from here: the first pack also waits for the workers to start
+            t1, samples = time.perf_counter(), loader.stats["samples"]
+    dt = time.perf_counter() - t1
+    print(f"{loader.stats}\nfirst pack after {t1 - t0:.1f} s, then {(loader.stats['samples'] - samples) / dt:.1f} "
+          f"samples/s, {(args.packs - 1) / dt:.2f} packs/s")
 
 
 if __name__ == "__main__":

@@ -658,7 +658,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_dh:
                 dh[i:i + chunk] = g @ weight
             if need_dw:  # a frozen lm_head (LoRA) skips this third matmul
-                dw.addmm_(g.t(), hc)
+                torch.addmm(dw, g.t(), hc, out=dw)  # (the out= form: torch's FLOP counter does not see addmm_)
         ctx.save_for_backward(dh, dw, weights)
         return ce
 

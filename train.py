@@ -11,19 +11,23 @@ the loss normalisation are always the ones a cluster uses.
 """
 import ast
 import difflib
+import fcntl
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import textwrap
 import time
+import typing
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 
@@ -32,6 +36,7 @@ from safetensors.torch import save_file
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -43,14 +48,16 @@ import model as M
 import plot
 
 # ----------------------------------------------------------------------------------------------
-# Config: defaults here; a config file is plain Python assignments; --key=value overrides.
+# Config: defaults here; a config file is plain Python assignments; --key=value overrides. Every value is checked
+# before a process group or a model exists: types, choices, ranges, and the keys inside model_args, data_args and
+# sources (a typo must cost neither a cluster start nor a finished run).
 
 DEFAULTS = dict(
     # model
-    model="tiny",                 # "tiny" | "7b": the BagelConfig preset when init_from is empty
+    model="tiny",                 # the BagelConfig preset when init_from is empty
     model_args={},                # BagelConfig field overrides, e.g. {"num_layers": 4}
     init_from="",                 # checkpoint folder (official / HF / nanobagel layout) or "" for random init
-    init_weights="ema",           # which weights of a nanobagel folder to start from: "ema" | "model"
+    init_weights="ema",           # which weights of a nanobagel folder to start from
     tokenizer="",                 # folder with tokenizer.json; "" = the init checkpoint's, else the built-in one
     # data
     sources=[{"path": "shapes"}],  # data.Source keyword arguments, one dict per dataset (path, format, weight, ...)
@@ -60,11 +67,12 @@ DEFAULTS = dict(
     packing_length=4096,          # LLM positions per pack (per rank, per micro-step)
     text_cond_dropout_prob=0.1, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3,  # CFG condition dropout
     seed=1234,
+    resume_data_order=True,       # False: a resume restarts the data order from seed + step (after the data changed)
     val_sources=[],               # held-out data, as sources: validation CE and MSE on val_packs packs of it, made once
     val_packs=4,                  # (the same samples, timesteps and noise at every evaluation and in every run)
     # optimisation
-    max_steps=1000, grad_accum=1,
-    lr=1e-4, min_lr=1e-7, warmup_steps=100, lr_schedule="constant",  # "constant" | "cosine"
+    max_steps=1000, grad_accum=1,  # max_steps=0 exports the initial weights
+    lr=1e-4, min_lr=1e-7, warmup_steps=100, lr_schedule="constant",
     beta1=0.9, beta2=0.95, eps=1e-15, weight_decay=0.0, max_grad_norm=1.0,
     ce_weight=1.0, mse_weight=1.0, timestep_shift=1.0,
     ce_loss_reweighting=False,    # official option: CE tokens weighted 1/sqrt(len) of their text (pack.ce_weights)
@@ -72,7 +80,7 @@ DEFAULTS = dict(
     ema=0.9999,                   # EMA decay; 0 turns the EMA off
     # what trains
     freeze_vit=False, freeze_connector=False, freeze_llm=False, freeze_und=False,
-    visual_und=True,              # False: ViT and connector frozen and never run; ViT tokens are zero vectors (official)
+    visual_und=True,              # False: ViT and connector frozen and never run; ViT tokens zero vectors (official)
     visual_gen=True,              # False: the generation side frozen, and the data must have no generation target
     freeze=[],                    # extra fnmatch patterns of parameter names to freeze
     train_only=[],                # if not empty: only parameters matching these patterns train
@@ -81,13 +89,13 @@ DEFAULTS = dict(
     freeze_from_step={},          # {fnmatch pattern: step}: those parameters stop training at that step (IRG)
     loss_off_from_step={},        # {"ce" | "mse": step}: that loss is switched off at that step (IRG)
     # systems
-    device="auto",                # "auto" | "cpu" | "cuda"
-    dtype="auto",                 # compute dtype: "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    device="auto",
+    dtype="auto",                 # compute dtype; "auto": bf16 on GPU, fp32 on CPU
     reshard_after_forward=True,
-    fsdp_shard_size=0,            # 0: shard over every rank (FSDP); N: shard inside groups of N ranks (one node), replicate
-                                  # across the groups (HSDP, for 16-64 GPUs over slower inter-node links)
-    activation_checkpointing="none",  # "none" | "full": recompute each layer in backward | "selective": keep the
-                                      # matmul and attention outputs, recompute norms, RoPE and activations
+    fsdp_shard_size=0,            # 0: shard over every rank (FSDP); N: shard inside groups of N ranks (one node) and
+                                  # replicate across the groups (HSDP, for 16-64 GPUs over slower inter-node links)
+    activation_checkpointing="none",  # "full": recompute each layer in backward | "selective": keep the matmul and
+                                      # attention outputs, recompute norms, RoPE and activations
     checkpoint_every=1,           # checkpoint every k-th decoder layer only (layers 0, k, 2k, ...); the ViT's all
     compile=False,
     peak_tflops=0.0,              # per device, for MFU; 0 = look it up (0 on CPU: no MFU)
@@ -97,15 +105,33 @@ DEFAULTS = dict(
     wandb_project="",             # also log to wandb (must be installed; not a dependency) when set
     wandb_name="",                # the wandb run's name; "" = out_dir's last folder
     wandb_mode="online",          # "online" | "offline" (synced later with `wandb sync`)
-    export_dtype="fp32",          # final consolidated safetensors: "fp32" | "bf16"
+    export_dtype="fp32",          # final consolidated safetensors
     save_ema_as_default=True,     # export/ has ema.safetensors, which sample.py and --init_from prefer; False: export/
                                   # holds the raw weights alone, the EMA goes to export_ema/ (recA wants the raw ones)
     sample_every=0, sample_prompts=[], sample_steps=20, sample_cfg=4.0, sample_size=512,  # grids in out_dir/samples
 )
 
+CHOICES = dict(model=("tiny", "7b"), init_weights=("ema", "model"), lr_schedule=("constant", "cosine"),
+               device=("auto", "cpu", "cuda"), dtype=("auto", "bf16", "fp32"),
+               activation_checkpointing=("none", "full", "selective"), export_dtype=("fp32", "bf16"),
+               wandb_mode=("online", "offline"))
+
+RANGES = [  # (keys, test, what the test says)
+    (("grad_accum", "packing_length", "max_bad_steps", "checkpoint_every", "lora_rank", "log_every", "save_steps",
+      "keep_checkpoints", "val_packs", "eval_every", "sample_steps", "sample_size"), lambda v: v >= 1, ">= 1"),
+    (("max_steps", "fsdp_shard_size", "lr", "min_lr", "warmup_steps", "eps", "weight_decay", "max_grad_norm",
+      "ce_weight", "mse_weight", "peak_tflops", "sample_every", "sample_cfg"), lambda v: v >= 0, ">= 0"),
+    (("timestep_shift", "lora_alpha"), lambda v: v > 0, "> 0"),
+    (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+LOADER_ARGS_SET_HERE = ("sources", "tokenizer", "packing_length", "dropout", "max_latent_size", "vit_side", "seed",
+                        "rank", "world_size")  # data.Loader arguments main() passes itself: not for data_args
+
 
 def load_config(argv):
-    """DEFAULTS <- config file (plain Python) <- --key=value overrides, each checked against the defaults' type."""
+    """DEFAULTS <- config file (plain Python) <- --key=value overrides, each checked against the defaults' type; then
+    every value checked (check_config)."""
     config = dict(DEFAULTS)
     args = list(argv)
     if args and not args[0].startswith("--"):
@@ -124,6 +150,7 @@ def load_config(argv):
             raise SystemExit(f"expected --key=value, got {arg!r} (python train.py --help lists the keys)")
         key, text = arg[2:].split("=", 1)
         set_key(config, key, literal(text), "command line")
+    check_config(config)
     return config
 
 
@@ -138,17 +165,74 @@ def literal(text):
 def set_key(config, key, value, where):
     if key not in DEFAULTS:
         raise SystemExit(f"{where}: unknown config key {key!r}{did_you_mean(key, DEFAULTS)}")
-    want = type(DEFAULTS[key])
+    config[key] = typed(f"{where}: {key}", value, type(DEFAULTS[key]))
+
+
+def typed(what, value, want):
+    """value as a `want` (ints pass as floats and lists as tuples; bools never as ints), or a SystemExit naming
+    `what`."""
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        return float(value)
+    if want is tuple and isinstance(value, list):
+        return tuple(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r}")
-    config[key] = value
+        raise SystemExit(f"{what} must be {getattr(want, '__name__', want)}, got {value!r}")
+    return value
 
 
 def did_you_mean(word, options):
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_config(config):
+    """Values, not just types: CHOICES, RANGES, finite floats, and the keys and types inside model_args (BagelConfig's
+    fields), data_args (data.Loader's arguments) and sources and val_sources (data.Source's arguments)."""
+    for key, choices in CHOICES.items():
+        if config[key] not in choices:
+            raise SystemExit(f"{key} must be one of {', '.join(choices)}; got {config[key]!r}"
+                             f"{did_you_mean(config[key], choices)}")
+    for keys, ok, text in RANGES:
+        for key in keys:
+            if not ok(config[key]):
+                raise SystemExit(f"{key} must be {text}, got {config[key]!r}")
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"{key} must be finite, got {value}")
+    if config["lr_schedule"] == "cosine" and config["min_lr"] > config["lr"]:
+        raise SystemExit(f"min_lr {config['min_lr']} > lr {config['lr']}: the cosine schedule would rise")
+    for key in ("freeze", "train_only", "lora_targets", "sample_prompts"):
+        for i, item in enumerate(config[key]):
+            typed(f"{key}[{i}]", item, str)
+    for key in ("freeze_from_step", "loss_off_from_step"):
+        for name, step in config[key].items():
+            if key == "loss_off_from_step" and name not in ("ce", "mse"):
+                raise SystemExit(f"loss_off_from_step: the losses are 'ce' and 'mse', got {name!r}")
+            if typed(f"{key}[{name!r}]", step, int) < 0:
+                raise SystemExit(f"{key}[{name!r}] must be a step >= 0, got {step}")
+    config["model_args"] = checked_args("model_args", config["model_args"], typing.get_type_hints(M.BagelConfig))
+    default_types = lambda fn: {k: object if p.default is None else type(p.default)  # None: any
+                                for k, p in inspect.signature(fn).parameters.items()}
+    config["data_args"] = checked_args("data_args", config["data_args"], {
+        k: t for k, t in default_types(data.Loader).items() if k not in LOADER_ARGS_SET_HERE})
+    if not config["sources"]:
+        raise SystemExit("sources is empty: no data to train on")
+    source = default_types(data.Source)
+    for key in ("sources", "val_sources"):
+        config[key] = [checked_args(f"{key}[{i}]", typed(f"{key}[{i}]", src, dict), source)
+                       for i, src in enumerate(config[key])]
+        for i, src in enumerate(config[key]):
+            if src.get("format") is not None and src["format"] not in data.READERS:
+                raise SystemExit(f"{key}[{i}]: format must be one of {', '.join(data.READERS)}; got "
+                                 f"{src['format']!r}{did_you_mean(src['format'], data.READERS)}")
+
+
+def checked_args(what, args, types):
+    """Keyword arguments checked against {name: type}: unknown names (with a close match) and wrong types stop here."""
+    for key in args:
+        if key not in types:
+            raise SystemExit(f"{what}: unknown key {key!r}{did_you_mean(key, types)}; known: {', '.join(types)}")
+    return {k: typed(f"{what}[{k!r}]", v, types[k]) for k, v in args.items()}
 
 
 def usage():
@@ -255,9 +339,10 @@ def trainable_mask(names, config):
 # ----------------------------------------------------------------------------------------------
 # FLOPs: an honest count of the model's matmul work for one pack (fwd + bwd as actually needed).
 #
-# A matmul of a [n, a] input with an [a, b] weight costs 2nab forward (mult() below counts in units of nab). Backward costs 2nab for the input
-# gradient (when anything before it trains) and 2nab for the weight gradient (when the weight trains). So a
-# trainable layer costs 6nab, a frozen layer that gradient flows through 4nab, a frozen leaf 2nab.
+# A matmul of a [n, a] input with an [a, b] weight costs 2nab forward (mult() below counts in units of nab).
+# Backward costs 2nab for the input gradient (when anything before it trains) and 2nab for the weight gradient (when
+# the weight trains). So a trainable layer costs 6nab, a frozen layer that gradient flows through 4nab, a frozen
+# leaf 2nab.
 # Attention costs 4·D·H per visible (query, key) pair forward (QK^T and PV), 8·D·H backward. Counted:
 # each expert's projections and MLP for the tokens it serves; attention by each sample's real visible pairs
 # (from its spans, not L^2); lm_head only at CE positions, llm2vae only at MSE positions; the ViT and connector
@@ -319,8 +404,38 @@ def peak_flops(device, configured_tflops):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state.
-# Atomic: written into step_N.tmp, renamed to step_N, then `latest` is replaced; the last K are kept.
+# Checkpoints: DCP for the sharded state, one small file per rank for its loader and RNG state, the tokenizer, and
+# the manifest, train_state.json (step, world size, config, model config, every file's size and sha256), written last.
+# A save fills step_N.tmp and renames it step_N once the manifest is in, so a step_N folder is complete unless its
+# files stopped matching the manifest.
+# Resume takes the newest step_N whose files match (each rank hashes a share) and falls back past damaged ones,
+# naming the bad file: a crash at any point of a save, or a full disk, leaves the earlier checkpoints usable.
+# DCP's pickles are read through allow-lists (convert.CheckpointReader): a crafted file is refused, never run.
+# One trainer per out_dir (lock_out_dir), so what killed saves left (.tmp, .del) is cleared at the next save.
+
+STEP_DIR = re.compile(r"step_(\d+)")
+MANIFEST = "train_state.json"  # also what convert.py reads a step_N folder's config from
+
+
+def lock_out_dir(out_dir):
+    """One trainer per out_dir: an exclusive flock on out_dir/train.lock, held by rank 0 alone (every write to
+    out_dir is rank 0's or follows a collective with it) until its process ends, however it ends. Returns the open
+    lock file: it must stay open."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, "train.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"{out_dir} is in use by another trainer ({lock.read().strip() or 'holder unknown'}): one "
+                         f"trainer per out_dir; stop that one or choose another out_dir")
+    except OSError as e:
+        raise SystemExit(f"cannot lock {lock.name}: {e} (the out_dir's filesystem must support flock)")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
 
 def rng_state(device):
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -336,53 +451,200 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(ckpt_dir, step, model, opt, ema, extra, config, rank, world, keep):
+def save_checkpoint(run, ckpt_dir, step, extra):
+    """ckpt_dir/step_N, written by all ranks together. A failure on any rank (disk full, quota, I/O error) stops
+    every rank with one message that says which checkpoint is kept; the partial folder is removed."""
     final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema}, checkpoint_id=tmp)
-    torch.save(extra, os.path.join(tmp, f"rank_{rank:05d}.pt"))
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump({"step": step, "world_size": world, "config": config}, f, indent=1, default=str)
-        os.replace(tmp, final)
-        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
-        done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for old in done[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    dist.barrier()
+    ready = [""]
+    if run.master:
+        try:
+            for name in os.listdir(ckpt_dir):
+                if name.endswith((".tmp", ".del")):  # what killed saves left
+                    shutil.rmtree(os.path.join(ckpt_dir, name))
+            os.makedirs(tmp)
+        except OSError as e:
+            ready = [cause(e)]
+    dist.broadcast_object_list(ready, src=0)  # and no rank writes into tmp before it is made
+    error, files = ready[0], {}
+    try:
+        if not error:
+            model_sd, optim_sd = get_state_dict(run.model, run.opt)
+            dcp.save({"model": model_sd, "optim": optim_sd, "ema": run.ema}, checkpoint_id=tmp)  # fsyncs its files
+            with open(os.path.join(tmp, f"rank_{run.rank:05d}.pt"), "wb") as f:
+                torch.save(extra, f)
+                durable(f)
+            if run.master:  # so that convert.py, sample.py and --init_from read a step_N folder on its own
+                run.tokenizer.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    except (Exception, CheckpointException) as e:
+        error = cause(e)
+    dist.barrier()  # all files written before any is hashed
+    try:
+        files = {} if error else hash_files(tmp, run.rank, run.world)
+    except OSError as e:
+        error = cause(e)
+    shares = [None] * run.world
+    dist.all_gather_object(shares, (error, files))
+    errors = [e for e, _ in shares if e]
+    if run.master and not errors:
+        files = {k: v for _, f in shares for k, v in sorted(f.items())}
+        manifest = {"step": step, "world_size": run.world, "config": run.config,
+                    "model_config": asdict(run.model_cfg), "files": files}
+        try:
+            commit(tmp, final, manifest, run.config["keep_checkpoints"])
+        except OSError as e:
+            errors = [cause(e)]
+    outcome = [errors]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        if run.master:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space it took
+        kept = max((d for d in os.listdir(ckpt_dir) if STEP_DIR.fullmatch(d)), key=step_of, default=None)
+        raise SystemExit(f"saving {final} failed: {outcome[0][0]} ({shutil.disk_usage(ckpt_dir).free / 2**30:.2f} "
+                         f"GiB free there). Kept: {os.path.join(ckpt_dir, kept) if kept else 'no checkpoint'}; "
+                         f"the same command resumes from it once the cause is fixed")
     return final
 
 
-def latest_checkpoint(ckpt_dir):
-    """The folder `latest` points to, or None. A checkpoint killed mid-write is still a .tmp and ignored."""
-    pointer = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "train_state.json")):
-        raise SystemExit(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+def commit(tmp, final, manifest, keep):
+    """Rank 0 makes a written step_N.tmp the checkpoint step_N: the manifest last (the mark of a complete folder),
+    then the rename. An existing step_N (a damaged one that resume passed over) is set aside first. Then the `keep`
+    newest checkpoints up to this step stay; later ones are ones resume found damaged."""
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, default=str)
+        durable(f)
+    if os.path.isdir(final):
+        os.replace(final, final + ".del")
+    os.replace(tmp, final)
+    ckpt_dir = os.path.dirname(final)
+    durable(ckpt_dir)  # the new checkpoint is on disk before any older one is deleted
+    steps = sorted((d for d in os.listdir(ckpt_dir) if STEP_DIR.fullmatch(d)), key=step_of)
+    older = [d for d in steps if step_of(d) <= manifest["step"]]
+    for d in older[:-keep] + [d for d in steps if d not in older]:
+        os.replace(os.path.join(ckpt_dir, d), os.path.join(ckpt_dir, d + ".del"))  # atomic; the rmtree may not be
+    for d in os.listdir(ckpt_dir):
+        if d.endswith(".del"):
+            shutil.rmtree(os.path.join(ckpt_dir, d))
 
 
-def load_checkpoint(path, model, opt, ema, rank, world):
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd, "ema": ema}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "train_state.json")) as f:
+def step_of(name):
+    return int(STEP_DIR.fullmatch(name)[1])
+
+
+def durable(f):
+    """fsync an open file, or a folder's renames by its path (where the filesystem can)."""
+    if isinstance(f, str):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some network filesystems refuse fsync on a folder
+            pass
+        os.close(fd)
+    else:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cause(e):
+    if isinstance(e, CheckpointException):  # DCP's: {rank: (exception, traceback)}; the first says what happened
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {e}"
+
+
+def hashed_by(name, world):
+    """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_i.distcp, our rank_R.pt, likely still
+    in its page cache), else rank 0. So hashing is spread like writing, and on resume like the files."""
+    m = re.fullmatch(r"__(\d+)_\d+\.distcp|rank_(\d+)\.pt", name)
+    return int(m[1] or m[2]) % world if m else 0
+
+
+def hash_files(folder, rank, world):
+    """{name: [bytes, sha256]} of this rank's share of a folder's files. sha256: the fastest cryptographic hash in
+    the standard library on CPUs with SHA-NI (~1 GB/s a core), and `sha256sum` checks a manifest by hand; its cost
+    against the save: notes/checkpoints.md."""
+    return {n: [os.path.getsize(os.path.join(folder, n)), sha256(os.path.join(folder, n))]
+            for n in sorted(os.listdir(folder)) if hashed_by(n, world) == rank}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damage(folder, rank, world):
+    """What is wrong with this rank's share of a checkpoint's files ("" if they match the manifest)."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = {name: (int(size), str(digest)) for name, (size, digest) in json.load(f)["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    for name, (size, digest) in sorted(files.items()):
+        path = os.path.join(folder, name)
+        if hashed_by(name, world) != rank:
+            continue
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {size}"
+        if sha256(path) != digest:
+            return f"{name} does not match its sha256 in the manifest"
+    return ""
+
+
+def find_checkpoint(ckpt_dir, log):
+    """The newest checkpoint in ckpt_dir whose files match its manifest, or None if there is none at all. Damaged
+    ones are named and passed over; if every one is damaged the run stops rather than start over them."""
+    listing = [sorted(os.listdir(ckpt_dir))]
+    dist.broadcast_object_list(listing, src=0)  # one view of the folder on every rank
+    for name in listing[0]:
+        if name.endswith(".tmp"):
+            log(f"{os.path.join(ckpt_dir, name)}: a save that did not finish (killed or failed), ignored")
+    problems = []
+    for name in sorted((n for n in listing[0] if STEP_DIR.fullmatch(n)), key=step_of, reverse=True):
+        folder = os.path.join(ckpt_dir, name)
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, damage(folder, dist.get_rank(), dist.get_world_size()))
+        problem = next((p for p in found if p), "")
+        if not problem:
+            return folder
+        log(f"{folder} is damaged: {problem}; falling back to the checkpoint before it")
+        problems.append(f"{name}: {problem}")
+    if problems:
+        raise SystemExit(f"no intact checkpoint in {ckpt_dir} ({'; '.join(problems)}); move the folder away to start "
+                         f"from scratch")
+    return None
+
+
+def load_checkpoint(path, run):
+    """Model, optimiser and EMA from a checkpoint, resharded to this world; returns (step, this rank's loader and RNG
+    state, or None when the world size changed)."""
+    model_sd, optim_sd = get_state_dict(run.model, run.opt)
+    state = {"model": model_sd, "optim": optim_sd, "ema": run.ema}
+    try:
+        dcp.load(state, storage_reader=convert.CheckpointReader(path), planner=convert.CheckpointPlanner())
+    except (Exception, CheckpointException) as e:
+        raise SystemExit(f"cannot load {path}: {cause(e)}")
+    set_state_dict(run.model, run.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, MANIFEST)) as f:
         saved = json.load(f)
-    extra_path = os.path.join(path, f"rank_{rank:05d}.pt")
-    extra = torch.load(extra_path, weights_only=True) if saved["world_size"] == world else None
+    extra_path = os.path.join(path, f"rank_{run.rank:05d}.pt")
+    extra = torch.load(extra_path, weights_only=True) if saved["world_size"] == run.world else None
     return saved["step"], extra
+
+
+def trim_metrics(path, step):
+    """metrics.jsonl keeps its rows up to `step`, the step resumed from: later steps are done again and logged again.
+    A row cut short by a kill (no newline) goes too."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +712,7 @@ def model_config(config, master, device):
     if config["init_from"]:
         cfg = convert.checkpoint_config(config["init_from"])
     elif master:
-        base = {"tiny": M.bagel_tiny, "7b": M.bagel_7b}[config["model"]]()
+        base = M.PRESETS[config["model"]]()
         cfg = M.BagelConfig(**{**asdict(base), **config["model_args"]})
         if device.type != "cuda":
             fresh = (M.Bagel(cfg), M.build_vae(cfg))
@@ -687,13 +949,16 @@ def validation_packs(run):
     seeds every draw by the sample, so the samples, timesteps and noise are the same at every evaluation and in
     every run over these val_sources, whatever the training seed or world size."""
     loader = make_loader(run, 0, validation=True)
-    return [encode_images(run.vae, loader.next_pack().to(run.device), run.dtype, run.latent_cache)
-            for _ in range(run.config["val_packs"])]
+    packs = [encode_images(run.vae, loader.next_pack().to(run.device), run.dtype, run.latent_cache)
+             for _ in range(run.config["val_packs"])]
+    loader.close()
+    return packs
 
 
 def main(argv):
     """Train as the config and --key=value overrides say; ends the process when done (finish_distributed), so run
-    it as a script or a subprocess, not inside a Python session you want to keep."""
+    it as a script or a subprocess, not inside a Python session you want to keep. SIGTERM or SIGINT (a cluster's
+    preemption, Ctrl-C) on any rank: every rank finishes the step, saves, and exits 0."""
     if {"-h", "--help"} & set(argv):
         print(usage())
         return
@@ -704,6 +969,7 @@ def main(argv):
     except SystemExit as e:  # a mistake in the config: said once (by rank 0), not by every rank of a torchrun
         raise SystemExit(e.code if master else 1)
     if master:
+        out_lock = lock_out_dir(config["out_dir"])  # held to the end
         keep_console(config, argv)
     run = build(config)
     log, device = run.log, run.device
@@ -711,24 +977,32 @@ def main(argv):
     loader = make_loader(run, config["seed"])
     val_packs = validation_packs(run) if config["val_sources"] else []
 
-    # --- resume: the newest complete checkpoint in out_dir, if any ---
+    # --- resume: the newest intact checkpoint in out_dir, if any ---
     ckpt_dir = os.path.join(config["out_dir"], "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     step, bad_in_row, skipped, elapsed = 0, 0, 0, 0.0
-    resume = latest_checkpoint(ckpt_dir)
+    resume = find_checkpoint(ckpt_dir, log)
     if resume:
-        step, extra = load_checkpoint(resume, run.model, run.opt, run.ema, run.rank, run.world)
-        if extra is None:
-            log(f"world size changed: model, optimiser and EMA resharded; the data order restarts from seed "
-                f"{config['seed'] + step} (per-rank loader states do not map across world sizes)")
-            loader = make_loader(run, config["seed"] + step)
-        else:
-            loader.load_state_dict(extra["loader"])
+        step, extra = load_checkpoint(resume, run)
+        if extra is not None:
             set_rng_state(extra["rng"], device)
             bad_in_row, skipped, elapsed = extra["bad_in_row"], extra["skipped"], extra.get("elapsed_s", 0.0)
+        if extra is None or not config["resume_data_order"]:
+            why = "resume_data_order=False" if extra is not None else "world size changed: model, optimiser and EMA " \
+                "resharded (per-rank loader states do not map across world sizes)"
+            log(f"{why}: the data order restarts from seed {config['seed'] + step}")
+            loader.close()
+            loader = make_loader(run, config["seed"] + step)
+        else:
+            resume_data(loader, extra, resume)
         log(f"resumed from {resume} at step {step}")
 
+    if master:
+        trim_metrics(os.path.join(config["out_dir"], "metrics.jsonl"), step)
     progress = Progress(run, elapsed)
+    signals = []  # while training (not while building or exporting), a signal asks the loop to save and stop
+    default = {sig: signal.signal(sig, lambda number, frame: signals.append(signal.Signals(number).name))
+               for sig in (signal.SIGTERM, signal.SIGINT)}
     while step < config["max_steps"]:
         t0 = time.time()
         packs = [loader.next_pack() for _ in range(config["grad_accum"])]
@@ -744,7 +1018,7 @@ def main(argv):
             log(f"step {step}: non-finite loss {r['loss']} or grad norm {r['grad_norm']}: step skipped "
                 f"({bad_in_row} in a row)")
             if bad_in_row >= config["max_bad_steps"]:
-                raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping (lower lr? bad data?)")
+                raise SystemExit(non_finite_report(run, r, bad_in_row))
         step += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -756,15 +1030,61 @@ def main(argv):
             progress.report(step, lr, loader.stats["fill"], skipped, val)
         if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
             progress.image(step, write_samples(run, step))
-        if step % config["save_steps"] == 0 or last:
+        stop = all_sum([len(signals)], device)[0] > 0  # a signal on any rank: all stop after this same step
+        if step % config["save_steps"] == 0 or last or stop:
             extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
-                     "skipped": skipped, "elapsed_s": progress.elapsed()}
-            path = save_checkpoint(ckpt_dir, step, run.model, run.opt, run.ema, extra, config, run.rank, run.world,
-                                   config["keep_checkpoints"])
-            log(f"checkpoint: {path}")
-    export(run)
-    progress.finish(step)
+                     "skipped": skipped, "data": data_rows(loader), "elapsed_s": progress.elapsed()}
+            log(f"checkpoint: {save_checkpoint(run, ckpt_dir, step, extra)}")
+        if stop:
+            log(f"{' '.join(signals) or 'a signal on another rank'}: saved step {step} and stopped; the same command "
+                f"resumes")
+            break
+    for sig, handler in default.items():
+        signal.signal(sig, handler)
+    complete = step >= config["max_steps"]
+    if complete:
+        export(run)
+    loader.close()  # its worker processes, before os._exit skips every clean-up
+    progress.finish(step, complete)
     finish_distributed()
+
+
+def data_rows(loader):
+    return {src.name: len(src) for src in loader.sources}
+
+
+def resume_data(loader, extra, path):
+    """The loader goes on exactly where the checkpoint's stopped, or one message: what changed in the data, and
+    how to go on anyway."""
+    then, now = extra["data"], data_rows(loader)
+    problem = "; ".join(f"source {name}: {then.get(name, 'absent')} -> {now.get(name, 'absent')} rows"
+                        for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name))
+    if not problem:
+        try:
+            return loader.load_state_dict(extra["loader"])
+        except (ValueError, RuntimeError) as e:  # a source renamed, a buffered row that no longer reads
+            problem = str(e)
+    raise SystemExit(f"the data changed since {path} ({problem}), so its data order cannot continue. To train on "
+                     f"the data as it is now, resume with --resume_data_order=False: the order restarts from seed + "
+                     f"step (rows already seen may come again, others not at all)")
+
+
+def non_finite_report(run, r, steps):
+    """Why training stops: which quantities were not finite, and the first non-finite weight if any (a skipped step
+    changes no weight, so one came in with the weights, or from the last finite update)."""
+    terms = [f"{k} {r[k]}" for k in ("ce", "mse", "grad_norm") if not math.isfinite(r[k])]
+    tensors = list(run.model.named_parameters()) + [("vae." + n, p) for n, p in run.vae.named_parameters()]
+    mine = next((n for n, p in tensors if not torch.isfinite(local(p)).all()), None)
+    found = [None] * run.world
+    dist.all_gather_object(found, mine)
+    weight = next((n for n in found if n), None)
+    if weight:
+        hint = f"weight {weight} is not finite: check the checkpoint the run started or resumed from"
+    elif any(t.startswith(("ce", "mse")) for t in terms):
+        hint = "the weights are finite: check these steps' data (`python data.py PATH` checks a dataset)"
+    else:
+        hint = "the losses and weights are finite but the gradient is not: an overflow in backward (fp32? lower lr?)"
+    return f"{steps} non-finite steps in a row (the last: {', '.join(terms)}): stopping. {hint}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -893,16 +1213,18 @@ class Progress:
             self.wandb.log({"samples": self.wandb.Image(grid, caption=" | ".join(self.config["sample_prompts"]))},
                            step=step)
 
-    def finish(self, step):
-        """The end: how it went, where everything is, and what to run next."""
+    def finish(self, step, complete):
+        """The end: how it went, where everything is, and what to run next (after a signal: main said it)."""
         config, out, r = self.config, self.config["out_dir"], self.row or {}
         val = f" | validation loss {r['val_loss']:.4f}" if "val_loss" in r else ""
-        self.run.log(f"done: {step} steps, {duration(self.elapsed())} | last loss {r.get('loss', math.nan):.4f} "
-                     f"(ce {r.get('ce', math.nan):.4f}, mse {r.get('mse', math.nan):.4f}){val}\n"
-                     f"  {out}/metrics.png: the losses, tok/s and lr of metrics.jsonl; {out}/train.log: this console")
-        prompts = " ".join(f'"{p}"' for p in (config["sample_prompts"] or ["a red circle"]))
-        self.run.log(f"next: python sample.py --ckpt {out}/export --size {config['sample_size']} --prompts {prompts} "
-                     f"--out {out}/sample.png")
+        self.run.log(f"{'done' if complete else 'stopped'}: {step} steps, {duration(self.elapsed())} | last loss "
+                     f"{r.get('loss', math.nan):.4f} (ce {r.get('ce', math.nan):.4f}, mse {r.get('mse', math.nan):.4f})"
+                     f"{val}\n  {out}/metrics.png: the losses, tok/s and lr of metrics.jsonl; {out}/train.log: this "
+                     f"console")
+        if complete:
+            prompts = " ".join(f'"{p}"' for p in (config["sample_prompts"] or ["a red circle"]))
+            self.run.log(f"next: python sample.py --ckpt {out}/export --size {config['sample_size']} --prompts "
+                         f"{prompts} --out {out}/sample.png")
         if self.wandb:
             self.wandb.finish()
 
@@ -958,7 +1280,7 @@ class LatentCache:
     def put(self, key, mean, logvar):
         path = self.path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, then an atomic rename
+        tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, an atomic rename
         save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, tmp, metadata={"key": key})
         os.replace(tmp, path)
 

@@ -11,12 +11,15 @@ init_from = "/path/to/BAGEL-7B-MoT"
 init_weights = "ema"
 model_args = {"max_latent_size": 64}
 _data = "/path/to/IRG-Toy-Dataset"
-_groups = {  # IRG's stage-1 mixture (IRG marks all four generation groups mandatory; here weights alone decide)
+_groups = {  # IRG's stage-1 mixture; the four generation groups are mandatory (one sample in every pack)
     "improving_full_learning": 1.0, "initial_full_learning": 1.0,
     "improving_thinking_generation_learning": 0.5, "initial_thinking_generation_learning": 0.5,
     "improving_thinking_understanding_learning": 0.5, "initial_thinking_understanding_learning": 0.5,
 }
-sources = [{"path": f"{_data}/{g}", "format": "irg", "weight": w, "name": g} for g, w in _groups.items()]
+_mandatory = {"improving_full_learning", "initial_full_learning", "improving_thinking_generation_learning",
+              "initial_thinking_generation_learning"}
+sources = [{"path": f"{_data}/{g}", "format": "irg", "weight": w, "name": g, "mandatory": g in _mandatory}
+           for g, w in _groups.items()]
 packing_length = 40000            # IRG: 40000 tokens per GPU, samples up to 32768
 text_cond_dropout_prob, vit_cond_dropout_prob = 0.0, 0.0
 vae_cond_dropout_prob = 0.3       # IRG leaves it at the default: clean VAE conditions dropped 30% of the time
@@ -38,4 +41,4 @@ log_every = 10
 save_steps = 1000
 export_dtype = "bf16"
 out_dir = "out/irg_stage1"
-data_args = {"prefetch": 4}          # decode and pack ahead in a thread (one core reads ~2 packs/s of 32k)
+data_args = {"workers": 8, "prefetch": 2, "max_sample_tokens": 32768}  # IRG: 40000 a pack, samples up to 32768

@@ -33,4 +33,4 @@ log_every = 10
 save_steps = 250
 export_dtype = "bf16"
 out_dir = "out/reca"
-data_args = {"prefetch": 4}          # decode and pack ahead in a thread (one core reads ~2 packs/s of 32k)
+data_args = {"workers": 8, "prefetch": 2, "max_sample_tokens": 16384}  # the official default per-sample cap

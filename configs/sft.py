@@ -9,11 +9,11 @@ init_weights = "ema"              # the official recipe fine-tunes from ema.safe
 model_args = {"max_latent_size": 64}  # BAGEL-7B-MoT's latent table: 64 x 16 px = 1024 px images
 sources = [  # official formats (Bagel data/configs/example.yaml); `python data.py PATH:FORMAT` checks one
     # T2I parquet: image bytes, captions (a JSON dict of captions)
-    {"path": "/path/to/bagel_example/t2i", "format": "t2i", "weight": 1.0},
+    {"path": "/path/to/bagel_example/t2i", "format": "t2i", "weight": 1.0, "mandatory": True},
     # edit parquet: image_list, instruction_list
     {"path": "/path/to/bagel_example/editing/seedxedit_multi", "format": "edit", "weight": 1.0},
     # LLaVA jsonl: conversations with <image> tags; image paths relative to data_folder
-    {"path": "/path/to/bagel_example/vlm/llava_ov_si.jsonl", "format": "vlm", "weight": 1.0,
+    {"path": "/path/to/bagel_example/vlm/llava_ov_si.jsonl", "format": "vlm", "weight": 1.0, "mandatory": True,
      "data_folder": "/path/to/bagel_example/vlm/images"},
 ]
 packing_length = 16384            # per GPU and micro-step (official 10240 expected / 11520 max on 4 GPUs)
@@ -34,4 +34,4 @@ save_steps = 1000
 keep_checkpoints = 3
 export_dtype = "bf16"
 out_dir = "out/sft"
-data_args = {"prefetch": 4}          # decode and pack ahead in a thread (one core reads ~2 packs/s of 32k)
+data_args = {"workers": 8, "prefetch": 2, "max_sample_tokens": 10240}  # official per-sample cap 10240; build samples in 8 worker processes, pack ahead in a thread

@@ -37,4 +37,4 @@ log_every = 10
 save_steps = 200
 export_dtype = "bf16"
 out_dir = "out/unicot"
-data_args = {"prefetch": 4}          # decode and pack ahead in a thread (one core reads ~2 packs/s of 32k)
+data_args = {"workers": 8, "prefetch": 2, "max_sample_tokens": 16384}  # TorchUMM: 49152 a pack, 16384 a sample

@@ -171,8 +171,10 @@ def run_training(out_dir, *args, nproc=1, env=None, check=True):
 
 
 def curve(out_dir):
-    """{step: metrics}; a step logged twice (before a kill and after the resume) keeps its last entry."""
+    """{step: metrics}. Each step has one row: a resume replaces the rows of the steps it does again."""
     rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    steps = [r["step"] for r in rows]
+    assert len(set(steps)) == len(steps), steps
     return {r["step"]: r for r in rows}
 
 

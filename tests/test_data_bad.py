@@ -43,7 +43,8 @@ BAD = {  # reason -> a row that has exactly that problem
 }
 
 
-def test_every_bad_input_kind_is_counted_and_logged(tmp_path, caplog):
+@pytest.mark.parametrize("workers", [0, 2])  # a bad row met in a worker process is counted and logged the same
+def test_every_bad_input_kind_is_counted_and_logged(tmp_path, caplog, workers):
     (tmp_path / "corrupt.png").write_bytes(png(32, 32)[:40] + b"\x00garbage" * 10)  # a PNG header, then junk
     Image.new("1", (4000, 4000)).save(tmp_path / "bomb.png")  # 16M pixels in a few kB
     rows = [good(i) for i in range(30)]
@@ -53,7 +54,8 @@ def test_every_bad_input_kind_is_counted_and_logged(tmp_path, caplog):
         rows.insert(bad_rows[reason], row)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="nanobagel.data"):
-        loader = data.Loader([data.Source(path)], TOK, packing_length=256, max_image_pixels=4_000_000, seed=0, dropout=DEFAULT_DROPOUT)
+        loader = data.Loader([data.Source(path)], TOK, packing_length=256, max_image_pixels=4_000_000, seed=0,
+                             dropout=DEFAULT_DROPOUT, workers=workers)
         while loader.stats["epochs"][path] < 1:  # exactly one epoch, row by row
             loader.next_sample()
     assert loader.stats["skipped"] == {reason: 1 for reason in BAD}

@@ -2,7 +2,12 @@
 weights, sharding and CFG dropout."""
 import io
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +17,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import DEFAULT_DROPOUT, png, word_tokenizer, words, write_jsonl
+from conftest import DEFAULT_DROPOUT, NO_DROPOUT, png, word_tokenizer, words, write_jsonl
 
 TOK = word_tokenizer()
 
@@ -260,3 +265,203 @@ def test_prefetch_changes_nothing_but_timing(tmp_path):
     for _ in range(2):  # raised again, not a hang, when called after the failure
         with pytest.raises(RuntimeError, match="20 bad samples in a row"):
             broken.next_pack()
+
+
+def mixed_sources(tmp_path):
+    """Chats with images and bad rows (malformed JSON, no messages, a missing image file), and mandatory shapes."""
+    rows, _ = chat_rows(60, max_words=40)
+    for i in range(0, 60, 4):
+        (tmp_path / f"{i}.png").write_bytes(png(20 + i, 30, colour=(i, 2 * i, 255 - i)))
+        rows[i] = {"messages": [{"role": "user", "content": [{"type": "image", "image": f"{i}.png"},
+                                                             {"type": "text", "text": "w5"}]},
+                                {"role": "assistant", "content": [{"type": "image", "image": f"{i}.png"}]}]}
+    rows[3], rows[10], rows[9] = "{not json", {"messages": []}, rows[8] | {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "gone.png"}]}, {"role": "assistant", "content": "w1"}]}
+    chats = data.Source(write_jsonl(tmp_path / "c.jsonl", rows), vae_size=(32, 64), vit_size=(28, 56))
+    return [chats, data.Source("shapes", num_rows=100, image_size=32, mandatory=True)]
+
+
+def test_workers_make_the_same_packs_and_states(tmp_path):
+    """N = 0, 1, 3 worker processes (3 with the prefetch thread too): identical packs, counts (bad rows included)
+    and states; a state saved while keys were in flight resumes to the same packs with any N."""
+    sources = mixed_sources(tmp_path)
+    make = lambda **kw: data.Loader(sources, TOK, packing_length=400, open_packs=4, seed=5, dropout=DEFAULT_DROPOUT,
+                                    **kw)
+    plain, one, three = make(), make(workers=1), make(workers=3, prefetch=2)
+    state = None
+    for i in range(14):
+        p = plain.next_pack()
+        assert_same_pack(p, one.next_pack())
+        assert_same_pack(p, three.next_pack())
+        if i == 6:
+            state = one.state_dict()
+            assert sum(map(len, one.stream.in_flight)) > 0, "the test needs keys in flight"
+            after = []
+        elif state:
+            after.append(p)
+    assert plain.stats == one.stats == three.stats and plain.state_dict() == one.state_dict() == three.state_dict()
+    assert set(plain.stats["skipped"]) == {"malformed_json", "empty_messages", "missing_file"}
+    assert sum(after[0].vae_timestep_raw.isfinite()) > 0  # noise and timesteps came through too
+    for n in (0, 3):
+        resumed = make(workers=n)
+        resumed.load_state_dict(state)
+        for p in after:
+            assert_same_pack(p, resumed.next_pack())
+        resumed.close()
+    for loader in (one, three):
+        processes = loader.stream.processes
+        loader.close()
+        assert len(processes) == loader.workers and not any(p.is_alive() for p in processes)
+    with pytest.raises(RuntimeError, match="stopped"):
+        one.next_pack()
+
+
+class FailingTokenizer(data.TextTokenizer):
+    """Fails, with an error that is not a bad row, on the word w13 (at module level: worker processes import it)."""
+
+    def encode(self, text):
+        if "w13" in text.split():
+            raise ValueError("tokenizer failure")
+        return super().encode(text)
+
+
+def test_worker_failures_surface_in_the_main_process(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": words(range(i, i + 3))}, {"role": "assistant", "content": "w1"}]}
+            for i in range(20, 80)]
+    rows[40] = {"messages": [{"role": "user", "content": "w13"}, {"role": "assistant", "content": "w1"}]}
+    src = data.Source(write_jsonl(tmp_path / "c.jsonl", rows))
+    make = lambda **kw: data.Loader([src], FailingTokenizer(TOK.tokenizer), packing_length=64, open_packs=2, seed=0,
+                                    dropout=NO_DROPOUT, **kw)
+    for n, error in ((0, ValueError), (2, RuntimeError)):
+        loader = make(workers=n)
+        with pytest.raises(error, match="tokenizer failure"):
+            for _ in range(60):
+                loader.next_pack()
+        assert loader.stats["samples"] == loader.order.shard(0, 0).tolist().index(40)  # where it failed, both ways
+        loader.close()
+    loader = make(workers=1)
+    loader.next_pack()
+    os.kill(loader.stream.processes[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"worker 0 is gone \(exit code -9\)"):
+        for _ in range(60):
+            loader.next_pack()
+
+
+def test_mandatory_sources_and_the_sample_cap_against_a_reference_simulation(tmp_path):
+    """Mandatory sources: a pack opened for a drawn sample gets one sample of each mandatory source, the next of its
+    order (into that pack if it fits, else the first it fits, else a pack of its own); samples over max_sample_tokens
+    are counted skips (a skipped seed: that source's next)."""
+    P, K, cap = 1024, 2, 600
+    # costs 6..604, 6..804 and 6..204: some over the cap, and now and then a seed has no room in its new pack
+    data_rows = [chat_rows(400, seed=s, max_words=w) for s, w in enumerate((300, 400, 100))]
+    sources = [data.Source(write_jsonl(tmp_path / f"{s}.jsonl", rows), weight=w, mandatory=m)
+               for s, ((rows, _), w, m) in enumerate(zip(data_rows, (1.0, 2.0, 0.5), (True, False, True)))]
+    loader = data.Loader(sources, TOK, packing_length=P, open_packs=K, max_sample_tokens=cap, seed=4,
+                         dropout=NO_DROPOUT)
+    packs = [loader.next_pack() for _ in range(80)]
+    # the reference: the same source draws and row orders (not what is tested here), packed by the rule above
+    order, cursor, draws, too_long = loader.order, [0, 0, 0], 0, 0
+    cost = lambda key: data_rows[key[0]][1][key[2]]
+    open_bins, closed, smallest = [], [], float("inf")
+
+    def next_fitting(s):
+        nonlocal too_long
+        while True:
+            key = [s, 0, int(order.shard(s, 0)[cursor[s]])]
+            cursor[s] += 1
+            if cost(key) <= cap:
+                return key
+            too_long += 1
+
+    def new_bin():
+        if len(open_bins) == K:
+            fullest = max(open_bins, key=lambda b: b[0])
+            open_bins.remove(fullest)
+            closed.append(fullest)
+        open_bins.append([0, []])
+        return open_bins[-1]
+
+    def put(b, key):
+        nonlocal smallest
+        smallest = min(smallest, cost(key))
+        b[0] += cost(key)
+        b[1].append(key)
+        if P - b[0] < smallest:
+            open_bins.remove(b)
+            closed.append(b)
+
+    def first_fit(c, bins):
+        return next((b for b in bins if b[0] + c <= P), None)
+    while len(closed) < 80:
+        s, draws = order.pick(draws), draws + 1
+        key = [s, 0, int(order.shard(s, 0)[cursor[s]])]
+        cursor[s] += 1
+        if cost(key) > cap:
+            too_long += 1
+        elif (b := first_fit(cost(key), open_bins)) is not None:
+            put(b, key)
+        else:
+            new = new_bin()
+            put(new, key)
+            for m in (0, 2):
+                seed = next_fitting(m)
+                put(first_fit(cost(seed), [new] * any(b is new for b in open_bins) + open_bins) or new_bin(), seed)
+    assert [p.sample_keys for p in packs] == [b[1] for b in closed[:80]]
+    assert loader.stats["skipped"] == {"too_long": too_long} and too_long > 10
+    assert max(cost(k) for p in packs for k in p.sample_keys) <= cap
+    # and the mandatory sources have the shares a weighted draw alone would not give them
+    drawn = [k[0] for p in packs for k in p.sample_keys]
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    assert shares[2] > 0.25 > 0.5 / 3.5, shares  # ~one seed per opened pack, on top of its weighted draws
+    key = max((k for p in packs for k in p.sample_keys), key=cost)  # the cap itself is allowed (as officially)
+    capped = lambda c: data.Loader(sources, TOK, packing_length=P, max_sample_tokens=c, dropout=NO_DROPOUT)
+    assert capped(cost(key)).build(key)[1] == cost(key)
+    with pytest.raises(data.BadSample, match="too_long"):
+        capped(cost(key) - 1).build(key)
+    assert capped(P + 1000).build.max_sample_tokens == P  # a cap over the pack: the pack (a config's cap, a shorter
+    with pytest.raises(ValueError, match="max_sample_tokens"):  # packing_length on the command line)
+        capped(-1)
+
+
+def test_every_opened_pack_holds_each_mandatory_source_when_there_is_room(tmp_path):
+    """Counting over many packs: with room for the seeds, every pack has one of each mandatory source; without the
+    flag the rare source is missing from most packs."""
+    rows, _ = chat_rows(3000, max_words=40)  # costs 6..84: every pack fits a sample and both seeds
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    for mandatory in (True, False):
+        sources = [data.Source(path, name="a", weight=1.0, mandatory=mandatory),
+                   data.Source(path, name="b", weight=8.0),
+                   data.Source(path, name="c", weight=0.2, mandatory=mandatory)]
+        loader = data.Loader(sources, TOK, packing_length=512, seed=1, dropout=NO_DROPOUT)
+        packs = [set(k[0] for k in loader.next_pack().sample_keys) for _ in range(300)]
+        with_both = sum({0, 2} <= p for p in packs)
+        assert with_both == 300 if mandatory else with_both < 60, with_both
+
+
+def test_workers_end_with_the_process_that_started_them(tmp_path):
+    """train.py leaves by os._exit (no clean-up of its own runs): the workers, and with them the forkserver, end by
+    themselves; a lingering one would keep the output pipe open, and the run below would time out."""
+    (tmp_path / "run.py").write_text(
+        "import os, multiprocessing.forkserver, data\n"
+        "if __name__ == '__main__':\n"
+        "    shapes = [data.Source('shapes', num_rows=50)]\n"
+        "    loader = data.Loader(shapes, data.tiny_tokenizer(), 512, (0, 0, 0), workers=2)\n"
+        "    loader.next_pack()\n"
+        "    print(*[p.pid for p in loader.stream.processes], multiprocessing.forkserver._forkserver._forkserver_pid)\n"
+        "    os._exit(0)\n")
+    repo = os.path.dirname(os.path.abspath(data.__file__))
+    run = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": repo})
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 3, run.stderr
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 10
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, pids))

@@ -4,10 +4,18 @@
 
 Pack g (global index) goes to step s, micro-step m, rank r with g = (s*A + m)*W + r... ordered so that
 W ranks x A micro-steps always cover packs [s*W*A, (s+1)*W*A): one process with A=2 sees exactly the packs two
-processes with A=1 see. NAN_STEPS=1,2 poisons those steps' packs. CRASH_AT_SAVE=k kills the process (os._exit) inside the k-th checkpoint save, after the
-sharded files are written and before the checkpoint is committed.
+processes with A=1 see. Faults, by environment variable:
+    NAN_STEPS=1,2        those steps' packs are poisoned (NaN flow noise)
+    NAN_WEIGHT=NAME      that parameter is NaN from the start (as if loaded so)
+    CRASH_AT=POINT@STEP  the process dies (os._exit(9), as a kill) right after that point of that step's save
+    DISK_FULL_AT=STEP    writing that step's per-rank file raises OSError(ENOSPC), as a full disk does
+    SIGNAL_AT=NAME@STEP[@RANK]  the process sends itself that signal (SIGTERM, SIGINT) while loading that step's
+                         packs (rank 0 unless told)
 """
+import errno
+import inspect
 import os
+import signal
 import sys
 
 import torch
@@ -34,7 +42,7 @@ def synthetic_samples(g, vocab):
 
 class FixedLoader:
     def __init__(self, sources, tokenizer, packing_length, dropout, rank, world_size, seed, **_):
-        self.tokenizer, self.rank, self.world, self.seed = tokenizer, rank, world_size, seed
+        self.sources, self.tokenizer, self.rank, self.world, self.seed = sources, tokenizer, rank, world_size, seed
         self.accum = ACCUM
         # train.py makes a new loader seeded seed + step when the world size changed: continue at that step
         self.count = (seed - train.DEFAULTS["seed"]) * self.accum
@@ -44,6 +52,8 @@ class FixedLoader:
         s, m = divmod(self.count, self.accum)
         g = (s * self.accum + m) * self.world + self.rank
         self.count += 1
+        if SIGNAL and m == 0 and s + 1 == SIGNAL[1] and self.rank == SIGNAL[2]:
+            os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
         pack = data.pack_samples(synthetic_samples(g, self.tokenizer.vocab_size), self.tokenizer.special)
         if s + 1 in NAN_STEPS:  # a poisoned pack: its flow noise is NaN
             pack.vae_noise[:] = float("nan")
@@ -55,24 +65,72 @@ class FixedLoader:
     def load_state_dict(self, state):
         self.count = state["count"]
 
+    def close(self):  # no worker processes to stop
+        pass
 
 
-def crash_in_save(k):
-    real, calls = train.dcp.save, [0]
+def after(owner, name, hit, fault):
+    """Wrap owner.name: once a call returns and hit(*args) holds, fault() runs."""
+    real = getattr(owner, name)
 
-    def save(*args, **kwargs):
-        real(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == k:
-            os._exit(9)
-    train.dcp.save = save
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if hit(*args, **kwargs):
+            fault()
+        return out
+    setattr(owner, name, wrapped)
+
+
+def crash_at(point, step):
+    """The save's points, in order: the process dies right after the named one, during the save of `step`
+    (set_aside: an existing step_N moved away; pruning: an old checkpoint renamed .del, not yet deleted)."""
+    final, renamed = f"step_{step:07d}", []
+    base = lambda path: os.path.basename(str(path))
+    named = lambda f: str(getattr(f, "name", ""))
+    points = {
+        "tmp_made": (train.os, "makedirs", lambda path, *a, **k: base(path) == final + ".tmp"),
+        "dcp_saved": (train.dcp, "save", lambda *a, checkpoint_id, **k: base(checkpoint_id) == final + ".tmp"),
+        "rank_file_saved": (train.torch, "save", lambda obj, f, *a, **k: f"{final}.tmp{os.sep}rank_" in named(f)),
+        "manifest_written": (train.json, "dump", lambda obj, f, *a, **k: named(f).endswith(
+            os.path.join(final + ".tmp", train.MANIFEST))),
+        "set_aside": (train.os, "replace", lambda src, dst: base(src) == final and base(dst) == final + ".del"),
+        "renamed": (train.os, "replace", lambda src, dst: base(src) == final + ".tmp" and base(dst) == final),
+        "pruning": (train.os, "replace", lambda src, dst: renamed and base(dst).endswith(".del")),
+    }
+    after(train.os, "replace", lambda src, dst: base(dst) == final, lambda: renamed.append(final))
+    after(*points[point], lambda: os._exit(9))
+
+
+def disk_full_at(step):
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    after(train.torch, "save", lambda obj, f, *a, **k: f"step_{step:07d}.tmp" in getattr(f, "name", ""), full)
+
+
+def nan_weight(name):
+    real = train.build
+
+    def build(config):
+        run = real(config)
+        with torch.no_grad():
+            train.local(dict(run.model.named_parameters())[name]).fill_(float("nan"))
+        return run
+    train.build = build
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     NAN_STEPS = {int(s) for s in os.environ.get("NAN_STEPS", "").split(",") if s}
     ACCUM = next((int(a.split("=")[1]) for a in args if a.startswith("--grad_accum=")), 1)
+    SIGNAL = os.environ.get("SIGNAL_AT", "").split("@")
+    SIGNAL = [SIGNAL[0], int(SIGNAL[1]), int(SIGNAL[2]) if len(SIGNAL) > 2 else 0] if SIGNAL[0] else None
+    FixedLoader.__signature__ = inspect.signature(data.Loader)  # the arguments train.py checks data_args against
     data.Loader = FixedLoader
-    if os.environ.get("CRASH_AT_SAVE"):
-        crash_in_save(int(os.environ["CRASH_AT_SAVE"]))
+    if os.environ.get("CRASH_AT"):
+        point, step = os.environ["CRASH_AT"].split("@")
+        crash_at(point, int(step))
+    if os.environ.get("DISK_FULL_AT"):
+        disk_full_at(int(os.environ["DISK_FULL_AT"]))
+    if os.environ.get("NAN_WEIGHT"):
+        nan_weight(os.environ["NAN_WEIGHT"])
     train.main(args)
