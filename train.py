@@ -3,6 +3,7 @@
     python train.py configs/tiny.py                       # one process (CPU or one GPU)
     python train.py configs/tiny.py --max_steps=50        # --key=value overrides, type-checked
     python train.py --help                                # every config key, its default and what it does
+    python train.py --plot=out/tiny                       # out/tiny/metrics.jsonl -> out/tiny/metrics.png
     torchrun --nproc_per_node=8 train.py configs/sft.py   # one node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/sft.py
 
@@ -31,6 +32,7 @@ import typing
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 
+from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 import torch
@@ -45,7 +47,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import convert
 import data
 import model as M
-import plot
+import sample
 
 # ----------------------------------------------------------------------------------------------
 # Config: defaults here; a config file is plain Python assignments; --key=value overrides. Every value is checked
@@ -108,7 +110,9 @@ DEFAULTS = dict(
     export_dtype="fp32",          # final consolidated safetensors
     save_ema_as_default=True,     # export/ has ema.safetensors, which sample.py and --init_from prefer; False: export/
                                   # holds the raw weights alone, the EMA goes to export_ema/ (recA wants the raw ones)
-    sample_every=0, sample_prompts=[], sample_steps=20, sample_cfg=4.0, sample_size=512,  # grids in out_dir/samples
+    sample_every=0, sample_prompts=[], sample_size=512,  # grids in out_dir/samples, drawn as sample.py draws
+    sample_settings={},           # overrides of sample.py's text-to-image settings (sample.T2I: num_timesteps,
+                                  # timestep_shift, cfg_text_scale, cfg_interval, ...)
 )
 
 CHOICES = dict(model=("tiny", "7b"), init_weights=("ema", "model"), lr_schedule=("constant", "cosine"),
@@ -118,9 +122,9 @@ CHOICES = dict(model=("tiny", "7b"), init_weights=("ema", "model"), lr_schedule=
 
 RANGES = [  # (keys, test, what the test says)
     (("grad_accum", "packing_length", "max_bad_steps", "checkpoint_every", "lora_rank", "log_every", "save_steps",
-      "keep_checkpoints", "val_packs", "eval_every", "sample_steps", "sample_size"), lambda v: v >= 1, ">= 1"),
+      "keep_checkpoints", "val_packs", "eval_every", "sample_size"), lambda v: v >= 1, ">= 1"),
     (("max_steps", "fsdp_shard_size", "lr", "min_lr", "warmup_steps", "eps", "weight_decay", "max_grad_norm",
-      "ce_weight", "mse_weight", "peak_tflops", "sample_every", "sample_cfg"), lambda v: v >= 0, ">= 0"),
+      "ce_weight", "mse_weight", "peak_tflops", "sample_every"), lambda v: v >= 0, ">= 0"),
     (("timestep_shift", "lora_alpha"), lambda v: v > 0, "> 0"),
     (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob"), lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -187,7 +191,8 @@ def did_you_mean(word, options):
 
 def check_config(config):
     """Values, not just types: CHOICES, RANGES, finite floats, and the keys and types inside model_args (BagelConfig's
-    fields), data_args (data.Loader's arguments) and sources and val_sources (data.Source's arguments)."""
+    fields), data_args (data.Loader's arguments), sources and val_sources (data.Source's arguments) and
+    sample_settings (sample.T2I's)."""
     for key, choices in CHOICES.items():
         if config[key] not in choices:
             raise SystemExit(f"{key} must be one of {', '.join(choices)}; got {config[key]!r}"
@@ -211,6 +216,8 @@ def check_config(config):
             if typed(f"{key}[{name!r}]", step, int) < 0:
                 raise SystemExit(f"{key}[{name!r}] must be a step >= 0, got {step}")
     config["model_args"] = checked_args("model_args", config["model_args"], typing.get_type_hints(M.BagelConfig))
+    config["sample_settings"] = checked_args("sample_settings", config["sample_settings"],
+                                             {k: type(v) for k, v in sample.T2I.items()})
     default_types = lambda fn: {k: object if p.default is None else type(p.default)  # None: any
                                 for k, p in inspect.signature(fn).parameters.items()}
     config["data_args"] = checked_args("data_args", config["data_args"], {
@@ -962,6 +969,14 @@ def main(argv):
     if {"-h", "--help"} & set(argv):
         print(usage())
         return
+    if argv and argv[0].startswith("--plot="):  # a run's out_dir or its metrics.jsonl
+        path = argv[0].split("=", 1)[1]
+        path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise SystemExit(f"no metrics file {path}")
+        plot_metrics(path, os.path.join(os.path.dirname(path), "metrics.png"))
+        print(f"wrote {os.path.join(os.path.dirname(path), 'metrics.png')}")
+        return
     master = os.environ.get("RANK", "0") == "0"
     try:
         config = load_config(argv)
@@ -1202,7 +1217,7 @@ class Progress:
         if run.master:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            plot.plot_metrics(self.metrics, os.path.join(self.config["out_dir"], "metrics.png"))
+            plot_metrics(self.metrics, os.path.join(self.config["out_dir"], "metrics.png"))
             if self.wandb:
                 self.wandb.log(row, step=step)
         self.row = row
@@ -1227,6 +1242,84 @@ class Progress:
                          f"{prompts} --out {out}/sample.png")
         if self.wandb:
             self.wandb.finish()
+
+
+# metrics.jsonl as a PNG with Pillow alone (no plotting library to install): the train and validation losses (log
+# scale), tokens/s and lr against the step, redrawn at every log line and by `python train.py --plot=OUT_DIR`.
+
+PLOT_PANELS = [  # (title, [(metrics key, colour)], log scale)
+    ("loss", [("ce", (31, 119, 180)), ("mse", (255, 127, 14)), ("val_ce", (44, 160, 44)), ("val_mse", (214, 39, 40))],
+     True),
+    ("tokens/s", [("tokens_per_s", (148, 103, 189))], False),
+    ("lr", [("lr", (140, 86, 75))], False),
+]
+PLOT_SIZE = (800, 240)            # pixels: the image's width, each panel's height
+PLOT_MARGINS = (70, 20, 28, 30)   # a panel's left, right, top and bottom margins: the axes' labels, the title
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; a step logged again after a resume keeps its last row."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+def ticks(lo, hi, log):
+    """Round tick values in [lo, hi]: 1, 2, 3 and 5 times powers of ten (log scale), or 3 to 6 even steps."""
+    if log:
+        return [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                for m in (1, 2, 3, 5) if lo <= m * 10 ** e <= hi]
+    raw = (hi - lo) / 5
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if raw <= step * m)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def plot_metrics(path, out):
+    """Draw the metrics of `path` (metrics.jsonl) into the PNG `out`, one panel per PLOT_PANELS entry."""
+    (width, height), (left, right, top_margin, bottom_margin) = PLOT_SIZE, PLOT_MARGINS
+    rows = read_metrics(path)
+    image = Image.new("RGB", (width, height * len(PLOT_PANELS)), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
+    steps = [r["step"] for r in rows]
+    x0, x1 = min(steps, default=0), max(steps, default=1)
+    x_of = lambda s: left + (s - x0) / ((x1 - x0) or 1) * (width - left - right)
+    for p, (title, series, log) in enumerate(PLOT_PANELS):
+        top, bottom = p * height + top_margin, (p + 1) * height - bottom_margin
+        draw.rectangle([left, top, width - right, bottom], outline=(160, 160, 160))
+        draw.text((left, top - 16), title, fill="black", font=font)
+        drawn = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not log)
+        values = [r[k] for r in rows for k, _ in series if drawn(r.get(k))]
+        if not values:
+            continue
+        lo, hi = min(values + ([] if log else [0])), max(values)  # a linear axis from 0
+        if lo == hi:  # a flat line in the middle
+            lo, hi = (lo / 2, hi * 2) if log else (lo - abs(lo) / 2 - 1e-12, hi + abs(hi) / 2 + 1e-12)
+        scale = math.log10 if log else (lambda v: v)
+        y_of = lambda v: bottom - (scale(v) - scale(lo)) / (scale(hi) - scale(lo)) * (bottom - top)
+        for v in ticks(lo, hi, log):
+            draw.line([left - 4, y_of(v), left, y_of(v)], fill="black")
+            draw.text((left - 6, y_of(v)), f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}", fill="black", font=font,
+                      anchor="rm")
+        for s in ticks(x0, x1, False) if x1 > x0 else [x0]:
+            draw.line([x_of(s), bottom, x_of(s), bottom + 4], fill="black")
+            draw.text((x_of(s), bottom + 6), f"{s:g}", fill="black", font=font, anchor="ma")
+        legend = left + 60
+        for key, colour in series:
+            points = [(x_of(r["step"]), y_of(r[key])) for r in rows if drawn(r.get(key))]
+            if not points:
+                continue
+            draw.line(points, fill=colour, width=2)
+            for x, y in points[:1] if len(points) == 1 else []:  # one row: a dot
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            if len(series) > 1:
+                draw.text((legend, top - 16), key, fill=colour, font=font)
+                legend += int(draw.textlength(key, font=font)) + 16
+    image.save(out)
 
 
 def finish_distributed():
@@ -1313,12 +1406,10 @@ def encode_images(vae, pack, dtype, cache=None):
 def write_samples(run, step):
     """out_dir/samples/step_N.png: the sample prompts drawn with the same noise at every call, each written under
     its image; returns the grid."""
-    import sample
     config = run.config
     size = (config["sample_size"], config["sample_size"])
     grid = sample.sample_grid(run.model, run.vae, run.tokenizer, config["sample_prompts"], image_size=size,
-                              num_timesteps=config["sample_steps"], cfg_text_scale=config["sample_cfg"],
-                              seed=config["seed"], captioned=True)
+                              seed=config["seed"], captioned=True, **config["sample_settings"])
     if run.master:
         path = os.path.join(config["out_dir"], "samples", f"step_{step:06d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)

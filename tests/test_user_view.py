@@ -19,7 +19,6 @@ import bench
 import convert
 import data
 import model as M
-import plot
 import sample
 import train
 from conftest import ROOT, drawing_report, draws_prompt, prompt_scene
@@ -52,6 +51,10 @@ def test_train_help_lists_every_key_and_unknown_keys_get_a_suggestion(tmp_path, 
         train.load_config([str(tmp_path / "c.py")])
     with pytest.raises(SystemExit, match="expected --key=value, got 'max_steps' \\(python train.py --help"):
         train.load_config(["--lr=1", "max_steps"])
+    assert train.load_config(["--sample_settings={'num_timesteps': 8, 'cfg_interval': [0, 1]}"])["sample_settings"] \
+        == {"num_timesteps": 8, "cfg_interval": (0, 1)}
+    with pytest.raises(SystemExit, match="sample_settings: unknown key 'cfg_scale' \\(did you mean 'cfg_img_scale'"):
+        train.load_config(["--sample_settings={'cfg_scale': 2.0}"])
 
 
 def test_config_paths_are_checked_before_anything_starts(tmp_path):
@@ -80,7 +83,7 @@ def test_every_entry_point_has_help(capsys):
             bench.main([])
     with pytest.raises(SystemExit, match="expected --key=value, got 'steps=3'"):
         bench.main(["steps=3"])
-    for main in (data.main, sample.main, convert.main, plot.main):
+    for main in (data.main, sample.main, convert.main):
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         assert e.value.code == 0
@@ -119,7 +122,7 @@ def test_progress_reports_window_means_speed_and_eta(tmp_path, monkeypatch):
     assert lines == ["step 3/10 (30.0%) | loss 4.0000 | ce 2.5000 | mse 1.5000 | lr 1.00e-03 | grad 1.000 | 225 tok/s "
                      "| 20.00 s/step | 2m40s elapsed | ETA 2m20s | fill 90.0% | skipped 1",
                      "  validation (4 fixed packs) | loss 4.5000 | ce 3.5000 | mse 1.0000"]
-    assert Image.open(tmp_path / "metrics.png").size == (plot.WIDTH, plot.PANEL_HEIGHT * len(plot.PANELS))
+    assert Image.open(tmp_path / "metrics.png").size == (800, 240 * 3)  # train.PLOT_SIZE, three panels
     assert [train.duration(s) for s in (45, 190, 7500)] == ["45s", "3m10s", "2h05m"]
 
 
@@ -164,7 +167,8 @@ def test_a_run_explains_itself(tmp_path):
     (stub / "wandb.py").write_text(WANDB_STUB)
     env = {"PYTHONPATH": f"{stub}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "WANDB_LOG": str(tmp_path / "w")}
     args = ["train.py", "configs/tiny.py", f"--model_args={TINY}", "--packing_length=256", "--lr=0.0", "--lr_schedule=constant",
-            "--warmup_steps=0", "--log_every=2", "--save_steps=2", "--sample_every=4", "--sample_steps=3",
+            "--warmup_steps=0", "--log_every=2", "--save_steps=2", "--sample_every=4",
+            "--sample_settings={'num_timesteps':3,'cfg_text_scale':2.0}",
             f"--val_sources={VAL}", "--val_packs=3", "--eval_every=2", "--wandb_project=p", "--wandb_mode=offline",
             f"--out_dir={out}"]
     proc = python(*args, "--max_steps=4", env=env)
@@ -194,8 +198,13 @@ def test_a_run_explains_itself(tmp_path):
     ce, mse = val_reference(out / "export")
     assert rows[2]["val_ce"] == pytest.approx(ce, rel=1e-5) and rows[2]["val_mse"] == pytest.approx(mse, rel=1e-5)
     assert rows[2]["val_loss"] == pytest.approx(rows[2]["val_ce"] + rows[2]["val_mse"], rel=1e-12)
-    assert Image.open(out / "metrics.png").size == (plot.WIDTH, plot.PANEL_HEIGHT * len(plot.PANELS))
-    assert Image.open(out / "samples/step_000004.png").width == 3 * 256 + 2 * 4  # captioned, 64 px made 256
+    assert Image.open(out / "metrics.png").size == (800, 240 * 3)
+    grid = Image.open(out / "samples/step_000004.png")
+    assert grid.width == 3 * 256 + 2 * 4  # captioned, 64 px made 256
+    bagel, vae, _ = sample.load(str(out / "export"), "model")  # lr 0: the weights the grid was drawn with
+    want = sample.sample_grid(bagel, vae, data.tiny_tokenizer(), PROMPTS, image_size=(64, 64),
+                              seed=train.DEFAULTS["seed"], captioned=True, num_timesteps=3, cfg_text_scale=2.0)
+    assert np.abs(np.asarray(grid, dtype=int) - np.asarray(want, dtype=int)).max() <= 1  # sample_settings used
 
     proc = python(*args, "--max_steps=6", env=env)  # resume
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -238,19 +247,20 @@ def test_plot_draws_each_series_where_its_values_are(tmp_path, capsys):
     rows.append(dict(rows[9], tokens_per_s=200.0))
     rows.insert(3, dict(rows[3], ce=50.0))  # step 4 logged before a crash, then again
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot.main([str(tmp_path)])
+    train.main([f"--plot={tmp_path}"])
     assert capsys.readouterr().out == f"wrote {tmp_path / 'metrics.png'}\n"
     pixels = np.asarray(Image.open(tmp_path / "metrics.png").convert("RGB"))
-    (_, ce), (_, mse), (_, val_ce), _ = plot.PANELS[0][1]
-    top, bottom = plot.TOP, plot.PANEL_HEIGHT - plot.BOTTOM
+    (width, height), (left, right, top, bottom) = train.PLOT_SIZE, train.PLOT_MARGINS
+    (_, ce), (_, mse), (_, val_ce), _ = train.PLOT_PANELS[0][1]
+    bottom = height - bottom
     rows_of = lambda colour, y0, y1: sorted({int(y) for y in np.nonzero((pixels[y0:y1] == colour).all(-1))[0] + y0})
     assert set(rows_of(ce, top + 2, bottom + 2)) <= {top - 1, top, top + 1}  # never up at 50
     assert set(rows_of(val_ce, top + 2, bottom + 2)) <= {bottom - 1, bottom, bottom + 1}
-    tok = plot.PANELS[1][1][0][1]
-    y0, y1 = plot.PANEL_HEIGHT + top, 2 * plot.PANEL_HEIGHT - plot.BOTTOM
-    left = np.nonzero((pixels[y0:y1 + 2, plot.LEFT + 5] == tok).all(-1))[0] + y0
-    right = np.nonzero((pixels[y0:y1 + 2, plot.WIDTH - plot.RIGHT - 5] == tok).all(-1))[0] + y0
-    assert abs(left.mean() - (y0 + y1) / 2) <= 1.5 and abs(right.mean() - y0) <= 1.5
+    tok = train.PLOT_PANELS[1][1][0][1]
+    y0, y1 = height + top, height + bottom
+    at_left = np.nonzero((pixels[y0:y1 + 2, left + 5] == tok).all(-1))[0] + y0
+    at_right = np.nonzero((pixels[y0:y1 + 2, width - right - 5] == tok).all(-1))[0] + y0
+    assert abs(at_left.mean() - (y0 + y1) / 2) <= 1.5 and abs(at_right.mean() - y0) <= 1.5
 
 
 def test_captioned_grid_enlarges_small_images_and_writes_prompts():
