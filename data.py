@@ -1091,12 +1091,13 @@ def describe(scene, rng):
 def shapes_parts(seed, row, size, draw=True):
     """Row -> parts (role, kind, value) with PIL images; draw=False leaves images out (for the corpus)."""
     rng = random.Random(f"shapes/{seed}/{row}")
-    n = 1 if rng.random() < 0.3 else 2
+    n = 1 if rng.random() < 0.15 else 2  # mostly two shapes, mostly drawn: tying colours and shapes to places is
+                                         # what a small model learns last (notes/tiny_demo.md)
     shapes, colours = rng.sample(SHAPES, n), rng.sample(sorted(COLOURS), n)
     cells = [(0.5, 0.5)] if n == 1 else rng.choice([[(0.5, 0.27), (0.5, 0.73)], [(0.27, 0.5), (0.73, 0.5)]])
     scene = list(zip(shapes, colours, cells))
     image = lambda sc: draw_shapes(sc, size) if draw else None
-    task = rng.choices(["t2i", "vqa", "edit"], weights=[0.4, 0.3, 0.3])[0]
+    task = rng.choices(["t2i", "vqa", "edit"], weights=[0.6, 0.2, 0.2])[0]
     if task == "t2i":
         return [("user", "text", describe(scene, rng)), ("assistant", "image", image(scene))]
     if task == "vqa":
