@@ -974,8 +974,9 @@ def main(argv):
         path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise SystemExit(f"no metrics file {path}")
-        plot_metrics(path, os.path.join(os.path.dirname(path), "metrics.png"))
-        print(f"wrote {os.path.join(os.path.dirname(path), 'metrics.png')}")
+        png = os.path.join(os.path.dirname(path), "metrics.png")
+        plot_metrics(path, png)
+        print(f"wrote {png}")
         return
     master = os.environ.get("RANK", "0") == "0"
     try:

@@ -1,6 +1,7 @@
 """NSA tests (CPU): the torch reference against the library's golden fixture, the Triton kernels (run by the
 Triton interpreter) against the torch reference on packs with causal, full and noise spans, and the masking
 semantics against model.SpanLayout.dense_mask."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ import model  # noqa: E402
 # it during these tests only. On a CUDA machine they stay compiled for the GPU (test_gpu_bf16_kernels_match_reference
 # checks them there): switching Triton to the interpreter inside a process that also compiles for the GPU breaks the
 # other tests' torch.compile.
-pytest.importorskip("triton", reason="nsa.py's kernels need triton (installed on Linux only)")
+if importlib.util.find_spec("triton") is None:  # found, not imported: Triton reads TRITON_INTERPRET when imported
+    pytest.skip("nsa.py's kernels need triton (installed on Linux only)", allow_module_level=True)
 ON_GPU = torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")
 if not ON_GPU:
