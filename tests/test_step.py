@@ -173,3 +173,23 @@ def test_hybrid_sharding_equals_one_process(tmp_path):
     for k in a:  # but the ViT key biases: softmax cancels them, so Adam steps on their round-off (as test_train says)
         if not (k.startswith("vit.") and k.endswith("k_proj.bias")):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_memory_formula_counts_what_a_layer_keeps():
+    """bench.layer_activation_bytes on the fixture's layer shapes against an independent count: full checkpointing
+    keeps the bf16 layer input; selective adds the bf16 outputs of the seven matmuls (q, k, v, o, gate, up, down) and
+    what attention keeps for backward (its bf16 output, the fp32 log-sum-exp per head); no checkpointing keeps more
+    than selective. memory_gib: states by parameter count, each term checked by hand on the fixture model."""
+    import bench
+    _, _, cfg = load_tiny()
+    C, F_, H, KH, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    act = bench.layer_activation_bytes(cfg)
+    assert act["full"] == 2 * C
+    assert act["selective"] == 2 * C + 2 * (H * D + 2 * KH * D + C + 2 * F_ + C) + H * (2 * D + 4)
+    assert act["none"] > act["selective"]
+    params = sum(p.numel() for p in M.Bagel(cfg).parameters())
+    layer = sum(p.numel() for p in M.DecoderLayer(cfg).parameters())
+    tokens, world = 4096, 2
+    activations = cfg.num_layers * tokens * act["full"] + tokens * act["none"] + 4096 * cfg.vocab_size * 6
+    want = params * 12 / world + params * 4 / world + max(activations, params * 4 / world) + 8 * layer
+    assert bench.memory_gib(cfg, act, world, tokens, "full") == pytest.approx(want / 2 ** 30, rel=1e-12)
