@@ -72,7 +72,7 @@ def gradients(bagel, pack, mode, every=1):
     for layer in bagel.layers:
         layer.checkpoint = None
     for layer in list(bagel.layers)[::every] + list(bagel.vit.layers):
-        layer.checkpoint = None if mode == "none" else train.checkpoint_context(mode)
+        layer.checkpoint = None if mode == "none" else train.checkpoint_args(mode)
     bagel.zero_grad()
     out = bagel(pack)
     (out["ce"].sum() + out["mse"].sum()).backward()
@@ -89,6 +89,26 @@ def test_activation_checkpointing_modes_give_the_same_gradients(tiny, mode, ever
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=0, rtol=0, msg=name)
     gradients(bagel, pack, "none")  # leave the shared model as it was
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_checkpointed_layers_compile_whole(tiny, mode):
+    """train.py compiles each decoder layer: dynamo must trace a checkpointed layer as one graph (fullgraph=True
+    makes a graph break an error; an explicit default context_fn made it refuse full checkpointing). aot_eager runs
+    the traced graph without a C++ compiler: the gradients are eager's."""
+    bagel, pack = tiny
+    ref = gradients(bagel, pack, mode)
+    torch._dynamo.reset()
+    for layer in bagel.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    try:
+        got = gradients(bagel, pack, mode)
+    finally:
+        for layer in bagel.layers:
+            layer._compiled_call_impl = None  # the shared model eager again
+        gradients(bagel, pack, "none")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_warmup_is_the_official_schedule():
