@@ -579,18 +579,19 @@ def layer_activation_bytes(cfg, tokens=64):
 def memory_gib(cfg, act, world, tokens, mode, ema=True):
     """Peak GiB per GPU of a full fine-tune under FSDP2 over `world` GPUs, one pack of `tokens` per GPU: fp32
     weights, AdamW moments and EMA sharded (12 bytes a parameter, 8 without the EMA); then the larger of the
-    forward's end (the activations it keeps, act: layer_activation_bytes, in every layer plus one layer's full set
-    while it is recomputed in backward; the CE's 4k-row chunk of logits in bf16 and fp32) and the backward's end
-    (fp32 gradients, 4 bytes a parameter, sharded); two layers' bf16 weights and gradients unsharded in flight."""
+    forward's end (the activations it keeps, act: layer_activation_bytes, in every layer, plus what one checkpointed
+    layer rebuilds in backward; the CE's 4k-row chunk of logits in bf16 and fp32; two layers' bf16 weights and
+    gradients unsharded) and the backward's end (fp32 gradients, 4 bytes a parameter, sharded)."""
     with torch.device("meta"):
         model = M.Bagel(cfg)
     params = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.layers[0].parameters())
     moments = params * (12 if ema else 8) / world  # AdamW's two moments and the EMA, all step long
-    activations = cfg.num_layers * tokens * act[mode] + (tokens * act["none"] if mode != "none" else 0)
+    # a checkpointed layer's backward rebuilds what its mode did not keep
+    activations = cfg.num_layers * tokens * act[mode] + tokens * (act["none"] - act[mode])
     # gradients are freed after each step: the forward's end holds the activations, the backward's end the gradients
-    peak = moments + params * 4 / world + max(activations + 4096 * cfg.vocab_size * 6, params * 4 / world)
-    return (peak + 2 * layer * 2 * 2) / 2 ** 30
+    forward_end = activations + 4096 * cfg.vocab_size * 6 + 2 * layer * 2 * 2
+    return (moments + params * 4 / world + max(forward_end, params * 4 / world)) / 2 ** 30
 
 
 def memory_main():

@@ -210,6 +210,7 @@ def test_memory_formula_counts_what_a_layer_keeps():
     params = sum(p.numel() for p in M.Bagel(cfg).parameters())
     layer = sum(p.numel() for p in M.DecoderLayer(cfg).parameters())
     tokens, world = 4096, 2
-    activations = cfg.num_layers * tokens * act["full"] + tokens * act["none"] + 4096 * cfg.vocab_size * 6
-    want = params * 12 / world + params * 4 / world + max(activations, params * 4 / world) + 8 * layer
+    forward_end = cfg.num_layers * tokens * act["full"] + tokens * (act["none"] - act["full"]) + \
+        4096 * cfg.vocab_size * 6 + 8 * layer
+    want = params * 12 / world + params * 4 / world + max(forward_end, params * 4 / world)
     assert bench.memory_gib(cfg, act, world, tokens, "full") == pytest.approx(want / 2 ** 30, rel=1e-12)
