@@ -4,6 +4,7 @@
     python bench.py --activation_checkpointing=True    # any train.py key can be given
     torchrun --nproc_per_node=2 bench.py               # FSDP2 over 2 GPUs (one pack per GPU)
     python bench.py nsa check|init|bench|breakdown|sweep [N] [KERNELS]   # NSA (nsa.py) on one GPU
+    python bench.py memory                             # the full 7B's memory per GPU, by formula (README's table)
 
 Options of the step benchmark (besides any train.py key: python train.py --help):
     --data=synthetic          the fixed pack below (default); real: configs/sft.py's mixture of generated photos in
@@ -29,13 +30,17 @@ import os
 import sys
 import time
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from PIL import Image
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import train
+import model as M
 from model import Rotary, span_layout
 
 try:
@@ -219,8 +224,10 @@ def step_main(argv):
     if phases:
         m = phases.memory
         per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
+        act = layer_activation_bytes(run.model_cfg)[config["activation_checkpointing"]]
         run.log("phases (ms per step, mean): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
-                f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB")
+                f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB "
+                f"(memory_gib's eager count: {act * config['packing_length'] / 2**30:.3f} GiB at a full pack)")
     if run.latent_cache:
         run.log(f"latent cache: {run.latent_cache.hits} hits, {run.latent_cache.misses} misses")
     run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
@@ -228,6 +235,10 @@ def step_main(argv):
             f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {flops / dt / run.world / peak if peak else 0:.3f} | "
             f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
+    if phases and kind == "synthetic" and config["checkpoint_every"] == 1 and not config["lora_targets"]:
+        predicted = memory_gib(run.model_cfg, layer_activation_bytes(run.model_cfg), run.world,
+                               config["packing_length"], config["activation_checkpointing"], config["ema"] > 0)
+        run.log(f"memory_gib predicts {predicted:.1f} GiB peak (measured {mem:.1f})")
     torch.distributed.destroy_process_group()
 
 
@@ -530,11 +541,96 @@ def nsa_main(args):
         raise SystemExit(f"bench.py nsa: expected check, init, bench, breakdown or sweep, got {what!r}\n" + __doc__)
 
 
+# ----------------------------------------------------------------------------------------------
+# Memory of the full 7B: a formula whose per-layer activation term is counted on one real-width layer
+
+class FlashSaves(torch.autograd.Function):
+    """Attention as flash and flex attention keep it for backward (q, k, v, the output, the log-sum-exp); it outputs
+    zeros: only the bytes are counted."""
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.zeros_like(q), q.new_zeros(q.shape[:2], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+
+class SavedOutputs(TorchDispatchMode):
+    """Bytes of the outputs of the ops selective checkpointing keeps (train.SAVED_OPS)."""
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in train.SAVED_OPS:
+            self.bytes += out.numel() * out.element_size()
+        return out
+
+
+def layer_activation_bytes(cfg, tokens=64):
+    """Bytes per token one decoder layer keeps for its backward, per checkpointing mode (eager, bf16): what autograd
+    saves on a real-width layer on the CPU (weights left out, each storage once), attention keeping what flash/flex
+    keep. full: the layer input; selective: that and the outputs its policy saves (matmuls; attention's output and
+    log-sum-exp)."""
+    layer = M.DecoderLayer(cfg).to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    ctx = SimpleNamespace(rope=Rotary(cfg.head_dim, cfg.rope_theta, torch.arange(tokens), torch.bfloat16),
+                          attend=FlashSaves.apply)
+    x = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    kept = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer.layer(x, tokens // 2, ctx)
+    with SavedOutputs() as saved:
+        layer.layer(x, tokens // 2, ctx)
+    full = cfg.hidden_size * 2
+    attention = cfg.num_heads * (cfg.head_dim * 2 + 4)
+    return {"none": sum(kept.values()) / tokens, "selective": full + saved.bytes / tokens + attention, "full": full}
+
+
+def memory_gib(cfg, act, world, tokens, mode, ema=True):
+    """Peak GiB per GPU of a full fine-tune under FSDP2 over `world` GPUs, one pack of `tokens` per GPU: fp32
+    weights, AdamW moments and EMA sharded (12 bytes a parameter, 8 without the EMA); then the larger of the
+    forward's end (the activations it keeps, act: layer_activation_bytes, in every layer, plus what one checkpointed
+    layer rebuilds in backward; the CE's 4k-row chunk of logits in bf16 and fp32; two layers' bf16 weights and
+    gradients unsharded) and the backward's end (fp32 gradients, 4 bytes a parameter, sharded)."""
+    with torch.device("meta"):
+        model = M.Bagel(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.layers[0].parameters())
+    moments = params * (12 if ema else 8) / world  # AdamW's two moments and the EMA, all step long
+    # a checkpointed layer's backward rebuilds what its mode did not keep
+    activations = cfg.num_layers * tokens * act[mode] + tokens * (act["none"] - act[mode])
+    # gradients are freed after each step: the forward's end holds the activations, the backward's end the gradients
+    forward_end = activations + 4096 * cfg.vocab_size * 6 + 2 * layer * 2 * 2
+    return (moments + params * 4 / world + max(forward_end, params * 4 / world)) / 2 ** 30
+
+
+def memory_main():
+    """The README's memory table: the full 7B, per GPU, by GPUs, pack length and checkpointing mode."""
+    cfg = M.bagel_7b()
+    act = layer_activation_bytes(cfg)
+    print("activation bytes per token per decoder layer (eager, bf16): " +
+          ", ".join(f"{mode} {v:,.0f}" for mode, v in act.items()))
+    modes = ("none", "selective", "full")
+    print("| GPUs | pack | " + " | ".join(f"AC {m} (GiB)" for m in modes) + " |\n|---|---|" + "---|" * len(modes))
+    for world in (8, 16, 32):
+        for tokens in (8192, 16384, 32768):
+            print(f"| {world} | {tokens // 1024}k | " +
+                  " | ".join(f"{memory_gib(cfg, act, world, tokens, m):.0f}" for m in modes) + " |")
+
+
 def main(argv):
     if {"-h", "--help"} & set(argv):
         print(__doc__)
     elif argv[:1] == ["nsa"]:
         nsa_main(argv[1:])
+    elif argv[:1] == ["memory"]:
+        memory_main()
     else:
         step_main(argv)
 

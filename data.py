@@ -1424,9 +1424,20 @@ class Prefetcher:
         return result, state
 
 
+def count_skip(skipped, where, outcome):
+    """Counts a bad sample by its reason; logs the first 20 of each reason, then every 1000th."""
+    n = skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
+    if n <= 20 or n % 1000 == 0:
+        log.warning("data: skipped %s: %s [%d %s so far]", where, outcome, n, outcome.reason)
+
+
 def check_sources(sources, order, build, max_latent_size, vit_side):
-    """Systemic problems fail at start, not hours into a run: images beyond the model's position tables, a rank
-    left without rows, a source whose first samples are all bad."""
+    """Systemic problems fail at start, not hours into a run: duplicate source names, a rank outside the world,
+    images beyond the model's position tables, a rank left without rows, a source whose first samples are all bad."""
+    if len({s.name for s in sources}) != len(sources):
+        raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
+    if not 0 <= order.rank < order.world_size:
+        raise ValueError(f"rank {order.rank} outside world_size {order.world_size}")
     for s, src in enumerate(sources):
         if src.vae_size[1] > 16 * max_latent_size or src.vit_size[1] > 14 * vit_side:
             raise ValueError(f"source {src.name}: images up to {src.vae_size[1]} px (VAE) / {src.vit_size[1]} px "
@@ -1460,10 +1471,6 @@ class Loader:
                  rank=0, world_size=1, seed=0):
         if not sources:
             raise ValueError("no data sources")
-        if len({s.name for s in sources}) != len(sources):
-            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
         if max_sample_tokens < 1:
             raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
@@ -1496,11 +1503,7 @@ class Loader:
         key, outcome = self.stream.take(s)
         s = key[0]
         if isinstance(outcome, BadSample):
-            skipped = self.counts["skipped"]
-            skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
-            if skipped[outcome.reason] <= 20 or skipped[outcome.reason] % 1000 == 0:
-                log.warning("data: skipped %s (epoch %d): %s [%d %s so far]", self.sources[s].where(key[2]), key[1],
-                            outcome, skipped[outcome.reason], outcome.reason)
+            count_skip(self.counts["skipped"], f"{self.sources[s].where(key[2])} (epoch {key[1]})", outcome)
             self.bad_streak[s] += 1
             if self.bad_streak[s] >= self.max_bad_streak:
                 raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "

@@ -351,16 +351,16 @@ class Expert(nn.Module):
 
 
 class CheckpointedLayer(nn.Module):
-    """A layer whose activations may be recomputed in backward instead of kept: train.py sets `checkpoint` to a
-    torch.utils.checkpoint context_fn (noop_context_fn: everything recomputed; a selective policy's: only what it
-    does not save). The parameter names stay those of the layer (no wrapper module)."""
+    """A layer whose activations may be recomputed in backward instead of kept: train.py sets `checkpoint` to the
+    torch.utils.checkpoint arguments of its mode ({}: everything recomputed; a selective policy's context_fn: only
+    what it does not save). The parameter names stay those of the layer (no wrapper module)."""
     checkpoint = None
 
     def forward(self, *args):
         if self.checkpoint is None or not torch.is_grad_enabled():
             return self.layer(*args)
-        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, context_fn=self.checkpoint,
-                                                 preserve_rng_state=False)
+        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, preserve_rng_state=False,
+                                                 **self.checkpoint)
 
 
 class DecoderLayer(CheckpointedLayer):

@@ -745,9 +745,9 @@ def meta_model(config, model_cfg, log):
         adapted = M.apply_lora(model, config["lora_targets"], config["lora_rank"], config["lora_alpha"])
         log(f"LoRA rank {config['lora_rank']} alpha {config['lora_alpha']} on {len(adapted)} Linear layers")
     if config["activation_checkpointing"] != "none":
-        context = checkpoint_context(config["activation_checkpointing"])
+        args = checkpoint_args(config["activation_checkpointing"])
         for layer in list(model.layers)[::config["checkpoint_every"]] + list(model.vit.layers):
-            layer.checkpoint = context
+            layer.checkpoint = args
     if config["compile"]:
         for layer in model.layers:
             layer.compile()
@@ -760,16 +760,17 @@ SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,  # the lin
              torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.higher_order.flex_attention}
 
 
-def checkpoint_context(mode):
-    """The torch.utils.checkpoint context_fn of an activation checkpointing mode: "full" recomputes the whole layer;
-    "selective" saves what the matmuls and attention produce and recomputes only the cheap elementwise work."""
+def checkpoint_args(mode):
+    """The torch.utils.checkpoint arguments of an activation checkpointing mode: "full" recomputes the whole layer
+    (no context_fn: torch.compile refuses the default one passed explicitly); "selective" saves what the matmuls and
+    attention produce and recomputes only the cheap elementwise work."""
     if mode == "full":
-        return torch.utils.checkpoint.noop_context_fn
+        return {}
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-    return functools.partial(create_selective_checkpoint_contexts, policy)
+    return {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
 
 def freeze(model, trains, dtype):

@@ -72,7 +72,7 @@ def gradients(bagel, pack, mode, every=1):
     for layer in bagel.layers:
         layer.checkpoint = None
     for layer in list(bagel.layers)[::every] + list(bagel.vit.layers):
-        layer.checkpoint = None if mode == "none" else train.checkpoint_context(mode)
+        layer.checkpoint = None if mode == "none" else train.checkpoint_args(mode)
     bagel.zero_grad()
     out = bagel(pack)
     (out["ce"].sum() + out["mse"].sum()).backward()
@@ -89,6 +89,26 @@ def test_activation_checkpointing_modes_give_the_same_gradients(tiny, mode, ever
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=0, rtol=0, msg=name)
     gradients(bagel, pack, "none")  # leave the shared model as it was
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_checkpointed_layers_compile_whole(tiny, mode):
+    """train.py compiles each decoder layer: dynamo must trace a checkpointed layer as one graph (fullgraph=True
+    makes a graph break an error; an explicit default context_fn made it refuse full checkpointing). aot_eager runs
+    the traced graph without a C++ compiler: the gradients are eager's."""
+    bagel, pack = tiny
+    ref = gradients(bagel, pack, mode)
+    torch._dynamo.reset()
+    for layer in bagel.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    try:
+        got = gradients(bagel, pack, mode)
+    finally:
+        for layer in bagel.layers:
+            layer._compiled_call_impl = None  # the shared model eager again
+        gradients(bagel, pack, "none")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_warmup_is_the_official_schedule():
@@ -173,3 +193,24 @@ def test_hybrid_sharding_equals_one_process(tmp_path):
     for k in a:  # but the ViT key biases: softmax cancels them, so Adam steps on their round-off (as test_train says)
         if not (k.startswith("vit.") and k.endswith("k_proj.bias")):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_memory_formula_counts_what_a_layer_keeps():
+    """bench.layer_activation_bytes on the fixture's layer shapes against an independent count: full checkpointing
+    keeps the bf16 layer input; selective adds the bf16 outputs of the seven matmuls (q, k, v, o, gate, up, down) and
+    what attention keeps for backward (its bf16 output, the fp32 log-sum-exp per head); no checkpointing keeps more
+    than selective. memory_gib: states by parameter count, each term checked by hand on the fixture model."""
+    import bench
+    _, _, cfg = load_tiny()
+    C, F_, H, KH, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    act = bench.layer_activation_bytes(cfg)
+    assert act["full"] == 2 * C
+    assert act["selective"] == 2 * C + 2 * (H * D + 2 * KH * D + C + 2 * F_ + C) + H * (2 * D + 4)
+    assert act["none"] > act["selective"]
+    params = sum(p.numel() for p in M.Bagel(cfg).parameters())
+    layer = sum(p.numel() for p in M.DecoderLayer(cfg).parameters())
+    tokens, world = 4096, 2
+    forward_end = cfg.num_layers * tokens * act["full"] + tokens * (act["none"] - act["full"]) + \
+        4096 * cfg.vocab_size * 6 + 8 * layer
+    want = params * 12 / world + params * 4 / world + max(forward_end, params * 4 / world)
+    assert bench.memory_gib(cfg, act, world, tokens, "full") == pytest.approx(want / 2 ** 30, rel=1e-12)
