@@ -1174,6 +1174,8 @@ class Progress:
         self.started = time.time() - elapsed_s  # a resume goes on counting from the checkpoint's elapsed time
         self.peak = peak_flops(run.device, self.config["peak_tflops"])
         self.metrics = os.path.join(self.config["out_dir"], "metrics.jsonl")
+        if run.master:  # there from the start, even for a run of 0 steps
+            open(self.metrics, "a").close()
         self.wandb = start_wandb(self.config) if run.master and self.config["wandb_project"] else None
         self.row = None
         self.new_window()
