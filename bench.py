@@ -182,6 +182,7 @@ def step_main(argv):
     if kind.startswith("real"):
         sources = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"), int(options["rows"]))
         config["sources"] = [s for s in sources if kind == "real" or s["format"] == kind.split(":")[1]]
+    train.check_config(config)  # the values train.py would refuse, before the model is built
     run = train.build(config)
     if not kind.startswith("real"):
         tokenizer = run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run)

@@ -83,6 +83,8 @@ def test_every_entry_point_has_help(capsys):
             bench.main([])
     with pytest.raises(SystemExit, match="expected --key=value, got 'steps=3'"):
         bench.main(["steps=3"])
+    with pytest.raises(SystemExit, match="did you mean 'full'"):  # train.py's value checks, before the 7B is built
+        bench.main(["--device=cpu", "--activation_checkpointing=ful"])
     for main in (data.main, sample.main, convert.main):
         with pytest.raises(SystemExit) as e:
             main(["--help"])
