@@ -585,8 +585,11 @@ def damage(folder, rank, world):
     """What is wrong with this rank's share of a checkpoint's files ("" if they match the manifest)."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            files = {name: (int(size), str(digest)) for name, (size, digest) in json.load(f)["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            manifest = json.load(f)
+        if "files" not in manifest:
+            return f"{MANIFEST} lists no files (a checkpoint from before manifests: it cannot be verified)"
+        files = {name: (int(size), str(digest)) for name, (size, digest) in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
     for name, (size, digest) in sorted(files.items()):
         path = os.path.join(folder, name)

@@ -398,6 +398,9 @@ def test_damage_names_the_bad_file(tmp_path):
     assert train.damage(str(tmp_path), 0, 1) == "__0_0.distcp is missing"
     (tmp_path / train.MANIFEST).write_text('{"files": {"x": ')
     assert train.damage(str(tmp_path), 0, 1).startswith(f"{train.MANIFEST} unreadable (JSONDecodeError")
+    (tmp_path / train.MANIFEST).write_text(json.dumps({"step": 7}))  # an older checkpoint's manifest
+    assert train.damage(str(tmp_path), 0, 1) == f"{train.MANIFEST} lists no files (a checkpoint from before " \
+                                                "manifests: it cannot be verified)"
 
 
 def test_flop_count_matches_torch_flop_counter():
