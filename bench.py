@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -225,10 +224,11 @@ def step_main(argv):
     if phases:
         m = phases.memory
         per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
-        act = layer_activation_bytes(run.model_cfg)[config["activation_checkpointing"]]
+        act = layer_activation_bytes(run.model_cfg)
+        counted = act[config["activation_checkpointing"]] * config["packing_length"] / 2 ** 30
         run.log("phases (ms per step, mean): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
                 f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB "
-                f"(memory_gib's eager count: {act * config['packing_length'] / 2**30:.3f} GiB at a full pack)")
+                f"(memory_gib's eager count: {counted:.3f} GiB at a full pack)")
     if run.latent_cache:
         run.log(f"latent cache: {run.latent_cache.hits} hits, {run.latent_cache.misses} misses")
     run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
@@ -237,8 +237,8 @@ def step_main(argv):
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {flops / dt / run.world / peak if peak else 0:.3f} | "
             f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
     if phases and kind == "synthetic" and config["checkpoint_every"] == 1 and not config["lora_targets"]:
-        predicted = memory_gib(run.model_cfg, layer_activation_bytes(run.model_cfg), run.world,
-                               config["packing_length"], config["activation_checkpointing"], config["ema"] > 0)
+        predicted = memory_gib(run.model_cfg, act, run.world, config["packing_length"],
+                               config["activation_checkpointing"], config["ema"] > 0)
         run.log(f"memory_gib predicts {predicted:.1f} GiB peak (measured {mem:.1f})")
     torch.distributed.destroy_process_group()
 
@@ -595,7 +595,7 @@ def layer_activation_bytes(cfg, tokens=64):
 
 def memory_gib(cfg, act, world, tokens, mode, ema=True):
     """Peak GiB per GPU of a full fine-tune under FSDP2 over `world` GPUs, one pack of `tokens` per GPU: fp32
-    weights, AdamW moments and EMA sharded (12 bytes a parameter, 8 without the EMA); then the larger of the
+    weights, AdamW moments and EMA sharded (16 bytes a parameter, 12 without the EMA); then the larger of the
     forward's end (the activations it keeps, act: layer_activation_bytes, in every layer, plus what one checkpointed
     layer rebuilds in backward; the CE's 4k-row chunk of logits in bf16 and fp32; two layers' bf16 weights and
     gradients unsharded) and the backward's end (fp32 gradients, 4 bytes a parameter, sharded)."""
