@@ -34,4 +34,5 @@ save_steps = 1000
 keep_checkpoints = 3
 export_dtype = "bf16"
 out_dir = "out/sft"
-data_args = {"workers": 8, "prefetch": 2, "max_sample_tokens": 10240}  # official per-sample cap 10240; build samples in 8 worker processes, pack ahead in a thread
+# samples built in 8 worker processes, packs made ahead in a thread; the official per-sample cap 10240
+data_args = {"workers": 8, "prefetch": 2, "max_sample_tokens": 10240}
