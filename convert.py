@@ -347,8 +347,8 @@ def detect_layout(folder):
         raise CheckpointError(f"{folder} is not a folder")
     has = lambda name: os.path.isfile(os.path.join(folder, name))
     if has(".metadata"):
-        if not has("train_state.json"):
-            raise CheckpointError(f"{folder} is a DCP folder without train_state.json: not a complete train.py "
+        if not has(MANIFEST):
+            raise CheckpointError(f"{folder} is a DCP folder without {MANIFEST}: not a complete train.py "
                                   "checkpoint (one killed mid-write stays step_N.tmp)")
         return "dcp"
     if has("llm_config.json") and has("ema.safetensors"):
@@ -470,9 +470,11 @@ def hf_tensors(folder):
 # train.py's checkpoints (DCP) hold the weights, optimiser and EMA; the model config, the AE and the tokenizer come
 # from the run's training config in train_state.json, as train.py made them.
 
+MANIFEST = "train_state.json"  # a step_N folder's manifest: its files and hashes, step, training and model config
+
 def run_state(folder):
     """train_state.json's training config, and a getter that names the file when a field is missing."""
-    path = os.path.join(folder, "train_state.json")
+    path = os.path.join(folder, MANIFEST)
     state = read_json(path)
     config = need(state, "config", path)
     return state, lambda key: need(config, key, path + " config")
@@ -483,7 +485,7 @@ def run_init(folder, init_from):
     try:
         return read_checkpoint(init_from)
     except CheckpointError as e:
-        raise CheckpointError(f"{folder}/train_state.json: the run started from {init_from}: {e}") from e
+        raise CheckpointError(f"{folder}/{MANIFEST}: the run started from {init_from}: {e}") from e
 
 
 def dcp_model_config(folder, **overrides):
@@ -498,10 +500,10 @@ def dcp_model_config(folder, **overrides):
         elif get("model") in PRESETS:
             base = PRESETS[get("model")]()
         else:
-            raise CheckpointError(f"{folder}/train_state.json: unknown model {get('model')!r}")
+            raise CheckpointError(f"{folder}/{MANIFEST}: unknown model {get('model')!r}")
         values = {**asdict(base), **get("model_args"), "freeze_und": get("freeze_und")}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return make_config({**values, **overrides}, os.path.join(folder, "train_state.json"))
+    return make_config({**values, **overrides}, os.path.join(folder, MANIFEST))
 
 
 def dcp_vae(folder, cfg):

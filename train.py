@@ -115,7 +115,7 @@ DEFAULTS = dict(
                                   # timestep_shift, cfg_text_scale, cfg_interval, ...)
 )
 
-CHOICES = dict(model=("tiny", "7b"), init_weights=("ema", "model"), lr_schedule=("constant", "cosine"),
+CHOICES = dict(model=tuple(M.PRESETS), init_weights=("ema", "model"), lr_schedule=("constant", "cosine"),
                device=("auto", "cpu", "cuda"), dtype=("auto", "bf16", "fp32"),
                activation_checkpointing=("none", "full", "selective"), export_dtype=("fp32", "bf16"),
                wandb_mode=("online", "offline"))
@@ -421,8 +421,7 @@ def peak_flops(device, configured_tflops):
 # One trainer per out_dir (lock_out_dir), so what killed saves left (.tmp, .del) is cleared at the next save.
 
 STEP_DIR = re.compile(r"step_(\d+)")
-MANIFEST = "train_state.json"  # also what convert.py reads a step_N folder's config from
-
+MANIFEST = convert.MANIFEST
 
 def lock_out_dir(out_dir):
     """One trainer per out_dir: an exclusive flock on out_dir/train.lock, held by rank 0 alone (every write to
@@ -934,8 +933,8 @@ def evaluate(run, packs):
     for i in range(run.rank, -(-len(packs) // world) * world, world):
         out = run.model(packs[i % len(packs)], timestep_shift=config["timestep_shift"], run_vit=run_vit)
         if i < len(packs):
-            sums += torch.stack([out["ce"].sum(), out["mse"].sum(), torch.tensor(out["ce"].numel()),
-                                 torch.tensor(out["mse"].numel())]).double()
+            sums[:2] += torch.stack([out["ce"].sum(), out["mse"].sum()]).double()
+            sums[2:] += torch.tensor([out["ce"].numel(), out["mse"].numel()], device=run.device)
     dist.all_reduce(sums)
     ce_sum, mse_sum, n_ce, n_mse = sums.tolist()
     ce, mse = ce_sum / (n_ce or 1), mse_sum / (n_mse or 1)
@@ -1040,9 +1039,7 @@ def main(argv):
             if bad_in_row >= config["max_bad_steps"]:
                 raise SystemExit(non_finite_report(run, r, bad_in_row))
         step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        progress.add(r, time.time() - t0)
+        progress.add(r, time.time() - t0)  # train_step's host read has waited for the GPU
 
         last = step == config["max_steps"]
         val = evaluate(run, val_packs) if val_packs and (step % config["eval_every"] == 0 or last) else None
