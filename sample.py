@@ -68,7 +68,10 @@ def run_tokens(model, cache, x, is_gen, positions, spans, keep=False):
     order, where = expert_order(is_gen)
     n_und = int((~is_gen).sum())
     rows = m + order  # the new tokens' places in the sequence, in the layers' row order
-    mask = None if nsa else layout.visible(rows[:, None], torch.cat([torch.arange(m, device=device), rows])[None])
+    # one bidirectional span, or one new token, sees everything: no mask keeps SDPA on its fused kernels
+    sees_all = len(spans[0]) == 1 and (spans[1][0] != "causal" or n == 1)
+    mask = None if nsa or sees_all else \
+        layout.visible(rows[:, None], torch.cat([torch.arange(m, device=device), rows])[None])
     seen = positions if cache.positions is None else torch.cat([cache.positions, positions])
     rope = Rotary(cfg.head_dim, cfg.rope_theta, positions[order], x.dtype)
     x = x[order]
