@@ -16,6 +16,7 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
     --device=cpu              run on the CPU anyway, with a small model: --model=tiny --compile=False
                               --model_args="{'attn_backend':'sdpa'}" --packing_length=4096
     BENCH_PROFILE=N           environment: also print torch.profiler's top N ops of two more steps
+    BENCH_TRACE=FILE.json.gz  environment: with BENCH_PROFILE, write those two steps' timeline (chrome://tracing)
 
 The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
@@ -216,6 +217,8 @@ def step_main(argv):
             sync(run)
         run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["BENCH_PROFILE"]),
                                           max_name_column_width=80))
+        if os.environ.get("BENCH_TRACE"):
+            prof.export_chrome_trace(os.environ["BENCH_TRACE"])
     dt = sum(times[warmup:])
     mean = lambda xs: sum(xs) / len(xs)
     per_phase = {k: mean([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in phase_ms[-1]}
