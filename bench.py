@@ -195,9 +195,11 @@ def step_main(argv):
         next_pack = train.make_loader(run, config["seed"]).next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
     phases = Phases(run) if run.device.type == "cuda" else None
-    times, phase_ms, tokens, flops = [], [], 0, 0
+    times, phase_ms, tokens, flops, peaks = [], [], 0, 0, []
     for i in range(warmup + steps):
         sync(run)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         packs = [next_pack()]
         t_data = time.time() - t0
@@ -205,10 +207,14 @@ def step_main(argv):
         sync(run)
         times.append(time.time() - t0)
         phase_ms.append({"data": t_data * 1000, **(phases.take() if phases else {})})
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0)
         if i >= warmup:
             tokens, flops = tokens + r["tokens"], flops + r["flops"]
-        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {t_data * 1000:.0f}), {r['tokens']} tokens, "
-                f"loss {r['loss']:.4f}")
+        p = packs[0]  # what the pack holds, for the peak memory of each kind of pack
+        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {t_data * 1000:.0f}, encode "
+                f"{phase_ms[-1].get('encode', 0):.0f}), {r['tokens']} tokens "
+                f"({p.vit_patches.shape[0]} ViT patches, {p.vae_indexes.numel()} latent, {p.ce_indexes.numel()} CE), "
+                f"loss {r['loss']:.4f}, peak {peaks[-1]:.1f} GiB")
     if os.environ.get("BENCH_PROFILE"):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -223,7 +229,7 @@ def step_main(argv):
     mean = lambda xs: sum(xs) / len(xs)
     per_phase = {k: mean([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in phase_ms[-1]}
     tokens, flops = train.all_sum([tokens, flops], run.device)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0
+    mem = max(peaks)
     if phases:
         m = phases.memory
         per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
