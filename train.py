@@ -860,23 +860,24 @@ def lr_at(config, step):
     return config["lr"]
 
 
-def train_step(run, packs, lr, step=0):
+def train_step(run, packs, lr, step=0, stop_votes=0):
     """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
     counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
-    packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules.
-    The step reads the GPU once, at its end, after the optimiser step is launched."""
+    packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules;
+    `stop_votes` (this rank's pending signals) rides the step's first collective: r["stop"] says whether any rank
+    has one. The step reads the GPU once, at its end, after the optimiser step is launched."""
     config, world, model = run.config, run.world, run.model
     off = [k for k, s in config["loss_off_from_step"].items() if step >= s]
     ce_w, mse_w = (0.0 if k in off else config[k + "_weight"] for k in ("ce", "mse"))
     frozen = [pat for pat, s in config["freeze_from_step"].items() if step >= s]
     for g in run.opt.param_groups:
         g["lr"] = lr
-    # one collective: global CE and MSE token counts, and which micro-steps have ViT images on any rank
+    # one collective: global CE and MSE token counts, which micro-steps have ViT images on any rank, stop votes
     reweight = config["ce_loss_reweighting"]
     ce_count = (lambda p: float(p.ce_weights.sum())) if reweight else (lambda p: p.ce_indexes.numel())
-    counts = all_sum([sum(ce_count(p) for p in packs), sum(p.mse_indexes.numel() for p in packs)] +
+    counts = all_sum([sum(ce_count(p) for p in packs), sum(p.mse_indexes.numel() for p in packs), stop_votes] +
                      [len(p.vit_lens) for p in packs], run.device)
-    n_ce, n_mse, vit_images = counts[0], counts[1], counts[2:]
+    n_ce, n_mse, stop_asked, vit_images = counts[0], counts[1], counts[2] > 0, counts[3:]
     ce_sum = mse_sum = torch.zeros((), device=run.device)
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
@@ -919,7 +920,7 @@ def train_step(run, packs, lr, step=0):
     ce_tot, mse_tot, grad_norm, ok = torch.cat([sums, grad_norm.double()[None], finite.double()[None]]).tolist()
     ce_mean, mse_mean = ce_tot / (n_ce or 1), mse_tot / (n_mse or 1)
     return dict(ok=bool(ok), loss=ce_w * ce_mean + mse_w * mse_mean, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm,
-                n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops)
+                n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops, stop=stop_asked)
 
 
 @torch.no_grad()
@@ -1029,7 +1030,7 @@ def main(argv):
             if not config["visual_gen"] and pack.mse_indexes.numel():
                 raise SystemExit("visual_gen is off but the data has generation targets")
         lr = lr_at(config, step)
-        r = train_step(run, packs, lr, step)
+        r = train_step(run, packs, lr, step, stop_votes=len(signals))  # a signal on any rank: all stop after it
         if r["ok"]:
             bad_in_row = 0
         else:
@@ -1047,12 +1048,11 @@ def main(argv):
             progress.report(step, lr, loader.stats["fill"], skipped, val)
         if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
             progress.image(step, write_samples(run, step))
-        stop = all_sum([len(signals)], device)[0] > 0  # a signal on any rank: all stop after this same step
-        if step % config["save_steps"] == 0 or last or stop:
+        if step % config["save_steps"] == 0 or last or r["stop"]:
             extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
                      "skipped": skipped, "data": data_rows(loader), "elapsed_s": progress.elapsed()}
             log(f"checkpoint: {save_checkpoint(run, ckpt_dir, step, extra)}")
-        if stop:
+        if r["stop"]:
             log(f"{' '.join(signals) or 'a signal on another rank'}: saved step {step} and stopped; the same command "
                 f"resumes")
             break
