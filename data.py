@@ -116,13 +116,39 @@ class Pack:
         return Pack(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
-def vae_grid(item):
-    """(h, w) latent-token grid of a vae_image item (latent is [16, 2h, 2w], pixels [3, 16h, 16w])."""
+def item_grid(item):
+    """(h, w) token grid of an image item: ViT patches of 14 px, VAE latent tokens of 16 px (latent [16, 2h, 2w])."""
     if item.get("latent") is not None:
-        _, H, W = item["latent"].shape
-        return H // 2, W // 2
-    _, H, W = item["pixels"].shape
-    return H // 16, W // 16
+        return item["latent"].shape[1] // 2, item["latent"].shape[2] // 2
+    side = 14 if item["type"] == "vit_image" else 16
+    return item["pixels"].shape[1] // side, item["pixels"].shape[2] // side
+
+
+def item_len(item):
+    """LLM positions of a kept item: <|im_start|> ids <|im_end|>, or an image's tokens between its two markers."""
+    if item["type"] == "text":
+        return len(item["ids"]) + 2
+    h, w = item_grid(item)
+    return h * w + 2
+
+
+def sample_len(items):
+    """LLM positions a sample takes in a pack (what packing_length bounds)."""
+    return sum(item_len(it) for it in items if not it.get("drop"))
+
+
+def add_draws(item, gen):
+    """Fills in the random draws a kept vae_image lacks, from `gen` in this order: timestep_raw ~ N(0, 1) and flow
+    noise (a noised image), then the VAE posterior eps (an image given as pixels)."""
+    h, w = item_grid(item)
+    if item.get("loss"):
+        if item.get("timestep_raw") is None:
+            item["timestep_raw"] = torch.randn((), generator=gen).item()
+        if item.get("noise") is None:
+            item["noise"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+    if item.get("pixels") is not None and item.get("posterior_eps") is None:
+        item["posterior_eps"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+    return item
 
 
 def unit_pixels(x):
@@ -145,124 +171,78 @@ def grid_pos_ids(h, w, side):
 def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=None) -> Pack:
     """Lay samples out one after another with the official BAGEL packing rules.
 
-    special: {"im_start", "im_end", "vision_start", "vision_end"} -> token id.
-    Missing draws of noised VAE images (timestep_raw ~ N(0,1), noise, and posterior_eps for pixel images)
-    are taken from `generator` in sequence order; the loader always supplies them, so this is for ad-hoc use.
+    special: {"im_start", "im_end", "vision_start", "vision_end"} -> token id. The draws a noised VAE image lacks
+    are taken from `generator` (add_draws, in sequence order); the loader always supplies them: this is for ad-hoc use.
     """
-    vs, ve = special["vision_start"], special["vision_end"]
-    sample_lens, split_lens, split_modes, position_ids = [], [], [], []
-    text_ids, text_indexes = [], []
-    vit_patches, vit_pos_ids, vit_indexes, vit_lens = [], [], [], []
-    vae_indexes, latent_pos_ids, vae_grids, vae_latents, vae_pixels, vae_eps, vae_keys = [], [], [], [], [], [], []
-    vae_t, vae_noise = [], []
-    ce_indexes, ce_labels, ce_weights, mse_indexes = [], [], [], []
+    p = {f.name: [] for f in fields(Pack)}  # each field as a list, made tensors at the end
     L = 0  # tokens laid out so far
     for sample in samples:
         start, rope = L, 0
         for item in sample:
             kind = item["type"]
+            if kind not in ("text", "vit_image", "vae_image"):
+                raise ValueError(f"unknown item type {kind!r}")
             if item.get("drop"):
                 # a dropped condition adds no tokens; a dropped image still advances the position (official)
                 rope += kind != "text"
                 continue
+            n = item_len(item)
             if kind == "text":
                 ids = [int(i) for i in item["ids"]]
-                n = len(ids) + 2
-                text_ids += [special["im_start"]] + ids + [special["im_end"]]
-                text_indexes += range(L, L + n)
-                position_ids += range(rope, rope + n)
+                p["text_ids"] += [special["im_start"]] + ids + [special["im_end"]]
+                p["text_indexes"] += range(L, L + n)
+                p["position_ids"] += range(rope, rope + n)
                 if item.get("loss"):  # next-token CE on <|im_start|> + ids, labels ids + <|im_end|>
-                    ce_indexes += range(L, L + n - 1)
-                    ce_labels += ids + [special["im_end"]]
-                    ce_weights += [1.0 / math.sqrt(len(ids) + 1)] * (n - 1)
+                    p["ce_indexes"] += range(L, L + n - 1)
+                    p["ce_labels"] += ids + [special["im_end"]]
+                    p["ce_weights"] += [1.0 / math.sqrt(len(ids) + 1)] * (n - 1)
                 if item.get("special_token_loss"):  # the <|im_end|> position predicts e.g. <|vision_start|>
-                    ce_indexes.append(L + n - 1)
-                    ce_labels.append(int(item["special_token_label"]))
-                    ce_weights.append(1.0)
+                    p["ce_indexes"].append(L + n - 1)
+                    p["ce_labels"].append(int(item["special_token_label"]))
+                    p["ce_weights"].append(1.0)
                 mode, rope = "causal", rope + n
-            elif kind == "vit_image":
-                pixels = item["pixels"]
-                h, w = pixels.shape[1] // 14, pixels.shape[2] // 14
-                n = h * w + 2
-                vit_patches.append(patchify(unit_pixels(pixels), 14))
-                vit_pos_ids.append(grid_pos_ids(h, w, vit_side))
-                vit_indexes.append(torch.arange(L + 1, L + n - 1))
-                vit_lens.append(h * w)
-                text_ids += [vs, ve]
-                text_indexes += [L, L + n - 1]
-                position_ids += [rope] * n  # a whole image takes one position id
-                mode, rope = "full", rope + 1
-            elif kind == "vae_image":
-                h, w = vae_grid(item)
-                n = h * w + 2
-                latent, pixels = item.get("latent"), item.get("pixels")
-                assert (latent is None) != (pixels is None), "a vae_image has exactly one of latent / pixels"
-                noised = bool(item.get("loss"))
-                eps = item.get("posterior_eps")
-                if noised:
-                    t_raw, noise = item.get("timestep_raw"), item.get("noise")
-                    if t_raw is None:
-                        t_raw = torch.randn((), generator=generator).item()
-                    if noise is None:
-                        noise = torch.randn(16, 2 * h, 2 * w, generator=generator)
-                    vae_t.append(float(t_raw))
-                    vae_noise.append(patchify(noise.float(), 2))
-                    mse_indexes.append(torch.arange(L + 1, L + n - 1))
-                else:
-                    vae_t.append(-math.inf)
-                    vae_noise.append(torch.zeros(h * w, 64))
-                if pixels is not None and eps is None:
-                    eps = torch.randn(16, 2 * h, 2 * w, generator=generator)
-                vae_indexes.append(torch.arange(L + 1, L + n - 1))
-                latent_pos_ids.append(grid_pos_ids(h, w, max_latent_size))
-                vae_grids.append((h, w))
-                vae_latents.append(latent)
-                vae_pixels.append(pixels)
-                vae_keys.append(None if pixels is None else item.get("pixel_key") or pixel_key(pixels))
-                vae_eps.append(eps if pixels is not None else None)
-                text_ids += [vs, ve]
-                text_indexes += [L, L + n - 1]
-                position_ids += [rope] * n
+            else:  # <|vision_start|> the image's tokens <|vision_end|>: a whole image takes one position id
+                h, w = item_grid(item)
+                tokens = torch.arange(L + 1, L + n - 1)
+                p["text_ids"] += [special["vision_start"], special["vision_end"]]
+                p["text_indexes"] += [L, L + n - 1]
+                p["position_ids"] += [rope] * n
+                noised = kind == "vae_image" and bool(item.get("loss"))
                 # a noised image does not advance the position: a following clean copy reuses the id
                 mode, rope = ("noise", rope) if noised else ("full", rope + 1)
-            else:
-                raise ValueError(f"unknown item type {kind!r}")
-            split_lens.append(n)
-            split_modes.append(mode)
+            if kind == "vit_image":
+                p["vit_patches"].append(patchify(unit_pixels(item["pixels"]), 14))
+                p["vit_pos_ids"].append(grid_pos_ids(h, w, vit_side))
+                p["vit_indexes"].append(tokens)
+                p["vit_lens"].append(h * w)
+            elif kind == "vae_image":
+                latent, pixels = item.get("latent"), item.get("pixels")
+                assert (latent is None) != (pixels is None), "a vae_image has exactly one of latent / pixels"
+                item = add_draws(dict(item), generator)
+                p["vae_timestep_raw"].append(float(item["timestep_raw"]) if noised else -math.inf)
+                p["vae_noise"].append(patchify(item["noise"].float(), 2) if noised else torch.zeros(h * w, 64))
+                if noised:
+                    p["mse_indexes"].append(tokens)
+                p["vae_indexes"].append(tokens)
+                p["latent_pos_ids"].append(grid_pos_ids(h, w, max_latent_size))
+                p["vae_grids"].append((h, w))
+                p["vae_latents"].append(latent)
+                p["vae_pixels"].append(pixels)
+                p["vae_keys"].append(None if pixels is None else item.get("pixel_key") or pixel_key(pixels))
+                p["vae_posterior_eps"].append(None if pixels is None else item["posterior_eps"])
+            p["split_lens"].append(n)
+            p["split_modes"].append(mode)
             L += n
-        sample_lens.append(L - start)
+        p["sample_lens"].append(L - start)
+    widths = {"vit_patches": 14 * 14 * 3, "vae_noise": 64, "vae_timestep_raw": None, "ce_weights": None}  # floats
 
-    def cat(xs, *shape, dtype=torch.long):
-        return torch.cat(xs) if xs else torch.zeros(0, *shape, dtype=dtype)
-
-    long = lambda x: torch.tensor(x, dtype=torch.long)
-    return Pack(
-        sample_lens=sample_lens, split_lens=split_lens, split_modes=split_modes,
-        position_ids=long(position_ids), text_ids=long(text_ids), text_indexes=long(text_indexes),
-        vit_patches=cat(vit_patches, 14 * 14 * 3, dtype=torch.float32), vit_pos_ids=cat(vit_pos_ids),
-        vit_indexes=cat(vit_indexes), vit_lens=vit_lens,
-        vae_indexes=cat(vae_indexes), latent_pos_ids=cat(latent_pos_ids), vae_grids=vae_grids,
-        vae_latents=vae_latents, vae_pixels=vae_pixels, vae_keys=vae_keys, vae_posterior_eps=vae_eps,
-        vae_timestep_raw=torch.tensor(vae_t, dtype=torch.float32),
-        vae_noise=cat(vae_noise, 64, dtype=torch.float32),
-        ce_indexes=long(ce_indexes), ce_labels=long(ce_labels),
-        ce_weights=torch.tensor(ce_weights, dtype=torch.float32), mse_indexes=cat(mse_indexes))
-
-
-def sample_len(items):
-    """LLM positions a sample takes in a pack (what packing_length bounds): text ids + 2, image tokens + 2 markers."""
-    n = 0
-    for it in items:
-        if it.get("drop"):
-            continue
-        if it["type"] == "text":
-            n += len(it["ids"]) + 2
-        elif it["type"] == "vit_image":
-            n += (it["pixels"].shape[1] // 14) * (it["pixels"].shape[2] // 14) + 2
-        else:
-            h, w = vae_grid(it)
-            n += h * w + 2
-    return n
+    def tensor(name):  # python numbers, or tensors to concatenate (none: an empty one, rows of the field's width)
+        if p[name] and isinstance(p[name][0], torch.Tensor):
+            return torch.cat(p[name])
+        t = torch.tensor(p[name], dtype=torch.float32 if name in widths else torch.long)
+        return t.reshape(-1, widths[name]) if widths.get(name) else t
+    return Pack(**{f.name: tensor(f.name) if f.type is torch.Tensor else p[f.name] for f in fields(Pack)
+                   if f.name != "sample_keys"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,11 +584,7 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
             it["drop"] = True
     for it in items:
         if it["type"] == "vae_image" and not it.get("drop"):
-            h, w = vae_grid(it)
-            if it["loss"]:
-                it["timestep_raw"] = torch.randn((), generator=gen).item()
-                it["noise"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
-            it["posterior_eps"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+            add_draws(it, gen)
     return items
 
 
