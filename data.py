@@ -5,16 +5,12 @@ What train.py uses (everything else is the machinery behind it):
     tok = data.load_tokenizer(checkpoint_folder)      # or data.tiny_tokenizer() for the built-in dataset
     sources = [data.Source("shapes"),                  # built-in procedural dataset, nothing to download
                data.Source("train.jsonl", format="messages", weight=2.0, data_folder="images/"),
-               data.Source("t2i/", format="t2i"), data.Source("edit/", format="edit"),
-               data.Source("llava.jsonl", format="vlm")]
-    loader = data.Loader(sources, tok, packing_length=16384, rank=rank, world_size=world_size, seed=0)
-    pack = loader.next_pack()                          # -> Pack (model.forward consumes it), forever
-    state = loader.state_dict()                        # JSON-able dict; a fresh Loader(...).load_state_dict(state)
-    loader.stats                                       #   then yields the identical next packs
-                                                       # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
-    Loader(..., workers=8, prefetch=2) builds samples (read, decode, resize) in 8 processes and packs ahead in a
-    thread: the same packs and states for any numbers. Source(..., mandatory=True): one of its samples in every pack
-    opened (official is_mandatory); Loader(..., max_sample_tokens=n) skips longer samples (counted).
+               data.Source("t2i/", format="t2i", mandatory=True)]  # mandatory: in every pack opened (official)
+    loader = data.Loader(sources, tok, packing_length=16384, dropout=(0.1, 0.3, 0.3), workers=8, prefetch=2,
+                         rank=rank, world_size=world_size, seed=0)  # the same packs for any workers / prefetch
+    pack = loader.next_pack()     # -> Pack (model.forward consumes it), forever
+    state = loader.state_dict()   # JSON-able; a fresh Loader(...).load_state_dict(state) yields the same next packs
+    loader.stats                  # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
     python data.py PATH[:FORMAT] ... checks datasets before a run: fill, skips by reason, speed.
 
 Read top to bottom:
@@ -257,14 +253,11 @@ class TextTokenizer:
     """A tokenizers.Tokenizer plus the ids of BAGEL's four special tokens (`special`, as pack_samples wants it)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.special = {}
-        for key, name in SPECIAL_TOKENS.items():
-            i = tokenizer.token_to_id(name)
-            if i is None:
-                raise ValueError(f"tokenizer has no {name} token; BAGEL needs {list(SPECIAL_TOKENS.values())}")
-            self.special[key] = i
-        self.vocab_size = tokenizer.get_vocab_size()
+        self.tokenizer, self.vocab_size = tokenizer, tokenizer.get_vocab_size()
+        self.special = {key: tokenizer.token_to_id(name) for key, name in SPECIAL_TOKENS.items()}
+        missing = [name for key, name in SPECIAL_TOKENS.items() if self.special[key] is None]
+        if missing:
+            raise ValueError(f"tokenizer has no {missing[0]} token; BAGEL needs {list(SPECIAL_TOKENS.values())}")
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -305,6 +298,16 @@ class BadSample(Exception):
 
     def __str__(self):
         return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
+log = logging.getLogger("nanobagel.data")
+
+
+def count_bad(counts, e, what):
+    """Counts BadSample e under its reason; logs the first 20 of each reason, then every 1000th."""
+    n = counts[e.reason] = counts.get(e.reason, 0) + 1
+    if n <= 20 or n % 1000 == 0:
+        log.warning("data: %s: %s [%d %s so far]", what, e, n, e.reason)
 
 
 def rgb(img):
@@ -472,10 +475,7 @@ def parse_messages(messages):
     or {"type": "image", "image": ...}; a missing url/image means the row's next entry in its images column.
     Videos: {"type": "video_url", "video_url": {"url"}} or {"type": "video", "video": path}."""
     if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError as e:
-            raise BadSample("malformed_json", f"messages: {e}")
+        messages = json.loads(messages)  # bad JSON: Source.read counts it as malformed_json
     if not isinstance(messages, list) or not messages:
         raise BadSample("empty_messages")
     parts = []
@@ -506,11 +506,6 @@ def parse_messages(messages):
     return parts
 
 
-def text_item(ids, loss=False, droppable=False):
-    return {"type": "text", "ids": ids, "loss": loss, "special_token_loss": False, "special_token_label": None,
-            "droppable": droppable}
-
-
 def vae_item(pixels, key, loss, droppable=False):
     return {"type": "vae_image", "latent": None, "pixels": pixels, "loss": loss, "timestep_raw": None,
             "noise": None, "posterior_eps": None, "droppable": droppable, "pixel_key": key}
@@ -521,22 +516,18 @@ PARTS_LEFT_OUT = {}  # reason -> bad parts left out of otherwise good rows (IRG'
 
 
 def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout):
-    """Items of one conversation:
+    """Items of one conversation (LMMS Engine conventions, which are the official plans; notes/data.md):
     - system/user text: no loss; assistant text: CE on its ids and the closing <|im_end|>.
-    - an assistant image is generated: a noised VAE target (MSE); when more follows it also gets a clean VAE + ViT
-      copy, so later turns see it (official multi-step edits).
-    - a user/system image is understood: ViT; in a sample that generates an image it first goes in as a clean VAE
-      condition (editing).
-    - CFG condition dropout, only in samples that generate an image (official enable_cfg): user text, clean VAE and
-      ViT conditions are dropped with probabilities dropout = (text, vit, vae).
-    A part may carry a fourth element, a dict of flags that replace these rules (IRG, UniCoT, recA): text {"loss"},
+    - an assistant image is generated (a noised VAE target, MSE); when more follows, also a clean VAE + ViT copy.
+    - a user/system image is understood (ViT); in a sample that generates an image, first a clean VAE condition.
+    - CFG condition dropout, only in samples that generate an image: user text, clean VAE and ViT conditions, with
+      probabilities dropout = (text, vit, vae).
+    A part's optional fourth element, a dict, may replace these rules by flags (IRG, UniCoT, recA): text {"loss"},
     image {"loss": a noised target, "vae": a clean VAE copy, "vit": a ViT copy}, each False unless given, and
-    "droppable" (default True): may be dropped as a CFG condition. A loss target is never dropped. The dict may
-    also say, with or without flags: "vit_size", the (min, max) side of this image's ViT view; "img_num", the ViT
-    max_pixels is shared by that many images (the official VLM rule); "optional", a bad image leaves this part
-    out (logged), not the whole row (IRG's rule).
-    Random draws, all from `gen`, in sequence order: the CFG decisions, then per VAE image timestep_raw ~ N(0, 1)
-    and flow noise (noised ones), and the VAE posterior eps."""
+    "droppable" (default True; a loss target never is). It may also say "vit_size" (this image's ViT (min, max)
+    side), "img_num" (the ViT max_pixels is shared by that many images) and "optional" (a bad image leaves out this
+    part, not the row: IRG's rule). Random draws, all from `gen`: the CFG decisions in sequence order, then
+    add_draws per kept VAE image."""
     extras = [p[3] if len(p) > 3 else {} for p in parts]
     given = [e if any(k in e for k in RULE_FLAGS) else None for e in extras]
     generates = any(p[1] == "image" and (g.get("loss") if g else p[0] == "assistant") for p, g in zip(parts, given))
@@ -553,7 +544,8 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
         flags = given[i] or rules(i, role, kind)
         droppable = flags.get("droppable", True)
         if kind == "text":
-            items.append(text_item(tok.encode(value), loss=flags.get("loss", False), droppable=droppable))
+            items.append({"type": "text", "ids": tok.encode(value), "loss": flags.get("loss", False),
+                          "special_token_loss": False, "special_token_label": None, "droppable": droppable})
             continue
         loss, vae_copy, vit_copy = (flags.get(k, False) for k in ("loss", "vae", "vit"))
         try:
@@ -563,9 +555,7 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
         except BadSample as e:
             if not extra.get("optional"):
                 raise
-            n = PARTS_LEFT_OUT[e.reason] = PARTS_LEFT_OUT.get(e.reason, 0) + 1
-            if n <= 20 or n % 1000 == 0:
-                log.warning("data: left out a bad part of a row: %s [%d %s so far]", e, n, e.reason)
+            count_bad(PARTS_LEFT_OUT, e, "left out a bad part of a row")
             continue
         vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
         key = pixel_key(vae) if vae is not None else None
@@ -1107,31 +1097,18 @@ def shapes_corpus(rows=2000):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Loader: the samples of weighted sources, sharded per rank, packed first-fit.
-#
-# Order. Each source has its own row order per epoch: a seeded permutation of its blocks (parquet row groups, else
-# single rows), rows permuted within a block, cut into world_size contiguous shards; a source that runs out
-# starts its next epoch. Which source gives the next sample is a seeded weighted draw over all sources, the n-th
-# draw of a rank seeded by (seed, rank, n).
-# Mandatory sources (official is_mandatory). Every pack the packer opens for a drawn sample also gets one sample of
-# each mandatory source, the next of that source's order (as officially, where a group has one iterator); packs
-# then fill by the weighted draw. Unlike the official packer, nothing that fits is thrown away: a mandatory sample
-# with no room in its new pack goes first-fit elsewhere, or into a pack of its own.
-# Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
-# dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source index, epoch, row).
-# So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
-# the keys of the samples waiting in the packer, which load_state_dict rebuilds by reading their rows again.
-# Workers. For the same reason worker processes can build each source's next keys ahead of need while this process
-# packs: it takes the samples in the order it would have built them, so packs and state are the same for any number
-# of workers, and the state never holds keys in flight (a resumed loader hands them out again). Packs can only be
-# put together here, from the samples in key order: the prefetch thread overlaps that (first fit, pack_samples)
-# with the training step.
-
-log = logging.getLogger("nanobagel.data")
-
+# 7. Loader: the samples of weighted sources, sharded per rank, packed first-fit (the design: notes/data.md).
+# A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG dropout,
+# timesteps, noise, posterior eps) come from a generator seeded by (seed, source, epoch, row). So the loader state is
+# small and JSON-able (each source's position, the number of weighted draws, the keys waiting in the packer, rebuilt
+# on resume), and worker processes can build keys ahead of need while this process packs them in key order: the
+# same packs and states for any number of workers.
 
 class SourceOrder:
-    """Which row of which source one rank reads next (the order described above): sample keys [source, epoch, row]."""
+    """Which row of which source one rank reads next: sample keys [source, epoch, row]. Per source and epoch, a
+    seeded permutation of its blocks (parquet row groups, else single rows), rows permuted within a block, cut into
+    world_size contiguous shards; a source that runs out starts its next epoch. Which source gives the next sample:
+    a weighted draw, the n-th of a rank seeded by (seed, rank, n)."""
 
     def __init__(self, sources, rank, world_size, seed):
         self.block_starts = [s.block_starts for s in sources]
@@ -1150,10 +1127,9 @@ class SourceOrder:
             else:
                 order = np.concatenate([starts[b] + rng.permutation(int(starts[b + 1] - starts[b]))
                                         for b in rng.permutation(len(starts) - 1)])
-            n = len(order)
             # keeps the epoch before: workers may already read a source's next epoch while this one is consumed
             self.shard_cache = {k: v for k, v in self.shard_cache.items() if k[0] != s or k[1] >= epoch - 1}
-            lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+            lo, hi = (len(order) * r // self.world_size for r in (self.rank, self.rank + 1))
             self.shard_cache[(s, epoch)] = order[lo:hi].copy()  # a copy lets the whole permutation go
         return self.shard_cache[(s, epoch)]
 
@@ -1177,12 +1153,11 @@ class SourceOrder:
 
 
 class FirstFitPacker:
-    """Up to `open_packs` packs are open; a sample goes into the first open pack it fits (`capacity` bounds every
-    LLM position of a pack); if none has room, a pack is opened for it (when all slots are taken, the fullest open
-    pack is emitted to make room) and seeds() gives the samples that join a newly opened pack (the mandatory
-    sources'): each goes into that pack if it fits, else into the first it fits, else into a new pack (not seeded
-    again). A pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
-    {"keys", "samples", "used"}; its keys (where its samples came from) are all the state needs."""
+    """Up to `open_packs` packs of `capacity` LLM positions are open; a sample goes into the first it fits, else into
+    a pack opened for it (all slots taken: the fullest goes out first), which seeds() (the mandatory sources) then
+    join: into it if they fit, else the first they fit, else a new pack (not seeded again). A pack goes out at once
+    when even the smallest sample seen so far no longer fits. A pack is {"keys", "samples", "used"}; its keys (where
+    its samples came from) are all the state needs."""
 
     def __init__(self, capacity, open_packs):
         self.capacity, self.open_packs = capacity, open_packs
@@ -1233,15 +1208,10 @@ class FirstFitPacker:
     def load_state_dict(self, state, build):
         """build(key) -> (items, cost) remakes each waiting sample from its key."""
         def rebuild(keys):
-            pack = {"keys": keys, "samples": [], "used": 0}
-            for key in keys:
-                items, cost = build(key)
-                pack["samples"].append(items)
-                pack["used"] += cost
-            return pack
+            built = [build(key) for key in keys]
+            return {"keys": keys, "samples": [b[0] for b in built], "used": sum(b[1] for b in built)}
         self.min_cost = state["min_cost"]
-        self.open = [rebuild(k) for k in state["open"]]
-        self.ready = [rebuild(k) for k in state["ready"]]
+        self.open, self.ready = [rebuild(k) for k in state["open"]], [rebuild(k) for k in state["ready"]]
 
 
 class SampleBuilder:
@@ -1400,13 +1370,6 @@ class Prefetcher:
         return result, state
 
 
-def count_skip(skipped, where, outcome):
-    """Counts a bad sample by its reason; logs the first 20 of each reason, then every 1000th."""
-    n = skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
-    if n <= 20 or n % 1000 == 0:
-        log.warning("data: skipped %s: %s [%d %s so far]", where, outcome, n, outcome.reason)
-
-
 def check_sources(sources, order, build, max_latent_size, vit_side):
     """Systemic problems fail at start, not hours into a run: duplicate source names, a rank outside the world,
     images beyond the model's position tables, a rank left without rows, a source whose first samples are all bad."""
@@ -1436,11 +1399,10 @@ def check_sources(sources, order, build, max_latent_size, vit_side):
 
 class Loader:
     """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
-    CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
-    model's position tables; samples longer than max_sample_tokens (at most and by default packing_length) are
-    skipped as too_long;
+    CFG condition dropout probabilities; open_packs: the first-fit buffer; max_latent_size / vit_side: the model's
+    position tables; samples over max_sample_tokens (at most and by default packing_length) are too_long skips;
     max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows in a row from one source
-    is an error, not an endless skip; workers processes build the samples; prefetch packs are made in a thread."""
+    is an error, not an endless skip; `workers` processes build the samples; `prefetch` packs are made in a thread."""
 
     def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
                  max_sample_tokens=None, max_image_pixels=2 ** 26, max_bad_streak=1000, workers=0, prefetch=0,
@@ -1469,8 +1431,8 @@ class Loader:
         self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
 
     def close(self):
-        """Stops the worker processes for good. Garbage collection and exit stop them too, and a worker ends by
-        itself once this process has ended, however it ended."""
+        """Stops the worker processes for good (so do garbage collection and exit; a worker also ends by itself
+        once this process has ended, however it ended)."""
         self.stream.close()
 
     def next_sample(self, s=None):
@@ -1479,7 +1441,7 @@ class Loader:
         key, outcome = self.stream.take(s)
         s = key[0]
         if isinstance(outcome, BadSample):
-            count_skip(self.counts["skipped"], f"{self.sources[s].where(key[2])} (epoch {key[1]})", outcome)
+            count_bad(self.counts["skipped"], outcome, f"skipped {self.sources[s].where(key[2])} (epoch {key[1]})")
             self.bad_streak[s] += 1
             if self.bad_streak[s] >= self.max_bad_streak:
                 raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
@@ -1520,36 +1482,36 @@ class Loader:
         pack, self.consumed = self.ahead.get()
         return pack
 
+    def identity(self):
+        """What a state must have been saved by to be loaded here."""
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "sources": [s.name for s in self.sources]}
+
     def live_state(self):
-        return json.loads(json.dumps({
-            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "sources": [s.name for s in self.sources], "positions": self.order.positions, "draws": self.order.draws,
-            "packer": self.packer.state_dict(), "bad_streak": self.bad_streak, "counts": self.counts}))
+        return plain({**self.identity(), "positions": self.order.positions, "draws": self.order.draws,
+                      "packer": self.packer.state_dict(), "bad_streak": self.bad_streak, "counts": self.counts})
 
     def state_dict(self):
         """Everything that decides the next packs, as plain JSON-able Python."""
-        return json.loads(json.dumps(self.consumed)) if self.ahead else self.live_state()
+        return plain(self.consumed) if self.ahead else self.live_state()
 
     @property
     def stats(self):
-        """{samples, packs, tokens, fill (tokens / (packs * packing_length)), skipped {reason: n}, epochs {source: n}}"""
+        """{samples, packs, tokens, fill: tokens / (packs * packing_length), skipped: {reason: n}, epochs: {source: n}}"""
         state = self.state_dict()
         c = state["counts"]
         return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
                 "fill": c["tokens"] / (c["packs"] * self.packing_length) if c["packs"] else 0.0,
-                "skipped": dict(c["skipped"]),
-                "epochs": {src.name: pos[0] for src, pos in zip(self.sources, state["positions"])}}
+                "skipped": c["skipped"], "epochs": {src.name: p[0] for src, p in zip(self.sources, state["positions"])}}
 
     def load_state_dict(self, state):
         if self.ahead is not None:
             raise RuntimeError("load_state_dict must come before the first next_pack")
-        mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "sources": [s.name for s in self.sources]}
-        theirs = {k: state[k] for k in mine}
-        if theirs != mine:
-            raise ValueError(f"loader state is for {theirs}, this loader is {mine}")
+        theirs = {k: state[k] for k in self.identity()}
+        if theirs != self.identity():
+            raise ValueError(f"loader state is for {theirs}, this loader is {self.identity()}")
         self.reset()
-        state = json.loads(json.dumps(state))
+        state = plain(state)
         self.order.positions, self.order.draws = state["positions"], state["draws"]
         self.bad_streak, self.counts = state["bad_streak"], state["counts"]
 
@@ -1560,6 +1522,11 @@ class Loader:
                 raise RuntimeError(f"cannot rebuild buffered sample {key} ({self.sources[key[0]].where(key[2])}): "
                                    f"{e}; has the data changed?")
         self.packer.load_state_dict(state["packer"], build)
+
+
+def plain(x):
+    """A deep copy as plain JSON data (lists for tuples): states are saved and compared as such."""
+    return json.loads(json.dumps(x))
 
 
 def guess_format(path):
