@@ -1221,6 +1221,8 @@ class SampleBuilder:
     def __init__(self, sources, tok, dropout, seed, max_sample_tokens, max_image_pixels):
         self.sources, self.tok, self.dropout, self.seed = sources, tok, tuple(dropout), seed
         self.max_sample_tokens, self.max_image_pixels = max_sample_tokens, max_image_pixels
+        if max_sample_tokens < 1:
+            raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
 
     def __call__(self, key):
         s, epoch, row = key
@@ -1373,6 +1375,8 @@ class Prefetcher:
 def check_sources(sources, order, build, max_latent_size, vit_side):
     """Systemic problems fail at start, not hours into a run: duplicate source names, a rank outside the world,
     images beyond the model's position tables, a rank left without rows, a source whose first samples are all bad."""
+    if not sources:
+        raise ValueError("no data sources")
     if len({s.name for s in sources}) != len(sources):
         raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
     if not 0 <= order.rank < order.world_size:
@@ -1407,13 +1411,9 @@ class Loader:
     def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
                  max_sample_tokens=None, max_image_pixels=2 ** 26, max_bad_streak=1000, workers=0, prefetch=0,
                  rank=0, world_size=1, seed=0):
-        if not sources:
-            raise ValueError("no data sources")
-        max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
-        if max_sample_tokens < 1:
-            raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
         self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
         self.max_latent_size, self.vit_side = max_latent_size, vit_side
+        max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
         self.build = SampleBuilder(sources, tokenizer, dropout, seed, max_sample_tokens, max_image_pixels)
         self.mandatory = [s for s, src in enumerate(sources) if src.mandatory]
         self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
@@ -1436,8 +1436,7 @@ class Loader:
         self.stream.close()
 
     def next_sample(self, s=None):
-        """The next sample of source s (None: of a weighted draw): (key, items, cost), or None for a bad row (counted
-        and logged)."""
+        """The next sample of source s (None: of a weighted draw): (key, items, cost), or None for a bad row."""
         key, outcome = self.stream.take(s)
         s = key[0]
         if isinstance(outcome, BadSample):
@@ -1482,8 +1481,7 @@ class Loader:
         pack, self.consumed = self.ahead.get()
         return pack
 
-    def identity(self):
-        """What a state must have been saved by to be loaded here."""
+    def identity(self):  # what a state must have been saved by to be loaded here
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [s.name for s in self.sources]}
 
@@ -1497,7 +1495,7 @@ class Loader:
 
     @property
     def stats(self):
-        """{samples, packs, tokens, fill: tokens / (packs * packing_length), skipped: {reason: n}, epochs: {source: n}}"""
+        """{samples, packs, tokens, fill: tokens / (packs * packing_length), skipped {reason: n}, epochs {source: n}}"""
         state = self.state_dict()
         c = state["counts"]
         return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
@@ -1529,15 +1527,8 @@ def plain(x):
     return json.loads(json.dumps(x))
 
 
-def guess_format(path):
-    """The format whose required columns a file or folder has (messages when several fit), or None."""
-    columns = Rows(path).columns or []
-    fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
-    return "messages" if "messages" in fits else (fits[0] if fits else None)
-
-
 def main(argv):
-    """Check datasets before training: pack a few, print fill, skips by reason and speed."""
+    """Check datasets before training: pack a few as train.py would, print fill, skips by reason and speed."""
     import argparse
     import time
     import train  # the training defaults: one place for packing_length and the CFG dropout
@@ -1549,11 +1540,10 @@ def main(argv):
                f"out.")
     parser.add_argument("paths", nargs="*", default=["shapes"], metavar="PATH[:FORMAT]")
     parser.add_argument("--packs", type=int, default=20, help="packs to make (default 20)")
-    parser.add_argument("--packing_length", type=int, default=None,
-                        help=f"LLM positions per pack (default: the config's, else train.py's "
-                             f"{train.DEFAULTS['packing_length']})")
-    parser.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: the built-in)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's, else 0)")
+    parser.add_argument("--packing_length", type=int, help=f"LLM positions per pack (default: the config's, else "
+                                                             f"train.py's {train.DEFAULTS['packing_length']})")
+    parser.add_argument("--tokenizer", help="checkpoint folder with tokenizer.json (default: the built-in)")
+    parser.add_argument("--workers", type=int, help="worker processes (default: the config's, else 0)")
     args = parser.parse_args(argv)
     if args.packs < 1:
         parser.error("--packs must be at least 1")
@@ -1565,8 +1555,10 @@ def main(argv):
             sources += [Source(**s) for s in config["sources"]]
             continue
         path, _, fmt = p.rpartition(":") if ":" in p and not os.path.exists(p) else (p, "", "")
-        if not fmt and path != "shapes":
-            fmt = guess_format(path)
+        if not fmt and path != "shapes":  # the format whose columns it has (messages when several fit)
+            columns = Rows(path).columns or []
+            fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
+            fmt = "messages" if "messages" in fits else (fits[0] if fits else None)
             if fmt is None:
                 raise SystemExit(f"{path}: no format's columns found; say PATH:FORMAT ({formats})")
             print(f"{path}: format {fmt} (from its columns)")
