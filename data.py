@@ -176,12 +176,12 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
         start, rope = L, 0
         for item in sample:
             kind = item["type"]
-            if kind not in ("text", "vit_image", "vae_image"):
-                raise ValueError(f"unknown item type {kind!r}")
             if item.get("drop"):
                 # a dropped condition adds no tokens; a dropped image still advances the position (official)
                 rope += kind != "text"
                 continue
+            if kind not in ("text", "vit_image", "vae_image"):
+                raise ValueError(f"unknown item type {kind!r}")
             n = item_len(item)
             if kind == "text":
                 ids = [int(i) for i in item["ids"]]
@@ -463,9 +463,7 @@ def video_frames(path, num_frames, gen):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Samples. Every reader produces a conversation: a list of parts (role, "text", str) | (role, "image", ref),
-# roles system / user / assistant (a video is its frames). build_sample turns it into items (LMMS Engine
-# conventions, which are the official BAGEL plans) and makes every random draw the sample needs from the sample's
-# own generator.
+# roles system / user / assistant (a video is its frames); build_sample turns it into items.
 
 ROLES = ("system", "user", "assistant")
 
@@ -585,11 +583,11 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 #   t2i       official T2I parquet: {"image": bytes, "captions": JSON string of {name: caption}}
 #   edit      official edit parquet: {"image_list": [bytes], "instruction_list": [[str]]}
 #   vlm       official VLM jsonl (LLaVA): {"image": path | [paths] or "video": path, "conversations": [{"from",
-#             "value"}]}; UniCoT's "think" turns: left out with probability think_drop, else learned (CE)
+#             "value"}]}, also UniCoT's "think" turns
 #   irg       IRG parquet: {"conversation": JSON [{"role", "content"}]}, per-part need_loss / need_vae / need_vit
 #   unicot    UniCoT MDP parquet: {"prompt", "think", "image"} or {"prompt", "think", "source_image",
-#             "edit_instruction", "target_image"}, optional "system_prompt"; think left out with probability think_drop;
-#             or decomposition rows {"task_type": "step-1".."step-4", "instruction_list", "image_list"}
+#             "edit_instruction", "target_image"}, optional "system_prompt"; or decomposition rows {"task_type":
+#             "step-1".."step-4", "instruction_list", "image_list"}
 #   reca      recA: {"image"} alone (captions ignored): reconstruction from its ViT view and a describe-prompt
 #   shapes    the built-in dataset (section 6), no files
 
@@ -878,10 +876,11 @@ def read_irg(r, gen, src):
 
 
 def read_unicot(r, gen, src):
-    """UniCoT MDP rows, no text loss: [system_prompt] prompt [think] -> the generated image (T2I), or
-    -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step).
-    Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and step-4 add image_list[1]
-    (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then image_list[-1] is generated."""
+    """UniCoT MDP rows, no text loss: [system_prompt] prompt [think: left out with probability think_drop] -> the
+    generated image (T2I), or -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a
+    self-reflection step). Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and
+    step-4 add image_list[1] (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then
+    image_list[-1] is generated."""
     if r.get("task_type") is not None:
         images, texts, task = r["image_list"], r["instruction_list"], r["task_type"]
         if task not in ("step-1", "step-2", "step-3", "step-4"):
@@ -1078,8 +1077,7 @@ def shapes_parts(seed, row, size, draw=True):
         return [("user", "image", image(scene)), ("user", "text", question), ("assistant", "text", answer)]
     k = rng.randrange(n)
     shape, colour, cell = scene[k]
-    edits = ["recolour", "reshape"] + (["remove"] if n == 2 else [])
-    edit = rng.choice(edits)
+    edit = rng.choice(["recolour", "reshape"] + (["remove"] if n == 2 else []))
     if edit == "recolour":
         new = rng.choice([c for c in sorted(COLOURS) if c not in colours])
         text, target = f"make the {shape} {new}", scene[:k] + [(shape, new, cell)] + scene[k + 1:]
