@@ -5,16 +5,12 @@ What train.py uses (everything else is the machinery behind it):
     tok = data.load_tokenizer(checkpoint_folder)      # or data.tiny_tokenizer() for the built-in dataset
     sources = [data.Source("shapes"),                  # built-in procedural dataset, nothing to download
                data.Source("train.jsonl", format="messages", weight=2.0, data_folder="images/"),
-               data.Source("t2i/", format="t2i"), data.Source("edit/", format="edit"),
-               data.Source("llava.jsonl", format="vlm")]
-    loader = data.Loader(sources, tok, packing_length=16384, rank=rank, world_size=world_size, seed=0)
-    pack = loader.next_pack()                          # -> Pack (model.forward consumes it), forever
-    state = loader.state_dict()                        # JSON-able dict; a fresh Loader(...).load_state_dict(state)
-    loader.stats                                       #   then yields the identical next packs
-                                                       # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
-    Loader(..., workers=8, prefetch=2) builds samples (read, decode, resize) in 8 processes and packs ahead in a
-    thread: the same packs and states for any numbers. Source(..., mandatory=True): one of its samples in every pack
-    opened (official is_mandatory); Loader(..., max_sample_tokens=n) skips longer samples (counted).
+               data.Source("t2i/", format="t2i", mandatory=True)]  # mandatory: in every pack opened (official)
+    loader = data.Loader(sources, tok, packing_length=16384, dropout=(0.1, 0.3, 0.3), workers=8, prefetch=2,
+                         rank=rank, world_size=world_size, seed=0)  # the same packs for any workers / prefetch
+    pack = loader.next_pack()     # -> Pack (model.forward consumes it), forever
+    state = loader.state_dict()   # JSON-able; a fresh Loader(...).load_state_dict(state) yields the same next packs
+    loader.stats                  # {samples, packs, tokens, fill, skipped: {reason: n}, epochs}
     python data.py PATH[:FORMAT] ... checks datasets before a run: fill, skips by reason, speed.
 
 Read top to bottom:
@@ -116,13 +112,39 @@ class Pack:
         return Pack(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
-def vae_grid(item):
-    """(h, w) latent-token grid of a vae_image item (latent is [16, 2h, 2w], pixels [3, 16h, 16w])."""
+def item_grid(item):
+    """(h, w) token grid of an image item: ViT patches of 14 px, VAE latent tokens of 16 px (latent [16, 2h, 2w])."""
     if item.get("latent") is not None:
-        _, H, W = item["latent"].shape
-        return H // 2, W // 2
-    _, H, W = item["pixels"].shape
-    return H // 16, W // 16
+        return item["latent"].shape[1] // 2, item["latent"].shape[2] // 2
+    side = 14 if item["type"] == "vit_image" else 16
+    return item["pixels"].shape[1] // side, item["pixels"].shape[2] // side
+
+
+def item_len(item):
+    """LLM positions of a kept item: <|im_start|> ids <|im_end|>, or an image's tokens between its two markers."""
+    if item["type"] == "text":
+        return len(item["ids"]) + 2
+    h, w = item_grid(item)
+    return h * w + 2
+
+
+def sample_len(items):
+    """LLM positions a sample takes in a pack (what packing_length bounds)."""
+    return sum(item_len(it) for it in items if not it.get("drop"))
+
+
+def add_draws(item, gen):
+    """Fills in the random draws a kept vae_image lacks, from `gen` in this order: timestep_raw ~ N(0, 1) and flow
+    noise (a noised image), then the VAE posterior eps (an image given as pixels)."""
+    h, w = item_grid(item)
+    if item.get("loss"):
+        if item.get("timestep_raw") is None:
+            item["timestep_raw"] = torch.randn((), generator=gen).item()
+        if item.get("noise") is None:
+            item["noise"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+    if item.get("pixels") is not None and item.get("posterior_eps") is None:
+        item["posterior_eps"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+    return item
 
 
 def unit_pixels(x):
@@ -145,17 +167,10 @@ def grid_pos_ids(h, w, side):
 def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=None) -> Pack:
     """Lay samples out one after another with the official BAGEL packing rules.
 
-    special: {"im_start", "im_end", "vision_start", "vision_end"} -> token id.
-    Missing draws of noised VAE images (timestep_raw ~ N(0,1), noise, and posterior_eps for pixel images)
-    are taken from `generator` in sequence order; the loader always supplies them, so this is for ad-hoc use.
+    special: {"im_start", "im_end", "vision_start", "vision_end"} -> token id. The draws a noised VAE image lacks
+    are taken from `generator` (add_draws, in sequence order); the loader always supplies them: this is for ad-hoc use.
     """
-    vs, ve = special["vision_start"], special["vision_end"]
-    sample_lens, split_lens, split_modes, position_ids = [], [], [], []
-    text_ids, text_indexes = [], []
-    vit_patches, vit_pos_ids, vit_indexes, vit_lens = [], [], [], []
-    vae_indexes, latent_pos_ids, vae_grids, vae_latents, vae_pixels, vae_eps, vae_keys = [], [], [], [], [], [], []
-    vae_t, vae_noise = [], []
-    ce_indexes, ce_labels, ce_weights, mse_indexes = [], [], [], []
+    p = {f.name: [] for f in fields(Pack)}  # each field as a list, made tensors at the end
     L = 0  # tokens laid out so far
     for sample in samples:
         start, rope = L, 0
@@ -165,104 +180,65 @@ def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=No
                 # a dropped condition adds no tokens; a dropped image still advances the position (official)
                 rope += kind != "text"
                 continue
+            if kind not in ("text", "vit_image", "vae_image"):
+                raise ValueError(f"unknown item type {kind!r}")
+            n = item_len(item)
             if kind == "text":
                 ids = [int(i) for i in item["ids"]]
-                n = len(ids) + 2
-                text_ids += [special["im_start"]] + ids + [special["im_end"]]
-                text_indexes += range(L, L + n)
-                position_ids += range(rope, rope + n)
+                p["text_ids"] += [special["im_start"]] + ids + [special["im_end"]]
+                p["text_indexes"] += range(L, L + n)
+                p["position_ids"] += range(rope, rope + n)
                 if item.get("loss"):  # next-token CE on <|im_start|> + ids, labels ids + <|im_end|>
-                    ce_indexes += range(L, L + n - 1)
-                    ce_labels += ids + [special["im_end"]]
-                    ce_weights += [1.0 / math.sqrt(len(ids) + 1)] * (n - 1)
+                    p["ce_indexes"] += range(L, L + n - 1)
+                    p["ce_labels"] += ids + [special["im_end"]]
+                    p["ce_weights"] += [1.0 / math.sqrt(len(ids) + 1)] * (n - 1)
                 if item.get("special_token_loss"):  # the <|im_end|> position predicts e.g. <|vision_start|>
-                    ce_indexes.append(L + n - 1)
-                    ce_labels.append(int(item["special_token_label"]))
-                    ce_weights.append(1.0)
+                    p["ce_indexes"].append(L + n - 1)
+                    p["ce_labels"].append(int(item["special_token_label"]))
+                    p["ce_weights"].append(1.0)
                 mode, rope = "causal", rope + n
-            elif kind == "vit_image":
-                pixels = item["pixels"]
-                h, w = pixels.shape[1] // 14, pixels.shape[2] // 14
-                n = h * w + 2
-                vit_patches.append(patchify(unit_pixels(pixels), 14))
-                vit_pos_ids.append(grid_pos_ids(h, w, vit_side))
-                vit_indexes.append(torch.arange(L + 1, L + n - 1))
-                vit_lens.append(h * w)
-                text_ids += [vs, ve]
-                text_indexes += [L, L + n - 1]
-                position_ids += [rope] * n  # a whole image takes one position id
-                mode, rope = "full", rope + 1
-            elif kind == "vae_image":
-                h, w = vae_grid(item)
-                n = h * w + 2
-                latent, pixels = item.get("latent"), item.get("pixels")
-                assert (latent is None) != (pixels is None), "a vae_image has exactly one of latent / pixels"
-                noised = bool(item.get("loss"))
-                eps = item.get("posterior_eps")
-                if noised:
-                    t_raw, noise = item.get("timestep_raw"), item.get("noise")
-                    if t_raw is None:
-                        t_raw = torch.randn((), generator=generator).item()
-                    if noise is None:
-                        noise = torch.randn(16, 2 * h, 2 * w, generator=generator)
-                    vae_t.append(float(t_raw))
-                    vae_noise.append(patchify(noise.float(), 2))
-                    mse_indexes.append(torch.arange(L + 1, L + n - 1))
-                else:
-                    vae_t.append(-math.inf)
-                    vae_noise.append(torch.zeros(h * w, 64))
-                if pixels is not None and eps is None:
-                    eps = torch.randn(16, 2 * h, 2 * w, generator=generator)
-                vae_indexes.append(torch.arange(L + 1, L + n - 1))
-                latent_pos_ids.append(grid_pos_ids(h, w, max_latent_size))
-                vae_grids.append((h, w))
-                vae_latents.append(latent)
-                vae_pixels.append(pixels)
-                vae_keys.append(None if pixels is None else item.get("pixel_key") or pixel_key(pixels))
-                vae_eps.append(eps if pixels is not None else None)
-                text_ids += [vs, ve]
-                text_indexes += [L, L + n - 1]
-                position_ids += [rope] * n
+            else:  # <|vision_start|> the image's tokens <|vision_end|>: a whole image takes one position id
+                h, w = item_grid(item)
+                tokens = torch.arange(L + 1, L + n - 1)
+                p["text_ids"] += [special["vision_start"], special["vision_end"]]
+                p["text_indexes"] += [L, L + n - 1]
+                p["position_ids"] += [rope] * n
+                noised = kind == "vae_image" and bool(item.get("loss"))
                 # a noised image does not advance the position: a following clean copy reuses the id
                 mode, rope = ("noise", rope) if noised else ("full", rope + 1)
-            else:
-                raise ValueError(f"unknown item type {kind!r}")
-            split_lens.append(n)
-            split_modes.append(mode)
+            if kind == "vit_image":
+                p["vit_patches"].append(patchify(unit_pixels(item["pixels"]), 14))
+                p["vit_pos_ids"].append(grid_pos_ids(h, w, vit_side))
+                p["vit_indexes"].append(tokens)
+                p["vit_lens"].append(h * w)
+            elif kind == "vae_image":
+                latent, pixels = item.get("latent"), item.get("pixels")
+                assert (latent is None) != (pixels is None), "a vae_image has exactly one of latent / pixels"
+                item = add_draws(dict(item), generator)
+                p["vae_timestep_raw"].append(float(item["timestep_raw"]) if noised else -math.inf)
+                p["vae_noise"].append(patchify(item["noise"].float(), 2) if noised else torch.zeros(h * w, 64))
+                if noised:
+                    p["mse_indexes"].append(tokens)
+                p["vae_indexes"].append(tokens)
+                p["latent_pos_ids"].append(grid_pos_ids(h, w, max_latent_size))
+                p["vae_grids"].append((h, w))
+                p["vae_latents"].append(latent)
+                p["vae_pixels"].append(pixels)
+                p["vae_keys"].append(None if pixels is None else item.get("pixel_key") or pixel_key(pixels))
+                p["vae_posterior_eps"].append(None if pixels is None else item["posterior_eps"])
+            p["split_lens"].append(n)
+            p["split_modes"].append(mode)
             L += n
-        sample_lens.append(L - start)
+        p["sample_lens"].append(L - start)
+    widths = {"vit_patches": 14 * 14 * 3, "vae_noise": 64, "vae_timestep_raw": None, "ce_weights": None}  # floats
 
-    def cat(xs, *shape, dtype=torch.long):
-        return torch.cat(xs) if xs else torch.zeros(0, *shape, dtype=dtype)
-
-    long = lambda x: torch.tensor(x, dtype=torch.long)
-    return Pack(
-        sample_lens=sample_lens, split_lens=split_lens, split_modes=split_modes,
-        position_ids=long(position_ids), text_ids=long(text_ids), text_indexes=long(text_indexes),
-        vit_patches=cat(vit_patches, 14 * 14 * 3, dtype=torch.float32), vit_pos_ids=cat(vit_pos_ids),
-        vit_indexes=cat(vit_indexes), vit_lens=vit_lens,
-        vae_indexes=cat(vae_indexes), latent_pos_ids=cat(latent_pos_ids), vae_grids=vae_grids,
-        vae_latents=vae_latents, vae_pixels=vae_pixels, vae_keys=vae_keys, vae_posterior_eps=vae_eps,
-        vae_timestep_raw=torch.tensor(vae_t, dtype=torch.float32),
-        vae_noise=cat(vae_noise, 64, dtype=torch.float32),
-        ce_indexes=long(ce_indexes), ce_labels=long(ce_labels),
-        ce_weights=torch.tensor(ce_weights, dtype=torch.float32), mse_indexes=cat(mse_indexes))
-
-
-def sample_len(items):
-    """LLM positions a sample takes in a pack (what packing_length bounds): text ids + 2, image tokens + 2 markers."""
-    n = 0
-    for it in items:
-        if it.get("drop"):
-            continue
-        if it["type"] == "text":
-            n += len(it["ids"]) + 2
-        elif it["type"] == "vit_image":
-            n += (it["pixels"].shape[1] // 14) * (it["pixels"].shape[2] // 14) + 2
-        else:
-            h, w = vae_grid(it)
-            n += h * w + 2
-    return n
+    def tensor(name):  # python numbers, or tensors to concatenate (none: an empty one, rows of the field's width)
+        if p[name] and isinstance(p[name][0], torch.Tensor):
+            return torch.cat(p[name])
+        t = torch.tensor(p[name], dtype=torch.float32 if name in widths else torch.long)
+        return t.reshape(-1, widths[name]) if widths.get(name) else t
+    return Pack(**{f.name: tensor(f.name) if f.type is torch.Tensor else p[f.name] for f in fields(Pack)
+                   if f.name != "sample_keys"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,14 +253,11 @@ class TextTokenizer:
     """A tokenizers.Tokenizer plus the ids of BAGEL's four special tokens (`special`, as pack_samples wants it)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.special = {}
-        for key, name in SPECIAL_TOKENS.items():
-            i = tokenizer.token_to_id(name)
-            if i is None:
-                raise ValueError(f"tokenizer has no {name} token; BAGEL needs {list(SPECIAL_TOKENS.values())}")
-            self.special[key] = i
-        self.vocab_size = tokenizer.get_vocab_size()
+        self.tokenizer, self.vocab_size = tokenizer, tokenizer.get_vocab_size()
+        self.special = {key: tokenizer.token_to_id(name) for key, name in SPECIAL_TOKENS.items()}
+        missing = [name for key, name in SPECIAL_TOKENS.items() if self.special[key] is None]
+        if missing:
+            raise ValueError(f"tokenizer has no {missing[0]} token; BAGEL needs {list(SPECIAL_TOKENS.values())}")
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -325,6 +298,16 @@ class BadSample(Exception):
 
     def __str__(self):
         return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
+log = logging.getLogger("nanobagel.data")
+
+
+def count_bad(counts, e, what):
+    """Counts BadSample e under its reason; logs the first 20 of each reason, then every 1000th."""
+    n = counts[e.reason] = counts.get(e.reason, 0) + 1
+    if n <= 20 or n % 1000 == 0:
+        log.warning("data: %s: %s [%d %s so far]", what, e, n, e.reason)
 
 
 def rgb(img):
@@ -480,9 +463,7 @@ def video_frames(path, num_frames, gen):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Samples. Every reader produces a conversation: a list of parts (role, "text", str) | (role, "image", ref),
-# roles system / user / assistant (a video is its frames). build_sample turns it into items (LMMS Engine
-# conventions, which are the official BAGEL plans) and makes every random draw the sample needs from the sample's
-# own generator.
+# roles system / user / assistant (a video is its frames); build_sample turns it into items.
 
 ROLES = ("system", "user", "assistant")
 
@@ -492,10 +473,7 @@ def parse_messages(messages):
     or {"type": "image", "image": ...}; a missing url/image means the row's next entry in its images column.
     Videos: {"type": "video_url", "video_url": {"url"}} or {"type": "video", "video": path}."""
     if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError as e:
-            raise BadSample("malformed_json", f"messages: {e}")
+        messages = json.loads(messages)  # bad JSON: Source.read counts it as malformed_json
     if not isinstance(messages, list) or not messages:
         raise BadSample("empty_messages")
     parts = []
@@ -526,11 +504,6 @@ def parse_messages(messages):
     return parts
 
 
-def text_item(ids, loss=False, droppable=False):
-    return {"type": "text", "ids": ids, "loss": loss, "special_token_loss": False, "special_token_label": None,
-            "droppable": droppable}
-
-
 def vae_item(pixels, key, loss, droppable=False):
     return {"type": "vae_image", "latent": None, "pixels": pixels, "loss": loss, "timestep_raw": None,
             "noise": None, "posterior_eps": None, "droppable": droppable, "pixel_key": key}
@@ -541,22 +514,18 @@ PARTS_LEFT_OUT = {}  # reason -> bad parts left out of otherwise good rows (IRG'
 
 
 def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dropout):
-    """Items of one conversation:
+    """Items of one conversation (LMMS Engine conventions, which are the official plans; notes/data.md):
     - system/user text: no loss; assistant text: CE on its ids and the closing <|im_end|>.
-    - an assistant image is generated: a noised VAE target (MSE); when more follows it also gets a clean VAE + ViT
-      copy, so later turns see it (official multi-step edits).
-    - a user/system image is understood: ViT; in a sample that generates an image it first goes in as a clean VAE
-      condition (editing).
-    - CFG condition dropout, only in samples that generate an image (official enable_cfg): user text, clean VAE and
-      ViT conditions are dropped with probabilities dropout = (text, vit, vae).
-    A part may carry a fourth element, a dict of flags that replace these rules (IRG, UniCoT, recA): text {"loss"},
+    - an assistant image is generated (a noised VAE target, MSE); when more follows, also a clean VAE + ViT copy.
+    - a user/system image is understood (ViT); in a sample that generates an image, first a clean VAE condition.
+    - CFG condition dropout, only in samples that generate an image: user text, clean VAE and ViT conditions, with
+      probabilities dropout = (text, vit, vae).
+    A part's optional fourth element, a dict, may replace these rules by flags (IRG, UniCoT, recA): text {"loss"},
     image {"loss": a noised target, "vae": a clean VAE copy, "vit": a ViT copy}, each False unless given, and
-    "droppable" (default True): may be dropped as a CFG condition. A loss target is never dropped. The dict may
-    also say, with or without flags: "vit_size", the (min, max) side of this image's ViT view; "img_num", the ViT
-    max_pixels is shared by that many images (the official VLM rule); "optional", a bad image leaves this part
-    out (logged), not the whole row (IRG's rule).
-    Random draws, all from `gen`, in sequence order: the CFG decisions, then per VAE image timestep_raw ~ N(0, 1)
-    and flow noise (noised ones), and the VAE posterior eps."""
+    "droppable" (default True; a loss target never is). It may also say "vit_size" (this image's ViT (min, max)
+    side), "img_num" (the ViT max_pixels is shared by that many images) and "optional" (a bad image leaves out this
+    part, not the row: IRG's rule). Random draws, all from `gen`: the CFG decisions in sequence order, then
+    add_draws per kept VAE image."""
     extras = [p[3] if len(p) > 3 else {} for p in parts]
     given = [e if any(k in e for k in RULE_FLAGS) else None for e in extras]
     generates = any(p[1] == "image" and (g.get("loss") if g else p[0] == "assistant") for p, g in zip(parts, given))
@@ -573,7 +542,8 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
         flags = given[i] or rules(i, role, kind)
         droppable = flags.get("droppable", True)
         if kind == "text":
-            items.append(text_item(tok.encode(value), loss=flags.get("loss", False), droppable=droppable))
+            items.append({"type": "text", "ids": tok.encode(value), "loss": flags.get("loss", False),
+                          "special_token_loss": False, "special_token_label": None, "droppable": droppable})
             continue
         loss, vae_copy, vit_copy = (flags.get(k, False) for k in ("loss", "vae", "vit"))
         try:
@@ -583,9 +553,7 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
         except BadSample as e:
             if not extra.get("optional"):
                 raise
-            n = PARTS_LEFT_OUT[e.reason] = PARTS_LEFT_OUT.get(e.reason, 0) + 1
-            if n <= 20 or n % 1000 == 0:
-                log.warning("data: left out a bad part of a row: %s [%d %s so far]", e, n, e.reason)
+            count_bad(PARTS_LEFT_OUT, e, "left out a bad part of a row")
             continue
         vae = image_bytes(img, vae_size, 16, max_pixels) if loss or vae_copy else None
         key = pixel_key(vae) if vae is not None else None
@@ -604,11 +572,7 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
             it["drop"] = True
     for it in items:
         if it["type"] == "vae_image" and not it.get("drop"):
-            h, w = vae_grid(it)
-            if it["loss"]:
-                it["timestep_raw"] = torch.randn((), generator=gen).item()
-                it["noise"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
-            it["posterior_eps"] = torch.randn(16, 2 * h, 2 * w, generator=gen)
+            add_draws(it, gen)
     return items
 
 
@@ -619,11 +583,11 @@ def build_sample(parts, load_image, tok, vae_size, vit_size, max_pixels, gen, dr
 #   t2i       official T2I parquet: {"image": bytes, "captions": JSON string of {name: caption}}
 #   edit      official edit parquet: {"image_list": [bytes], "instruction_list": [[str]]}
 #   vlm       official VLM jsonl (LLaVA): {"image": path | [paths] or "video": path, "conversations": [{"from",
-#             "value"}]}; UniCoT's "think" turns: left out with probability think_drop, else learned (CE)
+#             "value"}]}, also UniCoT's "think" turns
 #   irg       IRG parquet: {"conversation": JSON [{"role", "content"}]}, per-part need_loss / need_vae / need_vit
 #   unicot    UniCoT MDP parquet: {"prompt", "think", "image"} or {"prompt", "think", "source_image",
-#             "edit_instruction", "target_image"}, optional "system_prompt"; think left out with probability think_drop;
-#             or decomposition rows {"task_type": "step-1".."step-4", "instruction_list", "image_list"}
+#             "edit_instruction", "target_image"}, optional "system_prompt"; or decomposition rows {"task_type":
+#             "step-1".."step-4", "instruction_list", "image_list"}
 #   reca      recA: {"image"} alone (captions ignored): reconstruction from its ViT view and a describe-prompt
 #   shapes    the built-in dataset (section 6), no files
 
@@ -912,10 +876,11 @@ def read_irg(r, gen, src):
 
 
 def read_unicot(r, gen, src):
-    """UniCoT MDP rows, no text loss: [system_prompt] prompt [think] -> the generated image (T2I), or
-    -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a self-reflection step).
-    Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and step-4 add image_list[1]
-    (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then image_list[-1] is generated."""
+    """UniCoT MDP rows, no text loss: [system_prompt] prompt [think: left out with probability think_drop] -> the
+    generated image (T2I), or -> source_image (clean VAE + ViT) edit_instruction -> the generated target_image (a
+    self-reflection step). Decomposition rows: instruction_list[0], image_list[0] (clean VAE + ViT); step-2 and
+    step-4 add image_list[1] (clean VAE + ViT), step-3 and step-4 the last instruction, learned (CE); then
+    image_list[-1] is generated."""
     if r.get("task_type") is not None:
         images, texts, task = r["image_list"], r["instruction_list"], r["task_type"]
         if task not in ("step-1", "step-2", "step-3", "step-4"):
@@ -1112,8 +1077,7 @@ def shapes_parts(seed, row, size, draw=True):
         return [("user", "image", image(scene)), ("user", "text", question), ("assistant", "text", answer)]
     k = rng.randrange(n)
     shape, colour, cell = scene[k]
-    edits = ["recolour", "reshape"] + (["remove"] if n == 2 else [])
-    edit = rng.choice(edits)
+    edit = rng.choice(["recolour", "reshape"] + (["remove"] if n == 2 else []))
     if edit == "recolour":
         new = rng.choice([c for c in sorted(COLOURS) if c not in colours])
         text, target = f"make the {shape} {new}", scene[:k] + [(shape, new, cell)] + scene[k + 1:]
@@ -1131,31 +1095,18 @@ def shapes_corpus(rows=2000):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Loader: the samples of weighted sources, sharded per rank, packed first-fit.
-#
-# Order. Each source has its own row order per epoch: a seeded permutation of its blocks (parquet row groups, else
-# single rows), rows permuted within a block, cut into world_size contiguous shards; a source that runs out
-# starts its next epoch. Which source gives the next sample is a seeded weighted draw over all sources, the n-th
-# draw of a rank seeded by (seed, rank, n).
-# Mandatory sources (official is_mandatory). Every pack the packer opens for a drawn sample also gets one sample of
-# each mandatory source, the next of that source's order (as officially, where a group has one iterator); packs
-# then fill by the weighted draw. Unlike the official packer, nothing that fits is thrown away: a mandatory sample
-# with no room in its new pack goes first-fit elsewhere, or into a pack of its own.
-# Samples. A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG
-# dropout, timesteps, noise, posterior eps) come from a generator seeded by (seed, source index, epoch, row).
-# So the whole loader state is small and JSON-able: the position in each source, the number of source draws, and
-# the keys of the samples waiting in the packer, which load_state_dict rebuilds by reading their rows again.
-# Workers. For the same reason worker processes can build each source's next keys ahead of need while this process
-# packs: it takes the samples in the order it would have built them, so packs and state are the same for any number
-# of workers, and the state never holds keys in flight (a resumed loader hands them out again). Packs can only be
-# put together here, from the samples in key order: the prefetch thread overlaps that (first fit, pack_samples)
-# with the training step.
-
-log = logging.getLogger("nanobagel.data")
-
+# 7. Loader: the samples of weighted sources, sharded per rank, packed first-fit (the design: notes/data.md).
+# A sample is a pure function of its key [source, epoch, row]: its random draws (caption choice, CFG dropout,
+# timesteps, noise, posterior eps) come from a generator seeded by (seed, source, epoch, row). So the loader state is
+# small and JSON-able (each source's position, the number of weighted draws, the keys waiting in the packer, rebuilt
+# on resume), and worker processes can build keys ahead of need while this process packs them in key order: the
+# same packs and states for any number of workers.
 
 class SourceOrder:
-    """Which row of which source one rank reads next (the order described above): sample keys [source, epoch, row]."""
+    """Which row of which source one rank reads next: sample keys [source, epoch, row]. Per source and epoch, a
+    seeded permutation of its blocks (parquet row groups, else single rows), rows permuted within a block, cut into
+    world_size contiguous shards; a source that runs out starts its next epoch. Which source gives the next sample:
+    a weighted draw, the n-th of a rank seeded by (seed, rank, n)."""
 
     def __init__(self, sources, rank, world_size, seed):
         self.block_starts = [s.block_starts for s in sources]
@@ -1174,10 +1125,9 @@ class SourceOrder:
             else:
                 order = np.concatenate([starts[b] + rng.permutation(int(starts[b + 1] - starts[b]))
                                         for b in rng.permutation(len(starts) - 1)])
-            n = len(order)
             # keeps the epoch before: workers may already read a source's next epoch while this one is consumed
             self.shard_cache = {k: v for k, v in self.shard_cache.items() if k[0] != s or k[1] >= epoch - 1}
-            lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+            lo, hi = (len(order) * r // self.world_size for r in (self.rank, self.rank + 1))
             self.shard_cache[(s, epoch)] = order[lo:hi].copy()  # a copy lets the whole permutation go
         return self.shard_cache[(s, epoch)]
 
@@ -1201,12 +1151,11 @@ class SourceOrder:
 
 
 class FirstFitPacker:
-    """Up to `open_packs` packs are open; a sample goes into the first open pack it fits (`capacity` bounds every
-    LLM position of a pack); if none has room, a pack is opened for it (when all slots are taken, the fullest open
-    pack is emitted to make room) and seeds() gives the samples that join a newly opened pack (the mandatory
-    sources'): each goes into that pack if it fits, else into the first it fits, else into a new pack (not seeded
-    again). A pack is emitted at once when even the smallest sample seen so far no longer fits. A pack is
-    {"keys", "samples", "used"}; its keys (where its samples came from) are all the state needs."""
+    """Up to `open_packs` packs of `capacity` LLM positions are open; a sample goes into the first it fits, else into
+    a pack opened for it (all slots taken: the fullest goes out first), which seeds() (the mandatory sources) then
+    join: into it if they fit, else the first they fit, else a new pack (not seeded again). A pack goes out at once
+    when even the smallest sample seen so far no longer fits. A pack is {"keys", "samples", "used"}; its keys (where
+    its samples came from) are all the state needs."""
 
     def __init__(self, capacity, open_packs):
         self.capacity, self.open_packs = capacity, open_packs
@@ -1257,15 +1206,10 @@ class FirstFitPacker:
     def load_state_dict(self, state, build):
         """build(key) -> (items, cost) remakes each waiting sample from its key."""
         def rebuild(keys):
-            pack = {"keys": keys, "samples": [], "used": 0}
-            for key in keys:
-                items, cost = build(key)
-                pack["samples"].append(items)
-                pack["used"] += cost
-            return pack
+            built = [build(key) for key in keys]
+            return {"keys": keys, "samples": [b[0] for b in built], "used": sum(b[1] for b in built)}
         self.min_cost = state["min_cost"]
-        self.open = [rebuild(k) for k in state["open"]]
-        self.ready = [rebuild(k) for k in state["ready"]]
+        self.open, self.ready = [rebuild(k) for k in state["open"]], [rebuild(k) for k in state["ready"]]
 
 
 class SampleBuilder:
@@ -1275,6 +1219,8 @@ class SampleBuilder:
     def __init__(self, sources, tok, dropout, seed, max_sample_tokens, max_image_pixels):
         self.sources, self.tok, self.dropout, self.seed = sources, tok, tuple(dropout), seed
         self.max_sample_tokens, self.max_image_pixels = max_sample_tokens, max_image_pixels
+        if max_sample_tokens < 1:
+            raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
 
     def __call__(self, key):
         s, epoch, row = key
@@ -1424,16 +1370,11 @@ class Prefetcher:
         return result, state
 
 
-def count_skip(skipped, where, outcome):
-    """Counts a bad sample by its reason; logs the first 20 of each reason, then every 1000th."""
-    n = skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
-    if n <= 20 or n % 1000 == 0:
-        log.warning("data: skipped %s: %s [%d %s so far]", where, outcome, n, outcome.reason)
-
-
 def check_sources(sources, order, build, max_latent_size, vit_side):
     """Systemic problems fail at start, not hours into a run: duplicate source names, a rank outside the world,
     images beyond the model's position tables, a rank left without rows, a source whose first samples are all bad."""
+    if not sources:
+        raise ValueError("no data sources")
     if len({s.name for s in sources}) != len(sources):
         raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
     if not 0 <= order.rank < order.world_size:
@@ -1460,22 +1401,17 @@ def check_sources(sources, order, build, max_latent_size, vit_side):
 
 class Loader:
     """Packs for one rank, forever. packing_length bounds the LLM positions of a pack; dropout = (text, vit, vae)
-    CFG condition dropout probabilities; open_packs is the first-fit buffer; max_latent_size / vit_side are the
-    model's position tables; samples longer than max_sample_tokens (at most and by default packing_length) are
-    skipped as too_long;
+    CFG condition dropout probabilities; open_packs: the first-fit buffer; max_latent_size / vit_side: the model's
+    position tables; samples over max_sample_tokens (at most and by default packing_length) are too_long skips;
     max_image_pixels refuses decompression bombs before decoding; max_bad_streak bad rows in a row from one source
-    is an error, not an endless skip; workers processes build the samples; prefetch packs are made in a thread."""
+    is an error, not an endless skip; `workers` processes build the samples; `prefetch` packs are made in a thread."""
 
     def __init__(self, sources, tokenizer, packing_length, dropout, open_packs=8, max_latent_size=64, vit_side=70,
                  max_sample_tokens=None, max_image_pixels=2 ** 26, max_bad_streak=1000, workers=0, prefetch=0,
                  rank=0, world_size=1, seed=0):
-        if not sources:
-            raise ValueError("no data sources")
-        max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
-        if max_sample_tokens < 1:
-            raise ValueError(f"max_sample_tokens must be at least 1, got {max_sample_tokens}")
         self.sources, self.tok, self.packing_length, self.open_packs = sources, tokenizer, packing_length, open_packs
         self.max_latent_size, self.vit_side = max_latent_size, vit_side
+        max_sample_tokens = min(max_sample_tokens or packing_length, packing_length)  # the pack bounds it anyway
         self.build = SampleBuilder(sources, tokenizer, dropout, seed, max_sample_tokens, max_image_pixels)
         self.mandatory = [s for s, src in enumerate(sources) if src.mandatory]
         self.max_bad_streak, self.rank, self.world_size, self.seed = max_bad_streak, rank, world_size, seed
@@ -1493,17 +1429,16 @@ class Loader:
         self.counts = {"samples": 0, "packs": 0, "tokens": 0, "skipped": {}}
 
     def close(self):
-        """Stops the worker processes for good. Garbage collection and exit stop them too, and a worker ends by
-        itself once this process has ended, however it ended."""
+        """Stops the worker processes for good (so do garbage collection and exit; a worker also ends by itself
+        once this process has ended, however it ended)."""
         self.stream.close()
 
     def next_sample(self, s=None):
-        """The next sample of source s (None: of a weighted draw): (key, items, cost), or None for a bad row (counted
-        and logged)."""
+        """The next sample of source s (None: of a weighted draw): (key, items, cost), or None for a bad row."""
         key, outcome = self.stream.take(s)
         s = key[0]
         if isinstance(outcome, BadSample):
-            count_skip(self.counts["skipped"], f"{self.sources[s].where(key[2])} (epoch {key[1]})", outcome)
+            count_bad(self.counts["skipped"], outcome, f"skipped {self.sources[s].where(key[2])} (epoch {key[1]})")
             self.bad_streak[s] += 1
             if self.bad_streak[s] >= self.max_bad_streak:
                 raise RuntimeError(f"source {self.sources[s].name}: {self.bad_streak[s]} bad samples in a row, "
@@ -1544,36 +1479,35 @@ class Loader:
         pack, self.consumed = self.ahead.get()
         return pack
 
+    def identity(self):  # what a state must have been saved by to be loaded here
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "sources": [s.name for s in self.sources]}
+
     def live_state(self):
-        return json.loads(json.dumps({
-            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "sources": [s.name for s in self.sources], "positions": self.order.positions, "draws": self.order.draws,
-            "packer": self.packer.state_dict(), "bad_streak": self.bad_streak, "counts": self.counts}))
+        return plain({**self.identity(), "positions": self.order.positions, "draws": self.order.draws,
+                      "packer": self.packer.state_dict(), "bad_streak": self.bad_streak, "counts": self.counts})
 
     def state_dict(self):
         """Everything that decides the next packs, as plain JSON-able Python."""
-        return json.loads(json.dumps(self.consumed)) if self.ahead else self.live_state()
+        return plain(self.consumed) if self.ahead else self.live_state()
 
     @property
     def stats(self):
-        """{samples, packs, tokens, fill (tokens / (packs * packing_length)), skipped {reason: n}, epochs {source: n}}"""
+        """{samples, packs, tokens, fill: tokens / (packs * packing_length), skipped {reason: n}, epochs {source: n}}"""
         state = self.state_dict()
         c = state["counts"]
         return {"samples": c["samples"], "packs": c["packs"], "tokens": c["tokens"],
                 "fill": c["tokens"] / (c["packs"] * self.packing_length) if c["packs"] else 0.0,
-                "skipped": dict(c["skipped"]),
-                "epochs": {src.name: pos[0] for src, pos in zip(self.sources, state["positions"])}}
+                "skipped": c["skipped"], "epochs": {src.name: p[0] for src, p in zip(self.sources, state["positions"])}}
 
     def load_state_dict(self, state):
         if self.ahead is not None:
             raise RuntimeError("load_state_dict must come before the first next_pack")
-        mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "sources": [s.name for s in self.sources]}
-        theirs = {k: state[k] for k in mine}
-        if theirs != mine:
-            raise ValueError(f"loader state is for {theirs}, this loader is {mine}")
+        theirs = {k: state[k] for k in self.identity()}
+        if theirs != self.identity():
+            raise ValueError(f"loader state is for {theirs}, this loader is {self.identity()}")
         self.reset()
-        state = json.loads(json.dumps(state))
+        state = plain(state)
         self.order.positions, self.order.draws = state["positions"], state["draws"]
         self.bad_streak, self.counts = state["bad_streak"], state["counts"]
 
@@ -1586,15 +1520,13 @@ class Loader:
         self.packer.load_state_dict(state["packer"], build)
 
 
-def guess_format(path):
-    """The format whose required columns a file or folder has (messages when several fit), or None."""
-    columns = Rows(path).columns or []
-    fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
-    return "messages" if "messages" in fits else (fits[0] if fits else None)
+def plain(x):
+    """A deep copy as plain JSON data (lists for tuples): states are saved and compared as such."""
+    return json.loads(json.dumps(x))
 
 
 def main(argv):
-    """Check datasets before training: pack a few, print fill, skips by reason and speed."""
+    """Check datasets before training: pack a few as train.py would, print fill, skips by reason and speed."""
     import argparse
     import time
     import train  # the training defaults: one place for packing_length and the CFG dropout
@@ -1606,11 +1538,10 @@ def main(argv):
                f"out.")
     parser.add_argument("paths", nargs="*", default=["shapes"], metavar="PATH[:FORMAT]")
     parser.add_argument("--packs", type=int, default=20, help="packs to make (default 20)")
-    parser.add_argument("--packing_length", type=int, default=None,
-                        help=f"LLM positions per pack (default: the config's, else train.py's "
-                             f"{train.DEFAULTS['packing_length']})")
-    parser.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: the built-in)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's, else 0)")
+    parser.add_argument("--packing_length", type=int, help=f"LLM positions per pack (default: the config's, else "
+                                                             f"train.py's {train.DEFAULTS['packing_length']})")
+    parser.add_argument("--tokenizer", help="checkpoint folder with tokenizer.json (default: the built-in)")
+    parser.add_argument("--workers", type=int, help="worker processes (default: the config's, else 0)")
     args = parser.parse_args(argv)
     if args.packs < 1:
         parser.error("--packs must be at least 1")
@@ -1622,8 +1553,10 @@ def main(argv):
             sources += [Source(**s) for s in config["sources"]]
             continue
         path, _, fmt = p.rpartition(":") if ":" in p and not os.path.exists(p) else (p, "", "")
-        if not fmt and path != "shapes":
-            fmt = guess_format(path)
+        if not fmt and path != "shapes":  # the format whose columns it has (messages when several fit)
+            columns = Rows(path).columns or []
+            fits = [f for f, need in COLUMNS.items() if need and f != "shapes" and all(c in columns for c in need)]
+            fmt = "messages" if "messages" in fits else (fits[0] if fits else None)
             if fmt is None:
                 raise SystemExit(f"{path}: no format's columns found; say PATH:FORMAT ({formats})")
             print(f"{path}: format {fmt} (from its columns)")

@@ -76,7 +76,7 @@ def replay(bagel, case, tensors, special, text_by_token, golden=None):
             with torch.no_grad():
                 if it["type"] == "vae_image" and it.get("loss"):
                     rows = [row_of_latent[int(j)] for j in idx[1:-1]]
-                    v = sample.velocity(bagel, cache, out["x_t"][rows], out["t"][rows[0]], data.vae_grid(it), special)
+                    v = sample.velocity(bagel, cache, out["x_t"][rows], out["t"][rows[0]], data.item_grid(it), special)
                     mse = [mse_row[int(j)] for j in idx[1:-1]]
                     torch.testing.assert_close(v, out["mse_pred"][mse], **SAME)
                     if golden:
