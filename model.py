@@ -129,10 +129,11 @@ class SpanLayout:
         earlier_ok = (k_idx < self.span_start[q_idx]) & (self.span_mode[k_idx] != NOISE)
         return same_sample & (own_ok | earlier_ok)
 
-    def dense_mask(self):
-        """[L, L] boolean mask, True = may attend. Exact; for SDPA on CPU and for tests."""
+    def dense_mask(self, rows=None):
+        """[L, L] boolean mask, True = may attend; [len(rows), L] for the queries `rows` (int64 indices) alone.
+        Exact; for SDPA on CPU and for tests."""
         idx = torch.arange(self.sample_start.numel(), device=self.sample_start.device)
-        return self.visible(idx[:, None], idx[None, :])
+        return self.visible((idx if rows is None else rows)[:, None], idx[None, :])
 
 
 def span_layout(sample_lens, split_lens, split_modes, device=None) -> SpanLayout:
