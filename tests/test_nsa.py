@@ -426,6 +426,24 @@ def test_chunked_reference_equals_whole():
         torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@needs_interpreter
+def test_layer_check_at_tiny_width(monkeypatch):
+    """bench.py's `nsa layer` check (a decoder layer with both experts, the kernels against the reference) at the
+    bagel_tiny fixture's width, on its case with the most kinds of spans: the kernels in fp32 (interpreter) against
+    the reference over chunks of 5 query rows agree to fp32 rounding."""
+    import bench
+    import data
+    from conftest import fixture_config_overrides, fixture_samples, load_fixture
+    cases, tensors, _, _, special = load_fixture()
+    cfg = model.bagel_tiny(**fixture_config_overrides(), attn_backend="nsa", nsa=dict(topk=3, window_size=8, **CFG))
+    packs = [data.pack_samples(fixture_samples(c, tensors), special, cfg.max_latent_size,
+                               cfg.vit_max_patches_per_side) for c in cases["cases"]]
+    pack = max(packs, key=lambda p: (len(set(p.split_modes)), len(p.sample_lens), p.num_tokens))
+    assert set(pack.split_modes) == {"causal", "full", "noise"} and len(pack.sample_lens) > 1
+    monkeypatch.setattr(nsa, "REF_CHUNK", cfg.num_heads * pack.num_tokens * 5)
+    assert bench.check_layer(cfg, pack, fast=("triton", torch.float32)) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Masking semantics
 
