@@ -3,7 +3,7 @@
     python bench.py                                    # the step: real width, 4 MoT layers, one 16k pack (1 GPU)
     python bench.py --activation_checkpointing=True    # any train.py key can be given
     torchrun --nproc_per_node=2 bench.py               # FSDP2 over 2 GPUs (one pack per GPU)
-    python bench.py nsa check|init|bench|breakdown|sweep [N] [KERNELS]   # NSA (nsa.py) on one GPU
+    python bench.py nsa check|layer|init|bench|breakdown|sweep [N] [KERNELS]   # NSA (nsa.py) on one GPU
     python bench.py memory                             # the full 7B's memory per GPU, by formula (README's table)
 
 Options of the step benchmark (besides any train.py key: python train.py --help):
@@ -22,9 +22,12 @@ The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 51
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
 master weights and AdamW state (FSDP2), the frozen VAE encoding included.
 NSA, BAGEL's heads (28 query / 4 KV, head dim 128): check = bf16 kernels against the fp32 torch reference (and no host
-sync in a layer); init = step-0 closeness to dense attention; bench = fwd+bwd against dense causal SDPA at 4k..64k;
+sync in a layer); layer = one real-width decoder layer (both experts) on 32768 (or N) positions of the model's mixed
+spans in several samples, bf16 with the kernels against fp32 with the reference: output and every gradient; init =
+step-0 closeness to dense attention; bench = fwd+bwd against dense causal SDPA at 4k..64k;
 breakdown = GPU time per kernel launch at 16k and 64k (or N); sweep = launch shapes (SWEEP) at N.
 """
+import copy
 import io
 import json
 import os
@@ -97,8 +100,9 @@ def write_real_data(folder, rows, seed=0):
             {"path": os.path.join(folder, "vlm.jsonl"), "format": "vlm", "data_folder": os.path.join(folder, "images")}]
 
 
-def bench_pack(tokenizer, length, seed):
-    g = torch.Generator().manual_seed(seed)
+def bench_samples(tokenizer, length, g):
+    """The step's synthetic samples (the module docstring): 3 text-to-image samples, then chat samples filling
+    `length` positions; random draws from the generator g."""
     ids = lambda n: torch.randint(10, tokenizer.vocab_size, (n,), generator=g).tolist()
     text = lambda n, loss: {"type": "text", "ids": ids(n), "loss": loss, "special_token_loss": False,
                             "special_token_label": None}
@@ -115,7 +119,11 @@ def bench_pack(tokenizer, length, seed):
             break
         samples.append([text(128, False), text(answer, True)])
         left -= 130 + answer + 2
-    return data.pack_samples(samples, tokenizer.special)
+    return samples
+
+
+def bench_pack(tokenizer, length, seed):
+    return data.pack_samples(bench_samples(tokenizer, length, torch.Generator().manual_seed(seed)), tokenizer.special)
 
 
 class Phases:
@@ -257,11 +265,10 @@ def sync(run):
         torch.cuda.synchronize(run.device)
 
 
-def long_pack(tokenizer, length, seed):
+def long_sample(tokenizer, length, g):
     """One interleaved sample of `length` positions: text of 1,500 ids, a 980 px image as ViT tokens and a 1024 px
     image as clean VAE latents, repeated, then a noised 1024 px target, and text to the end (NSA's case: long
-    samples whose images are full spans and whose target is a noise span)."""
-    g = torch.Generator().manual_seed(seed)
+    samples whose images are full spans and whose target is a noise span). Its items; draws from g."""
     ids = lambda n: torch.randint(10, tokenizer.vocab_size, (n,), generator=g).tolist()
     text = lambda n, loss: {"type": "text", "ids": ids(n), "loss": loss, "special_token_loss": False,
                             "special_token_label": None}
@@ -273,7 +280,12 @@ def long_pack(tokenizer, length, seed):
         items += [text(1500, True), dict(vit), vae(False)]
         left -= 1502 + 4902 + 4098
     items += [vae(True), text(left - 2, True)]
-    return data.pack_samples([items], tokenizer.special, generator=g)
+    return items
+
+
+def long_pack(tokenizer, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return data.pack_samples([long_sample(tokenizer, length, g)], tokenizer.special, generator=g)
 
 
 class BigVocab:
@@ -325,6 +337,16 @@ def _compare(name, pairs, bound=3e-2):
     return worst
 
 
+@torch.no_grad()
+def _trained_like(m, generator=None):
+    """Trained-looking NSA parameters (weightedpool) rather than the near-dense init: selection is score-driven and
+    every branch counts."""
+    m.compress_key.normal_(1 / m.pattern["kernel_size"], 0.02, generator=generator)
+    m.compress_value.normal_(1 / m.pattern["kernel_size"], 0.02, generator=generator)
+    m.intra_block_pe.normal_(0, 0.1, generator=generator)
+    m.gate.weight.normal_(0, 0.05, generator=generator)
+
+
 def _check_module(sample_lens, span_lens, modes, pattern):
     """The whole module (compression kernels, RoPE, gate projection, attention) in bf16 against the torch backend
     in fp32 on the same inputs: outputs and every gradient."""
@@ -334,11 +356,7 @@ def _check_module(sample_lens, span_lens, modes, pattern):
     x, q, k, v = _inputs(sum(sample_lens), hidden=256)
     do = torch.randn_like(q)
     m = nsa.NSA(256, H, KH, D, **pattern).cuda()
-    with torch.no_grad():  # trained-looking parameters rather than the near-dense init
-        m.compress_key.normal_(1 / 32, 0.02)
-        m.compress_value.normal_(1 / 32, 0.02)
-        m.intra_block_pe.normal_(0, 0.1)
-        m.gate.weight.normal_(0, 0.05)
+    _trained_like(m)
     res = {}
     for backend, dtype in (("torch", torch.float32), ("triton", torch.bfloat16)):
         m.backend = backend
@@ -398,6 +416,57 @@ def nsa_check():
         torch.cuda.empty_cache()
     assert worst < 3e-2, f"bf16 kernels disagree with the reference (worst rel err {worst:.2e})"
     print("check OK")
+
+
+def layer_pack(tokenizer, length, seed=0):
+    """`nsa layer`'s pack of up to `length` positions, the model's spans in several samples: long_sample's interleaved
+    sample in the first half (text; a ViT image and clean latents, full spans; a noised target, a noise span), then
+    bench_samples' text-to-image (a noise span each) and chat samples."""
+    g = torch.Generator().manual_seed(seed)
+    samples = [long_sample(tokenizer, length // 2, g)] + bench_samples(tokenizer, length - length // 2, g)
+    return data.pack_samples(samples, tokenizer.special, generator=g)
+
+
+def check_layer(cfg, pack, fast=("triton", torch.bfloat16), seed=0):
+    """One decoder layer (model.DecoderLayer: both MoT experts, NSA attention) on `pack` as Bagel.forward runs it, with
+    NSA's `fast` (backend, dtype) against its torch backend in fp32 (nsa_reference over chunks of query rows), from the
+    same weights, input and output gradient: the output and the gradients of the input and of every parameter.
+    Prints each relative error; returns the worst."""
+    device = pack.position_ids.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        ref = M.DecoderLayer(cfg)
+    with torch.no_grad():  # Bagel.init_weights' scale, but no norm at exactly 1 and no bias at 0: all of them count
+        for name, p in ref.named_parameters():
+            mean, std = (1.0, 0.1) if "norm" in name else (0.0, 0.02)
+            p.normal_(mean, std, generator=g)
+    _trained_like(ref.attn, g)
+    x = torch.randn(pack.num_tokens, cfg.hidden_size, device=device, generator=g)  # rows in the layer's order
+    dout = torch.randn(x.shape, device=device, generator=g)
+    res = []
+    for layer, backend, dtype in ((copy.deepcopy(ref).to(fast[1]), *fast), (ref, "torch", torch.float32)):
+        layer.attn.backend = backend
+        n, ctx = M.layer_context(cfg, pack, dtype)
+        x_in = x.to(dtype, copy=True).requires_grad_()
+        out = layer(x_in, n, ctx)
+        out.backward(dout.to(dtype))
+        res.append([("out", out.detach()), ("dx", x_in.grad)] +
+                   [("d" + name, p.grad) for name, p in layer.named_parameters()])
+    return _compare("layer", [(a, t, r) for (a, t), (_, r) in zip(*res)])
+
+
+def nsa_layer(N=32768):
+    """A real-width decoder layer on layer_pack(N) in bf16 with the kernels against fp32 with the reference. Full
+    (image) spans from N = 32k; below 8,216 there is no room for long_sample's 1024 px target."""
+    if N < 8216:
+        raise SystemExit("bench.py nsa layer: N must be at least 8216")
+    pack = layer_pack(data.tiny_tokenizer(), N).to("cuda")
+    spans = {m: pack.split_modes.count(m) for m in ("causal", "full", "noise")}
+    print(f"layer: {pack.num_tokens} positions, {len(pack.sample_lens)} samples, spans {spans}", flush=True)
+    worst = check_layer(M.bagel_7b(attn_backend="nsa"), pack)
+    print(f"layer peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+    assert worst < 3e-2, f"bf16 kernels disagree with the reference over a layer (worst rel err {worst:.2e})"
+    print("layer OK")
 
 
 def nsa_init():
@@ -538,6 +607,8 @@ def nsa_main(args):
     what, rest = args[0] if args else "", args[1:]
     if what == "check":
         nsa_check()
+    elif what == "layer":
+        nsa_layer(int(rest[0]) if rest else 32768)
     elif what == "init":
         nsa_init()
     elif what == "bench":
@@ -548,7 +619,8 @@ def nsa_main(args):
     elif what == "sweep":
         nsa_sweep(int(rest[0]) if rest else 65536, rest[1].split(",") if len(rest) > 1 else SWEEP)
     else:
-        raise SystemExit(f"bench.py nsa: expected check, init, bench, breakdown or sweep, got {what!r}\n" + __doc__)
+        raise SystemExit(f"bench.py nsa: expected check, layer, init, bench, breakdown or sweep, got {what!r}\n"
+                         + __doc__)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,10 +129,11 @@ class SpanLayout:
         earlier_ok = (k_idx < self.span_start[q_idx]) & (self.span_mode[k_idx] != NOISE)
         return same_sample & (own_ok | earlier_ok)
 
-    def dense_mask(self):
-        """[L, L] boolean mask, True = may attend. Exact; for SDPA on CPU and for tests."""
+    def dense_mask(self, rows=None):
+        """[L, L] boolean mask, True = may attend; [len(rows), L] for the queries `rows` (int64 indices) alone.
+        Exact; for SDPA on CPU and for tests."""
         idx = torch.arange(self.sample_start.numel(), device=self.sample_start.device)
-        return self.visible(idx[:, None], idx[None, :])
+        return self.visible((idx if rows is None else rows)[:, None], idx[None, :])
 
 
 def span_layout(sample_lens, split_lens, split_modes, device=None) -> SpanLayout:
@@ -696,6 +697,16 @@ def expert_order(is_gen):
     return order, where
 
 
+def layer_context(cfg, pack, dtype):
+    """What every decoder layer of a pack's forward takes besides its rows: n (the rows are the n understanding tokens,
+    then the latents: expert_order) and the pack's attention context (RoPE at the rows' positions, in `dtype`)."""
+    is_gen = torch.zeros(pack.num_tokens, dtype=torch.bool, device=pack.position_ids.device)
+    is_gen[pack.vae_indexes] = True
+    order, where = expert_order(is_gen)
+    rope = Rotary(cfg.head_dim, cfg.rope_theta, pack.position_ids[order], dtype)
+    return pack.num_tokens - pack.vae_indexes.numel(), pack_attention(cfg, pack, order, where, rope)
+
+
 class Bagel(nn.Module):
     """The trainable BAGEL: MoT LLM, ViT, connector and latent heads (the VAE is separate and frozen)."""
     def __init__(self, cfg: BagelConfig):
@@ -778,19 +789,13 @@ class Bagel(nn.Module):
         autograd the loss backpropagated must weigh the CE tokens proportionally to ce_weights (default: equally)."""
         cfg = self.cfg
         x, aux = self.embed(pack, timestep_shift, run_vit)
-        L = pack.num_tokens
-        is_gen = torch.zeros(L, dtype=torch.bool, device=x.device)
-        is_gen[pack.vae_indexes] = True
-        order, where = expert_order(is_gen)
-        n = L - pack.vae_indexes.numel()
-        rope = Rotary(cfg.head_dim, cfg.rope_theta, pack.position_ids[order], x.dtype)
-        ctx = pack_attention(cfg, pack, order, where, rope)
-        x = x[order]
+        n, ctx = layer_context(cfg, pack, x.dtype)
+        x = x[ctx.order]
         for layer in self.layers:
             x = layer(x, n, ctx)
         h = self.final_norm(x, n)
-        ce = cross_entropy(h[where[pack.ce_indexes]], self.lm_head.weight, pack.ce_labels, ce_weights)
-        pred = self.llm2vae(h[where[pack.mse_indexes]]).float()
+        ce = cross_entropy(h[ctx.where[pack.ce_indexes]], self.lm_head.weight, pack.ce_labels, ce_weights)
+        pred = self.llm2vae(h[ctx.where[pack.mse_indexes]]).float()
         noised = torch.searchsorted(pack.vae_indexes, pack.mse_indexes)  # MSE tokens among the latent tokens
         mse = (pred - aux["target"][noised]).pow(2).mean(-1)
         return dict(ce=ce, mse=mse)

@@ -49,12 +49,14 @@ Launch shapes (_tiles) are tuned on an H100 (`python bench.py nsa sweep`); NSA_T
 Speed (`python bench.py nsa bench`; the README's table, H100): fwd+bwd 1.14x dense SDPA at 16k, 3.37x at 64k.
 Below 16k the host launching ~130 kernels bounds the step. Per-kernel times, designs tried, the floor: notes/nsa.md.
 """
+import functools
 import json
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import triton
 import triton.language as tl
 
@@ -109,32 +111,39 @@ def gate_values(x, weight, num_heads):
 
 # ----------------------------------------------------------------------------------------------
 # Torch reference: dense masks from model.visible, readable, any layout. Test oracle and CPU path.
+# Every mask and score below belongs to one query row, so each function takes `rows` (int64 query indices, default
+# all) and nsa_reference runs over chunks of rows: [chunk, L] masks and scores, where [L, L] ones would need over
+# 100 GB at 32k tokens.
+
+REF_CHUNK = 2 ** 26  # score elements (query heads x rows x keys) per chunk of nsa_reference: 256 MB in fp32
+
 
 def _masked_attention(q, k, v, mask, scale):
-    """q [L, Hq, D], k/v [M, Hkv, D], mask [Hkv or 1, L, M] -> (o [L, Hq, D], probs [Hq, L, M]); empty rows give 0."""
-    G = q.shape[1] // k.shape[1]
-    s = torch.einsum("lhd,mhd->hlm", q.float(), k.float().repeat_interleave(G, 1)) * scale
-    s = s.masked_fill(~mask.repeat_interleave(G, 0) if mask.shape[0] > 1 else ~mask, float("-inf"))
+    """q [L, Hq, D], k/v [M, Hkv, D], mask [Hkv or 1, L, M] -> (o [L, Hq, D], probs [Hq, L, M]); empty rows give 0.
+    GQA by viewing q's heads as [Hkv, group]: k and v are not repeated per query head."""
+    L, H, D = q.shape
+    KH = k.shape[1]
+    s = torch.einsum("lkgd,mkd->kglm", q.float().reshape(L, KH, H // KH, D), k.float()) * scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
-    o = torch.einsum("hlm,mhd->lhd", p, v.float().repeat_interleave(G, 1))
-    return o.to(q.dtype), p
+    o = torch.einsum("kglm,mkd->lkgd", p, v.float()).reshape(L, H, v.shape[-1])
+    return o.to(q.dtype), p.flatten(0, 1)
 
 
-def compressed_visibility(layout, kernel_size, kernel_stride):
-    """[L, NC]: compressed key c is visible to query i iff all tokens of its window are."""
-    vis = layout.dense_mask().float()
+def compressed_visibility(layout, kernel_size, kernel_stride, rows=None):
+    """[R, NC]: compressed key c is visible to query i iff all tokens of its window are."""
+    vis = layout.dense_mask(rows)
     starts = window_starts(layout.cu_seqlens, kernel_size, kernel_stride)
-    member = torch.zeros(vis.shape[1], len(starts), device=vis.device)
-    member[starts[:, None] + torch.arange(kernel_size, device=vis.device),
-           torch.arange(len(starts), device=vis.device)[:, None]] = 1
-    return (vis @ member) == kernel_size
+    return vis[:, starts[:, None] + torch.arange(kernel_size, device=vis.device)].all(-1)
 
 
-def block_scores_ref(probs, layout, num_kv_heads, kernel_size, kernel_stride, block_size, init_blocks, local_blocks):
-    """probs [Hq, L, NC] -> (raw [Hkv, L, NB], score [Hkv, L, NB]) over each query's sample-relative blocks b < NB.
+def block_scores_ref(probs, layout, num_kv_heads, kernel_size, kernel_stride, block_size, init_blocks, local_blocks,
+                     rows=None):
+    """probs [Hq, R, NC] of the queries `rows` -> (raw [Hkv, R, NB], score [Hkv, R, NB]) over each query's
+    sample-relative blocks b < NB.
     raw: probabilities summed over the group, weighted by how many stride-chunks window c shares with block b.
     score: raw (+ a tiny earlier-block tie-break) on selectable blocks, +inf on forced ones, -inf elsewhere."""
-    L, dev, cu = probs.shape[1], probs.device, layout.cu_seqlens.long()
+    dev, cu = probs.device, layout.cu_seqlens.long()
     NB = int(math.ceil(int(cu.diff().max()) / block_size))
     rel_start = window_starts(cu, kernel_size, kernel_stride) - cu[:-1][
         torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev),
@@ -142,14 +151,14 @@ def block_scores_ref(probs, layout, num_kv_heads, kernel_size, kernel_stride, bl
     b0 = torch.arange(NB, device=dev) * block_size
     overlap = (torch.minimum(rel_start[:, None] + kernel_size, b0 + block_size)
                - torch.maximum(rel_start[:, None], b0)).clamp(min=0) // kernel_stride  # [NC, NB]
-    p = probs.reshape(num_kv_heads, probs.shape[0] // num_kv_heads, L, probs.shape[2]).sum(1)
+    p = probs.unflatten(0, (num_kv_heads, -1)).sum(1)
     raw = p @ overlap.to(p.dtype)
     # selectable: the block holds a token visible to the query
-    idx = torch.arange(L, device=dev)
-    rel = idx - layout.sample_start
-    onehot = F.one_hot(rel // block_size, NB).float()  # key j -> its block within its sample
-    cand = (layout.dense_mask().float() @ onehot) > 0  # [L, NB]
-    qb = rel // block_size
+    keys = torch.arange(layout.sample_start.numel(), device=dev)
+    rows = keys if rows is None else rows
+    onehot = F.one_hot((keys - layout.sample_start) // block_size, NB).float()  # key j -> its block within its sample
+    cand = (layout.dense_mask(rows).float() @ onehot) > 0  # [R, NB]
+    qb = (rows - layout.sample_start[rows]) // block_size
     b = torch.arange(NB, device=dev)
     forced = (b[None] < init_blocks) | ((b[None] > qb[:, None] - local_blocks) & (b[None] <= qb[:, None]))
     score = torch.where(forced, float("inf"), raw + 1e-30 / (1.0 + b))
@@ -165,31 +174,54 @@ def select_blocks(score, topk):
     return torch.where(idx == BIG, -1, idx).to(torch.int32)
 
 
-def selected_mask(layout, idx, block_size):
-    """[Hkv, L, L]: visible keys inside the blocks listed in idx (sample-relative block ids, -1 = none)."""
-    rel_block = (torch.arange(idx.shape[1], device=idx.device) - layout.sample_start) // block_size
+def selected_mask(layout, idx, block_size, rows=None):
+    """[Hkv, R, L]: visible keys inside the blocks that idx [Hkv, R, K] lists for the queries `rows` (sample-relative
+    block ids, -1 = none)."""
+    keys = torch.arange(layout.sample_start.numel(), device=idx.device)
+    rel_block = (keys - layout.sample_start) // block_size
     chosen = (idx.long()[:, :, :, None] == rel_block[None, None, None, :]).any(2)
-    return chosen & layout.dense_mask()[None]
+    return chosen & layout.dense_mask(rows)[None]
 
 
-def window_mask(layout, window_size):
-    """[L, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, max(i + w // 2, sample_start + w)) (docstring)."""
-    idx = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
-    hi_w = torch.minimum(layout.last_key(), torch.maximum(idx + window_size // 2, layout.sample_start + window_size))
-    return layout.dense_mask() & (idx <= hi_w[:, None]) & (idx >= hi_w[:, None] - window_size)
+def window_mask(layout, window_size, rows=None):
+    """[R, L]: visible keys in [hi_w - w, hi_w], hi_w = min(hi, max(i + w // 2, sample_start + w)) (docstring)."""
+    keys = torch.arange(layout.sample_start.numel(), device=layout.sample_start.device)
+    rows = keys if rows is None else rows
+    hi_w = torch.minimum(layout.last_key()[rows],
+                         torch.maximum(rows + window_size // 2, layout.sample_start[rows] + window_size))
+    return layout.dense_mask(rows) & (keys <= hi_w[:, None]) & (keys >= hi_w[:, None] - window_size)
 
 
-def nsa_reference(q, k, v, ck, cv, layout, pattern, scale):
-    """All three branches with dense masks. q [L, Hq, D] and k [L, Hkv, D] rotated, ck/cv [NC, Hkv, D]."""
-    cvis = compressed_visibility(layout, pattern["kernel_size"], pattern["kernel_stride"])
+def _reference_rows(q, k, v, ck, cv, layout, pattern, scale, rows):
+    """nsa_reference's three branches for the queries `rows` (q holds just their rows)."""
+    c = pattern
+    cvis = compressed_visibility(layout, c["kernel_size"], c["kernel_stride"], rows)
     o_cmp, probs = _masked_attention(q, ck, cv, cvis[None], scale)
     with torch.no_grad():
-        _, score = block_scores_ref(probs, layout, k.shape[1], pattern["kernel_size"], pattern["kernel_stride"],
-                                   pattern["block_size"], pattern["init_blocks"], pattern["local_blocks"])
-        idx = select_blocks(score, pattern["topk"])
-    o_slc, _ = _masked_attention(q, k, v, selected_mask(layout, idx, pattern["block_size"]), scale)
-    o_swa, _ = _masked_attention(q, k, v, window_mask(layout, pattern["window_size"])[None], scale)
+        _, score = block_scores_ref(probs, layout, k.shape[1], c["kernel_size"], c["kernel_stride"], c["block_size"],
+                                    c["init_blocks"], c["local_blocks"], rows)
+        idx = select_blocks(score, c["topk"])
+    o_slc, _ = _masked_attention(q, k, v, selected_mask(layout, idx, c["block_size"], rows), scale)
+    o_swa, _ = _masked_attention(q, k, v, window_mask(layout, c["window_size"], rows)[None], scale)
     return o_cmp, o_slc, o_swa
+
+
+def nsa_reference(q, k, v, ck, cv, layout, pattern, scale, chunk=None):
+    """All three branches with dense masks. q [L, Hq, D] and k [L, Hkv, D] rotated, ck/cv [NC, Hkv, D]. Runs over
+    chunks of `chunk` query rows (default: REF_CHUNK score elements a chunk), each recomputed in backward rather than
+    kept, so that a few chunks' masks and scores are all it holds beyond the outputs at any length."""
+    L = q.shape[0]
+    chunk = chunk or max(1, REF_CHUNK // (q.shape[1] * L))
+    rows = torch.arange(L, device=q.device)
+    if chunk >= L:
+        return _reference_rows(q, k, v, ck, cv, layout, pattern, scale, rows)
+    run = _reference_rows
+    if torch.is_grad_enabled():
+        run = functools.partial(torch.utils.checkpoint.checkpoint, _reference_rows, use_reentrant=False,
+                                preserve_rng_state=False)
+    outs = [run(q_rows, k, v, ck, cv, layout, pattern, scale, r)
+            for q_rows, r in zip(q.split(chunk), rows.split(chunk))]
+    return tuple(torch.cat(o) for o in zip(*outs))
 
 
 # ----------------------------------------------------------------------------------------------

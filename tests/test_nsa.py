@@ -401,6 +401,49 @@ def test_pool_kernels_match_compress(compress_type):
                 torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5, msg=f"{pack} {kernel_size}/{stride}")
 
 
+def test_chunked_reference_equals_whole():
+    """nsa_reference over chunks of 7 query rows (each recomputed in backward: what holds a layer's reference at 32k
+    to a few GB) equals it in one piece: the three branches and the gradients of q, k, v, the compressed keys and
+    values and the gates, on a pack whose chunks cut through samples and spans."""
+    H, KH, D = 6, 2, 16
+    layout = model.span_layout(*PACKS["mixed_spans"])
+    pattern = nsa.NSA(1, H, KH, D, topk=3, window_size=40, **CFG).pattern
+    N = layout.sample_start.numel()
+    NC = len(nsa.window_starts(layout.cu_seqlens, pattern["kernel_size"], pattern["kernel_stride"]))
+    g = torch.Generator().manual_seed(6)
+    inputs = [torch.randn(s, generator=g) for s in ((N, H, D), (N, KH, D), (N, KH, D), (NC, KH, D), (NC, KH, D))]
+    inputs.append(torch.rand(N, H, 3, generator=g))
+    do = torch.randn(N, H, D, generator=g)
+    results = []
+    for chunk in (N, 7):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        branches = nsa.nsa_reference(*leaves[:5], layout, pattern, D ** -0.5, chunk=chunk)
+        sum(leaves[5][..., b:b + 1] * o for b, o in enumerate(branches)).backward(do)
+        results.append([o.detach() for o in branches] + [t.grad for t in leaves])
+    names = ("o_cmp", "o_slc", "o_swa", "dq", "dk", "dv", "dck", "dcv", "dgate")
+    for name, whole, chunked in zip(names, *results):
+        assert whole.abs().sum() > 0, name
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_interpreter
+def test_layer_check_at_tiny_width(monkeypatch):
+    """bench.py's `nsa layer` check (a decoder layer with both experts, the kernels against the reference) at the
+    bagel_tiny fixture's width, on its case with the most kinds of spans: the kernels in fp32 (interpreter) against
+    the reference over chunks of 5 query rows agree to fp32 rounding."""
+    import bench
+    import data
+    from conftest import fixture_config_overrides, fixture_samples, load_fixture
+    cases, tensors, _, _, special = load_fixture()
+    cfg = model.bagel_tiny(**fixture_config_overrides(), attn_backend="nsa", nsa=dict(topk=3, window_size=8, **CFG))
+    packs = [data.pack_samples(fixture_samples(c, tensors), special, cfg.max_latent_size,
+                               cfg.vit_max_patches_per_side) for c in cases["cases"]]
+    pack = max(packs, key=lambda p: (len(set(p.split_modes)), len(p.sample_lens), p.num_tokens))
+    assert set(pack.split_modes) == {"causal", "full", "noise"} and len(pack.sample_lens) > 1
+    monkeypatch.setattr(nsa, "REF_CHUNK", cfg.num_heads * pack.num_tokens * 5)
+    assert bench.check_layer(cfg, pack, fast=("triton", torch.float32)) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Masking semantics
 
