@@ -29,21 +29,10 @@ The rules for the three branches:
     sample_start(i) + w)), masked by the rule: the library's [i - w, i] for causal queries; full and noise spans
     see w/2 ahead; in a sample of at most w + 1 tokens the window covers everything a query may see.
 
-Kernels (Triton; varlen over the packed sequence; int64 pointer offsets; bf16 in, fp32 accumulation):
-  - _NSAAttention: the gated sum as one autograd op. The backward's one pass over do (_gate_bwd) gives the gate
-    gradient and folds each gate into its branch's lse (g p = exp2(s - (lse - log2 g))), so the branch kernels take
-    the raw do; the branches add into shared dq and fp32 dk/dv buffers.
-  - _pool_*: weightedpool/avgpool compression without copying the windows (pe enters as a per-head bias).
-  - _band_fwd, _band_bwd_dq, _band_bwd_dkdv: flash attention where query i sees the keys in [klo_i, khi_i) that are
-    not another span's noise, for the compressed branch and the sliding window. Key tiles every row of a query
-    tile sees skip the mask (Plan.band_stats); dk/dv programs loop over (query tile, head of the group) and long
-    query ranges are cut into chunks that meet in fp32 atomics; tiles may load through Hopper TMA descriptors.
-  - _block_scores: the compressed probabilities recomputed from the saved lse, summed over the group and mapped
-    onto blocks by the overlap weights (one small fp32 matmul per tile); _topk takes the top-k per (KV head,
-    query) from per-chunk maxima, reading only the columns a query's width group needs (Plan.topk_groups).
-  - _slc_fwd, _slc_bwd, _slc_combine: selected attention gathered per KV block: the top-k lists are inverted so a
-    program loads one block once and streams the (query, head) rows that chose it. The forward writes per-(row,
-    slot) partial softmaxes that _slc_combine merges; the backward writes per-slot dq partials it sums.
+Kernels (Triton; varlen over the packed sequence; bf16 in, fp32 accumulation; each one's design: notes/nsa.md):
+  _NSAAttention, the gated sum as one autograd op (the gates fold into the branches' lse in backward); _pool_* the
+  compression; _band_* flash attention over per-query key ranges (compressed branch, sliding window); _block_scores
+  and _topk the selection; _slc_* selected attention gathered per KV block; _gate_* the gate.
 Launch shapes (_tiles) are tuned on an H100 (`python bench.py nsa sweep`); NSA_TILES overrides them.
 
 Speed (`python bench.py nsa bench`; the README's table, H100): fwd+bwd 1.14x dense SDPA at 16k, 3.37x at 64k.
@@ -110,10 +99,9 @@ def gate_values(x, weight, num_heads):
 
 
 # ----------------------------------------------------------------------------------------------
-# Torch reference: dense masks from model.visible, readable, any layout. Test oracle and CPU path.
-# Every mask and score below belongs to one query row, so each function takes `rows` (int64 query indices, default
-# all) and nsa_reference runs over chunks of rows: [chunk, L] masks and scores, where [L, L] ones would need over
-# 100 GB at 32k tokens.
+# Torch reference: dense masks from model.visible, readable, any layout. Test oracle and CPU path. Masks and scores
+# are per query row: each function takes `rows` (default all) and nsa_reference runs over chunks of rows ([L, L]
+# masks would need over 100 GB at 32k tokens).
 
 REF_CHUNK = 2 ** 26  # score elements (query heads x rows x keys) per chunk of nsa_reference: 256 MB in fp32
 
@@ -207,9 +195,8 @@ def _reference_rows(q, k, v, ck, cv, layout, pattern, scale, rows):
 
 
 def nsa_reference(q, k, v, ck, cv, layout, pattern, scale, chunk=None):
-    """All three branches with dense masks. q [L, Hq, D] and k [L, Hkv, D] rotated, ck/cv [NC, Hkv, D]. Runs over
-    chunks of `chunk` query rows (default: REF_CHUNK score elements a chunk), each recomputed in backward rather than
-    kept, so that a few chunks' masks and scores are all it holds beyond the outputs at any length."""
+    """All three branches with dense masks. q [L, Hq, D] and k [L, Hkv, D] rotated, ck/cv [NC, Hkv, D]. Over chunks
+    of `chunk` query rows (default: REF_CHUNK score elements), each recomputed in backward rather than kept."""
     L = q.shape[0]
     chunk = chunk or max(1, REF_CHUNK // (q.shape[1] * L))
     rows = torch.arange(L, device=q.device)
