@@ -800,9 +800,9 @@ def shard(model, mesh, dtype, config):
 
 
 def load_weights(model, model_cfg, config, fresh, device, log):
-    """Materialise the sharded model and fill it: from init_from (every rank reads only its own shards from the
-    memory-mapped files), a fresh init on the GPU (the same seed on every rank), or rank 0's fresh CPU init
-    (broadcast). Returns the VAE, with its weights."""
+    """Materialise the sharded model and fill it: from init_from (safetensors: every rank reads only its own shards
+    from the memory-mapped files; a DCP checkpoint: each tensor whole, one at a time, then its shard), a fresh init on
+    the GPU (the same seed on every rank), or rank 0's fresh CPU init (broadcast). Returns the VAE, with its weights."""
     model.to_empty(device=device)
     vae = M.build_vae(model_cfg).to(device)
     master = dist.get_rank() == 0
