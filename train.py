@@ -1177,7 +1177,7 @@ class Progress:
         if run.master:  # there from the start, even for a run of 0 steps
             open(self.metrics, "a").close()
         self.wandb = start_wandb(self.config) if run.master and self.config["wandb_project"] else None
-        self.row = None
+        self.row, self.plotted = None, 0.0
         self.new_window()
 
     def new_window(self):
@@ -1221,11 +1221,16 @@ class Progress:
         if run.master:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            plot_metrics(self.metrics, os.path.join(self.config["out_dir"], "metrics.png"))
+            if time.time() - self.plotted >= PLOT_EVERY_S:
+                self.plot()
             if self.wandb:
                 self.wandb.log(row, step=step)
         self.row = row
         self.new_window()
+
+    def plot(self):
+        plot_metrics(self.metrics, os.path.join(self.config["out_dir"], "metrics.png"))
+        self.plotted = time.time()
 
     def image(self, step, grid):
         if self.wandb:
@@ -1235,6 +1240,8 @@ class Progress:
     def finish(self, step, complete):
         """The end: how it went, where everything is, and what to run next (after a signal: main said it)."""
         config, out, r = self.config, self.config["out_dir"], self.row or {}
+        if self.run.master and self.row:
+            self.plot()  # the last lines, whenever the one before was drawn
         val = f" | validation loss {r['val_loss']:.4f}" if "val_loss" in r else ""
         self.run.log(f"{'done' if complete else 'stopped'}: {step} steps, {duration(self.elapsed())} | last loss "
                      f"{r.get('loss', math.nan):.4f} (ce {r.get('ce', math.nan):.4f}, mse {r.get('mse', math.nan):.4f})"
@@ -1249,7 +1256,8 @@ class Progress:
 
 
 # metrics.jsonl as a PNG with Pillow alone (no plotting library to install): the train and validation losses (log
-# scale), tokens/s and lr against the step, redrawn at every log line and by `python train.py --plot=OUT_DIR`.
+# scale), tokens/s and lr against the step, redrawn at a log line once PLOT_EVERY_S have passed (a long run's file
+# takes ~0.3 s to draw at 30k lines, which every rank would wait for), at the end, and by `python train.py --plot=DIR`.
 
 PLOT_PANELS = [  # (title, [(metrics key, colour)], log scale)
     ("loss", [("ce", (31, 119, 180)), ("mse", (255, 127, 14)), ("val_ce", (44, 160, 44)), ("val_mse", (214, 39, 40))],
@@ -1257,6 +1265,7 @@ PLOT_PANELS = [  # (title, [(metrics key, colour)], log scale)
     ("tokens/s", [("tokens_per_s", (148, 103, 189))], False),
     ("lr", [("lr", (140, 86, 75))], False),
 ]
+PLOT_EVERY_S = 60.0
 PLOT_SIZE = (800, 240)            # pixels: the image's width, each panel's height
 PLOT_MARGINS = (70, 20, 28, 30)   # a panel's left, right, top and bottom margins: the axes' labels, the title
 
