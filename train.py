@@ -894,7 +894,7 @@ def train_step(run, packs, lr, step=0, stop_votes=0):
         ce_sum, mse_sum = ce_sum + ce_tokens.detach().sum(), mse_sum + out["mse"].detach().sum()
         tokens += pack.num_tokens
         flops += pack_flops(pack, run.model_cfg, run.groups, vit_runs=config["visual_und"])
-    stopped = [any(fnmatch(name, pat) for pat in frozen) for name in run.param_names]
+    stopped = frozen_mask(tuple(run.param_names), tuple(frozen))
     for p, stop in zip(run.params, stopped):
         if stop:  # scheduled freezing: no gradient, so AdamW leaves it
             p.grad = None
@@ -921,6 +921,12 @@ def train_step(run, packs, lr, step=0, stop_votes=0):
     ce_mean, mse_mean = ce_tot / (n_ce or 1), mse_tot / (n_mse or 1)
     return dict(ok=bool(ok), loss=ce_w * ce_mean + mse_w * mse_mean, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm,
                 n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops, stop=stop_asked)
+
+
+@functools.lru_cache(maxsize=4)
+def frozen_mask(names, patterns):
+    """Which parameters the freeze_from_step patterns in force match (made once per set of patterns, not per step)."""
+    return [any(fnmatch(name, pat) for pat in patterns) for name in names]
 
 
 @torch.no_grad()
