@@ -9,7 +9,8 @@
 Options of the step benchmark (besides any train.py key: python train.py --help):
     --data=synthetic          the fixed pack below (default); real: configs/sft.py's mixture of generated photos in
                               the official formats, through data.Loader; real:t2i, real:edit, real:vlm: one of them;
-                              long:N: one interleaved sample of N positions
+                              long:N: one interleaved sample of N positions; several, comma-separated
+                              (synthetic,real): timed one after the other on one model, MFU against the first
     --steps=12                measured steps, after 3 warm-up steps
     --rows=200                rows per generated dataset (--data=real*), written once to $BENCH_DATA
                               (default /tmp/nanobagel_bench_data)
@@ -169,7 +170,8 @@ class Phases:
 
 def step_main(argv):
     """--data=synthetic (the fixed pack above), real (configs/sft.py's mixture of generated photos through data.Loader)
-    or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack);
+    or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack), or
+    several, comma-separated, timed one after the other on the same model (then the MFU of each against the first);
     --steps=N measured steps after 3 warm-up; any train.py key."""
     config = dict(train.DEFAULTS)
     config.update(BENCH)
@@ -185,13 +187,25 @@ def step_main(argv):
     config["model_args"] = {**BENCH["model_args"], **config["model_args"]}
     if config["device"] != "cpu" and not torch.cuda.is_available():  # before building BAGEL's width (~27 GB)
         raise SystemExit("bench.py needs a CUDA GPU (--device=cpu runs it on the CPU, with a small model: --help)")
-    steps, warmup = int(options["steps"]), 3
-    kind = options["data"]
-    if kind.startswith("real"):
+    kinds = options["data"].split(",")
+    real = [k for k in kinds if k.startswith("real")]
+    if len(real) > 1:
+        raise SystemExit(f"--data: one real mixture a run, got {', '.join(real)}")
+    if real:
         sources = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"), int(options["rows"]))
-        config["sources"] = [s for s in sources if kind == "real" or s["format"] == kind.split(":")[1]]
+        config["sources"] = [s for s in sources if real[0] == "real" or s["format"] == real[0].split(":")[1]]
     train.check_config(config)  # the values train.py would refuse, before the model is built
     run = train.build(config)
+    phases = Phases(run) if run.device.type == "cuda" else None
+    mfu = {kind: time_steps(run, config, kind, int(options["steps"]), phases) for kind in kinds}
+    if len(kinds) > 1 and mfu[kinds[0]]:  # (no MFU on a CPU)
+        run.log(f"MFU against {kinds[0]}: " + ", ".join(f"{k} {mfu[k] / mfu[kinds[0]]:.2f}x" for k in kinds[1:]))
+    torch.distributed.destroy_process_group()
+
+
+def time_steps(run, config, kind, steps, phases, warmup=3):
+    """Time `steps` train_steps on `kind`'s packs after `warmup`; log each step, the phases and the RESULT line;
+    return the honest MFU."""
     if not kind.startswith("real"):
         tokenizer = run.tokenizer if run.tokenizer.vocab_size > 1000 else BigVocab(run)
         pack = bench_pack(tokenizer, config["packing_length"], seed=run.rank) if kind == "synthetic" else \
@@ -202,7 +216,6 @@ def step_main(argv):
     else:
         next_pack = train.make_loader(run, config["seed"]).next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
-    phases = Phases(run) if run.device.type == "cuda" else None
     times, phase_ms, tokens, flops, peaks = [], [], 0, 0, []
     for i in range(warmup + steps):
         sync(run)
@@ -237,7 +250,7 @@ def step_main(argv):
     mean = lambda xs: sum(xs) / len(xs)
     per_phase = {k: mean([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in phase_ms[-1]}
     tokens, flops = train.all_sum([tokens, flops], run.device)
-    mem = max(peaks)
+    mem, mfu = max(peaks), flops / dt / run.world / peak if peak else 0.0
     if phases:
         m = phases.memory
         per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
@@ -251,13 +264,13 @@ def step_main(argv):
     run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
             f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt / steps * 1000:.0f} ms "
             f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
-            f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {flops / dt / run.world / peak if peak else 0:.3f} | "
+            f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {mfu:.3f} | "
             f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
     if phases and kind == "synthetic" and config["checkpoint_every"] == 1 and not config["lora_targets"]:
         predicted = memory_gib(run.model_cfg, act, run.world, config["packing_length"],
                                config["activation_checkpointing"], config["ema"] > 0)
         run.log(f"memory_gib predicts {predicted:.1f} GiB peak (measured {mem:.1f})")
-    torch.distributed.destroy_process_group()
+    return mfu
 
 
 def sync(run):

@@ -98,6 +98,23 @@ def test_every_entry_point_has_help(capsys):
 # ----------------------------------------------------------------------------------------------
 # Progress
 
+def test_bench_times_the_synthetic_and_the_real_pack_in_one_run(tmp_path):
+    """`bench.py --data=synthetic,real` on the CPU (tiny model): one model, each kind's warm-up and measured steps
+    logged, then a RESULT line per kind; the real packs come through data.Loader from the generated photos."""
+    cpu = ["--device=cpu", "--model=tiny", "--compile=False", "--model_args={'attn_backend':'sdpa'}",
+           "--packing_length=4096"]
+    proc = python("bench.py", *cpu, "--data=synthetic,real", "--rows=6", "--steps=1",
+                  env={"BENCH_DATA": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = re.findall(r"^RESULT (\S+) \|", proc.stdout, re.M)
+    assert results == ["synthetic", "real"]
+    steps = re.findall(r"^step (\d+): .* \((\d+) ViT patches, (\d+) latent", proc.stdout, re.M)
+    assert [int(s[0]) for s in steps] == [0, 1, 2, 3] * 2  # 3 warm-up and 1 measured step, for each kind
+    synthetic, real = steps[:4], steps[4:]
+    assert len({s[1:] for s in synthetic}) == 1  # the fixed pack
+    assert sum(int(s[1]) for s in real) > 0 and sum(int(s[2]) for s in real) > 0  # VLM and T2I/edit rows arrived
+
+
 def test_progress_reports_window_means_speed_and_eta(tmp_path, monkeypatch):
     """Three steps, one of them non-finite: the row holds the means of the finite ones, tokens over the time in
     train_step, s/step over the wall clock of the window, elapsed from the resumed checkpoint's, and the ETA."""
