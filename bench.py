@@ -32,6 +32,7 @@ import copy
 import io
 import json
 import os
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -109,10 +110,10 @@ def bench_samples(tokenizer, length, g):
                             "special_token_label": None}
     samples = []
     for _ in range(3):  # 62 + 1026 positions each
-        samples.append([text(60, False), {"type": "vae_image", "pixels": torch.rand(3, 512, 512, generator=g) * 2 - 1,
-                                          "latent": None, "loss": True, "timestep_raw": float(torch.randn(1, generator=g)),
-                                          "noise": torch.randn(16, 64, 64, generator=g),
-                                          "posterior_eps": torch.randn(16, 64, 64, generator=g)}])
+        target = {"type": "vae_image", "pixels": torch.rand(3, 512, 512, generator=g) * 2 - 1, "latent": None,
+                  "loss": True, "timestep_raw": float(torch.randn(1, generator=g)),
+                  "noise": torch.randn(16, 64, 64, generator=g), "posterior_eps": torch.randn(16, 64, 64, generator=g)}
+        samples.append([text(60, False), target])
     left = length - 3 * 1088
     while left > 0:  # chat: 130 + answer
         answer = min(380, left - 130 - 2)
@@ -187,7 +188,10 @@ def step_main(argv):
     config["model_args"] = {**BENCH["model_args"], **config["model_args"]}
     if config["device"] != "cpu" and not torch.cuda.is_available():  # before building BAGEL's width (~27 GB)
         raise SystemExit("bench.py needs a CUDA GPU (--device=cpu runs it on the CPU, with a small model: --help)")
-    kinds = options["data"].split(",")
+    kinds = list(dict.fromkeys(options["data"].split(",")))  # each kind once, in the order given
+    known = re.compile(r"synthetic|real(:t2i|:edit|:vlm)?|long:\d+")
+    if not all(known.fullmatch(k) for k in kinds):  # before any kind is timed
+        raise SystemExit(f"--data: synthetic, real, real:t2i, real:edit, real:vlm or long:N, got {options['data']!r}")
     real = [k for k in kinds if k.startswith("real")]
     if len(real) > 1:
         raise SystemExit(f"--data: one real mixture a run, got {', '.join(real)}")
@@ -213,8 +217,10 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         next_pack = lambda: pack
         run.log(f"pack: {pack.num_tokens} tokens, {len(pack.sample_lens)} samples, {pack.ce_indexes.numel()} CE, "
                 f"{pack.mse_indexes.numel()} MSE")
+        loader = None
     else:
-        next_pack = train.make_loader(run, config["seed"]).next_pack
+        loader = train.make_loader(run, config["seed"])
+        next_pack = loader.next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
     times, phase_ms, tokens, flops, peaks = [], [], 0, 0, []
     for i in range(warmup + steps):
@@ -246,6 +252,10 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
                                           max_name_column_width=80))
         if os.environ.get("BENCH_TRACE"):
             prof.export_chrome_trace(os.environ["BENCH_TRACE"])
+        if phases:
+            phases.take()  # the profiled steps' events, not the next kind's
+    if loader:
+        loader.close()  # its workers, before the next kind is timed
     dt = sum(times[warmup:])
     mean = lambda xs: sum(xs) / len(xs)
     per_phase = {k: mean([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in phase_ms[-1]}
@@ -261,7 +271,8 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
                 f"(memory_gib's eager count: {counted:.3f} GiB at a full pack)")
     if run.latent_cache:
         run.log(f"latent cache: {run.latent_cache.hits} hits, {run.latent_cache.misses} misses")
-    run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | compile {config['compile']} | "
+    run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | "
+            f"compile {config['compile']} | "
             f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt / steps * 1000:.0f} ms "
             f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {mfu:.3f} | "

@@ -167,8 +167,9 @@ def grid_pos_ids(h, w, side):
 def pack_samples(samples, special, max_latent_size=64, vit_side=70, generator=None) -> Pack:
     """Lay samples out one after another with the official BAGEL packing rules.
 
-    special: {"im_start", "im_end", "vision_start", "vision_end"} -> token id. The draws a noised VAE image lacks
-    are taken from `generator` (add_draws, in sequence order); the loader always supplies them: this is for ad-hoc use.
+    special: {"im_start", "im_end", "vision_start", "vision_end"} -> token id. The draws a VAE image lacks (timestep
+    and noise of a noised one, posterior eps of pixels) are taken from `generator` (add_draws, in sequence order); the
+    loader always supplies them: this is for ad-hoc use.
     """
     p = {f.name: [] for f in fields(Pack)}  # each field as a list, made tensors at the end
     L = 0  # tokens laid out so far

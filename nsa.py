@@ -103,7 +103,7 @@ def gate_values(x, weight, num_heads):
 # are per query row: each function takes `rows` (default all) and nsa_reference runs over chunks of rows ([L, L]
 # masks would need over 100 GB at 32k tokens).
 
-REF_CHUNK = 2 ** 26  # score elements (query heads x rows x keys) per chunk of nsa_reference: 256 MB in fp32
+REF_CHUNK = 2 ** 26  # score elements (query heads x rows x keys) per chunk of nsa_reference: 256 MB a score tensor
 
 
 def _masked_attention(q, k, v, mask, scale):

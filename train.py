@@ -860,24 +860,24 @@ def lr_at(config, step):
     return config["lr"]
 
 
-def train_step(run, packs, lr, step=0, stop_votes=0):
+def train_step(run, packs, lr, step=0, stop_votes=lambda: 0):
     """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
     counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
     packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules;
-    `stop_votes` (this rank's pending signals) rides the step's first collective: r["stop"] says whether any rank
-    has one. The step reads the GPU once, at its end, after the optimiser step is launched."""
+    stop_votes() (this rank's pending signals), asked after the backward, rides the loss sums' all-reduce:
+    r["stop"] says whether any rank has one. The step reads the GPU once, at its end, after the optimiser step."""
     config, world, model = run.config, run.world, run.model
     off = [k for k, s in config["loss_off_from_step"].items() if step >= s]
     ce_w, mse_w = (0.0 if k in off else config[k + "_weight"] for k in ("ce", "mse"))
     frozen = [pat for pat, s in config["freeze_from_step"].items() if step >= s]
     for g in run.opt.param_groups:
         g["lr"] = lr
-    # one collective: global CE and MSE token counts, which micro-steps have ViT images on any rank, stop votes
+    # one collective: global CE and MSE token counts, and which micro-steps have ViT images on any rank
     reweight = config["ce_loss_reweighting"]
     ce_count = (lambda p: float(p.ce_weights.sum())) if reweight else (lambda p: p.ce_indexes.numel())
-    counts = all_sum([sum(ce_count(p) for p in packs), sum(p.mse_indexes.numel() for p in packs), stop_votes] +
+    counts = all_sum([sum(ce_count(p) for p in packs), sum(p.mse_indexes.numel() for p in packs)] +
                      [len(p.vit_lens) for p in packs], run.device)
-    n_ce, n_mse, stop_asked, vit_images = counts[0], counts[1], counts[2] > 0, counts[3:]
+    n_ce, n_mse, vit_images = counts[0], counts[1], counts[2:]
     ce_sum = mse_sum = torch.zeros((), device=run.device)
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
@@ -900,9 +900,12 @@ def train_step(run, packs, lr, step=0, stop_votes=0):
             p.grad = None
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    sums = torch.stack([ce_sum, mse_sum]).double()
+    # the stop votes as late as the step allows (a signal during the backward still stops after this step), made on
+    # the device with a fill, not copied from the host: no wait for the queued work
+    votes = torch.full((1,), float(stop_votes()), dtype=torch.float64, device=run.device)
+    sums = torch.cat([torch.stack([ce_sum, mse_sum]).double(), votes])
     dist.all_reduce(sums)
-    finite = torch.isfinite(grad_norm) & torch.isfinite(sums).all()
+    finite = torch.isfinite(grad_norm) & torch.isfinite(sums[:2]).all()
     # Clipping and skipping happen inside the fused AdamW kernel: it divides the gradients by grad_scale, and where
     # found_inf is set it leaves parameters and state as they were. No pass over the gradients, no host sync.
     max_norm = config["max_grad_norm"]
@@ -917,16 +920,16 @@ def train_step(run, packs, lr, step=0, stop_votes=0):
                 if stop:  # frozen by its schedule: its EMA becomes the parameter itself (as IRG)
                     e.copy_(p)
     run.opt.zero_grad(set_to_none=True)
-    ce_tot, mse_tot, grad_norm, ok = torch.cat([sums, grad_norm.double()[None], finite.double()[None]]).tolist()
+    ce_tot, mse_tot, votes, grad_norm, ok = torch.cat([sums, grad_norm.double()[None], finite.double()[None]]).tolist()
     ce_mean, mse_mean = ce_tot / (n_ce or 1), mse_tot / (n_mse or 1)
     return dict(ok=bool(ok), loss=ce_w * ce_mean + mse_w * mse_mean, ce=ce_mean, mse=mse_mean, grad_norm=grad_norm,
-                n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops, stop=stop_asked)
+                n_ce=n_ce, n_mse=n_mse, tokens=tokens, flops=flops, stop=votes > 0)
 
 
 @functools.lru_cache(maxsize=4)
 def frozen_mask(names, patterns):
     """Which parameters the freeze_from_step patterns in force match (made once per set of patterns, not per step)."""
-    return [any(fnmatch(name, pat) for pat in patterns) for name in names]
+    return tuple(any(fnmatch(name, pat) for pat in patterns) for name in names)
 
 
 @torch.no_grad()
@@ -1029,39 +1032,43 @@ def main(argv):
     signals = []  # while training (not while building or exporting), a signal asks the loop to save and stop
     default = {sig: signal.signal(sig, lambda number, frame: signals.append(signal.Signals(number).name))
                for sig in (signal.SIGTERM, signal.SIGINT)}
-    while step < config["max_steps"]:
-        t0 = time.time()
-        packs = [loader.next_pack() for _ in range(config["grad_accum"])]
-        for pack in packs:
-            if not config["visual_gen"] and pack.mse_indexes.numel():
-                raise SystemExit("visual_gen is off but the data has generation targets")
-        lr = lr_at(config, step)
-        r = train_step(run, packs, lr, step, stop_votes=len(signals))  # a signal on any rank: all stop after it
-        if r["ok"]:
-            bad_in_row = 0
-        else:
-            bad_in_row, skipped = bad_in_row + 1, skipped + 1
-            log(f"step {step}: non-finite loss {r['loss']} or grad norm {r['grad_norm']}: step skipped "
-                f"({bad_in_row} in a row)")
-            if bad_in_row >= config["max_bad_steps"]:
-                raise SystemExit(non_finite_report(run, r, bad_in_row))
-        step += 1
-        progress.add(r, time.time() - t0)  # train_step's host read has waited for the GPU
+    try:
+        while step < config["max_steps"]:
+            t0 = time.time()
+            packs = [loader.next_pack() for _ in range(config["grad_accum"])]
+            for pack in packs:
+                if not config["visual_gen"] and pack.mse_indexes.numel():
+                    raise SystemExit("visual_gen is off but the data has generation targets")
+            lr = lr_at(config, step)
+            r = train_step(run, packs, lr, step, lambda: len(signals))  # a signal on any rank: all stop after this step
+            if r["ok"]:
+                bad_in_row = 0
+            else:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                log(f"step {step}: non-finite loss {r['loss']} or grad norm {r['grad_norm']}: step skipped "
+                    f"({bad_in_row} in a row)")
+                if bad_in_row >= config["max_bad_steps"]:
+                    raise SystemExit(non_finite_report(run, r, bad_in_row))
+            step += 1
+            progress.add(r, time.time() - t0)  # train_step's host read has waited for the GPU
 
-        last = step == config["max_steps"]
-        val = evaluate(run, val_packs) if val_packs and (step % config["eval_every"] == 0 or last) else None
-        if step == 1 or step % config["log_every"] == 0 or val or last:
-            progress.report(step, lr, loader.stats["fill"], skipped, val)
-        if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
-            progress.image(step, write_samples(run, step))
-        if step % config["save_steps"] == 0 or last or r["stop"]:
-            extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
-                     "skipped": skipped, "data": data_rows(loader), "elapsed_s": progress.elapsed()}
-            log(f"checkpoint: {save_checkpoint(run, ckpt_dir, step, extra)}")
-        if r["stop"]:
-            log(f"{' '.join(signals) or 'a signal on another rank'}: saved step {step} and stopped; the same command "
-                f"resumes")
-            break
+            last = step == config["max_steps"]
+            val = evaluate(run, val_packs) if val_packs and (step % config["eval_every"] == 0 or last) else None
+            if step == 1 or step % config["log_every"] == 0 or val or last:
+                progress.report(step, lr, loader.stats["fill"], skipped, val)
+            if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
+                progress.image(step, write_samples(run, step))
+            if step % config["save_steps"] == 0 or last or r["stop"]:
+                extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
+                         "skipped": skipped, "data": data_rows(loader), "elapsed_s": progress.elapsed()}
+                log(f"checkpoint: {save_checkpoint(run, ckpt_dir, step, extra)}")
+            if r["stop"]:
+                log(f"{' '.join(signals) or 'a signal on another rank'}: saved step {step} and stopped; the same "
+                    f"command resumes")
+                break
+    finally:  # the plot of the last lines however the loop ends: done, a signal, the non-finite stop, an error
+        if run.master:
+            progress.plot()
     for sig, handler in default.items():
         signal.signal(sig, handler)
     complete = step >= config["max_steps"]
@@ -1246,8 +1253,6 @@ class Progress:
     def finish(self, step, complete):
         """The end: how it went, where everything is, and what to run next (after a signal: main said it)."""
         config, out, r = self.config, self.config["out_dir"], self.row or {}
-        if self.run.master and self.row:
-            self.plot()  # the last lines, whenever the one before was drawn
         val = f" | validation loss {r['val_loss']:.4f}" if "val_loss" in r else ""
         self.run.log(f"{'done' if complete else 'stopped'}: {step} steps, {duration(self.elapsed())} | last loss "
                      f"{r.get('loss', math.nan):.4f} (ce {r.get('ce', math.nan):.4f}, mse {r.get('mse', math.nan):.4f})"

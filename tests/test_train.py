@@ -166,6 +166,10 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, reference):
     assert max(curve(tmp_path)) == 3
     assert resumed_from(run_training(tmp_path, "--max_steps=6", "--save_steps=100")) == "step_0000003"
     assert_reproduces(reference, tmp_path)
+    # sent during step 2's compute (after its first collective): step 2 still completes and is the one saved
+    late = tmp_path / "late"
+    proc = run_training(late, "--max_steps=6", "--save_steps=100", env={"SIGNAL_AT": "SIGTERM@2@0@compute"})
+    assert "SIGTERM: saved step 2 and stopped" in proc.stdout and max(curve(late)) == 2
 
 
 def test_sigint_on_one_of_two_ranks_stops_both_after_the_same_step(tmp_path):
@@ -220,6 +224,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert proc.returncode != 0 and message.startswith("3 non-finite steps in a row (the last: ")
     assert "mse nan" in message.split("):")[0]
     assert "the weights are finite: check these steps' data" in message
+    train.plot_metrics(tmp_path / "b/metrics.jsonl", tmp_path / "b.png")  # the plot was redrawn at the stop
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "b/metrics.png").read_bytes()
     # a NaN weight (as a NaN checkpoint would bring): named
     weight = next(k for k in load_file(str(tmp_path / "a/export/model.safetensors")) if k.startswith("layers."))
     proc = run_training(tmp_path / "c", "--max_steps=6", "--max_bad_steps=2", env={"NAN_WEIGHT": weight}, check=False)

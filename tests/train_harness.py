@@ -9,8 +9,8 @@ processes with A=1 see. Faults, by environment variable:
     NAN_WEIGHT=NAME      that parameter is NaN from the start (as if loaded so)
     CRASH_AT=POINT@STEP  the process dies (os._exit(9), as a kill) right after that point of that step's save
     DISK_FULL_AT=STEP    writing that step's per-rank file raises OSError(ENOSPC), as a full disk does
-    SIGNAL_AT=NAME@STEP[@RANK]  the process sends itself that signal (SIGTERM, SIGINT) while loading that step's
-                         packs (rank 0 unless told)
+    SIGNAL_AT=NAME@STEP[@RANK[@compute]]  the process sends itself that signal (SIGTERM, SIGINT) while loading that
+                         step's packs, or with @compute from inside its train_step (rank 0 unless told)
 """
 import errno
 import inspect
@@ -53,7 +53,15 @@ class FixedLoader:
         g = (s * self.accum + m) * self.world + self.rank
         self.count += 1
         if SIGNAL and m == 0 and s + 1 == SIGNAL[1] and self.rank == SIGNAL[2]:
-            os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
+            if SIGNAL[3] == "compute":  # sent by the step's VAE encoding, after the step's first collective
+                encode = train.encode_images
+                def signalling_encode(*args, **kwargs):
+                    os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
+                    train.encode_images = encode
+                    return encode(*args, **kwargs)
+                train.encode_images = signalling_encode
+            else:
+                os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
         pack = data.pack_samples(synthetic_samples(g, self.tokenizer.vocab_size), self.tokenizer.special)
         if s + 1 in NAN_STEPS:  # a poisoned pack: its flow noise is NaN
             pack.vae_noise[:] = float("nan")
@@ -123,7 +131,8 @@ if __name__ == "__main__":
     NAN_STEPS = {int(s) for s in os.environ.get("NAN_STEPS", "").split(",") if s}
     ACCUM = next((int(a.split("=")[1]) for a in args if a.startswith("--grad_accum=")), 1)
     SIGNAL = os.environ.get("SIGNAL_AT", "").split("@")
-    SIGNAL = [SIGNAL[0], int(SIGNAL[1]), int(SIGNAL[2]) if len(SIGNAL) > 2 else 0] if SIGNAL[0] else None
+    SIGNAL = [SIGNAL[0], int(SIGNAL[1]), int(SIGNAL[2]) if len(SIGNAL) > 2 else 0,
+              SIGNAL[3] if len(SIGNAL) > 3 else "load"] if SIGNAL[0] else None
     FixedLoader.__signature__ = inspect.signature(data.Loader)  # the arguments train.py checks data_args against
     data.Loader = FixedLoader
     if os.environ.get("CRASH_AT"):
