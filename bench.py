@@ -18,6 +18,7 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
                               --model_args="{'attn_backend':'sdpa'}" --packing_length=4096
     BENCH_PROFILE=N           environment: also print torch.profiler's top N ops of two more steps
     BENCH_TRACE=FILE.json.gz  environment: with BENCH_PROFILE, write those two steps' timeline (chrome://tracing)
+                              to FILE.KIND.json.gz
 
 The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
@@ -174,6 +175,10 @@ def step_main(argv):
     or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack), or
     several, comma-separated, timed one after the other on the same model (then the MFU of each against the first);
     --steps=N measured steps after 3 warm-up; any train.py key."""
+    # Inductor starts its pool of compile workers (one a core) at the first compile; when every kernel comes from the
+    # cache they are still importing torch during the timed steps, and the host, slowed, leaves the GPU idle. The
+    # pool is then started only for a kernel that must be compiled (TORCH_WARM_POOL=1 restores the default).
+    os.environ.setdefault("TORCH_WARM_POOL", "0")
     config = dict(train.DEFAULTS)
     config.update(BENCH)
     options = {"data": "synthetic", "steps": "12", "rows": "200"}
@@ -250,8 +255,9 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
             sync(run)
         run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["BENCH_PROFILE"]),
                                           max_name_column_width=80))
-        if os.environ.get("BENCH_TRACE"):
-            prof.export_chrome_trace(os.environ["BENCH_TRACE"])
+        if os.environ.get("BENCH_TRACE"):  # one file a kind: NAME.KIND.json.gz
+            prof.export_chrome_trace(re.sub(r"(\.json(\.gz)?)?$", "." + kind.replace(":", "_") + r"\1",
+                                            os.environ["BENCH_TRACE"], count=1))
         if phases:
             phases.take()  # the profiled steps' events, not the next kind's
     if loader:
