@@ -3,6 +3,7 @@
 checkpointing modes (gradients identical to no checkpointing), the latent cache (the encoder's latents), frozen
 weights in the compute dtype, hybrid sharding (a 2 x 2 mesh equals one process); and two official behaviours the
 step follows: the learning-rate warm-up and visual_und=False (ViT tokens are zero vectors)."""
+import dataclasses
 import math
 import os
 
@@ -207,6 +208,8 @@ def test_memory_formula_counts_what_a_layer_keeps():
     assert act["full"] == 2 * C
     assert act["selective"] == 2 * C + 2 * (H * D + 2 * KH * D + C + 2 * F_ + C) + H * (2 * D + 4)
     assert act["none"] > act["selective"]
+    # an NSA model is counted as dense (bench.py's long NSA rows stopped here once, after their steps)
+    assert bench.layer_activation_bytes(dataclasses.replace(cfg, attn_backend="nsa")) == act
     params = sum(p.numel() for p in M.Bagel(cfg).parameters())
     layer = sum(p.numel() for p in M.DecoderLayer(cfg).parameters())
     tokens, world = 4096, 2
