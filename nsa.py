@@ -76,8 +76,7 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
     starts: window_starts(...), if already at hand."""
     if compress_type not in ("avgpool", "weightedpool", "linear"):
         raise ValueError(f"unknown compress_type {compress_type!r}")
-    if starts is None:
-        starts = window_starts(cu_seqlens, kernel_size, kernel_stride)
+    starts = window_starts(cu_seqlens, kernel_size, kernel_stride) if starts is None else starts
     win = x[starts[:, None] + torch.arange(kernel_size, device=x.device)]  # [NC, l, H, D]
     if pe is not None:
         win = win + pe.transpose(0, 1).to(win.dtype)
@@ -85,9 +84,8 @@ def compress(x, w, cu_seqlens, kernel_size, kernel_stride, compress_type, pe=Non
         return win.mean(1)
     if compress_type == "weightedpool":
         return torch.einsum("nlhd,hl->nhd", win, w.to(win.dtype))
-    if compress_type == "linear":
-        NC, l, H, D = win.shape
-        return torch.einsum("nhk,hkd->nhd", win.permute(0, 2, 1, 3).reshape(NC, H, l * D), w.to(win.dtype))
+    NC, l, H, D = win.shape  # linear
+    return torch.einsum("nhk,hkd->nhd", win.permute(0, 2, 1, 3).reshape(NC, H, l * D), w.to(win.dtype))
 
 
 def gate_values(x, weight, num_heads):
@@ -549,8 +547,7 @@ def _slc_block(K, V, KNOISE, WORK, skn, skh, svn, svh, G: tl.constexpr, D: tl.co
 
 
 @triton.jit
-def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale,
-             sqn, sqh, skn, skh, svn, svh,
+def _slc_fwd(Q, K, V, OP, LP, QLIST, WORK, HI, NLO, KNOISE, H, qk_scale, sqn, sqh, skn, skh, svn, svh,
              K_SLOTS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
              BS: tl.constexpr):
     # one program per work item (kv head, block's first token, block end, list offset, list length): load the
@@ -866,8 +863,7 @@ class Plan:
         if key not in self._cache:
             n = self.last_block.long() + 1
             width = torch.where(n <= min_width, min_width, 2 ** torch.ceil(torch.log2(n.double())).long())
-            self._cache[key] = [(int(w), _i32(torch.nonzero(width == w).flatten()))
-                                    for w in torch.unique(width).tolist()]
+            self._cache[key] = [(int(w), _i32(torch.nonzero(width == w).flatten())) for w in width.unique().tolist()]
         return self._cache[key]
 
     def band_stats(self, klo, khi, nlo, knoise, nk, BQ, BK):
@@ -876,8 +872,7 @@ class Plan:
         first noise token any of its keys covers."""
         key = ("stats", klo.data_ptr(), knoise.data_ptr(), nk, BQ, BK)
         if key not in self._cache:
-            N = klo.numel()
-            T = -(-N // BQ)
+            N, T = klo.numel(), -(-klo.numel() // BQ)
             pad = lambda t, value: F.pad(t.long(), (0, T * BQ - N), value=value).view(T, BQ)
             valid = pad(torch.ones_like(klo), 0).bool()
             lo, hi = pad(klo, 0), pad(khi, BIG)
@@ -904,7 +899,7 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, plan, kernel_stride):
         x = x.contiguous()
-        (L, H, D), NC = x.shape, plan.window_starts.numel()
+        (_, H, D), NC = x.shape, plan.window_starts.numel()
         out = x.new_empty(NC, H, D)
         ctx.save_for_backward(x, w)
         ctx.plan, ctx.stride = plan, kernel_stride
@@ -943,12 +938,10 @@ def compress_triton(x, w, plan, kernel_size, kernel_stride, pe=None):
 def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
     """Flash attention where query i sees keys c in [klo_i, khi_i) with noise[c] >= nlo_i -> (o, lse [H, N] log2).
     kind: "cmp" (compressed keys) or "swa" (sliding window), which pick their own tiles."""
-    N, H, D = q.shape
-    NK, KH, _ = k.shape
+    (N, H, D), (NK, KH, _) = q.shape, k.shape
     if NK == 0:  # no sample long enough for one compressed key: every row sees nothing
         return torch.zeros_like(q), torch.full((H, N), float("inf"), device=q.device)
-    o = torch.empty_like(q)
-    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+    o, lse = torch.empty_like(q), torch.empty(H, N, device=q.device, dtype=torch.float32)
     BQ, BK, W, S, tma = _tiles(kind + "_fwd")
     stats = plan.band_stats(klo, khi, nlo, knoise, NK, BQ, BK)
     _launch(_band_fwd, (triton.cdiv(N, BQ), H), q, k, v, o, lse, klo, khi, nlo, knoise, *stats, N, NK,
@@ -960,8 +953,7 @@ def _band_forward(q, k, v, klo, khi, nlo, knoise, scale, kind, plan):
 def _band_backward(q, k, v, do, lse, delta, klo, khi, nlo, knoise, scale, kind, plan, dq, dk, dv):
     """Adds this branch's gradients: dq (q's dtype) and the fp32 dk, dv buffers. do, lse and delta as _gate_bwd
     gives them (the gate folded into lse)."""
-    N, H, D = q.shape
-    NK, KH, _ = k.shape
+    (N, H, D), (NK, KH, _) = q.shape, k.shape
     if NK == 0:
         return
     meta = dict(G=H // KH, D=D, BD=_bd(D))
@@ -990,15 +982,13 @@ def block_scores_triton(q, ck, lse, plan: Plan, num_kv_heads, kernel_stride, ker
     out = torch.empty((num_kv_heads, N, plan.num_blocks), device=q.device, dtype=torch.float32)
     BQ, W, blocks, tma = _tiles("score")
     BK = R * blocks  # compressed keys per tile: blocks - 1 blocks written per tile
-    c_noise = plan.c_noise
-    if ck.shape[0] == 0:  # no compressed key anywhere: the kernel still reads (masked) through valid pointers
-        c_noise = c_noise.new_zeros(1)
+    # no compressed key anywhere: the kernel still reads (masked) through valid pointers
+    c_noise = plan.c_noise if ck.shape[0] else plan.c_noise.new_zeros(1)
     ck_pad = F.pad(ck, (0, 0, 0, 0, R, 0))  # R zero rows in front (see _block_scores)
     _launch(_block_scores, (triton.cdiv(plan.max_len, BQ), plan.B, num_kv_heads),
             q, ck_pad, lse, out, plan.cu, plan.ccu, plan.bcu, plan.hi, plan.nlo, plan.c_khi, c_noise, plan.b_clean,
             N, ck.shape[0], (D ** -0.5) * math.log2(math.e), q.stride(0), ck_pad.stride(0), *out.stride()[:2],
-            plan.num_blocks,
-            G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
+            plan.num_blocks, G=H // num_kv_heads, D=D, BD=_bd(D), BQ=BQ, BK=BK, R=R, KD=KD, BS=block_size,
             INIT=init_blocks, LOCAL=local_blocks, TMA=_use_tma(D, tma, q, ck_pad), num_warps=W)
     return out
 
@@ -1008,9 +998,8 @@ def _selection_work(idx, plan: Plan):
     chose it (qlist, grouped by block), cut into work items of at most `slc_chunk` entries: int32 [W, 5] =
     (kv head, first token, end token, offset into qlist, count); W is an upper bound, unused items have count 0."""
     KH, N, K = idx.shape
-    NBT = plan.num_blocks_total
+    NBT, dev = plan.num_blocks_total, idx.device
     n_keys = KH * NBT
-    dev = idx.device
     kh = torch.arange(KH, device=dev, dtype=torch.int32)[:, None, None]
     key = torch.where(idx >= 0, kh * NBT + plan.block_of_sample[None, :, None] + idx, n_keys).flatten()
     sorted_key, order = torch.sort(key, stable=True)  # int32 keys: half the radix passes of int64
@@ -1049,9 +1038,7 @@ def _selected_forward(q, k, v, idx, plan, scale):
     """Attention of each query over the visible tokens of its selected blocks, gathered per KV block
     -> (o, lse, state for _selected_backward)."""
     N, H, D = q.shape
-    KH = k.shape[1]
-    K = idx.shape[2]
-    BD = _bd(D)
+    KH, K, BD = k.shape[1], idx.shape[2], _bd(D)
     qlist, work = _selection_work(idx, plan)
     op = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     lp = torch.full((N, K, H), float("-inf"), device=q.device, dtype=torch.float32)
@@ -1059,8 +1046,7 @@ def _selected_forward(q, k, v, idx, plan, scale):
     _launch(_slc_fwd, (len(work),), q, k, v, op, lp, qlist, work, plan.hi, plan.nlo, plan.tok_noise, H,
             scale * math.log2(math.e), *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
             K_SLOTS=K, G=H // KH, D=D, BD=BD, BM=BM, BS=plan.block_size, num_warps=W, num_stages=S)
-    o = torch.empty_like(q)
-    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+    o, lse = torch.empty_like(q), torch.empty(H, N, device=q.device, dtype=torch.float32)
     _slc_combine[(triton.cdiv(N * H, 16),)](op, lp, o, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=False)
     return o, lse, (lp, qlist, work)
 
@@ -1070,9 +1056,7 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     _band_backward)."""
     lp, qlist, work = state
     N, H, D = q.shape
-    KH = k.shape[1]
-    K = lp.shape[1]
-    BD = _bd(D)
+    KH, K, BD = k.shape[1], lp.shape[1], _bd(D)
     dqp = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     BM, W, S = _tiles("slc_bwd")
     _launch(_slc_bwd, (len(work),), q, k, v, do, dqp, dk, dv, lse, delta, qlist, work, plan.hi, plan.nlo,
@@ -1111,8 +1095,7 @@ class _NSAAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, ck, cv, gate, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, *slc_state = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        do = do.contiguous()
+        plan, scale, do = ctx.plan, ctx.scale, do.contiguous()
         N, H, D = q.shape
         dgate = torch.empty(N, H, 3, device=q.device, dtype=torch.float32)
         lse_g, delta = (torch.empty(3, H, N, device=q.device, dtype=torch.float32) for _ in range(2))
@@ -1188,10 +1171,8 @@ class NSA(torch.nn.Module):
             raise ValueError(f"NSA expects q [{L}, {H}, {D}], k/v [{L}, {KH}, {D}] and x [{L}, hidden] for this pack; "
                              f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
         plan = get_plan(layout, c)
-        idx = torch.arange(q.shape[0], device=q.device)
-        pos = idx - layout.sample_start if position_ids is None else position_ids
-        w_k = getattr(self, "compress_key", None)
-        w_v = getattr(self, "compress_value", None)
+        pos = torch.arange(L, device=q.device) - layout.sample_start if position_ids is None else position_ids
+        w_k, w_v = getattr(self, "compress_key", None), getattr(self, "compress_value", None)
         backend = self.backend or ("triton" if q.is_cuda else "torch")
         if backend == "torch" or self.compress_type == "linear":
             args = (layout.cu_seqlens, c["kernel_size"], c["kernel_stride"], self.compress_type)
