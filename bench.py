@@ -468,8 +468,10 @@ def layer_pack(tokenizer, length, seed=0):
 def check_layer(cfg, pack, fast=("triton", torch.bfloat16), seed=0):
     """One decoder layer (model.DecoderLayer: both MoT experts, NSA attention) on `pack` as Bagel.forward runs it, with
     NSA's `fast` (backend, dtype) against its torch backend in fp32 (nsa_reference over chunks of query rows), from the
-    same weights, input and output gradient: the output and the gradients of the input and of every parameter.
-    Prints each relative error; returns the worst."""
+    same weights, input and output gradient: the output and the gradients of the input and of every parameter. The
+    floor: the same layer in fast's dtype with the torch backend (attention computed exactly, in fp32), the error
+    that dtype makes by itself in the projections and norms. Prints both errors; returns the worst excess of the
+    kernels' error over twice the floor (at most 0 where the kernels add no more than the dtype already does)."""
     device = pack.position_ids.device
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device(device):
@@ -482,7 +484,8 @@ def check_layer(cfg, pack, fast=("triton", torch.bfloat16), seed=0):
     x = torch.randn(pack.num_tokens, cfg.hidden_size, device=device, generator=g)  # rows in the layer's order
     dout = torch.randn(x.shape, device=device, generator=g)
     res = []
-    for layer, backend, dtype in ((copy.deepcopy(ref).to(fast[1]), *fast), (ref, "torch", torch.float32)):
+    for backend, dtype in (fast, ("torch", fast[1]), ("torch", torch.float32)):
+        layer = copy.deepcopy(ref).to(dtype)
         layer.attn.backend = backend
         n, ctx = M.layer_context(cfg, pack, dtype)
         x_in = x.to(dtype, copy=True).requires_grad_()
@@ -490,20 +493,28 @@ def check_layer(cfg, pack, fast=("triton", torch.bfloat16), seed=0):
         out.backward(dout.to(dtype))
         res.append([("out", out.detach()), ("dx", x_in.grad)] +
                    [("d" + name, p.grad) for name, p in layer.named_parameters()])
-    return _compare("layer", [(a, t, r) for (a, t), (_, r) in zip(*res)])
+        del layer, out, x_in
+    worst = -float("inf")
+    for (label, t), (_, f), (_, r) in zip(*res):
+        err, floor = _rel(t, r), _rel(f, r)
+        worst = max(worst, err - 2 * floor)
+        print(f"check layer  {fast[0]} {str(fast[1])[6:]} vs fp32 reference  {label:24s} rel err {err:.2e} "
+              f"(floor {floor:.2e})")
+    return worst
 
 
 def nsa_layer(N=32768):
-    """A real-width decoder layer on layer_pack(N) in bf16 with the kernels against fp32 with the reference. Full
-    (image) spans from N = 32k; below 8,216 there is no room for long_sample's 1024 px target."""
+    """A real-width decoder layer on layer_pack(N) in bf16 with the kernels against fp32 with the reference, held to
+    the floor of the same layer in bf16 with exact attention. Full (image) spans from N = 32k; below 8,216 there is
+    no room for long_sample's 1024 px target."""
     if N < 8216:
         raise SystemExit("bench.py nsa layer: N must be at least 8216")
     pack = layer_pack(data.tiny_tokenizer(), N).to("cuda")
     spans = {m: pack.split_modes.count(m) for m in ("causal", "full", "noise")}
     print(f"layer: {pack.num_tokens} positions, {len(pack.sample_lens)} samples, spans {spans}", flush=True)
-    worst = check_layer(M.bagel_7b(attn_backend="nsa"), pack)
+    excess = check_layer(M.bagel_7b(attn_backend="nsa"), pack)
     print(f"layer peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
-    assert worst < 3e-2, f"bf16 kernels disagree with the reference over a layer (worst rel err {worst:.2e})"
+    assert excess < 5e-3, f"bf16 kernels add error beyond twice bf16's own over a layer (worst excess {excess:.2e})"
     print("layer OK")
 
 
