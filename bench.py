@@ -702,7 +702,7 @@ def layer_activation_bytes(cfg, tokens=64):
     """Bytes per token one decoder layer keeps for its backward, per checkpointing mode (eager, bf16): what autograd
     saves on a real-width layer on the CPU (weights left out, each storage once), attention keeping what flash/flex
     keep. full: the layer input; selective: that and the outputs its policy saves (matmuls; attention's output and
-    log-sum-exp). Counted for dense attention whatever cfg's backend (an NSA layer's own saved tensors are not counted)."""
+    log-sum-exp). Counted for dense attention whatever cfg's backend (NSA's own saved tensors are not counted)."""
     layer = M.DecoderLayer(dataclasses.replace(cfg, attn_backend="sdpa")).to(torch.bfloat16)
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     ctx = SimpleNamespace(rope=Rotary(cfg.head_dim, cfg.rope_theta, torch.arange(tokens), torch.bfloat16),
