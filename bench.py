@@ -365,7 +365,7 @@ CHECKS = [  # (sample lens, span lens, span modes, NSA pattern): the packs and p
 ]
 
 
-def _compare(name, pairs, bound=3e-2):
+def _compare(name, pairs):
     """Print the relative error of each (label, kernels' result, reference) and return the worst."""
     worst = 0.0
     for label, tri, ref in pairs:
