@@ -153,8 +153,9 @@ def span_layout(sample_lens, split_lens, split_modes, device=None) -> SpanLayout
 
 # ----------------------------------------------------------------------------------------------
 # Attention. One interface for every backend: a decoder layer calls its `attn` module as attn(h, q, k, v, ctx),
-# with h [N, C] the layer's normed input (NSA's gate reads it), q [N, Hq, D] and k, v [N, Hkv, D] before RoPE,
-# rows in the layer's order (understanding tokens first), and ctx the pack's PackAttention, made once per forward.
+# with h = (hu, hg) the two experts' normed inputs (NSA's gate reads them), q [N, Hq, D] and k, v [N, Hkv, D]
+# before RoPE, rows in the layer's order (understanding tokens first), and ctx the pack's PackAttention, made once
+# per forward.
 # The backend is chosen once, when the layer is built: DenseAttention for "sdpa" (the exact boolean mask) and
 # "flex" (a block mask, GPU), with no weights of its own; nsa.NSA for "nsa", with its compression and gate.
 
@@ -380,7 +381,7 @@ class DecoderLayer(CheckpointedLayer):
         q = torch.cat([frozen(qu), qg])
         k = torch.cat([frozen(ku), kg])
         v = torch.cat([frozen(vu), vg])
-        o = self.attn(torch.cat([hu, hg]), q, k, v, ctx).flatten(1)
+        o = self.attn((hu, hg), q, k, v, ctx).flatten(1)
         x = x + torch.cat([frozen(self.und.o_proj(o[:n])), self.gen.o_proj(o[n:])])
         return x + torch.cat([frozen(self.und.mlp(x[:n])), self.gen.mlp(x[n:])])
 

@@ -1156,20 +1156,30 @@ class NSA(torch.nn.Module):
 
     def forward(self, h, q, k, v, ctx):
         """The decoder layer's attention interface (model.DenseAttention's): rows in the layer's order, q and k before
-        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order (after a KV cache's tokens)."""
-        x, q, k, v = ctx.pack_rows(h, q, k, v)
-        return self.attend(x, q, k, v, ctx.layout, ctx.rotate, ctx.positions)[-len(ctx.where):][ctx.order]
+        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order (after a KV cache's tokens). The
+        gate runs on each expert's normed rows h = (und, gen), which the q/k/v projections keep anyway; only the
+        [n, H, 3] gate values move to pack order (a pack-order copy of h was 0.44 GiB a layer at 64k)."""
+        g = torch.cat([gate_values(t, self.gate.weight, self.num_heads) for t in h])
+        g, q, k, v = ctx.pack_rows(g, q, k, v)
+        return self.gated(g, q, k, v, ctx.layout, ctx.rotate, ctx.positions)[-len(ctx.where):][ctx.order]
 
     def attend(self, x, q, k, v, layout, rope, position_ids=None):
         """In pack order: x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k
         before RoPE; layout the pack's model.SpanLayout; rope(t, positions) rotates a [n, H, D] tensor; position_ids
         [L] (default: index within the sample)."""
+        if x.shape[0] != layout.sample_start.numel():
+            raise ValueError(f"NSA expects x [{layout.sample_start.numel()}, hidden] for this pack, got "
+                             f"{tuple(x.shape)}")
+        return self.gated(gate_values(x, self.gate.weight, self.num_heads), q, k, v, layout, rope, position_ids)
+
+    def gated(self, g, q, k, v, layout, rope, position_ids=None):
+        """attend with the gate values g [L, Hq, 3] (gate_values of x) given instead of x."""
         c = self.pattern
         L = layout.sample_start.numel()
         H, KH, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if q.shape != (L, H, D) or k.shape != (L, KH, D) or v.shape != (L, KH, D) or x.shape[0] != L:
-            raise ValueError(f"NSA expects q [{L}, {H}, {D}], k/v [{L}, {KH}, {D}] and x [{L}, hidden] for this pack; "
-                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
+        if q.shape != (L, H, D) or k.shape != (L, KH, D) or v.shape != (L, KH, D) or g.shape != (L, H, 3):
+            raise ValueError(f"NSA expects q [{L}, {H}, {D}], k/v [{L}, {KH}, {D}] and gate [{L}, {H}, 3] for this "
+                             f"pack; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, gate {tuple(g.shape)}")
         plan = get_plan(layout, c)
         pos = torch.arange(L, device=q.device) - layout.sample_start if position_ids is None else position_ids
         w_k, w_v = getattr(self, "compress_key", None), getattr(self, "compress_value", None)
@@ -1186,10 +1196,9 @@ class NSA(torch.nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         scale = self.head_dim ** -0.5
         if backend != "torch":
-            g = gate_values(x, self.gate.weight, self.num_heads)
             return _NSAAttention.apply(q, k, v, ck, cv, g, plan, c, scale)
         o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
-        g = gate_values(x, self.gate.weight, self.num_heads).to(o_cmp.dtype)
+        g = g.to(o_cmp.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
 
 

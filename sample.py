@@ -83,9 +83,9 @@ def run_tokens(model, cache, x, is_gen, positions, spans, keep=False):
             cache.k[i], cache.v[i] = k, v
         return k, v
 
-    def past(i, h, q, k, v):  # NSA: the cached rows' gate inputs and queries are never used again (zeros)
+    def past(i, g, q, k, v):  # NSA: the cached rows' gate values and queries are never used again (zeros)
         pad = lambda t: torch.cat([t.new_zeros(m, *t.shape[1:]), t])
-        return pad(h), pad(q), *with_cache(i, k, v)
+        return pad(g), pad(q), *with_cache(i, k, v)
     for i, layer in enumerate(model.layers):
         ctx = PackAttention(rope, lambda q, k, v, i=i: sdpa(q, *with_cache(i, k, v), mask), layout, order, where,
                             seen, cfg.rope_theta, functools.partial(past, i) if nsa else None)
