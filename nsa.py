@@ -1155,21 +1155,15 @@ class NSA(torch.nn.Module):
         self.gate.weight.zero_()
 
     def forward(self, h, q, k, v, ctx):
-        """The decoder layer's attention interface (model.DenseAttention's): rows in the layer's order, q and k before
-        RoPE; ctx is the pack's model.PackAttention. NSA itself works in pack order (after a KV cache's tokens). The
-        gate runs on each expert's normed rows h = (und, gen), which the q/k/v projections keep anyway; only the
-        [n, H, 3] gate values move to pack order (a pack-order copy of h was 0.44 GiB a layer at 64k)."""
-        g = torch.cat([gate_values(t, self.gate.weight, self.num_heads) for t in h])
-        g, q, k, v = ctx.pack_rows(g, q, k, v)
+        """The decoder layer's attention interface (model.py): rows in the layer's order, q and k before RoPE; ctx the
+        pack's model.PackAttention. NSA works in pack order (after a KV cache's tokens). The gate reads each expert's
+        normed rows h = (und, gen), which q/k/v keep anyway: only the [n, H, 3] gate values move to pack order."""
+        g, q, k, v = ctx.pack_rows(torch.cat([gate_values(t, self.gate.weight, self.num_heads) for t in h]), q, k, v)
         return self.gated(g, q, k, v, ctx.layout, ctx.rotate, ctx.positions)[-len(ctx.where):][ctx.order]
 
     def attend(self, x, q, k, v, layout, rope, position_ids=None):
-        """In pack order: x [L, hidden] normed hidden state (gate input); q [L, Hq, D], k/v [L, Hkv, D] with q, k
-        before RoPE; layout the pack's model.SpanLayout; rope(t, positions) rotates a [n, H, D] tensor; position_ids
-        [L] (default: index within the sample)."""
-        if x.shape[0] != layout.sample_start.numel():
-            raise ValueError(f"NSA expects x [{layout.sample_start.numel()}, hidden] for this pack, got "
-                             f"{tuple(x.shape)}")
+        """In pack order: x [L, hidden] normed hidden state (gate input), q [L, Hq, D] and k/v [L, Hkv, D] before RoPE;
+        layout a model.SpanLayout; rope(t, positions) rotates [n, H, D]; position_ids [L] (default: index in sample)."""
         return self.gated(gate_values(x, self.gate.weight, self.num_heads), q, k, v, layout, rope, position_ids)
 
     def gated(self, g, q, k, v, layout, rope, position_ids=None):
@@ -1179,7 +1173,7 @@ class NSA(torch.nn.Module):
         H, KH, D = self.num_heads, self.num_kv_heads, self.head_dim
         if q.shape != (L, H, D) or k.shape != (L, KH, D) or v.shape != (L, KH, D) or g.shape != (L, H, 3):
             raise ValueError(f"NSA expects q [{L}, {H}, {D}], k/v [{L}, {KH}, {D}] and gate [{L}, {H}, 3] for this "
-                             f"pack; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, gate {tuple(g.shape)}")
+                             f"pack; got {', '.join(str(tuple(t.shape)) for t in (q, k, v, g))}")
         plan = get_plan(layout, c)
         pos = torch.arange(L, device=q.device) - layout.sample_start if position_ids is None else position_ids
         w_k, w_v = getattr(self, "compress_key", None), getattr(self, "compress_value", None)
