@@ -35,6 +35,7 @@ import io
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -288,7 +289,8 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
     run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | "
             f"compile {config['compile']} | "
             f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt / steps * 1000:.0f} ms "
-            f"(min {min(times[warmup:]) * 1000:.0f}, max {max(times[warmup:]) * 1000:.0f}) | "
+            f"(median {statistics.median(times[warmup:]) * 1000:.0f}, min {min(times[warmup:]) * 1000:.0f}, max "
+            f"{max(times[warmup:]) * 1000:.0f}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {mfu:.3f} | "
             f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
     if phases and kind == "synthetic" and config["checkpoint_every"] == 1 and not config["lora_targets"]:
