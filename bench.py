@@ -236,23 +236,23 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         loader = train.make_loader(run, config["seed"])
         next_pack = loader.next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
+    feed = train.Feed(run, next_pack, 1)
     times, phase_ms, tokens, flops, peaks = [], [], 0, 0, []
     for i in range(warmup + steps):
         sync(run)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        packs = [next_pack()]
-        t_data = time.time() - t0
-        r = train.train_step(run, packs, config["lr"])
+        packs, _ = feed.take()
+        r = train.train_step(run, packs, config["lr"], then=feed.prepare)
         sync(run)
         times.append(time.time() - t0)
-        phase_ms.append({"data": t_data * 1000, **(phases.take() if phases else {})})
+        phase_ms.append({"data": feed.data_s * 1000, **(phases.take() if phases else {})})
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0)
         if i >= warmup:
             tokens, flops = tokens + r["tokens"], flops + r["flops"]
         p = packs[0]  # what the pack holds, for the peak memory of each kind of pack
-        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {t_data * 1000:.0f}, encode "
+        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {feed.data_s * 1000:.0f}, encode of the next pack "
                 f"{phase_ms[-1].get('encode', 0):.0f}), {r['tokens']} tokens "
                 f"({p.vit_patches.shape[0]} ViT patches, {p.vae_indexes.numel()} latent, {p.ce_indexes.numel()} CE), "
                 f"loss {r['loss']:.4f}, peak {peaks[-1]:.1f} GiB")
@@ -260,7 +260,7 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                train.train_step(run, [next_pack()], config["lr"])
+                train.train_step(run, feed.take()[0], config["lr"], then=feed.prepare)
             sync(run)
         run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["BENCH_PROFILE"]),
                                           max_name_column_width=80))

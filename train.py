@@ -860,12 +860,14 @@ def lr_at(config, step):
     return config["lr"]
 
 
-def train_step(run, packs, lr, step=0, stop_votes=lambda: 0):
-    """One optimiser step over this rank's micro-step packs. Losses are normalised by the GLOBAL CE and MSE token
-    counts (all ranks, all micro-steps), so N processes compute the gradient one process would over the same
-    packs. A non-finite loss or gradient skips the update (returned as ok=False). `step` drives the schedules;
-    stop_votes() (this rank's pending signals), asked after the backward, rides the loss sums' all-reduce:
-    r["stop"] says whether any rank has one. The step reads the GPU once, at its end, after the optimiser step."""
+def train_step(run, packs, lr, step=0, stop_votes=lambda: 0, then=None):
+    """One optimiser step over this rank's micro-step packs (on the device, their images encoded: Feed.take).
+    Losses are normalised by the GLOBAL CE and MSE token counts (all ranks, all micro-steps), so N processes compute
+    the gradient one process would over the same packs. A non-finite loss or gradient skips the update (returned as
+    ok=False). `step` drives the schedules; stop_votes() (this rank's pending signals), asked after the backward,
+    rides the loss sums' all-reduce: r["stop"] says whether any rank has one. then() (Feed.prepare: the next step's
+    packs) runs once the backward is queued, so its GPU work overlaps the backward's end and the optimiser. The step
+    reads the GPU once, at its end, after the optimiser step."""
     config, world, model = run.config, run.world, run.model
     off = [k for k, s in config["loss_off_from_step"].items() if step >= s]
     ce_w, mse_w = (0.0 if k in off else config[k + "_weight"] for k in ("ce", "mse"))
@@ -881,7 +883,6 @@ def train_step(run, packs, lr, step=0, stop_votes=lambda: 0):
     ce_sum = mse_sum = torch.zeros((), device=run.device)
     tokens = flops = 0
     for pack, images in zip(packs, vit_images):
-        pack = encode_images(run.vae, pack.to(run.device), run.dtype, run.latent_cache)
         out = model(pack, timestep_shift=config["timestep_shift"], run_vit=images > 0 and config["visual_und"],
                     ce_weights=pack.ce_weights if reweight else None)
         # FSDP averages gradients over ranks; x world turns that into a sum, / global count into the mean
@@ -903,6 +904,8 @@ def train_step(run, packs, lr, step=0, stop_votes=lambda: 0):
     # the stop votes as late as the step allows (a signal during the backward still stops after this step), made on
     # the device with a fill, not copied from the host: no wait for the queued work
     votes = torch.full((1,), float(stop_votes()), dtype=torch.float64, device=run.device)
+    if then:  # after the votes: a signal while the next packs load stops after the step they are for, as without
+        then()
     sums = torch.cat([torch.stack([ce_sum, mse_sum]).double(), votes])
     dist.all_reduce(sums)
     finite = torch.isfinite(grad_norm) & torch.isfinite(sums[:2]).all()
@@ -972,6 +975,8 @@ def validation_packs(run):
     packs = [encode_images(run.vae, loader.next_pack().to(run.device), run.dtype, run.latent_cache)
              for _ in range(run.config["val_packs"])]
     loader.close()
+    if run.latent_cache:
+        run.latent_cache.write()
     return packs
 
 
@@ -1028,6 +1033,7 @@ def main(argv):
 
     if master:
         trim_metrics(os.path.join(config["out_dir"], "metrics.jsonl"), step)
+    feed = Feed(run, loader.next_pack, config["grad_accum"], loader.state_dict)
     progress = Progress(run, elapsed)
     signals = []  # while training (not while building or exporting), a signal asks the loop to save and stop
     default = {sig: signal.signal(sig, lambda number, frame: signals.append(signal.Signals(number).name))
@@ -1035,12 +1041,14 @@ def main(argv):
     try:
         while step < config["max_steps"]:
             t0 = time.time()
-            packs = [loader.next_pack() for _ in range(config["grad_accum"])]
+            packs, data_state = feed.take()
             for pack in packs:
                 if not config["visual_gen"] and pack.mse_indexes.numel():
                     raise SystemExit("visual_gen is off but the data has generation targets")
             lr = lr_at(config, step)
-            r = train_step(run, packs, lr, step, lambda: len(signals))  # a signal on any rank: all stop after this step
+            # a signal on any rank: all stop after this step; the last step prepares no next packs
+            r = train_step(run, packs, lr, step, lambda: len(signals), feed.prepare if step + 1 < config["max_steps"]
+                           else None)
             if r["ok"]:
                 bad_in_row = 0
             else:
@@ -1059,7 +1067,7 @@ def main(argv):
             if config["sample_every"] and step % config["sample_every"] == 0 and config["sample_prompts"]:
                 progress.image(step, write_samples(run, step))
             if step % config["save_steps"] == 0 or last or r["stop"]:
-                extra = {"loader": loader.state_dict(), "rng": rng_state(device), "bad_in_row": bad_in_row,
+                extra = {"loader": data_state, "rng": rng_state(device), "bad_in_row": bad_in_row,
                          "skipped": skipped, "data": data_rows(loader), "elapsed_s": progress.elapsed()}
                 log(f"checkpoint: {save_checkpoint(run, ckpt_dir, step, extra)}")
             if r["stop"]:
@@ -1379,11 +1387,15 @@ class LatentCache:
         h.update(type(vae).__name__.encode())
         self.folder = os.path.join(folder, h.hexdigest())
         self.hits = self.misses = 0
+        self.unwritten = {}  # key: moments still on the device; write() saves them when the step has read the GPU
 
     def path(self, key):
         return os.path.join(self.folder, key[:2], key + ".safetensors")
 
     def get(self, key, device):
+        if key in self.unwritten:
+            self.hits += 1
+            return self.unwritten[key]
         try:
             with safe_open(self.path(key), "pt", device=str(device)) as f:
                 if f.metadata().get("key") == key:
@@ -1394,12 +1406,17 @@ class LatentCache:
         self.misses += 1
         return None
 
-    def put(self, key, mean, logvar):
-        path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, an atomic rename
-        save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, tmp, metadata={"key": key})
-        os.replace(tmp, path)
+    def put(self, key, mean, logvar):  # no copy to the host here: that would wait for the GPU
+        self.unwritten[key] = mean, logvar
+
+    def write(self):
+        for key, (mean, logvar) in self.unwritten.items():
+            path = self.path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"  # ranks may write the same image: each its own temporary, a rename
+            save_file({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, tmp, metadata={"key": key})
+            os.replace(tmp, path)
+        self.unwritten = {}
 
 
 @torch.no_grad()
@@ -1425,6 +1442,43 @@ def encode_images(vae, pack, dtype, cache=None):
             if cache:
                 cache.put(pack.vae_keys[i], m, lv)
     return pack
+
+
+class Feed:
+    """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's `then`)
+    fetches the next step's packs and runs the frozen VAE on them on a side stream, which the GPU overlaps with the
+    end of this step's backward and its optimiser: the encoder is off the critical path. take() hands out a step's
+    packs and the loader state just after them (what a checkpoint of that step saves). The packs' memory belongs to
+    the side stream and is freed only after the step that reads it has read the GPU at its end, so the side stream
+    never reuses memory the main stream still reads."""
+
+    def __init__(self, run, next_pack, count, data_state=lambda: None):
+        self.run, self.next_pack, self.count, self.data_state = run, next_pack, count, data_state
+        self.stream = torch.cuda.Stream(run.device) if run.device.type == "cuda" else None
+        self.ahead, self.data_s = None, 0.0  # data_s: host seconds the last prepare waited for the loader
+
+    def prepare(self):
+        t0 = time.perf_counter()
+        packs = [self.next_pack() for _ in range(self.count)]
+        self.data_s = time.perf_counter() - t0
+        run, state = self.run, self.data_state()
+        if self.stream is None:
+            self.ahead = [encode_images(run.vae, p.to(run.device), run.dtype, run.latent_cache) for p in packs], \
+                state, None
+            return
+        with torch.cuda.stream(self.stream):
+            packs = [encode_images(run.vae, p.to(run.device), run.dtype, run.latent_cache) for p in packs]
+            self.ahead = packs, state, self.stream.record_event()
+
+    def take(self):
+        if self.ahead is None:  # the first step, or after a step that prepared none
+            self.prepare()
+        (packs, state, encoded), self.ahead = self.ahead, None
+        if encoded is not None:
+            torch.cuda.current_stream(self.run.device).wait_event(encoded)
+        if self.run.latent_cache:
+            self.run.latent_cache.write()
+        return packs, state
 
 
 def write_samples(run, step):

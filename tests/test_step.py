@@ -6,6 +6,7 @@ step follows: the learning-rate warm-up and visual_und=False (ViT tokens are zer
 import dataclasses
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -154,6 +155,8 @@ def test_latent_cache_gives_the_encoders_latents(tmp_path):
         for z, w in zip(got, want):
             torch.testing.assert_close(z, w, atol=1e-6, rtol=1e-6)
     assert (cache.misses, cache.hits) == (3, 3)
+    assert not os.path.exists(cache.path(pack.vae_keys[0]))  # written only when asked (no GPU wait in the step)
+    cache.write()
     os.replace(cache.path(pack.vae_keys[1]), cache.path(pack.vae_keys[0]))  # image 0's file holds image 1's moments
     got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
@@ -161,6 +164,43 @@ def test_latent_cache_gives_the_encoders_latents(tmp_path):
     with torch.no_grad():
         next(vae.parameters()).add_(1.0)
     assert train.LatentCache(str(tmp_path), vae).folder != cache.folder
+
+
+def test_feed_hands_out_encoded_packs_a_step_ahead(tmp_path):
+    """Feed: take() gives the packs the loader made next, encoded as encode_images does inline, with the loader
+    state just after them; prepare() has already drawn the following ones (so a checkpoint must save take()'s
+    state, not the loader's). On a GPU the encoding runs on a side stream while the main stream is busy, and the
+    latents are bit for bit the inline ones; the latent cache is written at take(), not inside the step."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, vae, cfg = load_tiny(device=device)
+    g = torch.Generator().manual_seed(0)
+    image = lambda h, w: {"type": "vae_image", "latent": None, "loss": True, "pixels": torch.randint(
+        0, 256, (3, h, w), generator=g, dtype=torch.uint8)}
+    specials = {"im_start": 1, "im_end": 2, "vision_start": 3, "vision_end": 4}
+    made = [data.pack_samples([[image(32, 48)], [image(48, 32)]], specials, cfg.max_latent_size,
+                              cfg.vit_max_patches_per_side, generator=g) for _ in range(3)]
+    copy = lambda p: data.Pack(**{**p.__dict__, "vae_latents": list(p.vae_latents)})
+    want = [train.encode_images(vae, copy(p).to(device), torch.float32).vae_latents for p in made]
+    handed = iter(made)
+    drawn = []
+    next_pack = lambda: drawn.append(1) or copy(next(handed))
+    run = types.SimpleNamespace(vae=vae, device=device, dtype=torch.float32,
+                                latent_cache=train.LatentCache(str(tmp_path), vae))
+    feed = train.Feed(run, next_pack, 1, data_state=lambda: len(drawn))
+    for step in range(3):
+        packs, state = feed.take()
+        assert state == step + 1 and len(packs) == 1
+        if device.type == "cuda":  # keep the main stream busy while the side stream encodes
+            x = torch.randn(2048, 2048, device=device)
+            for _ in range(20):
+                x = x @ x / 2048 ** 0.5
+        if step < 2:
+            feed.prepare()
+            assert len(drawn) == step + 2  # the next step's pack is drawn now, inside this step
+        for z, w in zip(packs[0].vae_latents, want[step]):
+            torch.testing.assert_close(z, w, atol=0, rtol=0)
+    assert len(run.latent_cache.unwritten) == 0 and run.latent_cache.misses == 6
+    assert all(os.path.exists(run.latent_cache.path(k)) for p in made for k in p.vae_keys)
 
 
 def test_frozen_weights_are_stored_in_the_compute_dtype():
