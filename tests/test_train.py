@@ -158,8 +158,8 @@ def test_disk_full_during_a_save_says_which_checkpoint_is_kept(tmp_path, referen
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, reference):
-    """A real SIGTERM, sent while step 3 loads its data: step 3 completes, is saved, the process exits 0 without
-    an export; the same command resumes to the uninterrupted curve."""
+    """A real SIGTERM, sent while step 3's data loads (inside step 2: the packs load a step ahead): step 3 completes,
+    is saved, the process exits 0 without an export; the same command resumes to the uninterrupted curve."""
     proc = run_training(tmp_path, "--max_steps=6", "--save_steps=100", env={"SIGNAL_AT": "SIGTERM@3"})
     assert "SIGTERM: saved step 3 and stopped" in proc.stdout
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000003"] and not (tmp_path / "export").exists()

@@ -10,7 +10,8 @@ processes with A=1 see. Faults, by environment variable:
     CRASH_AT=POINT@STEP  the process dies (os._exit(9), as a kill) right after that point of that step's save
     DISK_FULL_AT=STEP    writing that step's per-rank file raises OSError(ENOSPC), as a full disk does
     SIGNAL_AT=NAME@STEP[@RANK[@compute]]  the process sends itself that signal (SIGTERM, SIGINT) while loading that
-                         step's packs, or with @compute from inside its train_step (rank 0 unless told)
+                         step's packs (inside the step before, train.Feed), or with @compute from inside its own
+                         train_step (rank 0 unless told)
 """
 import errno
 import inspect
@@ -53,13 +54,13 @@ class FixedLoader:
         g = (s * self.accum + m) * self.world + self.rank
         self.count += 1
         if SIGNAL and m == 0 and s + 1 == SIGNAL[1] and self.rank == SIGNAL[2]:
-            if SIGNAL[3] == "compute":  # sent by the step's VAE encoding, after the step's first collective
-                encode = train.encode_images
-                def signalling_encode(*args, **kwargs):
+            if SIGNAL[3] == "compute":  # sent inside the step's train_step, after its backward (its first call of
+                frozen_mask = train.frozen_mask  # frozen_mask); its packs load a step ahead, in the step before
+                def signalling_frozen_mask(*args, **kwargs):
                     os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
-                    train.encode_images = encode
-                    return encode(*args, **kwargs)
-                train.encode_images = signalling_encode
+                    train.frozen_mask = frozen_mask
+                    return frozen_mask(*args, **kwargs)
+                train.frozen_mask = signalling_frozen_mask
             else:
                 os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
         pack = data.pack_samples(synthetic_samples(g, self.tokenizer.vocab_size), self.tokenizer.special)
