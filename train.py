@@ -699,7 +699,7 @@ def build(config):
     freeze(model, trains, dtype)
     shard(model, mesh, dtype, config)
     vae = load_weights(model, model_cfg, config, fresh, device, log)
-    vae.requires_grad_(False).eval().to(dtype, memory_format=torch.channels_last)  # frozen, outside FSDP, no_grad
+    vae.requires_grad_(False).eval().to(dtype)  # frozen, outside FSDP, no_grad
     params = [p for p in model.parameters() if p.requires_grad]
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     c = model_cfg
@@ -972,8 +972,8 @@ def validation_packs(run):
     seeds every draw by the sample, so the samples, timesteps and noise are the same at every evaluation and in
     every run over these val_sources, whatever the training seed or world size."""
     loader = make_loader(run, 0, validation=True)
-    packs = [encode_images(run.vae, loader.next_pack().to(run.device), run.dtype, run.latent_cache)
-             for _ in range(run.config["val_packs"])]
+    packs = encode_images(run.vae, [loader.next_pack().to(run.device) for _ in range(run.config["val_packs"])],
+                          run.dtype, run.latent_cache)
     loader.close()
     if run.latent_cache:
         run.latent_cache.write()
@@ -1420,37 +1420,45 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_images(vae, pack, dtype, cache=None):
-    """Fill the pack's latents of pixel images: from the cached posterior moments, or with the frozen VAE (compute
-    dtype, channels-last, one batch per image size: never padded - the official pad-to-largest batching lets padding
-    leak into the latents of smaller images), whose moments then go into the cache."""
+def encode_images(vae, packs, dtype, cache=None, before_encoder=None):
+    """Fill the packs' latents of pixel images: from the cached posterior moments, or with the frozen VAE (compute
+    dtype, NCHW: CUDA's GroupNorm returns NCHW, so channels-last paid a layout copy around every norm and ran 1.25x
+    slower on an H100; one batch per image size over all the packs: never padded - the official pad-to-largest
+    batching lets padding leak into the latents of smaller images), whose moments then go into the cache.
+    before_encoder() runs once every cached latent is in place (Feed: its side stream waits there for the backward).
+    Returns the packs."""
     by_size = {}
-    for i, z in enumerate(pack.vae_latents):
-        if z is not None:
-            continue
-        moments = cache.get(pack.vae_keys[i], pack.vae_posterior_eps[i].device) if cache else None
-        if moments:
-            pack.vae_latents[i] = vae.latent(*moments, pack.vae_posterior_eps[i].to(dtype)).float()
-        else:
-            by_size.setdefault(tuple(pack.vae_pixels[i].shape), []).append(i)
+    for pack in packs:
+        for i, z in enumerate(pack.vae_latents):
+            if z is not None:
+                continue
+            moments = cache.get(pack.vae_keys[i], pack.vae_posterior_eps[i].device) if cache else None
+            if moments:
+                pack.vae_latents[i] = vae.latent(*moments, pack.vae_posterior_eps[i].to(dtype)).float()
+            else:
+                by_size.setdefault(tuple(pack.vae_pixels[i].shape), []).append((pack, i))
+    if before_encoder:
+        before_encoder()
     for group in by_size.values():
-        pixels = data.unit_pixels(torch.stack([pack.vae_pixels[i] for i in group])).to(dtype)
-        mean, logvar = vae.moments(pixels.contiguous(memory_format=torch.channels_last))
-        eps = torch.stack([pack.vae_posterior_eps[i] for i in group]).to(dtype)
-        for i, z, m, lv in zip(group, vae.latent(mean, logvar, eps).float(), mean, logvar):
+        pixels = data.unit_pixels(torch.stack([pack.vae_pixels[i] for pack, i in group])).to(dtype)
+        mean, logvar = vae.moments(pixels)
+        eps = torch.stack([pack.vae_posterior_eps[i] for pack, i in group]).to(dtype)
+        for (pack, i), z, m, lv in zip(group, vae.latent(mean, logvar, eps).float(), mean, logvar):
             pack.vae_latents[i] = z
             if cache:
                 cache.put(pack.vae_keys[i], m, lv)
-    return pack
+    return packs
 
 
 class Feed:
     """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's `then`)
-    fetches the next step's packs and runs the frozen VAE on them on a side stream, which the GPU overlaps with the
-    end of this step's backward and its optimiser: the encoder is off the critical path. take() hands out a step's
-    packs and the loader state just after them (what a checkpoint of that step saves). The packs' memory belongs to
-    the side stream and is freed only after the step that reads it has read the GPU at its end, so the side stream
-    never reuses memory the main stream still reads."""
+    fetches the next step's packs and copies them to the GPU on a side stream; the frozen VAE runs there once the
+    step's backward is done, beside the memory-bound optimiser: the encoder is off the critical path. (Beside the
+    backward's matmuls it gained a third as much: both compete for the SMs.) take() hands out a step's packs and the
+    loader state just after them (what a checkpoint of that step saves). The copies come before the wait because a
+    copy from pageable memory waits for its stream on the host. The packs' memory belongs to the side stream and is
+    freed only after the step that reads it has read the GPU at its end, so the side stream never reuses memory the
+    main stream still reads."""
 
     def __init__(self, run, next_pack, count, data_state=lambda: None):
         self.run, self.next_pack, self.count, self.data_state = run, next_pack, count, data_state
@@ -1463,11 +1471,13 @@ class Feed:
         self.data_s = time.perf_counter() - t0
         run, state = self.run, self.data_state()
         if self.stream is None:
-            self.ahead = [encode_images(run.vae, p.to(run.device), run.dtype, run.latent_cache) for p in packs], \
+            self.ahead = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache), \
                 state, None
             return
+        main = torch.cuda.current_stream(run.device)
         with torch.cuda.stream(self.stream):
-            packs = [encode_images(run.vae, p.to(run.device), run.dtype, run.latent_cache) for p in packs]
+            packs = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache,
+                                  lambda: self.stream.wait_stream(main))
             self.ahead = packs, state, self.stream.record_event()
 
     def take(self):

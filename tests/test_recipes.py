@@ -423,7 +423,7 @@ def test_unicot_lora_trains_adapters_only_and_merges(files):
     plain, _, _ = convert.load_checkpoint(str(out / "export"))
     loader = data.Loader([data.Source(**sources["unicot"][0])], data.tiny_tokenizer(), packing_length=256,
                          dropout=NO_DROPOUT)
-    pack = train.encode_images(vae, loader.next_pack(), torch.float32)
+    pack = train.encode_images(vae, [loader.next_pack()], torch.float32)[0]
     with torch.no_grad():
         want, got, before = (m(pack)["mse"] for m in (with_lora, plain, base))
     assert want.numel() > 0

@@ -148,17 +148,17 @@ def test_latent_cache_gives_the_encoders_latents(tmp_path):
     pack = data.pack_samples(samples, {"im_start": 1, "im_end": 2, "vision_start": 3, "vision_end": 4},
                              cfg.max_latent_size, cfg.vit_max_patches_per_side, generator=g)
     fresh = lambda: data.Pack(**{**pack.__dict__, "vae_latents": list(pack.vae_latents)})
-    want = train.encode_images(vae, fresh(), torch.float32).vae_latents
+    want = train.encode_images(vae, [fresh()], torch.float32)[0].vae_latents
     cache = train.LatentCache(str(tmp_path), vae)
     for epoch in range(2):
-        got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
+        got = train.encode_images(vae, [fresh()], torch.float32, cache)[0].vae_latents
         for z, w in zip(got, want):
             torch.testing.assert_close(z, w, atol=1e-6, rtol=1e-6)
     assert (cache.misses, cache.hits) == (3, 3)
     assert not os.path.exists(cache.path(pack.vae_keys[0]))  # written only when asked (no GPU wait in the step)
     cache.write()
     os.replace(cache.path(pack.vae_keys[1]), cache.path(pack.vae_keys[0]))  # image 0's file holds image 1's moments
-    got = train.encode_images(vae, fresh(), torch.float32, cache).vae_latents
+    got = train.encode_images(vae, [fresh()], torch.float32, cache)[0].vae_latents
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
     assert cache.misses == 5  # image 0 (not trusted) and image 1 (gone) encoded again
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_feed_hands_out_encoded_packs_a_step_ahead(tmp_path):
     made = [data.pack_samples([[image(32, 48)], [image(48, 32)]], specials, cfg.max_latent_size,
                               cfg.vit_max_patches_per_side, generator=g) for _ in range(3)]
     copy = lambda p: data.Pack(**{**p.__dict__, "vae_latents": list(p.vae_latents)})
-    want = [train.encode_images(vae, copy(p).to(device), torch.float32).vae_latents for p in made]
+    want = [train.encode_images(vae, [copy(p).to(device)], torch.float32)[0].vae_latents for p in made]
     handed = iter(made)
     drawn = []
     next_pack = lambda: drawn.append(1) or copy(next(handed))

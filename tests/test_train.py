@@ -420,7 +420,7 @@ def test_flop_count_matches_torch_flop_counter():
     bagel, vae = M.Bagel(cfg), M.build_vae(cfg)
     bagel.init_weights()
     pack = data.pack_samples(synthetic_samples(3, 512) + synthetic_samples(4, 512), tok.special)
-    pack = train.encode_images(vae, pack, torch.float32)
+    pack = train.encode_images(vae, [pack], torch.float32)[0]
     # the math SDPA backend runs attention as matmuls, which the counter counts (as dense L x L)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         out = bagel(pack)

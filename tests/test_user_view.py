@@ -172,7 +172,7 @@ def val_reference(export, packs=3):
     ce, mse = [], []
     with torch.no_grad():
         for _ in range(packs):
-            out = bagel(train.encode_images(vae, loader.next_pack(), torch.float32))
+            out = bagel(train.encode_images(vae, [loader.next_pack()], torch.float32)[0])
             ce, mse = ce + [out["ce"]], mse + [out["mse"]]
     return torch.cat(ce).mean().item(), torch.cat(mse).mean().item()
 
