@@ -11,6 +11,7 @@ The same code path everywhere: even a single process runs as a world of one, so 
 the loss normalisation are always the ones a cluster uses.
 """
 import ast
+import contextlib
 import difflib
 import fcntl
 import functools
@@ -1420,13 +1421,12 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_images(vae, packs, dtype, cache=None, before_encoder=None):
+def encode_images(vae, packs, dtype, cache=None):
     """Fill the packs' latents of pixel images: from the cached posterior moments, or with the frozen VAE (compute
     dtype, NCHW: CUDA's GroupNorm returns NCHW, so channels-last paid a layout copy around every norm and ran 1.25x
     slower on an H100; one batch per image size over all the packs: never padded - the official pad-to-largest
-    batching lets padding leak into the latents of smaller images), whose moments then go into the cache.
-    before_encoder() runs once every cached latent is in place (Feed: its side stream waits there for the backward).
-    Returns the packs."""
+    batching lets padding leak into the latents of smaller images), whose moments then go into the cache. Returns
+    the packs."""
     by_size = {}
     for pack in packs:
         for i, z in enumerate(pack.vae_latents):
@@ -1437,8 +1437,6 @@ def encode_images(vae, packs, dtype, cache=None, before_encoder=None):
                 pack.vae_latents[i] = vae.latent(*moments, pack.vae_posterior_eps[i].to(dtype)).float()
             else:
                 by_size.setdefault(tuple(pack.vae_pixels[i].shape), []).append((pack, i))
-    if before_encoder:
-        before_encoder()
     for group in by_size.values():
         pixels = data.unit_pixels(torch.stack([pack.vae_pixels[i] for pack, i in group])).to(dtype)
         mean, logvar = vae.moments(pixels)
@@ -1452,13 +1450,11 @@ def encode_images(vae, packs, dtype, cache=None, before_encoder=None):
 
 class Feed:
     """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's `then`)
-    fetches the next step's packs and copies them to the GPU on a side stream; the frozen VAE runs there once the
-    step's backward is done, beside the memory-bound optimiser: the encoder is off the critical path. (Beside the
-    backward's matmuls it gained a third as much: both compete for the SMs.) take() hands out a step's packs and the
-    loader state just after them (what a checkpoint of that step saves). The copies come before the wait because a
-    copy from pageable memory waits for its stream on the host. The packs' memory belongs to the side stream and is
-    freed only after the step that reads it has read the GPU at its end, so the side stream never reuses memory the
-    main stream still reads."""
+    fetches the next step's packs and runs the frozen VAE on them on a side stream, which the GPU overlaps with the
+    backward still queued and the optimiser: the encoder is off the critical path. take() hands out a step's packs
+    and the loader state just after them (what a checkpoint of that step saves). The packs' memory belongs to the
+    side stream and is freed only after the step that reads it has read the GPU at its end, so the side stream never
+    reuses memory the main stream still reads."""
 
     def __init__(self, run, next_pack, count, data_state=lambda: None):
         self.run, self.next_pack, self.count, self.data_state = run, next_pack, count, data_state
@@ -1470,15 +1466,9 @@ class Feed:
         packs = [self.next_pack() for _ in range(self.count)]
         self.data_s = time.perf_counter() - t0
         run, state = self.run, self.data_state()
-        if self.stream is None:
-            self.ahead = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache), \
-                state, None
-            return
-        main = torch.cuda.current_stream(run.device)
-        with torch.cuda.stream(self.stream):
-            packs = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache,
-                                  lambda: self.stream.wait_stream(main))
-            self.ahead = packs, state, self.stream.record_event()
+        with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+            packs = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache)
+            self.ahead = packs, state, self.stream.record_event() if self.stream else None
 
     def take(self):
         if self.ahead is None:  # the first step, or after a step that prepared none
