@@ -166,6 +166,31 @@ def test_latent_cache_gives_the_encoders_latents(tmp_path):
     assert train.LatentCache(str(tmp_path), vae).folder != cache.folder
 
 
+def test_encoder_calls_hold_at_most_encode_pixels(monkeypatch):
+    """Images of one size go through the encoder together, across packs, in calls of at most ENCODE_PIXELS pixels
+    (an image larger than that alone); the latents are those of encoding each image by itself."""
+    _, vae, cfg = load_tiny()
+    g = torch.Generator().manual_seed(0)
+    image = lambda h, w: {"type": "vae_image", "latent": None, "loss": True, "pixels": torch.randint(
+        0, 256, (3, h, w), generator=g, dtype=torch.uint8)}
+    specials = {"im_start": 1, "im_end": 2, "vision_start": 3, "vision_end": 4}
+    made = [data.pack_samples([[image(32, 48)], [image(32, 48)], [image(48, 32)]], specials, cfg.max_latent_size,
+                              cfg.vit_max_patches_per_side, generator=g) for _ in range(2)]
+    copy = lambda p: data.Pack(**{**p.__dict__, "vae_latents": list(p.vae_latents)})
+    calls, moments = [], vae.moments
+    monkeypatch.setattr(vae, "moments", lambda x: calls.append(tuple(x.shape)) or moments(x))
+    monkeypatch.setattr(train, "ENCODE_PIXELS", 1)  # one image a call
+    alone = [p.vae_latents for p in train.encode_images(vae, [copy(p) for p in made], torch.float32)]
+    assert len(calls) == 6
+    calls.clear()
+    monkeypatch.setattr(train, "ENCODE_PIXELS", 3 * 32 * 48)  # the four 32x48 images: 3 + 1; the 48x32 pair: 2
+    together = [p.vae_latents for p in train.encode_images(vae, [copy(p) for p in made], torch.float32)]
+    assert sorted(calls) == sorted([(3, 3, 32, 48), (1, 3, 32, 48), (2, 3, 48, 32)])
+    for zs, ws in zip(together, alone):
+        for z, w in zip(zs, ws):
+            torch.testing.assert_close(z, w, atol=1e-5, rtol=1e-5)
+
+
 def test_feed_hands_out_encoded_packs_a_step_ahead(tmp_path):
     """Feed: take() gives the packs the loader made next, encoded as encode_images does inline, with the loader
     state just after them; prepare() has already drawn the following ones (so a checkpoint must save take()'s
