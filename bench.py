@@ -14,8 +14,8 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
     --steps=12                measured steps, after 3 warm-up steps
     --rows=200                rows per generated dataset (--data=real*), written once to $BENCH_DATA
                               (default /tmp/nanobagel_bench_data)
-    --device=cpu              run on the CPU anyway, with a small model: --model=tiny --compile=False
-                              --model_args="{'attn_backend':'sdpa'}" --packing_length=4096
+    --device=cpu              run on the CPU anyway, with a small model unless told otherwise: --model=tiny
+                              --compile=False --model_args="{'attn_backend':'sdpa'}" --packing_length=4096
     BENCH_PROFILE=N           environment: also print torch.profiler's top N ops of two more steps
     BENCH_TRACE=FILE.json.gz  environment: with BENCH_PROFILE, write those two steps' timeline (chrome://tracing)
                               to FILE.KIND.json.gz
@@ -58,6 +58,7 @@ except ImportError:
 
 BENCH = dict(model="7b", model_args={"num_layers": 4, "attn_backend": "flex"}, packing_length=16384,
              ema=0.0, warmup_steps=0, lr=1e-5, compile=True, log_every=1)
+CPU_BENCH = dict(model="tiny", compile=False, model_args={"attn_backend": "sdpa"}, packing_length=4096)  # --device=cpu
 
 
 def photo(rng, w, h):
@@ -177,9 +178,7 @@ def step_main(argv):
     or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack), or
     several, comma-separated, timed one after the other on the same model (then the MFU of each against the first);
     --steps=N measured steps after 3 warm-up; any train.py key."""
-    config = dict(train.DEFAULTS)
-    config.update(BENCH)
-    options = {"data": "synthetic", "steps": "12", "rows": "200"}
+    options, given = {"data": "synthetic", "steps": "12", "rows": "200"}, {}
     for arg in argv:  # the same --key=value overrides as train.py, and the bench's own options
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r} (python bench.py --help)")
@@ -187,8 +186,13 @@ def step_main(argv):
         if key in options:
             options[key] = value
         else:
-            train.set_key(config, key, train.literal(value), "command line")
-    config["model_args"] = {**BENCH["model_args"], **config["model_args"]}
+            given[key] = value
+    on_cpu = train.literal(given.get("device", "''")) == "cpu"
+    base = {**BENCH, **CPU_BENCH} if on_cpu else BENCH  # BAGEL's width would not fit most machines' memory
+    config = {**train.DEFAULTS, **base}
+    for key, value in given.items():
+        train.set_key(config, key, train.literal(value), "command line")
+    config["model_args"] = {**base["model_args"], **config["model_args"]}
     if config["device"] != "cpu" and not torch.cuda.is_available():  # before building BAGEL's width (~27 GB)
         raise SystemExit("bench.py needs a CUDA GPU (--device=cpu runs it on the CPU, with a small model: --help)")
     kinds = list(dict.fromkeys(options["data"].split(",")))  # each kind once, in the order given
