@@ -1421,7 +1421,8 @@ class LatentCache:
 
 
 # Pixels per encoder call: its bf16 activations take ~2.4 GiB a megapixel (six 1024 px images at once: 14.9 GiB on
-# an H100), and the Feed runs it while the gradients are alive. An image larger than this goes alone.
+# an H100), the Feed runs it while the gradients are alive, and the side stream's allocator pool keeps that memory
+# cached for itself. An image larger than this goes alone.
 ENCODE_PIXELS = 2 ** 20
 
 
