@@ -248,7 +248,7 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         packs, _ = feed.take()
-        r = train.train_step(run, packs, config["lr"], then=feed.prepare)
+        r = train.train_step(run, packs, config["lr"], prepare_next=feed.prepare)
         sync(run)
         times.append(time.time() - t0)
         phase_ms.append({"data": feed.data_s * 1000, **(phases.take() if phases else {})})
@@ -264,7 +264,7 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                train.train_step(run, feed.take()[0], config["lr"], then=feed.prepare)
+                train.train_step(run, feed.take()[0], config["lr"], prepare_next=feed.prepare)
             sync(run)
         run.log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["BENCH_PROFILE"]),
                                           max_name_column_width=80))

@@ -861,12 +861,12 @@ def lr_at(config, step):
     return config["lr"]
 
 
-def train_step(run, packs, lr, step=0, stop_votes=lambda: 0, then=None):
+def train_step(run, packs, lr, step=0, stop_votes=lambda: 0, prepare_next=None):
     """One optimiser step over this rank's micro-step packs (on the device, their images encoded: Feed.take).
     Losses are normalised by the GLOBAL CE and MSE token counts (all ranks, all micro-steps), so N processes compute
     the gradient one process would over the same packs. A non-finite loss or gradient skips the update (returned as
     ok=False). `step` drives the schedules; stop_votes() (this rank's pending signals), asked after the backward,
-    rides the loss sums' all-reduce: r["stop"] says whether any rank has one. then() (Feed.prepare: the next step's
+    rides the loss sums' all-reduce: r["stop"] says whether any rank has one. prepare_next() (Feed.prepare: the next
     packs) runs once the backward is queued, so its GPU work overlaps the backward's end and the optimiser. The step
     reads the GPU once, at its end, after the optimiser step."""
     config, world, model = run.config, run.world, run.model
@@ -905,8 +905,8 @@ def train_step(run, packs, lr, step=0, stop_votes=lambda: 0, then=None):
     # the stop votes as late as the step allows (a signal during the backward still stops after this step), made on
     # the device with a fill, not copied from the host: no wait for the queued work
     votes = torch.full((1,), float(stop_votes()), dtype=torch.float64, device=run.device)
-    if then:  # after the votes: a signal while the next packs load stops after the step they are for, as without
-        then()
+    if prepare_next:  # after the votes: a signal while the next packs load stops after the step they are for
+        prepare_next()
     sums = torch.cat([torch.stack([ce_sum, mse_sum]).double(), votes])
     dist.all_reduce(sums)
     finite = torch.isfinite(grad_norm) & torch.isfinite(sums[:2]).all()
@@ -1457,7 +1457,7 @@ def encode_images(vae, packs, dtype, cache=None):
 
 
 class Feed:
-    """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's `then`)
+    """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's prepare_next)
     fetches the next step's packs and runs the frozen VAE on them on a side stream, which the GPU overlaps with the
     backward still queued and the optimiser: the encoder is off the critical path. take() hands out a step's packs
     and the loader state just after them (what a checkpoint of that step saves). The packs' memory belongs to the
