@@ -54,8 +54,10 @@ class FixedLoader:
         g = (s * self.accum + m) * self.world + self.rank
         self.count += 1
         if SIGNAL and m == 0 and s + 1 == SIGNAL[1] and self.rank == SIGNAL[2]:
-            if SIGNAL[3] == "compute":  # sent inside the step's train_step, after its backward (its first call of
-                frozen_mask = train.frozen_mask  # frozen_mask); its packs load a step ahead, in the step before
+            # @compute: sent inside the step's own train_step, from its call of frozen_mask after the backward (the
+            # step's packs load a step ahead, inside the step before)
+            if SIGNAL[3] == "compute":
+                frozen_mask = train.frozen_mask
                 def signalling_frozen_mask(*args, **kwargs):
                     os.kill(os.getpid(), signal.Signals[SIGNAL[0]])
                     train.frozen_mask = frozen_mask
