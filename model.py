@@ -1,4 +1,5 @@
 """nanobagel model: BAGEL (Qwen2 Mixture-of-Transformers + SigLIP NaViT + FLUX VAE), from scratch."""
+import functools
 import math
 from dataclasses import dataclass
 
@@ -427,7 +428,27 @@ class ViT(nn.Module):
 # FLUX autoencoder (frozen in training; FLUX key names kept so ae.safetensors loads as is)
 
 def group_norm(C):
-    return nn.GroupNorm(32, C, eps=1e-6)
+    return GroupNorm(32, C, eps=1e-6)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, and the SiLU that follows it in most places fused (silu=True). On CUDA both run compiled: CUDA's
+    own kernel reduces each (image, group) in one thread block, 32 blocks for one image on an H100's 132 SMs (the
+    norm and SiLU of [1, 128, 1024, 1024] in bf16: 3.96 ms eager, 1.01 ms compiled; the encoder on 5.7 Mpix: 308
+    -> 195 ms). One compile covers every image size (dynamic shapes)."""
+    def forward(self, x, silu=False):
+        norm = _compiled_group_norm() if x.is_cuda else _group_norm
+        return norm(x, self.num_groups, self.weight, self.bias, self.eps, silu)
+
+
+def _group_norm(x, groups, weight, bias, eps, silu):
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+@functools.cache
+def _compiled_group_norm():
+    return torch.compile(_group_norm, dynamic=True)
 
 
 class ResnetBlock(nn.Module):
@@ -438,8 +459,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         return self.nin_shortcut(x) + h
 
 
@@ -509,7 +530,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -537,7 +558,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class AutoEncoder(nn.Module):

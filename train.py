@@ -98,7 +98,8 @@ DEFAULTS = dict(
     fsdp_shard_size=0,            # 0: shard over every rank (FSDP); N: shard inside groups of N ranks (one node) and
                                   # replicate across the groups (HSDP, for 16-64 GPUs over slower inter-node links)
     activation_checkpointing="none",  # "full": recompute each layer in backward | "selective": keep the matmul and
-                                      # attention outputs, recompute norms, RoPE and activations
+                                      # attention outputs, recompute norms, RoPE and activations; never the last
+                                      # decoder layer, whose backward follows the forward at once
     checkpoint_every=1,           # checkpoint every k-th decoder layer only (layers 0, k, 2k, ...); the ViT's all
     compile=False,
     peak_tflops=0.0,              # per device, for MFU; 0 = look it up (0 on CPU: no MFU)
@@ -749,7 +750,9 @@ def meta_model(config, model_cfg, log):
         log(f"LoRA rank {config['lora_rank']} alpha {config['lora_alpha']} on {len(adapted)} Linear layers")
     if config["activation_checkpointing"] != "none":
         args = checkpoint_args(config["activation_checkpointing"])
-        for layer in list(model.layers)[::config["checkpoint_every"]] + list(model.vit.layers):
+        # not the last decoder layer: its backward comes first, right after the forward, and would rebuild at once
+        # what it dropped; the peak (in the first layers' backward) stays where it was
+        for layer in list(model.layers)[:-1][::config["checkpoint_every"]] + list(model.vit.layers):
             layer.checkpoint = args
     if config["compile"]:
         for layer in model.layers:
@@ -791,9 +794,11 @@ def shard(model, mesh, dtype, config):
     """FSDP2: every decoder and ViT layer its own unit, then the root; bf16 compute, fp32 gradient reduction."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=config["reshard_after_forward"])
-    for layer in list(model.layers) + list(model.vit.layers):
+    for layer in list(model.layers)[:-1] + list(model.vit.layers):
         fully_shard(layer, **kw)
-    fully_shard(model, **{**kw, "reshard_after_forward": False})  # the root is needed again at once
+    # the root and the last decoder layer are needed again at once by the backward: not resharded after forward
+    fully_shard(model.layers[-1], **{**kw, "reshard_after_forward": False})
+    fully_shard(model, **{**kw, "reshard_after_forward": False})
     if mesh.device_type == "cpu":  # gloo's AVG reduce-scatter sums (pytorch#162338): force SUM, then divide
         for m in model.modules():
             if isinstance(m, FSDPModule):

@@ -1,9 +1,14 @@
-"""GPU checks (skipped without CUDA): the fixture in float32 on the GPU, and the fast attention path (flex for
-the LLM, varlen for the ViT) against the exact dense-mask SDPA, forward and backward, in float32 and bf16."""
+"""GPU checks (skipped without CUDA): the fixture in float32 on the GPU, the fast attention path (flex for the LLM,
+varlen for the ViT) against the exact dense-mask SDPA, forward and backward, in float32 and bf16; the VAE's compiled
+GroupNorm against float64."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
+import model as M
 from conftest import LOSS, fixture_samples, inspect_forward, load_fixture, load_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -55,3 +60,29 @@ def test_flex_bf16_close_to_sdpa_bf16(setup):
         bagel.to(torch.float32)
         bagel.cfg.attn_backend = "sdpa"
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_vae_group_norm_on_the_gpu_is_the_float64_norm():
+    """model.GroupNorm runs compiled on CUDA, SiLU fused: against float64 F.group_norm on the CPU, one image and
+    several, odd sizes, with and without SiLU; fp32 to float round-off, bf16 no further off than CUDA's own bf16
+    norm followed by SiLU."""
+    torch.manual_seed(0)
+    norm = M.GroupNorm(32, 64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.2)
+    w, b = norm.weight.detach().double(), norm.bias.detach().double()
+    n32, n16 = copy.deepcopy(norm).to("cuda"), copy.deepcopy(norm).to("cuda", torch.bfloat16)
+    for shape in [(1, 64, 40, 24), (3, 64, 33, 17), (1, 64, 256, 256)]:
+        x = torch.randn(shape) * 2 + 0.5
+        for silu in (False, True):
+            ref = F.group_norm(x.double(), 32, w, b, 1e-6)
+            ref = F.silu(ref) if silu else ref
+            with torch.no_grad():
+                got32 = n32(x.cuda(), silu=silu).cpu().double()
+                torch.testing.assert_close(got32, ref, atol=2e-5, rtol=1e-5)
+                x16 = x.to("cuda", torch.bfloat16)
+                got16 = n16(x16, silu=silu).cpu().double()
+                own = F.group_norm(x16, 32, n16.weight, n16.bias, 1e-6)
+                own = (F.silu(own) if silu else own).cpu().double()
+            err = lambda t: ((t - ref).norm() / ref.norm()).item()
+            assert err(got16) <= 1.05 * err(own), (shape, silu, err(got16), err(own))

@@ -93,6 +93,38 @@ def test_activation_checkpointing_modes_give_the_same_gradients(tiny, mode, ever
     gradients(bagel, pack, "none")  # leave the shared model as it was
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_the_last_decoder_layer_is_neither_checkpointed_nor_resharded(tmp_path, every):
+    """Its backward follows the forward at once: checkpointing it would rebuild its activations right away, and
+    resharding it would gather its weights again. train.py checkpoints the other decoder layers (every k-th) and all
+    ViT layers; under FSDP2, after a forward, the last layer's weights are still gathered, every other layer's are
+    sharded again."""
+    cfg = dataclasses.replace(M.bagel_tiny(), num_layers=5)
+    model = train.meta_model(dict(train.DEFAULTS, activation_checkpointing="full", checkpoint_every=every), cfg,
+                             print)
+    assert [layer.checkpoint is not None for layer in model.layers] == \
+        [i % every == 0 and i < cfg.num_layers - 1 for i in range(cfg.num_layers)]
+    assert all(layer.checkpoint is not None for layer in model.vit.layers)
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    bagel, _, _ = load_tiny()  # a model of its own: sharding changes it
+    cases, tensors, _, _, special = load_fixture()
+    case = max(cases["cases"], key=lambda c: len(c["samples"]))
+    pack = data.pack_samples(fixture_samples(case, tensors), special, bagel.cfg.max_latent_size,
+                             bagel.cfg.vit_max_patches_per_side)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        train.shard(bagel, init_device_mesh("cpu", (1,)), torch.float32, train.DEFAULTS)
+        bagel(pack)
+        sharded = [all(isinstance(p, DTensor) for p in layer.parameters()) for layer in bagel.layers]
+        assert sharded == [True] * (bagel.cfg.num_layers - 1) + [False]
+        assert all(isinstance(p, DTensor) for layer in bagel.vit.layers for p in layer.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
 def test_checkpointed_layers_compile_whole(tiny, mode):
     """train.py compiles each decoder layer: dynamo must trace a checkpointed layer as one graph (fullgraph=True
