@@ -135,7 +135,8 @@ def bench_pack(tokenizer, length, seed):
 class Phases:
     """GPU time per phase of train_step (VAE encode, ViT, forward, backward, optimizer), from CUDA events around the
     functions train_step calls; and the activation memory a forward leaves for its backward (memory allocated after
-    minus before), in all and per decoder layer (between the embedding's end and the final norm's start)."""
+    minus before), in all, per decoder layer but the last (between the embedding's end and the last layer's start,
+    before FSDP gathers its weights), and in the last, which train.py never checkpoints (to the final norm)."""
 
     def __init__(self, run):
         self.events, self.memory, self.num_layers = [], {}, len(run.model.layers)
@@ -145,6 +146,16 @@ class Phases:
         run.model.embed = self.timed(None, run.model.embed, memory="embedded")
         run.model.norm_und.register_forward_pre_hook(lambda *_: self.memory.update(
             layers=torch.cuda.memory_allocated() / 2**30) if torch.is_grad_enabled() else None)
+        memory = self.memory
+
+        class MeasuredLayers(type(run.model.layers)):  # eager, unlike a hook inside a compiled layer
+            def __iter__(self):  # Bagel.forward's loop: the memory once every layer but the last has run
+                *first, last = super().__iter__()
+                yield from first
+                if torch.is_grad_enabled():
+                    memory["last layer"] = torch.cuda.memory_allocated() / 2**30
+                yield last
+        run.model.layers.__class__ = MeasuredLayers
         run.opt.step = self.timed("optimizer", run.opt.step)
         torch.autograd.backward = self.timed("backward", torch.autograd.backward)
 
@@ -282,11 +293,12 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
     mem, mfu = max(peaks), flops / dt / run.world / peak if peak else 0.0
     if phases:
         m = phases.memory
-        per_layer = (m["layers"] - m["embedded end"]) / phases.num_layers
+        per_layer = (m["last layer"] - m["embedded end"]) / max(phases.num_layers - 1, 1)
         act = layer_activation_bytes(run.model_cfg)
         counted = act[config["activation_checkpointing"]] * config["packing_length"] / 2 ** 30
         run.log("phases (ms per step, mean): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
-                f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB "
+                f" | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB, "
+                f"the last (its gathered weights too) {m['layers'] - m['last layer']:.3f} GiB "
                 f"(memory_gib's eager count: {counted:.3f} GiB at a full pack)")
     if run.latent_cache:
         run.log(f"latent cache: {run.latent_cache.hits} hits, {run.latent_cache.misses} misses")
