@@ -755,6 +755,10 @@ def meta_model(config, model_cfg, log):
         for layer in list(model.layers)[:-1][::config["checkpoint_every"]] + list(model.vit.layers):
             layer.checkpoint = args
     if config["compile"]:
+        # every decoder layer runs one code object: checkpointed layers and the last, static then dynamic shapes, and
+        # the size thresholds inductor guards on each take an entry of its cache; past dynamo's default of 8 entries
+        # the layers of every later kind of pack would run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in model.layers:
             layer.compile()
     return model
