@@ -64,8 +64,8 @@ def test_flex_bf16_close_to_sdpa_bf16(setup):
 
 def test_vae_group_norm_on_the_gpu_is_the_float64_norm():
     """model.GroupNorm runs compiled on CUDA, SiLU fused: against float64 F.group_norm on the CPU, one image and
-    several, odd sizes, with and without SiLU; fp32 to float round-off, bf16 no further off than CUDA's own bf16
-    norm followed by SiLU."""
+    several, odd sizes, with and without SiLU; fp32 to float round-off, bf16 within 1.05x the error of CUDA's own
+    bf16 norm followed by SiLU."""
     torch.manual_seed(0)
     norm = M.GroupNorm(32, 64, eps=1e-6)
     torch.nn.init.normal_(norm.weight, 1.0, 0.2)

@@ -1,6 +1,7 @@
 """The training step's pieces that exist for speed, each against a plain reference: the fused linear cross-entropy
 (values and gradients in float64 against F.cross_entropy, with and without per-token weights), activation
-checkpointing modes (gradients identical to no checkpointing), the latent cache (the encoder's latents), frozen
+checkpointing modes (gradients identical to no checkpointing; the last decoder layer neither checkpointed nor
+resharded), the latent cache (the encoder's latents), frozen
 weights in the compute dtype, hybrid sharding (a 2 x 2 mesh equals one process); and two official behaviours the
 step follows: the learning-rate warm-up and visual_und=False (ViT tokens are zero vectors)."""
 import dataclasses
@@ -10,8 +11,11 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import data
 import model as M
@@ -106,9 +110,6 @@ def test_the_last_decoder_layer_is_neither_checkpointed_nor_resharded(tmp_path, 
         [i % every == 0 and i < cfg.num_layers - 1 for i in range(cfg.num_layers)]
     assert all(layer.checkpoint is not None for layer in model.vit.layers)
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
     bagel, _, _ = load_tiny()  # a model of its own: sharding changes it
     cases, tensors, _, _, special = load_fixture()
     case = max(cases["cases"], key=lambda c: len(c["samples"]))
