@@ -1,9 +1,9 @@
 """The training step's pieces that exist for speed, each against a plain reference: the fused linear cross-entropy
 (values and gradients in float64 against F.cross_entropy, with and without per-token weights), activation
 checkpointing modes (gradients identical to no checkpointing; the last decoder layer neither checkpointed nor
-resharded), the latent cache (the encoder's latents), frozen
-weights in the compute dtype, hybrid sharding (a 2 x 2 mesh equals one process); and two official behaviours the
-step follows: the learning-rate warm-up and visual_und=False (ViT tokens are zero vectors)."""
+resharded), the latent cache (the encoder's latents), frozen weights in the compute dtype, hybrid sharding (a 2 x 2
+mesh equals one process); and two official behaviours the step follows: the learning-rate warm-up and
+visual_und=False (ViT tokens are zero vectors)."""
 import dataclasses
 import math
 import os
