@@ -11,7 +11,8 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
                               the official formats, through data.Loader; real:t2i, real:edit, real:vlm: one of them;
                               long:N: one interleaved sample of N positions; several, comma-separated
                               (synthetic,real): timed one after the other on one model, MFU against the first
-    --steps=12                measured steps, after 3 warm-up steps
+    --steps=12                measured steps, after 3 warm-up steps (those in which dynamo compiles are left out
+                              of the times, and counted)
     --rows=200                rows per generated dataset (--data=real*), written once to $BENCH_DATA
                               (default /tmp/nanobagel_bench_data)
     --device=cpu              run on the CPU anyway, with a small model unless told otherwise: --model=tiny
@@ -252,9 +253,11 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         next_pack = loader.next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
     feed = train.Feed(run, next_pack, 1)
-    times, phase_ms, tokens, flops, peaks = [], [], 0, 0, []
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    times, phase_ms, step_tokens, step_flops, compiled, peaks = [], [], [], [], [], []
     for i in range(warmup + steps):
         sync(run)
+        graphs_before = graphs()
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
@@ -262,10 +265,11 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         r = train.train_step(run, packs, config["lr"], prepare_next=feed.prepare)
         sync(run)
         times.append(time.time() - t0)
+        compiled.append(graphs() > graphs_before)
         phase_ms.append({"data": feed.data_s * 1000, **(phases.take() if phases else {})})
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0)
-        if i >= warmup:
-            tokens, flops = tokens + r["tokens"], flops + r["flops"]
+        step_tokens.append(r["tokens"])
+        step_flops.append(r["flops"])
         p = packs[0]  # what the pack holds, for the peak memory of each kind of pack
         run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {feed.data_s * 1000:.0f}, encode of the next pack "
                 f"{phase_ms[-1].get('encode', 0):.0f}), {r['tokens']} tokens "
@@ -286,10 +290,17 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
             phases.take()  # the profiled steps' events, not the next kind's
     if loader:
         loader.close()  # its workers, before the next kind is timed
-    dt = sum(times[warmup:])
+    # a step in which dynamo compiled (a new kind of pack for the compiled layers: real packs vary) tells nothing of
+    # the steady speed: it is left out of the timing, on every rank if any rank compiled in it, and counted
+    compiled_anywhere = train.all_sum([float(c) for c in compiled], run.device)
+    timed = [i for i in range(warmup, warmup + steps) if not compiled_anywhere[i]] or \
+        list(range(warmup, warmup + steps))
+    recompiled = sum(1 for i in range(warmup, warmup + steps) if compiled_anywhere[i])
+    dt, timed_times = sum(times[i] for i in timed), [times[i] for i in timed]
     mean = lambda xs: sum(xs) / len(xs)
-    per_phase = {k: mean([p.get(k, 0.0) for p in phase_ms[warmup:]]) for k in phase_ms[-1]}
-    tokens, flops = train.all_sum([tokens, flops], run.device)
+    per_phase = {k: mean([phase_ms[i].get(k, 0.0) for i in timed]) for k in phase_ms[-1]}
+    tokens, flops = train.all_sum([sum(step_tokens[i] for i in timed), sum(step_flops[i] for i in timed)],
+                                  run.device)
     mem, mfu = max(peaks), flops / dt / run.world / peak if peak else 0.0
     if phases:
         m = phases.memory
@@ -304,9 +315,10 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
         run.log(f"latent cache: {run.latent_cache.hits} hits, {run.latent_cache.misses} misses")
     run.log(f"RESULT {kind} | world {run.world} | ac {config['activation_checkpointing']} | "
             f"compile {config['compile']} | "
-            f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt / steps * 1000:.0f} ms "
-            f"(median {statistics.median(times[warmup:]) * 1000:.0f}, min {min(times[warmup:]) * 1000:.0f}, max "
-            f"{max(times[warmup:]) * 1000:.0f}) | "
+            f"{tokens / dt:,.0f} tok/s ({tokens / dt / run.world:,.0f} per GPU) | step {dt / len(timed) * 1000:.0f} ms "
+            f"(median {statistics.median(timed_times) * 1000:.0f}, min {min(timed_times) * 1000:.0f}, max "
+            f"{max(timed_times) * 1000:.0f}; {recompiled} of {steps} compiled"
+            f"{', left out' if len(timed) < steps else ''}) | "
             f"{flops / dt / run.world / 1e12:.0f} TFLOP/s per GPU | MFU {mfu:.3f} | "
             f"peak mem {mem:.1f} GiB | first step (compiles) {times[0]:.0f} s")
     if phases and kind == "synthetic" and config["checkpoint_every"] == 1 and not config["lora_targets"]:
