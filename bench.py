@@ -296,7 +296,8 @@ def time_steps(run, config, kind, steps, phases, warmup=3):
     timed = [i for i in range(warmup, warmup + steps) if not compiled_anywhere[i]] or \
         list(range(warmup, warmup + steps))
     recompiled = sum(1 for i in range(warmup, warmup + steps) if compiled_anywhere[i])
-    dt, timed_times = sum(times[i] for i in timed), [times[i] for i in timed]
+    timed_times = [times[i] for i in timed]
+    dt = sum(timed_times)
     mean = lambda xs: sum(xs) / len(xs)
     per_phase = {k: mean([phase_ms[i].get(k, 0.0) for i in timed]) for k in phase_ms[-1]}
     tokens, flops = train.all_sum([sum(step_tokens[i] for i in timed), sum(step_flops[i] for i in timed)],
