@@ -755,12 +755,13 @@ def meta_model(config, model_cfg, log):
         for layer in list(model.layers)[:-1][::config["checkpoint_every"]] + list(model.vit.layers):
             layer.checkpoint = args
     if config["compile"]:
-        # every decoder layer runs one code object: checkpointed layers and the last, static then dynamic shapes, and
-        # the size thresholds inductor guards on each take an entry of its cache; past dynamo's default of 8 entries
-        # the layers of every later kind of pack would run eager
+        # dynamic from the first pack: real packs differ in length, and each new length recompiled static layers
+        # (11-13 s at real width). Every decoder layer runs one code object, so its cache holds one graph per kind:
+        # checkpointed or not (the last layer), with or without generation tokens, and the size thresholds inductor
+        # guards on; past dynamo's default of 8 entries the layers of later kinds of packs would run eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in model.layers:
-            layer.compile()
+            layer.compile(dynamic=True)
     return model
 
 

@@ -146,6 +146,35 @@ def test_checkpointed_layers_compile_whole(tiny, mode):
         torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_compiled_decoder_layers_take_packs_of_any_length_without_recompiling(monkeypatch):
+    """Real packs differ in length. train.py compiles the decoder layers with dynamic shapes from the first pack, so
+    only a new kind of pack compiles: the checkpointed layers and the last one are two graphs, a pack without
+    generation tokens (an empty expert slice) two more. Static first graphs recompiled at each pack's first new
+    length (11-13 s a time at real width in configs/sft.py's setting). aot_eager traces as inductor would."""
+    bagel, _, cfg = load_tiny()
+    cases, tensors, _, _, special = load_fixture()
+    packs = [data.pack_samples(fixture_samples(case, tensors)[:k], special, cfg.max_latent_size,
+                               cfg.vit_max_patches_per_side)
+             for case in cases["cases"] for k in range(len(case["samples"]), 0, -1)]
+    kinds = [pack.vae_indexes.numel() > 0 for pack in packs]  # generation tokens: the latents
+    assert len({p.num_tokens for p in packs}) > len(set(kinds))  # lengths repeat no kind's first
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    model = train.meta_model(dict(train.DEFAULTS, activation_checkpointing="full", compile=True), cfg, print)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    model.load_state_dict(bagel.state_dict())
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    start, seen = graphs(), set()
+    for pack, kind in zip(packs, kinds):
+        out = model(pack)
+        (out["ce"].sum() + out["mse"].sum()).backward()
+        seen.add(kind)
+        assert graphs() - start == 2 * len(seen), (pack.num_tokens, kind)
+    torch._dynamo.reset()
+
+
 def test_warmup_is_the_official_schedule():
     """Hugging Face's get_constant_schedule_with_warmup, which the official trainer uses: step k < W runs at
     lr * k / W (step 0 at 0), then lr; cosine decays from lr at the end of the warm-up to min_lr at max_steps."""
