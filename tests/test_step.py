@@ -157,7 +157,7 @@ def test_compiled_decoder_layers_take_packs_of_any_length_without_recompiling(mo
                                cfg.vit_max_patches_per_side)
              for case in cases["cases"] for k in range(len(case["samples"]), 0, -1)]
     kinds = [pack.vae_indexes.numel() > 0 for pack in packs]  # generation tokens: the latents
-    assert len({p.num_tokens for p in packs}) > len(set(kinds))  # lengths repeat no kind's first
+    assert len({p.num_tokens for p in packs}) > len(set(kinds))  # some packs bring a kind compiled a new length
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
     torch._dynamo.reset()
