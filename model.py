@@ -46,8 +46,6 @@ class BagelConfig:
     freeze_und: bool = False      # official freeze_und: und tokens give context but no gradient
     attn_backend: str = "sdpa"    # "sdpa" (exact dense mask), "flex" (GPU block mask), "nsa"
     nsa: dict | None = None       # NSA keyword arguments (nsa.NSA) when attn_backend == "nsa"
-    vit_attn_backend: str = "flash"  # the ViT's GPU attention in half precision: "flash" (FlashAttention-2 varlen)
-    #                                  or "cudnn" (cuDNN varlen; opt-in until measured in the step: README)
 
     @property
     def head_dim(self):
@@ -253,68 +251,21 @@ def flex_attention(pack, layout, order):
     return attend
 
 
-def vit_attention(image_lens, device, dtype, backend="flash"):
-    """Bidirectional attention inside each image of a packed set of ViT images: on GPU in half precision a varlen
-    kernel, FlashAttention-2's ("flash") or cuDNN's ("cudnn"), else SDPA with a block-diagonal mask."""
+def vit_attention(image_lens, device, dtype):
+    """Bidirectional attention inside each image of a packed set of ViT images: varlen kernels on GPU in half
+    precision, else SDPA with a block-diagonal mask."""
     lens = torch.tensor(image_lens, dtype=torch.long)
     if device.type != "cuda" or not image_lens or dtype not in (torch.float16, torch.bfloat16):
         image_of = torch.repeat_interleave(torch.arange(len(image_lens)), lens).to(device)
         mask = image_of[:, None] == image_of[None, :]
         return lambda q, k, v: sdpa(q, k, v, mask)
-    cu = F.pad(lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-    longest = max(image_lens)
-    if backend == "cudnn":
-        return lambda q, k, v: cudnn_varlen_attention(q, k, v, cu, longest)[0]
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # older torch: one SDPA call per image
         return lambda q, k, v: torch.cat([sdpa(*t, None) for t in zip(*(x.split(image_lens) for x in (q, k, v)))])
+    cu = F.pad(lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    longest = max(image_lens)
     return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest)
-
-
-# The ViT's head dim, 72, is padded to 96 by FlashAttention-2; cuDNN's kernel takes it as is (SDPA over same-size
-# images batched: 1.45x FA2's varlen time, README). torch's varlen_attn has a cuDNN path, switched off: its backward
-# passes cuDNN's arguments out of order. This op calls the two aten kernels in their schema's order, opaque to
-# torch.compile.
-@torch.library.custom_op("nanobagel::cudnn_varlen_attention", mutates_args=())
-def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           longest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v [T, H, D] of the sequences cu_seqlens delimits -> (output [T, H, D], log-sum-exp [T, H, 1] fp32)."""
-    out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, longest, longest, True)
-    return out[0], out[1]
-
-
-@cudnn_varlen_attention.register_fake
-def _(q, k, v, cu_seqlens, longest):
-    return torch.empty_like(q), q.new_empty((*q.shape[:2], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("nanobagel::cudnn_varlen_attention_backward", mutates_args=())
-def cudnn_varlen_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                    out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
-                                    longest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # no dropout: no philox state; no bias: None, the undefined tensor (a defined empty one is read as a
-    # [B, H, Sq, Sk] bias and fails)
-    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(grad.contiguous(), q, k, v, out, lse, None, None, None,
-                                                          cu_seqlens, cu_seqlens, longest, longest, 0.0, False)
-    return dq, dk, dv
-
-
-@cudnn_varlen_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, cu_seqlens, longest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _cudnn_varlen_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.longest = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
-
-
-def _cudnn_varlen_grad(ctx, grad, _):
-    return *cudnn_varlen_attention_backward(grad, *ctx.saved_tensors, ctx.longest), None, None
-
-
-cudnn_varlen_attention.register_autograd(_cudnn_varlen_grad, setup_context=_cudnn_varlen_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,8 +411,6 @@ class ViTLayer(CheckpointedLayer):
 class ViT(nn.Module):
     def __init__(self, cfg: BagelConfig):
         super().__init__()
-        if cfg.vit_attn_backend not in ("flash", "cudnn"):
-            raise ValueError(f"unknown ViT attention backend {cfg.vit_attn_backend!r} (flash, cudnn)")
         C, p = cfg.vit_hidden_size, cfg.vit_patch_size
         self.patch_embed = nn.Linear(3 * p * p, C)  # over (p, q, c)-ordered patches
         self.pos_embed = nn.Embedding(cfg.vit_max_patches_per_side ** 2, C)
@@ -838,7 +787,7 @@ class Bagel(nn.Module):
         x = x.index_put((pack.text_indexes,), self.embed_tokens(pack.text_ids))
         vit_out = None
         if run_vit or (run_vit is None and pack.vit_lens):
-            attend = vit_attention(pack.vit_lens, x.device, dtype, cfg.vit_attn_backend)
+            attend = vit_attention(pack.vit_lens, x.device, dtype)
             vit_out = self.vit(pack.vit_patches.to(dtype), pack.vit_pos_ids, attend)
             vit_emb = self.connector(vit_out) + self.vit_pos_table[pack.vit_pos_ids].to(dtype)
             x = x.index_put((pack.vit_indexes,), vit_emb)

@@ -769,6 +769,11 @@ SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,  # the lin
              torch.ops.aten._scaled_dot_product_flash_attention.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default,
              torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.higher_order.flex_attention}
+try:  # the ViT's varlen attention (model.vit_attention): a custom op, which the policy sees whole
+    from torch.nn.attention import varlen  # noqa: F401 (registers torch.ops.torch_attn)
+    SAVED_OPS.add(torch.ops.torch_attn._varlen_attn.default)
+except ImportError:  # older torch: SDPA per image, saved above
+    pass
 
 
 def checkpoint_args(mode):
