@@ -11,8 +11,8 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
                               the official formats, through data.Loader; real:t2i, real:edit, real:vlm: one of them;
                               long:N: one interleaved sample of N positions; several, comma-separated
                               (synthetic,real): timed one after the other on one model, MFU against the first
-    --steps=12                measured steps, after 3 warm-up steps (those in which dynamo compiles are left out
-                              of the times, and counted)
+    --steps=12                measured steps, after --warmup=3 warm-up steps (steps in which dynamo compiles are
+                              left out of the times, and counted)
     --rows=200                rows per generated dataset (--data=real*), written once to $BENCH_DATA
                               (default /tmp/nanobagel_bench_data)
     --device=cpu              run on the CPU anyway, with a small model unless told otherwise: --model=tiny
@@ -189,8 +189,8 @@ def step_main(argv):
     """--data=synthetic (the fixed pack above), real (configs/sft.py's mixture of generated photos through data.Loader)
     or real:t2i / real:edit / real:vlm (one kind), long:N (one interleaved sample of N positions, long_pack), or
     several, comma-separated, timed one after the other on the same model (then the MFU of each against the first);
-    --steps=N measured steps after 3 warm-up; any train.py key."""
-    options, given = {"data": "synthetic", "steps": "12", "rows": "200"}, {}
+    --steps=N measured steps after --warmup=3; any train.py key."""
+    options, given = {"data": "synthetic", "steps": "12", "warmup": "3", "rows": "200"}, {}
     for arg in argv:  # the same --key=value overrides as train.py, and the bench's own options
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r} (python bench.py --help)")
@@ -222,7 +222,8 @@ def step_main(argv):
         start_compile_workers()
     run = train.build(config)
     phases = Phases(run) if run.device.type == "cuda" else None
-    mfu = {kind: time_steps(run, config, kind, int(options["steps"]), phases) for kind in kinds}
+    mfu = {kind: time_steps(run, config, kind, int(options["steps"]), phases, int(options["warmup"]))
+           for kind in kinds}
     if len(kinds) > 1 and mfu[kinds[0]]:  # (no MFU on a CPU)
         run.log(f"MFU against {kinds[0]}: " + ", ".join(f"{k} {mfu[k] / mfu[kinds[0]]:.2f}x" for k in kinds[1:]))
     torch.distributed.destroy_process_group()
@@ -237,7 +238,7 @@ def start_compile_workers():
     AsyncCompile.wait_pool_ready()
 
 
-def time_steps(run, config, kind, steps, phases, warmup=3):
+def time_steps(run, config, kind, steps, phases, warmup):
     """Time `steps` train_steps on `kind`'s packs after `warmup`; log each step, the phases and the RESULT line;
     return the honest MFU."""
     if not kind.startswith("real"):

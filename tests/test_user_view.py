@@ -78,7 +78,7 @@ def test_config_paths_are_checked_before_anything_starts(tmp_path):
 def test_every_entry_point_has_help(capsys):
     bench.main(["--help"])
     out = capsys.readouterr().out
-    assert all(f"--{k}=" in out for k in ("data", "steps", "rows", "device")) and "bench.py nsa check" in out
+    assert all(f"--{k}=" in out for k in ("data", "steps", "warmup", "rows", "device")) and "bench.py nsa check" in out
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="bench.py needs a CUDA GPU"):  # before building BAGEL's width
             bench.main([])
