@@ -769,11 +769,9 @@ SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,  # the lin
              torch.ops.aten._scaled_dot_product_flash_attention.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default,
              torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.higher_order.flex_attention}
-try:  # the ViT's varlen attention (model.vit_attention): a custom op, which the policy sees whole
-    from torch.nn.attention import varlen  # noqa: F401 (registers torch.ops.torch_attn)
-    SAVED_OPS.add(torch.ops.torch_attn._varlen_attn.default)
-except ImportError:  # older torch: SDPA per image, saved above
-    pass
+# the ViT's varlen attention (model.vit_attention): a custom op, which the policy sees whole. By name: importing
+# torch.nn.attention.varlen imports Triton, which must not happen before test_nsa chooses its interpreter
+SAVED_CUSTOM_OPS = {"torch_attn::_varlen_attn"}
 
 
 def checkpoint_args(mode):
@@ -785,7 +783,8 @@ def checkpoint_args(mode):
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+        saved = op in SAVED_OPS or op.name() in SAVED_CUSTOM_OPS
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
     return {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
 
