@@ -20,6 +20,8 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
     BENCH_PROFILE=N           environment: also print torch.profiler's top N ops of two more steps
     BENCH_TRACE=FILE.json.gz  environment: with BENCH_PROFILE, write those two steps' timeline (chrome://tracing)
                               to FILE.KIND.json.gz
+    BENCH_PEAK=N              environment: record one more step's allocations and print what is live at its peak,
+                              by allocating line (the top N sites)
 
 The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
@@ -289,6 +291,16 @@ def time_steps(run, config, kind, steps, phases, warmup):
                                             os.environ["BENCH_TRACE"], count=1))
         if phases:
             phases.take()  # the profiled steps' events, not the next kind's
+    if int(os.environ.get("BENCH_PEAK") or 0) and run.device.type == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(stacks="python")
+        train.train_step(run, feed.take()[0], config["lr"], prepare_next=feed.prepare)
+        sync(run)
+        trace = torch.cuda.memory._snapshot()["device_traces"][run.device.index or 0]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, last, sites = peak_sites(trace, before, int(os.environ["BENCH_PEAK"]))
+        run.log(f"peak {peak / 2**30:.2f} GiB, reached allocating at {last}; live then: " +
+                "; ".join(f"{size / 2**30:.2f} GiB {where}" for size, where in sites))
     if loader:
         loader.close()  # its workers, before the next kind is timed
     # a step in which dynamo compiled (a new kind of pack for the compiled layers: real packs vary) tells nothing of
@@ -333,6 +345,36 @@ def time_steps(run, config, kind, steps, phases, warmup):
 def sync(run):
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
+
+
+def peak_sites(trace, before, top):
+    """Replay a CUDA allocator trace (torch.cuda.memory._snapshot()'s device_traces entry) from `before` bytes
+    allocated -> (the peak in bytes, the site of the allocation that reached it, the `top` sites of what is live at
+    the peak as [(bytes, site)]). A site is the allocating call's two innermost frames in this repository (else its
+    innermost frame); what was allocated before the recording is one site of its own."""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    freed = "free_completed" if any(e["action"] == "free_completed" for e in trace) else "free_requested"
+
+    def site(frames):
+        ours = [f for f in frames if f["filename"].startswith(here)][:2] or frames[:1]
+        return " < ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in ours) or \
+            "(no Python frame: autograd's engine)"
+    now, peak, peak_at = before, before, -1
+    for i, e in enumerate(trace):  # first pass: where the peak is
+        now += e["size"] if e["action"] == "alloc" else -e["size"] if e["action"] == freed else 0
+        if now > peak:
+            peak, peak_at = now, i
+    live = {}
+    for e in trace[:peak_at + 1]:  # second pass: what is live there
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], site(e.get("frames", [])))
+        elif e["action"] == freed:
+            live.pop(e["addr"], None)
+    by_site = {"(allocated before the recording)": peak - sum(size for size, _ in live.values())}
+    for size, where in live.values():
+        by_site[where] = by_site.get(where, 0) + size
+    last = site(trace[peak_at].get("frames", [])) if peak_at >= 0 else "(before the recording)"
+    return peak, last, sorted(((b, w) for w, b in by_site.items()), reverse=True)[:top]
 
 
 def long_sample(tokenizer, length, g):

@@ -344,3 +344,28 @@ def test_memory_formula_counts_what_a_layer_keeps():
         4096 * cfg.vocab_size * 6 + 8 * layer
     want = params * 12 / world + params * 4 / world + max(forward_end, params * 4 / world)
     assert bench.memory_gib(cfg, act, world, tokens, "full") == pytest.approx(want / 2 ** 30, rel=1e-12)
+
+
+def test_peak_sites_replays_an_allocator_trace():
+    """bench.peak_sites (BENCH_PEAK) on a hand-made allocator trace, the answer worked out by hand: 100 bytes before
+    the recording; +50 (this repository's model.py, called from train.py), +30 (a file elsewhere), -50, -40 of a block
+    from before the recording, +120 (no Python frame: the autograd engine) -> peak 210, reached by the last
+    allocation, with 120 + 30 traced and 60 from before live at it."""
+    import bench
+    here = os.path.dirname(os.path.abspath(bench.__file__))
+    frame = lambda path, line, name: {"filename": path, "line": line, "name": name}
+    ours = [frame(os.path.join(here, "model.py"), 10, "f"), frame(os.path.join(here, "train.py"), 20, "g"),
+            frame("/elsewhere/runner.py", 5, "main")]
+    event = lambda action, addr, size, frames=(): {"action": action, "addr": addr, "size": size, "frames": list(frames)}
+    trace = [event("alloc", 1, 50, ours), event("alloc", 2, 30, [frame("/elsewhere/lib.py", 1, "h")]),
+             event("free_requested", 1, 50), event("free_completed", 1, 50), event("free_completed", 999, 40),
+             event("alloc", 3, 120), event("free_requested", 3, 120), event("free_completed", 3, 120)]
+    peak, last, sites = bench.peak_sites(trace, 100, top=5)
+    assert (peak, last) == (210, "(no Python frame: autograd's engine)")
+    assert sites == [(120, "(no Python frame: autograd's engine)"), (60, "(allocated before the recording)"),
+                     (30, "lib.py:1 h")]
+    # the repository's frames name the site while its allocation is live at the peak
+    peak, last, sites = bench.peak_sites(trace[:2], 100, top=5)
+    assert (peak, last) == (180, "lib.py:1 h")
+    assert sites == [(100, "(allocated before the recording)"), (50, "model.py:10 f < train.py:20 g"),
+                     (30, "lib.py:1 h")]
