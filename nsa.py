@@ -1034,12 +1034,13 @@ def select_blocks_triton(score, topk, plan: Plan):
     return idx
 
 
-def _selected_forward(q, k, v, idx, plan, scale):
-    """Attention of each query over the visible tokens of its selected blocks, gathered per KV block
-    -> (o, lse, state for _selected_backward)."""
+def _selected_forward(q, k, v, selection, plan, scale):
+    """Attention of each query over the visible tokens of its selected blocks (selection: _selection_work's qlist
+    and work), gathered per KV block -> (o, lse, state for _selected_backward)."""
     N, H, D = q.shape
-    KH, K, BD = k.shape[1], idx.shape[2], _bd(D)
-    qlist, work = _selection_work(idx, plan)
+    qlist, work = selection
+    KH, BD = k.shape[1], _bd(D)
+    K = qlist.numel() // (N * KH)
     op = torch.empty(N, K, H, D, device=q.device, dtype=q.dtype)
     lp = torch.full((N, K, H), float("-inf"), device=q.device, dtype=torch.float32)
     BM, W, S = _tiles("slc")
@@ -1066,36 +1067,46 @@ def _selected_backward(q, k, v, do, lse, delta, state, plan, scale, dq, dk, dv):
     _slc_combine[(triton.cdiv(N * H, 16),)](dqp, lp, dq, lse, N * H, N, H, K_SLOTS=K, D=D, BD=BD, BR=16, GRAD=True)
 
 
-def _branches_forward(q, k, v, ck, cv, plan, pattern, scale):
-    """The three branches' outputs, with what their backward needs."""
+def _branches_forward(q, k, v, ck, cv, plan, pattern, scale, selection=None):
+    """The three branches' outputs, with what their backward needs; a known selection (qlist, work: a recompute)
+    skips the block scores and the top-k."""
     o_cmp, lse_cmp = _band_forward(q, ck, cv, plan.c_klo, plan.c_khi, plan.nlo, plan.c_noise, scale, "cmp", plan)
-    score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], pattern["kernel_stride"], pattern["kernel_size"],
-                                pattern["block_size"], pattern["init_blocks"], pattern["local_blocks"])
-    idx = select_blocks_triton(score, pattern["topk"], plan)
-    o_slc, lse_slc, slc_state = _selected_forward(q, k, v, idx, plan, scale)
+    if selection is None:
+        score = block_scores_triton(q, ck, lse_cmp, plan, k.shape[1], pattern["kernel_stride"],
+                                    pattern["kernel_size"], pattern["block_size"], pattern["init_blocks"],
+                                    pattern["local_blocks"])
+        selection = _selection_work(select_blocks_triton(score, pattern["topk"], plan), plan)
+    o_slc, lse_slc, slc_state = _selected_forward(q, k, v, selection, plan, scale)
     o_swa, lse_swa = _band_forward(q, k, v, plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale, "swa", plan)
     return (o_cmp, o_slc, o_swa), (lse_cmp, lse_slc, lse_swa), slc_state
 
 
 class _NSAAttention(torch.autograd.Function):
     """o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa as one op: the backward splits do into the branches'
-    output gradients and softmax deltas in one pass (_gate_bwd), and the branches add into shared dq, dk, dv."""
+    output gradients and softmax deltas in one pass (_gate_bwd), and the branches add into shared dq, dk, dv.
+    recompute: keep only the inputs and the block selection, and run the branches again in backward (three [L, Hq, D]
+    outputs fewer kept, one more forward of the branches)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ck, cv, gate, plan, pattern, scale):
+    def forward(ctx, q, k, v, ck, cv, gate, plan, pattern, scale, recompute=False):
         q, k, v, ck, cv, gate = (t.contiguous() for t in (q, k, v, ck, cv, gate))
         outs, lses, slc_state = _branches_forward(q, k, v, ck, cv, plan, pattern, scale)
         N, H, D = q.shape
         o = torch.empty_like(q)
         _gate_fwd[(triton.cdiv(N * H, 16),)](gate, *outs, o, N * H, D=D, BD=_bd(D), BR=16)
-        ctx.save_for_backward(q, k, v, ck, cv, gate, *outs, *lses, *slc_state)
-        ctx.plan, ctx.scale = plan, scale
+        kept = slc_state[1:] if recompute else (*outs, *lses, *slc_state)  # slc_state: (lp, qlist, work)
+        ctx.save_for_backward(q, k, v, ck, cv, gate, *kept)
+        ctx.plan, ctx.pattern, ctx.scale, ctx.recompute = plan, pattern, scale, recompute
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, ck, cv, gate, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, *slc_state = ctx.saved_tensors
+        q, k, v, ck, cv, gate, *kept = ctx.saved_tensors
         plan, scale, do = ctx.plan, ctx.scale, do.contiguous()
+        if ctx.recompute:
+            outs, lses, slc_state = _branches_forward(q, k, v, ck, cv, plan, ctx.pattern, scale, selection=kept)
+            kept = (*outs, *lses, *slc_state)
+        o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, *slc_state = kept
         N, H, D = q.shape
         dgate = torch.empty(N, H, 3, device=q.device, dtype=torch.float32)
         lse_g, delta = (torch.empty(3, H, N, device=q.device, dtype=torch.float32) for _ in range(2))
@@ -1109,7 +1120,7 @@ class _NSAAttention(torch.autograd.Function):
         _band_backward(q, k, v, do, lse_g[2], delta[2], plan.w_lo, plan.w_hi, plan.nlo, plan.tok_noise, scale,
                        "swa", plan, dq, dk, dv)
         return (dq, dk.to(k.dtype), dv.to(v.dtype), dck.to(ck.dtype), dcv.to(cv.dtype), dgate.to(gate.dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1121,7 +1132,7 @@ class NSA(torch.nn.Module):
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, block_size=64, compress_type="weightedpool",
                  kernel_size=32, kernel_stride=16, topk=16, init_blocks=1, local_blocks=2, window_size=512,
-                 backend=None):
+                 backend=None, recompute_branches=False):
         super().__init__()
         assert num_heads % num_kv_heads == 0 and kernel_size % kernel_stride == 0 and block_size % kernel_stride == 0
         assert topk >= init_blocks + local_blocks, "topk must cover the forced blocks"
@@ -1130,6 +1141,7 @@ class NSA(torch.nn.Module):
                             init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size)
         self.compress_type = compress_type
         self.backend = backend  # None: triton on CUDA, torch elsewhere; or force "torch" / "triton"
+        self.recompute_branches = recompute_branches  # the kernels' backward reruns the branches (_NSAAttention)
         shape = {"weightedpool": (num_kv_heads, kernel_size),
                  "linear": (num_kv_heads, kernel_size * head_dim, head_dim), "avgpool": None}[compress_type]
         if shape is not None:
@@ -1190,7 +1202,7 @@ class NSA(torch.nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         scale = self.head_dim ** -0.5
         if backend != "torch":
-            return _NSAAttention.apply(q, k, v, ck, cv, g, plan, c, scale)
+            return _NSAAttention.apply(q, k, v, ck, cv, g, plan, c, scale, self.recompute_branches)
         o_cmp, o_slc, o_swa = nsa_reference(q, k, v, ck, cv, layout, c, scale)
         g = g.to(o_cmp.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa

@@ -582,6 +582,39 @@ def test_launch_retries_with_one_stage_then_explains():
 
 
 @needs_interpreter
+def test_recomputed_branches_give_the_same_output_and_gradients():
+    """recompute_branches: the backward reruns the branches from the saved selection instead of keeping them: the
+    same output and gradients, bit for bit, and less kept for the backward by exactly the three branch outputs, their
+    log-sum-exps and the selected branch's per-slot log-sum-exps (shapes from the pattern)."""
+    H, KH, D = 6, 2, 16
+    layout = model.span_layout(*PACKS["mixed_spans"])
+    pattern = nsa.NSA(1, H, KH, D, topk=4, window_size=40, **CFG).pattern
+    plan = nsa.get_plan(layout, pattern)
+    N, NC = layout.sample_start.numel(), plan.window_starts.numel()
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, generator=g) for s in [(N, H, D), (N, KH, D), (N, KH, D), (NC, KH, D), (NC, KH, D)]]
+    inputs.append(torch.rand(N, H, 3, generator=g))
+    do = torch.randn(N, H, D, generator=g)
+    results, kept = [], []
+    for recompute in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        saved = {}
+
+        def keep(t):  # each storage once
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            o = nsa._NSAAttention.apply(*leaves, plan, pattern, D ** -0.5, recompute)
+        o.backward(do)
+        results.append([o.detach()] + [t.grad for t in leaves])
+        kept.append(sum(saved.values()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    slots = min(pattern["topk"], plan.num_blocks)
+    assert kept[0] - kept[1] == 3 * N * H * D * 4 + 3 * H * N * 4 + N * slots * H * 4
+
+
+@needs_interpreter
 def test_unaligned_inputs_take_the_pointer_path():
     """q, k, v, compressed keys/values and do as views at an odd storage offset (a slice of a fused projection, a
     tensor read at an odd file offset) cannot go through TMA descriptors (16-byte aligned bases): the same results
