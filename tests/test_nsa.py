@@ -581,20 +581,28 @@ def test_launch_retries_with_one_stage_then_explains():
     assert k.calls == [2, 1]
 
 
+def op_case(pack):
+    """The NSA op at tiny width on one of PACKS: its pattern and plan, seeded inputs q, k, v, ck, cv and the gate (in
+    (0, 1)), and an output gradient."""
+    H, KH, D = 6, 2, 16
+    layout = model.span_layout(*PACKS[pack])
+    pattern = nsa.NSA(1, H, KH, D, topk=4, window_size=40, **CFG).pattern
+    plan = nsa.get_plan(layout, pattern)
+    N, NC = layout.sample_start.numel(), plan.window_starts.numel()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(N, H, D), (N, KH, D), (N, KH, D), (NC, KH, D), (NC, KH, D), (N, H, 3)]
+    inputs = [torch.randn(s, generator=g) for s in shapes]
+    inputs[5] = inputs[5].sigmoid()
+    return pattern, plan, inputs, torch.randn(N, H, D, generator=g)
+
+
 @needs_interpreter
 def test_recomputed_branches_give_the_same_output_and_gradients():
     """recompute_branches: the backward reruns the branches from the saved selection instead of keeping them: the
     same output and gradients, bit for bit, and less kept for the backward by exactly the three branch outputs, their
     log-sum-exps and the selected branch's per-slot log-sum-exps (shapes from the pattern)."""
-    H, KH, D = 6, 2, 16
-    layout = model.span_layout(*PACKS["mixed_spans"])
-    pattern = nsa.NSA(1, H, KH, D, topk=4, window_size=40, **CFG).pattern
-    plan = nsa.get_plan(layout, pattern)
-    N, NC = layout.sample_start.numel(), plan.window_starts.numel()
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(s, generator=g) for s in [(N, H, D), (N, KH, D), (N, KH, D), (NC, KH, D), (NC, KH, D)]]
-    inputs.append(torch.rand(N, H, 3, generator=g))
-    do = torch.randn(N, H, D, generator=g)
+    pattern, plan, inputs, do = op_case("mixed_spans")
+    (N, H, D), slots = inputs[0].shape, min(pattern["topk"], plan.num_blocks)
     results, kept = [], []
     for recompute in (False, True):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -610,7 +618,6 @@ def test_recomputed_branches_give_the_same_output_and_gradients():
         kept.append(sum(saved.values()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    slots = min(pattern["topk"], plan.num_blocks)
     assert kept[0] - kept[1] == 3 * N * H * D * 4 + 3 * H * N * 4 + N * slots * H * 4
 
 
@@ -619,18 +626,10 @@ def test_unaligned_inputs_take_the_pointer_path():
     """q, k, v, compressed keys/values and do as views at an odd storage offset (a slice of a fused projection, a
     tensor read at an odd file offset) cannot go through TMA descriptors (16-byte aligned bases): the same results
     as aligned copies, forward and backward."""
-    H, KH, D = 6, 2, 16
-    layout = model.span_layout(*PACKS["long_causal"])
-    pattern = nsa.NSA(1, H, KH, D, topk=4, window_size=40, **CFG).pattern
-    plan = nsa.get_plan(layout, pattern)
-    N, NC = layout.sample_start.numel(), plan.window_starts.numel()
-    g = torch.Generator().manual_seed(0)
-    shapes = [(N, H, D), (N, KH, D), (N, KH, D), (NC, KH, D), (NC, KH, D), (N, H, 3)]
-    aligned = [torch.randn(s, generator=g) for s in shapes]
-    aligned[5] = aligned[5].sigmoid()
+    pattern, plan, aligned, do = op_case("long_causal")
+    D = aligned[0].shape[-1]
     odd = [torch.empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned]  # 4 bytes past a 16-byte boundary
     assert all(t.data_ptr() % 16 for t in odd)
-    do = torch.randn(N, H, D, generator=g)
     results = []
     for inputs in (aligned, odd):
         leaves = [t.clone() if t is aligned[5] else t for t in inputs]
