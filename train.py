@@ -765,13 +765,11 @@ def meta_model(config, model_cfg, log):
     return model
 
 
-SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,  # the linear layers
-             torch.ops.aten._scaled_dot_product_flash_attention.default,
-             torch.ops.aten._scaled_dot_product_efficient_attention.default,
-             torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.higher_order.flex_attention}
-# the ViT's varlen attention (model.vit_attention): a custom op, which the policy sees whole. By name: importing
-# torch.nn.attention.varlen imports Triton, which must not happen before test_nsa chooses its interpreter
-SAVED_CUSTOM_OPS = {"torch_attn::_varlen_attn"}
+# the ops whose outputs selective checkpointing keeps, by name: the ViT's varlen attention (model.vit_attention) is a
+# custom op, which the policy sees whole, and importing it to name it imports Triton (before test_nsa's interpreter)
+SAVED_OPS = {"aten::mm", "aten::addmm",  # the linear layers
+             "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+             "aten::_scaled_dot_product_cudnn_attention", "flex_attention", "torch_attn::_varlen_attn"}
 
 
 def checkpoint_args(mode):
@@ -783,8 +781,7 @@ def checkpoint_args(mode):
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
-        saved = op in SAVED_OPS or op.name() in SAVED_CUSTOM_OPS
-        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op.name() in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
     return {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
 
