@@ -21,7 +21,7 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
     BENCH_TRACE=FILE.json.gz  environment: with BENCH_PROFILE, write those two steps' timeline (chrome://tracing)
                               to FILE.KIND.json.gz
     BENCH_PEAK=N              environment: record one more step's allocations and print what is live at its peak,
-                              by allocating line (the top N sites)
+                              by allocating line (the top N sites); not with activation checkpointing (pytorch#179536)
 
 The step's pack: 3 text-to-image samples (60 caption ids + 2 wrappers, then a 512x512 target: 1,024 latent tokens + 2
 markers) and chat samples (128-token question without loss, answer with CE) filling the rest. bf16 compute, fp32
@@ -216,6 +216,15 @@ def step_main(argv):
     real = [k for k in kinds if k.startswith("real")]
     if len(real) > 1:
         raise SystemExit(f"--data: one real mixture a run, got {', '.join(real)}")
+    short = [k for k in kinds if k.startswith("long:") and int(k[5:]) < LONG_MIN]
+    if short:
+        raise SystemExit(f"--data: {short[0]} is too short: a long sample holds its noised 1024 px target and some "
+                         f"text, {LONG_MIN} positions at least")
+    if int(os.environ.get("BENCH_PEAK") or 0) and config["activation_checkpointing"] != "none":
+        # torch 2.11+ (pytorch#179536): with allocations recorded, the backward of checkpointed layers that call
+        # compiled code dies ("run_backward returned NULL"); the flex and the NSA step both did on the H100
+        raise SystemExit("BENCH_PEAK: torch's allocation recorder breaks the checkpointed backward (pytorch#179536); "
+                         "record with --activation_checkpointing=none")
     if real:
         sources = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"), int(options["rows"]))
         config["sources"] = [s for s in sources if real[0] == "real" or s["format"] == real[0].split(":")[1]]
@@ -387,12 +396,16 @@ def long_sample(tokenizer, length, g):
     vae = lambda loss: {"type": "vae_image", "pixels": torch.randint(0, 256, (3, 1024, 1024), generator=g,
                                                                      dtype=torch.uint8), "latent": None, "loss": loss}
     vit = {"type": "vit_image", "pixels": torch.randint(0, 256, (3, 980, 980), generator=g, dtype=torch.uint8)}
-    items, left = [], length - 4098 - 8
+    items, left = [], length - LONG_TARGET
     while left > 1502 + 4902 + 4098 + 1000:
         items += [text(1500, True), dict(vit), vae(False)]
         left -= 1502 + 4902 + 4098
     items += [vae(True), text(left - 2, True)]
     return items
+
+
+LONG_TARGET = 4098 + 8  # the noised target's 4,096 latents and 2 markers, and 8 positions to spare
+LONG_MIN = LONG_TARGET + 3  # and a text of one id with its two wrappers
 
 
 def long_pack(tokenizer, length, seed):

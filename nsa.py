@@ -1132,7 +1132,7 @@ class NSA(torch.nn.Module):
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, block_size=64, compress_type="weightedpool",
                  kernel_size=32, kernel_stride=16, topk=16, init_blocks=1, local_blocks=2, window_size=512,
-                 backend=None, recompute_branches=False):
+                 backend=None, recompute_branches=True):
         super().__init__()
         assert num_heads % num_kv_heads == 0 and kernel_size % kernel_stride == 0 and block_size % kernel_stride == 0
         assert topk >= init_blocks + local_blocks, "topk must cover the forced blocks"
@@ -1141,7 +1141,9 @@ class NSA(torch.nn.Module):
                             init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size)
         self.compress_type = compress_type
         self.backend = backend  # None: triton on CUDA, torch elsewhere; or force "torch" / "triton"
-        self.recompute_branches = recompute_branches  # the kernels' backward reruns the branches (_NSAAttention)
+        # the kernels' backward reruns the branches (_NSAAttention): the NSA step's peak memory at or under the flex
+        # step's, for ~5% of its time (28 layers at 64k, notes/speed.md); False keeps the three branch outputs
+        self.recompute_branches = recompute_branches
         shape = {"weightedpool": (num_kv_heads, kernel_size),
                  "linear": (num_kv_heads, kernel_size * head_dim, head_dim), "avgpool": None}[compress_type]
         if shape is not None:

@@ -117,6 +117,20 @@ def test_bench_times_the_synthetic_and_the_real_pack_in_one_run(tmp_path):
     assert sum(int(s[1]) for s in real) > 0 and sum(int(s[2]) for s in real) > 0  # VLM and T2I/edit rows arrived
 
 
+def test_bench_long_packs_and_the_options_it_refuses():
+    """--data=long:N: one sample within N positions whose noised 1024 px target is 64 x 64 latents (FLUX's 16x
+    downsampling) and whose text keeps at least one CE position, down to the shortest length bench.py accepts; a
+    shorter one is refused before any model is built, as is BENCH_PEAK under checkpointing (pytorch#179536)."""
+    for n in (bench.LONG_MIN, 20000):
+        pack = bench.long_pack(data.tiny_tokenizer(), n, seed=0)
+        assert len(pack.sample_lens) == 1 and pack.num_tokens <= n
+        assert pack.mse_indexes.numel() == (1024 // 16) ** 2 and pack.ce_indexes.numel() >= 1
+    proc = python("bench.py", "--device=cpu", f"--data=long:{bench.LONG_MIN - 1}")
+    assert proc.returncode != 0 and "too short" in proc.stderr and "model:" not in proc.stdout
+    proc = python("bench.py", "--device=cpu", "--activation_checkpointing=full", env={"BENCH_PEAK": "4"})
+    assert proc.returncode != 0 and "pytorch#179536" in proc.stderr and "model:" not in proc.stdout
+
+
 def test_bench_leaves_out_the_steps_that_compiled(monkeypatch, capsys):
     """A timed step in which dynamo compiles (real packs bring new shapes to the compiled layers) says nothing of the
     steady speed: the RESULT line leaves it out of the step times and says so. The second of three timed steps
