@@ -797,11 +797,14 @@ def freeze(model, trains, dtype):
 
 
 def shard(model, mesh, dtype, config):
-    """FSDP2: every decoder and ViT layer its own unit, then the root; bf16 compute, fp32 gradient reduction."""
+    """FSDP2: every decoder layer its own unit, the ViT one unit, then the root; bf16 compute, fp32 gradient reduction.
+    The ViT's 26 layers are small (15 M parameters each; all of them, 0.8 GB in bf16, are one decoder layer's size):
+    one unit gathers and reduces them in one collective each and spares 25 rounds of hooks, which on a VLM pack's
+    step cost ~50 ms of host time (notes/speed.md, eleventh session)."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=config["reshard_after_forward"])
-    for layer in list(model.layers)[:-1] + list(model.vit.layers):
-        fully_shard(layer, **kw)
+    for unit in list(model.layers)[:-1] + [model.vit]:
+        fully_shard(unit, **kw)
     # the root and the last decoder layer are needed again at once by the backward: not resharded after forward
     fully_shard(model.layers[-1], **{**kw, "reshard_after_forward": False})
     fully_shard(model, **{**kw, "reshard_after_forward": False})

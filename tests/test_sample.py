@@ -314,7 +314,7 @@ def fsdp_rank(rank, world, init_file):
     """One rank of test_sample_grid_under_fsdp2: the grid of an FSDP2-sharded model, mid-training, equals the
     unsharded model's, and training goes on after it."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     bagel, vae, _ = load_tiny()
@@ -322,9 +322,7 @@ def fsdp_rank(rank, world, init_file):
     tok, prompts = ByteTokenizer(special), ["a red circle", "a blue square"]
     kw = dict(image_size=(32, 32), num_timesteps=3)
     reference = np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw))
-    for block in list(bagel.layers) + list(bagel.vit.layers):  # train.py's wrapping
-        fully_shard(block)
-    fully_shard(bagel)
+    train.shard(bagel, init_device_mesh("cpu", (world,)), torch.float32, train.DEFAULTS)  # train.py's wrapping
     pack = data.pack_samples([[{"type": "text", "ids": [5, 6, 7], "loss": True}]], special)
     bagel(pack)["ce"].sum().backward()  # train.py samples after training steps
     assert np.array_equal(np.asarray(sample.sample_grid(bagel, vae, tok, prompts, **kw)), reference)

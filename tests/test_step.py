@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import data
@@ -101,8 +102,8 @@ def test_activation_checkpointing_modes_give_the_same_gradients(tiny, mode, ever
 def test_the_last_decoder_layer_is_neither_checkpointed_nor_resharded(tmp_path, every):
     """Its backward follows the forward at once: checkpointing it would rebuild its activations right away, and
     resharding it would gather its weights again. train.py checkpoints the other decoder layers (every k-th) and all
-    ViT layers; under FSDP2, after a forward, the last layer's weights are still gathered, every other layer's are
-    sharded again."""
+    ViT layers; under FSDP2 (each decoder layer a unit, the ViT one unit), after a forward, the last layer's weights are
+    still gathered, every other layer's are sharded again."""
     cfg = dataclasses.replace(M.bagel_tiny(), num_layers=5)
     model = train.meta_model(dict(train.DEFAULTS, activation_checkpointing="full", checkpoint_every=every), cfg,
                              print)
@@ -121,7 +122,9 @@ def test_the_last_decoder_layer_is_neither_checkpointed_nor_resharded(tmp_path, 
         bagel(pack)
         sharded = [all(isinstance(p, DTensor) for p in layer.parameters()) for layer in bagel.layers]
         assert sharded == [True] * (bagel.cfg.num_layers - 1) + [False]
-        assert all(isinstance(p, DTensor) for layer in bagel.vit.layers for p in layer.parameters())
+        assert all(isinstance(p, DTensor) for p in bagel.vit.parameters())
+        units = [name for name, m in bagel.named_modules() if isinstance(m, FSDPModule)]  # the ViT is one unit
+        assert sorted(units) == sorted(["", "vit"] + [f"layers.{i}" for i in range(bagel.cfg.num_layers)])
     finally:
         dist.destroy_process_group()
 
