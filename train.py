@@ -754,12 +754,15 @@ def meta_model(config, model_cfg, log):
         # what it dropped; the peak (in the first layers' backward) stays where it was
         for layer in list(model.layers)[:-1][::config["checkpoint_every"]] + list(model.vit.layers):
             layer.checkpoint = args
+    # Past dynamo's default of 8 graphs a code object, later kinds of input run eager. The VAE's compiled norm
+    # (model.GroupNorm) needs 8 in the encoder alone: three channel counts with SiLU and one without, each for one
+    # image and for several. Every decoder layer runs one code object, so its cache holds one graph per kind:
+    # checkpointed or not (the last layer), with or without generation tokens, and the size thresholds inductor
+    # guards on.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if config["compile"]:
         # dynamic from the first pack: real packs differ in length, and each new length recompiled static layers
-        # (11-13 s at real width). Every decoder layer runs one code object, so its cache holds one graph per kind:
-        # checkpointed or not (the last layer), with or without generation tokens, and the size thresholds inductor
-        # guards on; past dynamo's default of 8 entries the layers of later kinds of packs would run eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # (11-13 s at real width)
         for layer in model.layers:
             layer.compile(dynamic=True)
     return model
@@ -1443,8 +1446,8 @@ ENCODE_PIXELS = 2 ** 20
 @torch.no_grad()
 def encode_images(vae, packs, dtype, cache=None):
     """Fill the packs' latents of pixel images: from the cached posterior moments, or with the frozen VAE (compute
-    dtype, NCHW: CUDA's GroupNorm returns NCHW, so channels-last paid a layout copy around every norm and ran 1.25x
-    slower on an H100; batches of one image size over all the packs, up to ENCODE_PIXELS: never padded - the
+    dtype, NCHW: cuDNN's convolutions and the compiled norm ran channels-last 1.3-2.0x slower on an H100, 29-38 ms a
+    megapixel in NCHW; batches of one image size over all the packs, up to ENCODE_PIXELS: never padded - the
     official pad-to-largest batching lets padding leak into the latents of smaller images), whose moments then go
     into the cache. Returns the packs."""
     by_size = {}
