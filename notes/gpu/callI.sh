@@ -7,3 +7,4 @@ E="--compile=False --activation_checkpointing=full --rows=40 --data_args={'worke
 bench 300 base . $E --steps=8 --warmup=3 --data=synthetic,real   # a fresh machine: ~160 s synthetic compile, ~25 s real
 bench 90 early /tmp/early $E --steps=8 --warmup=3 --data=real
 bench 90 base2 . $E --steps=8 --warmup=3 --data=real
+save_cache
