@@ -333,7 +333,8 @@ def time_steps(run, config, kind, steps, phases, warmup):
         # the step's time in none of the main stream's phases: host gaps, and the wait for the side stream's encode
         outside = dt / len(timed) * 1000 - sum(v for k, v in per_phase.items() if k != "encode")
         run.log("phases (ms per step, mean): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
-                f", outside them {outside:.1f} (encode: beside, on a side stream) | activations after forward {m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB, "
+                f", outside them {outside:.1f} (encode: beside, on a side stream) | activations after forward "
+                f"{m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB, "
                 f"the last (its gathered weights too) {m['layers'] - m['last layer']:.3f} GiB "
                 f"(memory_gib's eager count: {counted:.3f} GiB at a full pack)")
     if run.latent_cache:
