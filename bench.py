@@ -10,7 +10,8 @@ Options of the step benchmark (besides any train.py key: python train.py --help)
     --data=synthetic          the fixed pack below (default); real: configs/sft.py's mixture of generated photos in
                               the official formats, through data.Loader; real:t2i, real:edit, real:vlm: one of them;
                               long:N: one interleaved sample of N positions; several, comma-separated
-                              (synthetic,real): timed one after the other on one model, MFU against the first
+                              (synthetic,real,real:vlm): timed one after the other on one model, MFU against the
+                              first
     --steps=12                measured steps, after --warmup=3 warm-up steps (steps in which dynamo compiles are
                               left out of the times, and counted)
     --rows=200                rows per generated dataset (--data=real*), written once to $BENCH_DATA
@@ -214,8 +215,6 @@ def step_main(argv):
     if not all(known.fullmatch(k) for k in kinds):  # before any kind is timed
         raise SystemExit(f"--data: synthetic, real, real:t2i, real:edit, real:vlm or long:N, got {options['data']!r}")
     real = [k for k in kinds if k.startswith("real")]
-    if len(real) > 1:
-        raise SystemExit(f"--data: one real mixture a run, got {', '.join(real)}")
     short = [k for k in kinds if k.startswith("long:") and int(k[5:]) < LONG_MIN]
     if short:
         raise SystemExit(f"--data: {short[0]} is too short: a long sample holds its noised 1024 px target and some "
@@ -225,9 +224,9 @@ def step_main(argv):
         # compiled code dies ("run_backward returned NULL"); the flex and the NSA step both did on the H100
         raise SystemExit("BENCH_PEAK: torch's allocation recorder breaks the checkpointed backward (pytorch#179536); "
                          "record with --activation_checkpointing=none")
-    if real:
-        sources = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"), int(options["rows"]))
-        config["sources"] = [s for s in sources if real[0] == "real" or s["format"] == real[0].split(":")[1]]
+    if real:  # every kind's sources; time_steps gives each real kind its own
+        config["sources"] = write_real_data(os.environ.get("BENCH_DATA", "/tmp/nanobagel_bench_data"),
+                                            int(options["rows"]))
     train.check_config(config)  # the values train.py would refuse, before the model is built
     if config["device"] != "cpu":  # a GPU, as checked above
         start_compile_workers()
@@ -261,7 +260,8 @@ def time_steps(run, config, kind, steps, phases, warmup):
                 f"{pack.mse_indexes.numel()} MSE")
         loader = None
     else:
-        loader = train.make_loader(run, config["seed"])
+        sources = [s for s in run.config["sources"] if kind == "real" or s["format"] == kind.split(":")[1]]
+        loader = train.make_loader(dataclasses.replace(run, config={**run.config, "sources": sources}), config["seed"])
         next_pack = loader.next_pack
     peak = train.peak_flops(run.device, config["peak_tflops"])
     feed = train.Feed(run, next_pack, 1)

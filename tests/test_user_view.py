@@ -100,21 +100,22 @@ def test_every_entry_point_has_help(capsys):
 # Progress
 
 def test_bench_times_the_synthetic_and_the_real_pack_in_one_run(tmp_path):
-    """`bench.py --device=cpu --data=synthetic,real`: the small model without being told (BAGEL's width would not fit
-    this machine), one model, each kind's warm-up and measured steps logged, then a RESULT line per kind; the real
-    packs come through data.Loader from the generated photos."""
-    proc = python("bench.py", "--device=cpu", "--data=synthetic,real", "--rows=6", "--steps=1",
+    """`bench.py --device=cpu --data=synthetic,real,real:vlm`: the small model without being told (BAGEL's width would
+    not fit this machine), one model, each kind's warm-up and measured steps logged, then a RESULT line per kind; the
+    real packs come through data.Loader from the generated photos, the mixture's and then the VLM source's alone."""
+    proc = python("bench.py", "--device=cpu", "--data=synthetic,real,real:vlm", "--rows=6", "--steps=1",
                   env={"BENCH_DATA": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"^model: \d+ layers x (\d+) .*sdpa attention", proc.stdout, re.M).group(1) == str(
         M.PRESETS["tiny"]().hidden_size)
     results = re.findall(r"^RESULT (\S+) \|", proc.stdout, re.M)
-    assert results == ["synthetic", "real"]
+    assert results == ["synthetic", "real", "real:vlm"]
     steps = re.findall(r"^step (\d+): .* \((\d+) ViT patches, (\d+) latent", proc.stdout, re.M)
-    assert [int(s[0]) for s in steps] == [0, 1, 2, 3] * 2  # 3 warm-up and 1 measured step, for each kind
-    synthetic, real = steps[:4], steps[4:]
+    assert [int(s[0]) for s in steps] == [0, 1, 2, 3] * 3  # 3 warm-up and 1 measured step, for each kind
+    synthetic, real, vlm = steps[:4], steps[4:8], steps[8:]
     assert len({s[1:] for s in synthetic}) == 1  # the fixed pack
     assert sum(int(s[1]) for s in real) > 0 and sum(int(s[2]) for s in real) > 0  # VLM and T2I/edit rows arrived
+    assert all(int(s[1]) > 0 and int(s[2]) == 0 for s in vlm)  # ViT images, nothing to generate
 
 
 def test_bench_long_packs_and_the_options_it_refuses():
