@@ -180,10 +180,10 @@ class Phases:
 
     def take(self):
         """{phase: ms} of the steps since the last call (call after a synchronize)."""
-        ms, (events, self.events) = {}, (self.events, [])  # swapped: the Feed's thread may add the next encode now
-        for name, start, end in events:
-            end.synchronize()
+        ms = {}
+        for name, start, end in self.events:
             ms[name] = ms.get(name, 0.0) + start.elapsed_time(end)
+        self.events = []
         ms["forward"] = ms.get("forward", 0.0) - ms.get("vit", 0.0)  # the ViT runs inside the forward
         return ms
 
@@ -278,12 +278,12 @@ def time_steps(run, config, kind, steps, phases, warmup):
         sync(run)
         times.append(time.time() - t0)
         compiled.append(graphs() > graphs_before)
-        phase_ms.append({"data": feed.wait_s * 1000, **(phases.take() if phases else {})})
+        phase_ms.append({"data": feed.data_s * 1000, **(phases.take() if phases else {})})
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0)
         step_tokens.append(r["tokens"])
         step_flops.append(r["flops"])
         p = packs[0]  # what the pack holds, for the peak memory of each kind of pack
-        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (waited for its packs {feed.wait_s * 1000:.0f}, encode of the next pack "
+        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {feed.data_s * 1000:.0f}, encode of the next pack "
                 f"{phase_ms[-1].get('encode', 0):.0f}), {r['tokens']} tokens "
                 f"({p.vit_patches.shape[0]} ViT patches, {p.vae_indexes.numel()} latent, {p.ce_indexes.numel()} CE), "
                 f"loss {r['loss']:.4f}, peak {peaks[-1]:.1f} GiB")

@@ -30,7 +30,6 @@ import sys
 import textwrap
 import time
 import typing
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 
@@ -885,10 +884,8 @@ def train_step(run, packs, lr, step=0, stop_votes=lambda: 0, prepare_next=None):
     the gradient one process would over the same packs. A non-finite loss or gradient skips the update (returned as
     ok=False). `step` drives the schedules; stop_votes() (this rank's pending signals), asked after the backward,
     rides the loss sums' all-reduce: r["stop"] says whether any rank has one. prepare_next() (Feed.prepare: the next
-    packs) is started first, so that on a GPU its thread and side stream overlap the whole step. The step reads the
-    GPU once, at its end, after the optimiser step."""
-    if prepare_next:
-        prepare_next()
+    packs) runs once the backward is queued, so its GPU work overlaps the backward's end and the optimiser. The step
+    reads the GPU once, at its end, after the optimiser step."""
     config, world, model = run.config, run.world, run.model
     off = [k for k, s in config["loss_off_from_step"].items() if step >= s]
     ce_w, mse_w = (0.0 if k in off else config[k + "_weight"] for k in ("ce", "mse"))
@@ -925,6 +922,8 @@ def train_step(run, packs, lr, step=0, stop_votes=lambda: 0, prepare_next=None):
     # the stop votes as late as the step allows (a signal during the backward still stops after this step), made on
     # the device with a fill, not copied from the host: no wait for the queued work
     votes = torch.full((1,), float(stop_votes()), dtype=torch.float64, device=run.device)
+    if prepare_next:  # after the votes: a signal while the next packs load stops after the step they are for
+        prepare_next()
     sums = torch.cat([torch.stack([ce_sum, mse_sum]).double(), votes])
     dist.all_reduce(sums)
     finite = torch.isfinite(grad_norm) & torch.isfinite(sums[:2]).all()
@@ -1101,7 +1100,6 @@ def main(argv):
     complete = step >= config["max_steps"]
     if complete:
         export(run)
-    feed.close()
     loader.close()  # its worker processes, before os._exit skips every clean-up
     progress.finish(step, complete)
     finish_distributed()
@@ -1439,9 +1437,10 @@ class LatentCache:
         self.unwritten = {}
 
 
-# Pixels per encoder call: its bf16 activations take ~2.4 GiB a megapixel (six 1024 px images at once: 14.9 GiB on
-# an H100), the Feed runs it while the gradients are alive, and the side stream's allocator pool keeps that memory
-# cached for itself. An image larger than this goes alone.
+# Pixels per encoder call: its activations took ~2.4 GiB a megapixel (six 1024 px images at once: 14.9 GiB on an
+# H100), the Feed runs it while the gradients are alive, and the side stream's allocator pool keeps that memory
+# cached for itself. An image larger than this goes alone. (Most of the 2.4 GiB was the mid-block attention's fp32
+# score matrix, 1 GiB a 1024 px image, which the fused kernel that runs it now never forms: not measured since.)
 ENCODE_PIXELS = 2 ** 20
 
 
@@ -1476,50 +1475,36 @@ def encode_images(vae, packs, dtype, cache=None):
 
 
 class Feed:
-    """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's prepare_next,
-    at the step's start) starts fetching the next step's packs and running the frozen VAE on them. On a GPU both
-    happen in a thread of their own and on a side stream: the thread's host work (the wait for the loader, the
-    copies, the encoder's launches and cuDNN's plans for each new image size) runs beside the main thread's launches
-    of the step, and the encoder's kernels beside the step's. take() hands out a step's packs and the loader state
-    just after them (what a checkpoint of that step saves). The packs' memory belongs to the side stream and is freed
-    only after the step that reads it has read the GPU at its end, so the side stream never reuses memory the main
-    stream still reads."""
+    """This rank's packs a step ahead, on the device with their images encoded. prepare() (train_step's prepare_next)
+    fetches the next step's packs and runs the frozen VAE on them on a side stream, which the GPU overlaps with the
+    backward still queued and the optimiser: the encoder is off the critical path. take() hands out a step's packs
+    and the loader state just after them (what a checkpoint of that step saves). The packs' memory belongs to the
+    side stream and is freed only after the step that reads it has read the GPU at its end, so the side stream never
+    reuses memory the main stream still reads."""
 
     def __init__(self, run, next_pack, count, data_state=lambda: None):
         self.run, self.next_pack, self.count, self.data_state = run, next_pack, count, data_state
         self.stream = torch.cuda.Stream(run.device) if run.device.type == "cuda" else None
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="feed") if self.stream else None
-        self.ahead, self.wait_s = None, 0.0  # wait_s: host seconds the last take() waited for its packs
+        self.ahead, self.data_s = None, 0.0  # data_s: host seconds the last prepare waited for the loader
 
     def prepare(self):
-        self.ahead = self.thread.submit(self.load) if self.thread else self.load()
-
-    def load(self):
+        t0 = time.perf_counter()
         packs = [self.next_pack() for _ in range(self.count)]
+        self.data_s = time.perf_counter() - t0
         run, state = self.run, self.data_state()
-        if not self.stream:
-            return encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache), state, None
-        with torch.cuda.device(run.device), torch.cuda.stream(self.stream):  # a thread's device and stream are its own
+        with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
             packs = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache)
-            return packs, state, self.stream.record_event()
+            self.ahead = packs, state, self.stream.record_event() if self.stream else None
 
     def take(self):
-        t0 = time.perf_counter()
         if self.ahead is None:  # the first step, or after a step that prepared none
             self.prepare()
-        ahead, self.ahead = self.ahead, None
-        packs, state, encoded = ahead.result() if self.thread else ahead
-        self.wait_s = time.perf_counter() - t0
+        (packs, state, encoded), self.ahead = self.ahead, None
         if encoded is not None:
             torch.cuda.current_stream(self.run.device).wait_event(encoded)
         if self.run.latent_cache:
             self.run.latent_cache.write()
         return packs, state
-
-    def close(self):
-        """Wait for packs being prepared that no step will take (a stop), so the loader can close under no one."""
-        if self.thread:
-            self.thread.shutdown(wait=True)
 
 
 def write_samples(run, step):

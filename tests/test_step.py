@@ -259,8 +259,8 @@ def test_encoder_calls_hold_at_most_encode_pixels(monkeypatch):
 def test_feed_hands_out_encoded_packs_a_step_ahead(tmp_path):
     """Feed: take() gives the packs the loader made next, encoded as encode_images does inline, with the loader
     state just after them; prepare() has already drawn the following ones (so a checkpoint must save take()'s
-    state, not the loader's). On a GPU the drawing and encoding run in a thread, on a side stream, while the main
-    stream is busy, and the latents are bit for bit the inline ones; the latent cache is written at take(), not inside the step."""
+    state, not the loader's). On a GPU the encoding runs on a side stream while the main stream is busy, and the
+    latents are bit for bit the inline ones; the latent cache is written at take(), not inside the step."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, vae, cfg = load_tiny(device=device)
     g = torch.Generator().manual_seed(0)
@@ -279,13 +279,14 @@ def test_feed_hands_out_encoded_packs_a_step_ahead(tmp_path):
     feed = train.Feed(run, next_pack, 1, data_state=lambda: len(drawn))
     for step in range(3):
         packs, state = feed.take()
-        assert state == step + 1 == len(drawn) and len(packs) == 1  # the packs handed out, none drawn beyond them
+        assert state == step + 1 and len(packs) == 1
         if device.type == "cuda":  # keep the main stream busy while the side stream encodes
             x = torch.randn(2048, 2048, device=device)
             for _ in range(20):
                 x = x @ x / 2048 ** 0.5
         if step < 2:
-            feed.prepare()  # the next step's pack is drawn now, beside this step (on a GPU, in the Feed's thread)
+            feed.prepare()
+            assert len(drawn) == step + 2  # the next step's pack is drawn now, inside this step
         for z, w in zip(packs[0].vae_latents, want[step]):
             torch.testing.assert_close(z, w, atol=0, rtol=0)
     assert len(run.latent_cache.unwritten) == 0 and run.latent_cache.misses == 6

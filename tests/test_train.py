@@ -158,10 +158,9 @@ def test_disk_full_during_a_save_says_which_checkpoint_is_kept(tmp_path, referen
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, reference):
-    """A real SIGTERM, sent while step 4's data loads (at the start of step 3: the packs load a step ahead, beside the
-    step before): step 3 completes, is saved, the process exits 0 without an export; the same command resumes to the
-    uninterrupted curve (step 4's packs, drawn but never trained on, are drawn again)."""
-    proc = run_training(tmp_path, "--max_steps=6", "--save_steps=100", env={"SIGNAL_AT": "SIGTERM@4"})
+    """A real SIGTERM, sent while step 3's data loads (inside step 2: the packs load a step ahead): step 3 completes,
+    is saved, the process exits 0 without an export; the same command resumes to the uninterrupted curve."""
+    proc = run_training(tmp_path, "--max_steps=6", "--save_steps=100", env={"SIGNAL_AT": "SIGTERM@3"})
     assert "SIGTERM: saved step 3 and stopped" in proc.stdout
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000003"] and not (tmp_path / "export").exists()
     assert max(curve(tmp_path)) == 3
@@ -178,7 +177,7 @@ def test_sigint_on_one_of_two_ranks_stops_both_after_the_same_step(tmp_path):
     shards and exit 0 (torchrun's exit code is its workers'), and the resume continues the 2-process curve."""
     run_training(tmp_path / "ref", "--max_steps=4", "--save_steps=100", nproc=2)
     out = tmp_path / "stopped"
-    proc = run_training(out, "--max_steps=4", "--save_steps=100", nproc=2, env={"SIGNAL_AT": "SIGINT@3@1"})
+    proc = run_training(out, "--max_steps=4", "--save_steps=100", nproc=2, env={"SIGNAL_AT": "SIGINT@2@1"})
     assert "a signal on another rank: saved step 2 and stopped" in proc.stdout
     assert sorted(f for f in os.listdir(out / "checkpoints/step_0000002") if f.startswith("rank_")) == [
         f"rank_{r:05d}.pt" for r in range(2)]

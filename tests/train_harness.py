@@ -10,8 +10,8 @@ processes with A=1 see. Faults, by environment variable:
     CRASH_AT=POINT@STEP  the process dies (os._exit(9), as a kill) right after that point of that step's save
     DISK_FULL_AT=STEP    writing that step's per-rank file raises OSError(ENOSPC), as a full disk does
     SIGNAL_AT=NAME@STEP[@RANK[@compute]]  the process sends itself that signal (SIGTERM, SIGINT) while loading that
-                         step's packs (at the start of the step before, train.Feed), or with @compute from inside its
-                         own train_step (rank 0 unless told)
+                         step's packs (inside the step before, train.Feed), or with @compute from inside its own
+                         train_step (rank 0 unless told)
 """
 import errno
 import inspect
@@ -53,11 +53,10 @@ class FixedLoader:
         s, m = divmod(self.count, self.accum)
         g = (s * self.accum + m) * self.world + self.rank
         self.count += 1
-        compute = SIGNAL and SIGNAL[3] == "compute"
-        if SIGNAL and m == 0 and s + 1 == SIGNAL[1] + compute and self.rank == SIGNAL[2]:
-            # @compute: sent inside the step's own train_step, from its call of frozen_mask after the backward, armed
-            # while the next step's packs load (at the start of this step: they load a step ahead)
-            if compute:
+        if SIGNAL and m == 0 and s + 1 == SIGNAL[1] and self.rank == SIGNAL[2]:
+            # @compute: sent inside the step's own train_step, from its call of frozen_mask after the backward (the
+            # step's packs load a step ahead, inside the step before)
+            if SIGNAL[3] == "compute":
                 frozen_mask = train.frozen_mask
                 def signalling_frozen_mask(*args, **kwargs):
                     os.kill(os.getpid(), signal.Signals[SIGNAL[0]])

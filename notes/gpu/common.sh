@@ -1,8 +1,14 @@
-# sourced by the call scripts on the device: variant NAME -> /tmp/NAME, a copy of the tree patched by .gpu/patch_NAME.py
+# sourced by the call scripts on the device: variant NAME -> /tmp/NAME, a copy of the tree changed by .gpu/NAME.diff
+# (git diff of the repository) or by .gpu/patch_NAME.py
 set -u
 export PYTHONUNBUFFERED=1
 variant() {
-  rm -rf /tmp/$1 && mkdir -p /tmp/$1 && cp -r *.py configs tests /tmp/$1/ && python .gpu/patch_$1.py /tmp/$1 || exit 1
+  rm -rf /tmp/$1 && mkdir -p /tmp/$1 && cp -r *.py configs tests /tmp/$1/ || exit 1
+  if [ -f .gpu/$1.diff ]; then
+    (patch -p1 -d /tmp/$1 < .gpu/$1.diff || (cd /tmp/$1 && git apply $OLDPWD/.gpu/$1.diff)) && echo "variant $1: .gpu/$1.diff" || exit 1
+  else
+    python .gpu/patch_$1.py /tmp/$1 || exit 1
+  fi
 }
 bench() {  # bench LIMIT LABEL DIR args...
   local limit=$1 label=$2 dir=$3; shift 3
