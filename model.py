@@ -473,8 +473,9 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        # the 1x1 convolutions as linears on the pixels: q, k, v come out contiguous, which the fused attention kernels
-        # need (strided ones fell back to the math kernel in fp32: 21 ms of the 77 that two 1024 px images took on an H100)
+        # the 1x1 convolutions as linears on the pixels: q, k, v come out contiguous, which the fused attention
+        # kernels need (strided ones fell back to the math kernel in fp32: 21 ms of the 77 that two 1024 px images
+        # took on an H100)
         q, k, v = (F.linear(h, f.weight[:, :, 0, 0], f.bias)[:, None] for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
