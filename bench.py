@@ -266,7 +266,7 @@ def time_steps(run, config, kind, steps, phases, warmup):
     peak = train.peak_flops(run.device, config["peak_tflops"])
     feed = train.Feed(run, next_pack, 1)
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    times, phase_ms, step_tokens, step_flops, compiled, peaks = [], [], [], [], [], []
+    times, phase_ms, prepare_ms, step_tokens, step_flops, compiled, peaks = [], [], [], [], [], [], []
     for i in range(warmup + steps):
         sync(run)
         graphs_before = graphs()
@@ -279,12 +279,14 @@ def time_steps(run, config, kind, steps, phases, warmup):
         times.append(time.time() - t0)
         compiled.append(graphs() > graphs_before)
         phase_ms.append({"data": feed.data_s * 1000, **(phases.take() if phases else {})})
+        prepare_ms.append(feed.host_s * 1000)
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0)
         step_tokens.append(r["tokens"])
         step_flops.append(r["flops"])
         p = packs[0]  # what the pack holds, for the peak memory of each kind of pack
-        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {feed.data_s * 1000:.0f}, encode of the next pack "
-                f"{phase_ms[-1].get('encode', 0):.0f}), {r['tokens']} tokens "
+        run.log(f"step {i}: {times[-1] * 1000:.0f} ms (data {feed.data_s * 1000:.0f}, the next packs' prepare on the "
+                f"host {feed.host_s * 1000:.0f}, their encode on the GPU {phase_ms[-1].get('encode', 0):.0f}), "
+                f"{r['tokens']} tokens "
                 f"({p.vit_patches.shape[0]} ViT patches, {p.vae_indexes.numel()} latent, {p.ce_indexes.numel()} CE), "
                 f"loss {r['loss']:.4f}, peak {peaks[-1]:.1f} GiB")
     if os.environ.get("BENCH_PROFILE"):
@@ -333,7 +335,8 @@ def time_steps(run, config, kind, steps, phases, warmup):
         # the step's time in none of the main stream's phases: host gaps, and the wait for the side stream's encode
         outside = dt / len(timed) * 1000 - sum(v for k, v in per_phase.items() if k != "encode")
         run.log("phases (ms per step, mean): " + ", ".join(f"{k} {v:.1f}" for k, v in per_phase.items()) +
-                f", outside them {outside:.1f} (encode: beside, on a side stream) | activations after forward "
+                f", outside them {outside:.1f} (encode: beside, on a side stream; the next packs' prepare on the host "
+                f"{mean([prepare_ms[i] for i in timed]):.1f}) | activations after forward "
                 f"{m['activations']:.2f} GiB, per decoder layer {per_layer:.3f} GiB, "
                 f"the last (its gathered weights too) {m['layers'] - m['last layer']:.3f} GiB "
                 f"(memory_gib's eager count: {counted:.3f} GiB at a full pack)")

@@ -1485,7 +1485,9 @@ class Feed:
     def __init__(self, run, next_pack, count, data_state=lambda: None):
         self.run, self.next_pack, self.count, self.data_state = run, next_pack, count, data_state
         self.stream = torch.cuda.Stream(run.device) if run.device.type == "cuda" else None
-        self.ahead, self.data_s = None, 0.0  # data_s: host seconds the last prepare waited for the loader
+        # host seconds the last prepare waited for the loader (data_s) and took in all, with the copies and the
+        # encoder's launches (host_s)
+        self.ahead, self.data_s, self.host_s = None, 0.0, 0.0
 
     def prepare(self):
         t0 = time.perf_counter()
@@ -1495,6 +1497,7 @@ class Feed:
         with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
             packs = encode_images(run.vae, [p.to(run.device) for p in packs], run.dtype, run.latent_cache)
             self.ahead = packs, state, self.stream.record_event() if self.stream else None
+        self.host_s = time.perf_counter() - t0
 
     def take(self):
         if self.ahead is None:  # the first step, or after a step that prepared none
