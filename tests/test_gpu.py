@@ -174,7 +174,7 @@ def test_vae_attention_runs_a_fused_kernel_as_close_as_fp32_math():
 
     torch.manual_seed(0)
     block = M.AttnBlock(512)
-    x = torch.randn(2, 512, 24, 40)
+    x = torch.randn(2, 512, 24, 40) * 0.01  # small: the attention branch, not the residual, makes the output
     with torch.no_grad():
         ref = copy.deepcopy(block).double()(x.double())
         b16, x16 = copy.deepcopy(block).to("cuda", torch.bfloat16), x.to("cuda", torch.bfloat16)
